@@ -1,0 +1,53 @@
+"""Signed, versioned model artifacts and the site-local ModelStore.
+
+An artifact is ``weights.safetensors`` + ``manifest.json`` signed with the
+coordinator's Ed25519 key; loading never executes code. See
+:mod:`fedinfer.artifacts.artifact` and :mod:`fedinfer.artifacts.store`.
+"""
+
+from fedinfer.artifacts.artifact import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    OUTPUT_NAME,
+    WEIGHTS_FILE,
+    read_manifest,
+    read_weights,
+    verify_artifact,
+    verify_manifest_signature,
+    write_artifact,
+)
+from fedinfer.artifacts.manifest import ModelManifest, TensorSpec
+from fedinfer.artifacts.signing import (
+    generate_signing_key,
+    key_fingerprint,
+    load_public_key,
+    load_signing_key,
+    save_public_key,
+    save_signing_key,
+)
+from fedinfer.artifacts.store import ModelStore
+from fedinfer.artifacts.torch_model import load_torch_model, model_config_of, weights_from_module
+
+__all__ = [
+    "INPUT_NAME",
+    "MANIFEST_FILE",
+    "OUTPUT_NAME",
+    "WEIGHTS_FILE",
+    "ModelManifest",
+    "ModelStore",
+    "TensorSpec",
+    "generate_signing_key",
+    "key_fingerprint",
+    "load_public_key",
+    "load_signing_key",
+    "load_torch_model",
+    "model_config_of",
+    "read_manifest",
+    "read_weights",
+    "save_public_key",
+    "save_signing_key",
+    "verify_artifact",
+    "verify_manifest_signature",
+    "weights_from_module",
+    "write_artifact",
+]

@@ -1,0 +1,283 @@
+"""Write, verify and read one model artifact directory.
+
+An artifact directory holds exactly two files::
+
+    weights.safetensors   the parameters (safetensors: no code, no pickle)
+    manifest.json         see :mod:`fedinfer.artifacts.manifest`, Ed25519-signed
+
+Verification order matters: the signature is checked over the manifest first,
+then the weights' SHA-256 against the signed hash, and only then are the
+weights parsed. Nothing in an unverified artifact is ever deserialized beyond
+strict JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from fedinfer.artifacts.manifest import MANIFEST_FORMAT, ModelManifest, TensorSpec, jsonable
+from fedinfer.artifacts.signing import key_fingerprint, sign_bytes, verify_bytes
+from fedinfer.config.schema import ModelConfig
+from fedinfer.errors import ConfigError, ModelIntegrityError
+
+__all__ = [
+    "INPUT_NAME",
+    "MANIFEST_FILE",
+    "OUTPUT_NAME",
+    "WEIGHTS_FILE",
+    "read_manifest",
+    "read_weights",
+    "verify_artifact",
+    "write_artifact",
+]
+
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def write_artifact(
+    out_dir: Path,
+    *,
+    weights: Mapping[str, np.ndarray],
+    model_cfg: ModelConfig,
+    input_dim: int,
+    num_classes: int,
+    version: int,
+    server_round: int,
+    metrics: Mapping[str, Any],
+    privacy: Mapping[str, Any],
+    run_id: str,
+    signing_key: Ed25519PrivateKey,
+    name: str | None = None,
+    class_labels: list[str] | None = None,
+) -> Path:
+    """Write a signed model artifact into ``out_dir`` (created; must not exist or be empty).
+
+    The weights are checked against ``model_cfg`` (a strict ``load_state_dict``)
+    before anything is signed, and the directory appears atomically: a crash
+    leaves either no ``out_dir`` or a complete one.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Directory to create.
+    weights : Mapping[str, np.ndarray]
+        The model's ``state_dict`` as numpy arrays (see ``weights_from_module``).
+    model_cfg : ModelConfig
+        The config the weights were trained with.
+    input_dim, num_classes : int
+        Model input width and number of classes.
+    version : int
+        Artifact version (>= 1), strictly increasing per federation.
+    server_round : int
+        The round that produced these weights.
+    metrics, privacy : Mapping[str, Any]
+        Evaluation metrics and privacy spent (JSON-able; ``inf`` becomes ``"inf"``).
+    run_id : str
+        Identifier of the federation run.
+    signing_key : Ed25519PrivateKey
+        The coordinator's key.
+    name : str or None
+        Model name served at ``/v2/models/{name}`` (default: ``model_cfg.name``).
+    class_labels : list[str] or None
+        Optional human-readable class names (default: None).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+
+    Examples
+    --------
+    >>> path = write_artifact(tmp / "v3", weights=weights_from_module(model),
+    ...                       model_cfg=cfg.model, input_dim=40, num_classes=10, version=3,
+    ...                       server_round=3, metrics={"accuracy": 0.91}, privacy={"epsilon": 2.1},
+    ...                       run_id="run-1", signing_key=key)  # doctest: +SKIP
+    """
+    _check_write_args(version, server_round, input_dim, num_classes, class_labels)
+    arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    model_dict = jsonable(dataclasses.asdict(model_cfg), where="model_cfg")
+    blob = st_save(arrays)
+    manifest = ModelManifest(
+        name=name or model_cfg.name,
+        version=version,
+        server_round=server_round,
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        model=model_dict,
+        inputs=(TensorSpec(INPUT_NAME, (-1, input_dim), "FP32"),),
+        outputs=(TensorSpec(OUTPUT_NAME, (-1, num_classes), "FP32"),),
+        weights_sha256=hashlib.sha256(blob).hexdigest(),
+        run_id=run_id,
+        metrics=jsonable(dict(metrics), where="metrics"),
+        privacy=jsonable(dict(privacy), where="privacy"),
+        class_labels=tuple(class_labels) if class_labels is not None else None,
+        weights_file=WEIGHTS_FILE,
+        format=MANIFEST_FORMAT,
+    )
+    _check_weights_fit(arrays, manifest)
+    signed = dataclasses.replace(manifest, signature=_signature(signing_key, manifest))
+    return _write_atomically(Path(out_dir), blob, signed)
+
+
+def _check_write_args(
+    version: int, server_round: int, input_dim: int, num_classes: int,
+    class_labels: list[str] | None,
+) -> None:
+    if type(version) is not int or version < 1:
+        raise ConfigError(f"artifact `version` must be an integer >= 1 (got {version!r})")
+    if type(server_round) is not int or server_round < 0:
+        raise ConfigError(f"artifact `server_round` must be an integer >= 0 (got {server_round!r})")
+    if input_dim <= 0 or num_classes < 2:
+        raise ConfigError(f"need input_dim > 0 and num_classes >= 2 (got {input_dim}, {num_classes})")
+    if class_labels is not None and len(class_labels) != num_classes:
+        raise ConfigError(
+            f"`class_labels` has {len(class_labels)} entries but the model has {num_classes} classes"
+        )
+
+
+def _check_weights_fit(arrays: Mapping[str, np.ndarray], manifest: ModelManifest) -> None:
+    from fedinfer.artifacts.torch_model import load_torch_model  # torch import is heavy
+
+    try:
+        load_torch_model(arrays, manifest)
+    except ModelIntegrityError as exc:
+        raise ConfigError(f"refusing to sign weights that do not fit the model: {exc}") from None
+
+
+def _signature(key: Ed25519PrivateKey, manifest: ModelManifest) -> dict[str, str]:
+    sig = sign_bytes(key, manifest.signed_bytes())
+    return {
+        "algorithm": "ed25519",
+        "key_id": key_fingerprint(key.public_key()),
+        "value": base64.b64encode(sig).decode("ascii"),
+    }
+
+
+def _write_atomically(out_dir: Path, blob: bytes, manifest: ModelManifest) -> Path:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"artifact directory {out_dir} exists and is not empty; choose a new one")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_synced(staging / WEIGHTS_FILE, blob)
+        _write_synced(staging / MANIFEST_FILE, _pretty_json(manifest.to_dict()))
+        os.chmod(staging, 0o755)
+        os.replace(staging, out_dir)  # atomic; an empty out_dir is replaced
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(out_dir.parent)
+    return out_dir
+
+
+def _pretty_json(data: dict[str, Any]) -> bytes:
+    import json
+
+    return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk so a rename in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(artifact_dir: Path) -> ModelManifest:
+    """Parse ``manifest.json`` WITHOUT verifying it (for display; never for serving)."""
+    path = Path(artifact_dir) / MANIFEST_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelIntegrityError(f"cannot read {path}: {exc.strerror}") from None
+    return ModelManifest.from_json(raw)
+
+
+def verify_artifact(artifact_dir: Path, *, public_key: Ed25519PublicKey) -> ModelManifest:
+    """Verify the signature and the weights' SHA-256 of an artifact; return its manifest.
+
+    Raises
+    ------
+    ModelIntegrityError
+        Unsigned, signed by another key, manifest edited, weights edited or missing;
+        the message says which.
+    """
+    manifest = read_manifest(artifact_dir)
+    verify_manifest_signature(manifest, public_key=public_key)
+    _read_verified_blob(Path(artifact_dir), manifest)
+    return manifest
+
+
+def verify_manifest_signature(manifest: ModelManifest, *, public_key: Ed25519PublicKey) -> None:
+    """Raise :class:`ModelIntegrityError` unless ``manifest`` carries a valid signature."""
+    sig = manifest.signature
+    if sig is None:
+        raise ModelIntegrityError(f"model {manifest.name!r} v{manifest.version} is unsigned")
+    if sig.get("algorithm") != "ed25519":
+        raise ModelIntegrityError(f"unsupported signature algorithm {sig.get('algorithm')!r}")
+    try:
+        value = base64.b64decode(sig.get("value", ""), validate=True)
+    except (binascii.Error, ValueError):
+        raise ModelIntegrityError("signature value is not valid base64") from None
+    try:
+        verify_bytes(public_key, value, manifest.signed_bytes())
+    except ModelIntegrityError as exc:
+        hint = ""
+        if sig.get("key_id") != key_fingerprint(public_key):
+            hint = f" (signed by key {sig.get('key_id')}, not the trusted key)"
+        raise ModelIntegrityError(
+            f"model {manifest.name!r} v{manifest.version}: {exc}{hint}"
+        ) from None
+
+
+def _read_verified_blob(artifact_dir: Path, manifest: ModelManifest) -> bytes:
+    if manifest.weights_file != WEIGHTS_FILE:
+        raise ModelIntegrityError(f"unexpected weights file name {manifest.weights_file!r}")
+    path = artifact_dir / WEIGHTS_FILE
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ModelIntegrityError(f"cannot read {path}: {exc.strerror}") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != manifest.weights_sha256:
+        raise ModelIntegrityError(
+            f"weights of model {manifest.name!r} v{manifest.version} do not match the signed "
+            f"sha256 (expected {manifest.weights_sha256[:16]}..., got {digest[:16]}...)"
+        )
+    return blob
+
+
+def read_weights(artifact_dir: Path, manifest: ModelManifest) -> dict[str, np.ndarray]:
+    """Read the weights after re-checking their SHA-256 against ``manifest``."""
+    blob = _read_verified_blob(Path(artifact_dir), manifest)
+    try:
+        return dict(st_load(blob))
+    except (SafetensorError, ValueError) as exc:
+        raise ModelIntegrityError(f"weights file is not valid safetensors: {exc}") from None

@@ -1,0 +1,54 @@
+"""Turn verified weights + manifest into a torch module, and back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedinfer.artifacts.manifest import ModelManifest
+from fedinfer.config.schema import ModelConfig
+from fedinfer.errors import ConfigError, ModelIntegrityError
+from fedinfer.models import build_model
+
+__all__ = ["load_torch_model", "model_config_of", "weights_from_module"]
+
+
+def model_config_of(manifest: ModelManifest) -> ModelConfig:
+    """The :class:`ModelConfig` recorded in ``manifest``."""
+    try:
+        return ModelConfig(**manifest.model)
+    except TypeError as exc:
+        raise ModelIntegrityError(f"manifest 'model' is not a ModelConfig: {exc}") from None
+
+
+def load_torch_model(weights: Mapping[str, np.ndarray], manifest: ModelManifest) -> nn.Module:
+    """Build the manifest's model, load ``weights`` strictly, and return it in eval mode.
+
+    Examples
+    --------
+    >>> weights, manifest = ModelStore(root).load()  # doctest: +SKIP
+    >>> model = load_torch_model(weights, manifest)  # doctest: +SKIP
+    """
+    try:
+        model = build_model(
+            model_config_of(manifest), input_dim=manifest.input_dim,
+            num_classes=manifest.num_classes,
+        )
+    except ConfigError as exc:
+        raise ModelIntegrityError(f"manifest describes an invalid model: {exc}") from None
+    state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ModelIntegrityError(f"weights do not fit model {manifest.model.get('name')!r}: "
+                                  f"{' '.join(first[:3])}") from None
+    return model.eval()
+
+
+def weights_from_module(model: nn.Module) -> dict[str, np.ndarray]:
+    """The module's ``state_dict`` as numpy arrays (CPU copies), ready for ``write_artifact``."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}

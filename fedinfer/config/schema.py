@@ -1,0 +1,222 @@
+"""Typed configuration schemas.
+
+Each dataclass mirrors one Hydra config group in ``conf/``. The library only
+ever takes :class:`FedInferConfig` (never a raw ``DictConfig``); Hydra entry
+points convert with ``OmegaConf.to_object``. ``MISSING`` marks required keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+__all__ = [
+    "DatasetConfig",
+    "FaultsConfig",
+    "FedInferConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PrivacyConfig",
+    "SecAggConfig",
+    "ServingConfig",
+    "SimulationConfig",
+    "StrategyConfig",
+]
+
+
+@dataclass
+class DatasetConfig:
+    """Which data the federation trains on (group ``dataset``)."""
+
+    name: str = MISSING
+    """``mnist1d``, ``digits``, ``breast_cancer`` or ``csv`` (also Parquet / NPZ files)."""
+    num_samples: int = 10_000
+    """mnist1d only: how many samples to generate (cached on disk by parameters)."""
+    path: str | None = None
+    """csv only: one file to partition, or a directory with one file per site."""
+    label_column: str = "label"
+    """csv only: the column (or NPZ array) holding integer class labels."""
+    cache_dir: str | None = None
+    """Where generated datasets are cached (default: ``$FEDINFER_CACHE`` or ~/.cache/fedinfer)."""
+
+
+@dataclass
+class PartitionConfig:
+    """How samples are split across sites (group ``partition``)."""
+
+    name: str = MISSING
+    """``iid``, ``dirichlet`` or ``shards``."""
+    alpha: float = 0.5
+    """dirichlet only: concentration; smaller is more non-IID."""
+    labels_per_site: int = 2
+    """shards only: how many distinct labels each site holds."""
+    val_fraction: float = 0.1
+    """Share of each site's samples held out for validation."""
+    test_fraction: float = 0.2
+    """Share of each site's samples held out for testing (pooled: the global test split)."""
+    min_samples_per_site: int = 10
+    """Every site gets at least this many samples in total."""
+
+
+@dataclass
+class ModelConfig:
+    """The network every site trains (group ``model``); all are Opacus-compatible."""
+
+    name: str = MISSING
+    """``cnn1d``, ``mlp`` or ``logreg``."""
+    hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
+    """mlp only: widths of the hidden layers."""
+    channels: int = 32
+    """cnn1d only: convolution channels."""
+    groups: int = 8
+    """cnn1d only: GroupNorm groups (BatchNorm is never used: DP-SGD forbids it)."""
+
+
+@dataclass
+class StrategyConfig:
+    """Server aggregation (group ``strategy``); Flower's Message-API strategies."""
+
+    name: str = MISSING
+    """``fedavg``, ``fedprox``, ``fedadam``, ``fedavgm``, ``fedmedian``, ``trimmed_mean``, ``krum``."""
+    proximal_mu: float = 0.0
+    """fedprox: weight of the proximal term (applied in local training)."""
+    server_lr: float = 1.0
+    """fedadam: eta; fedavgm: server learning rate."""
+    server_momentum: float = 0.9
+    """fedavgm: server momentum."""
+    beta_1: float = 0.9
+    """fedadam: first-moment decay."""
+    beta_2: float = 0.99
+    """fedadam: second-moment decay."""
+    tau: float = 1e-3
+    """fedadam: adaptivity (epsilon) term."""
+    trim_beta: float = 0.2
+    """trimmed_mean: fraction cut from each tail."""
+    num_malicious: int = 0
+    """krum: assumed number of malicious sites."""
+
+
+@dataclass
+class FederationConfig:
+    """Sites, rounds and local training (group ``federation``)."""
+
+    num_sites: int = 10
+    rounds: int = 30
+    fraction_train: float = 1.0
+    """Share of sites sampled for training each round."""
+    fraction_evaluate: float = 1.0
+    """Share of sites sampled for federated evaluation each round."""
+    min_sites: int = 2
+    """Fewest sites that must be able to train; below it the federation ends cleanly."""
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    client_cpus: float = 1.0
+    """Ray CPUs reserved per site (simulation)."""
+    client_gpus: float = 0.0
+    """Ray GPU fraction per site (simulation); a GPU is used whenever one is visible."""
+    round_timeout_s: float = 600.0
+    """Seconds the coordinator waits for replies in one exchange."""
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy (group ``privacy``)."""
+
+    mode: str = "none"
+    """``none``, ``dpsgd`` (site-level DP-SGD with Opacus) or ``central`` (Flower DP wrappers)."""
+    noise_multiplier: float | None = None
+    """dpsgd: Gaussian noise std / max_grad_norm; or set ``target_epsilon`` instead."""
+    target_epsilon: float | None = None
+    """dpsgd: derive the noise multiplier so the planned rounds spend about this epsilon."""
+    max_grad_norm: float = 1.0
+    """dpsgd: per-sample clipping norm. central: the update clipping norm."""
+    delta: float | None = None
+    """dpsgd: None means 1 / (10 * local training samples), see the README."""
+    max_epsilon: float = 10.0
+    """dpsgd: the site budget; a site refuses a round that would exceed it."""
+    accountant: str = "rdp"
+    """dpsgd: ``rdp`` or ``prv``."""
+    grad_sample_mode: str = "hooks"
+    """dpsgd: Opacus per-sample gradient mode (``hooks``, ``functorch``, ``ew``)."""
+    poisson_sampling: bool = True
+    """dpsgd: Poisson sampling of batches (needed for the accountant's guarantee)."""
+    central_noise_multiplier: float = 1.0
+    """central: noise multiplier of Flower's server-side DP wrapper."""
+    central_adaptive: bool = False
+    """central: use adaptive clipping instead of fixed."""
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation (group ``secagg``)."""
+
+    enabled: bool = False
+    threshold: float = 0.6
+    """Fewest surviving sites: a fraction of the round's sampled sites if <= 1, else an absolute count."""
+    clip_range: float = 1.0
+    """Updates are clipped to [-clip_range, clip_range] before quantization."""
+    bits: int = 16
+    """Quantization bits per coordinate of the update."""
+    timeout_s: float = 120.0
+    """A site silent this long in a secure-aggregation exchange counts as dropped."""
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for simulations (group-less key ``faults``)."""
+
+    drop_sites: int = 0
+    """How many of each round's sampled sites drop out (chosen by seed)."""
+    drop_stage: str = "after_keys"
+    """``before_keys``, ``after_keys`` (masks agreed, before upload) or ``after_upload``."""
+
+
+@dataclass
+class ServingConfig:
+    """Serving at the end of a simulation (group ``serving``)."""
+
+    enabled: bool = True
+    """Start every site's inference server after training and query it once."""
+    backend: str = "torch"
+    """``torch``, ``int8`` or ``onnx``."""
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 2.0
+    keep_alive: bool = False
+    """Keep the site servers running after the demo requests (until Ctrl-C)."""
+    base_port: int = 0
+    """First port of the site servers (0: pick free ports)."""
+
+
+@dataclass
+class SimulationConfig:
+    """How the simulation executes (key ``simulation``)."""
+
+    runtime: str = "ray"
+    """``ray`` (Flower's simulation runtime) or ``inprocess`` (sequential, for tests and debugging)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    progress: bool = True
+    """Show the per-round table instead of Flower/Ray logs."""
+
+
+@dataclass
+class FedInferConfig:
+    """The root config: everything a federation run needs."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    seed: int = 0
+    output_dir: str | None = None
+    """Where the run writes (default: Hydra's run directory, or the current directory)."""

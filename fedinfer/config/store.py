@@ -1,0 +1,56 @@
+"""Hydra ConfigStore registration and programmatic composition."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from fedinfer.config.schema import FedInferConfig
+from fedinfer.errors import ConfigError
+
+__all__ = ["conf_dir", "load_config", "register_configs"]
+
+
+def register_configs() -> None:
+    """Register the root schema as ``base_config`` (``conf/config.yaml`` extends it)."""
+    ConfigStore.instance().store(name="base_config", node=FedInferConfig)
+
+
+def conf_dir() -> Path:
+    """The Hydra config directory: ``$FEDINFER_CONF_DIR`` or the repository's ``conf/``."""
+    env = os.environ.get("FEDINFER_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "config.yaml").exists():
+        raise ConfigError(
+            f"no Hydra config found at {path}; run from a fedinfer checkout installed with "
+            "`pip install -e .`, or set FEDINFER_CONF_DIR to a directory holding config.yaml"
+        )
+    return path
+
+
+def load_config(overrides: Sequence[str] = (), *, config_name: str = "config") -> FedInferConfig:
+    """Compose the config as ``fedinfer simulate`` would, without running anything.
+
+    Examples
+    --------
+    >>> cfg = load_config(["federation.num_sites=4", "privacy=none"])
+    >>> cfg.federation.num_sites
+    4
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            composed = compose(config_name=config_name, overrides=list(overrides))
+            result = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot compose the config with overrides {list(overrides)}: {exc}") from exc
+    assert isinstance(result, FedInferConfig)
+    return result

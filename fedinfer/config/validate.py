@@ -1,0 +1,164 @@
+"""Config validation: collect every problem, then raise one ConfigError naming each key."""
+
+from __future__ import annotations
+
+from fedinfer.config.schema import FedInferConfig
+from fedinfer.errors import ConfigError
+
+__all__ = [
+    "DATASETS",
+    "DROP_STAGES",
+    "MEAN_STRATEGIES",
+    "MODELS",
+    "PARTITIONS",
+    "PRIVACY_MODES",
+    "ROBUST_STRATEGIES",
+    "validate_config",
+]
+
+DATASETS = ("breast_cancer", "csv", "digits", "mnist1d")
+PARTITIONS = ("dirichlet", "iid", "shards")
+MODELS = ("cnn1d", "logreg", "mlp")
+MEAN_STRATEGIES = ("fedadam", "fedavg", "fedavgm", "fedprox")
+ROBUST_STRATEGIES = ("fedmedian", "krum", "trimmed_mean")
+PRIVACY_MODES = ("central", "dpsgd", "none")
+DROP_STAGES = ("before_keys", "after_keys", "after_upload")
+_FIX = "set it in conf/ or on the command line"
+
+
+def _one_of(problems: list[str], key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _positive(problems: list[str], key: str, value: float, *, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        rule = "> 0" if strict else ">= 0"
+        problems.append(f"`{key}` must be {rule} (got {value})")
+
+
+def _fraction(problems: list[str], key: str, value: float) -> None:
+    if not 0 < value <= 1:
+        problems.append(f"`{key}` must be in (0, 1] (got {value})")
+
+
+def validate_config(cfg: FedInferConfig) -> None:
+    """Check ``cfg`` before anything starts; raise one ConfigError listing every problem.
+
+    Examples
+    --------
+    >>> from fedinfer.config.schema import FedInferConfig
+    >>> cfg = FedInferConfig()
+    >>> cfg.federation.num_sites = 0
+    >>> validate_config(cfg)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    ConfigError: `federation.num_sites` must be > 0 (got 0)
+    """
+    problems: list[str] = []
+    _check_data(cfg, problems)
+    _check_federation(cfg, problems)
+    _check_privacy(cfg, problems)
+    _check_secagg(cfg, problems)
+    _check_serving(cfg, problems)
+    if problems:
+        raise ConfigError("; ".join(problems) + f" ({_FIX})")
+
+
+def _check_data(cfg: FedInferConfig, problems: list[str]) -> None:
+    _one_of(problems, "dataset.name", cfg.dataset.name, DATASETS)
+    if cfg.dataset.name == "mnist1d" and cfg.dataset.num_samples < 10:
+        problems.append(f"`dataset.num_samples` must be >= 10 (got {cfg.dataset.num_samples})")
+    if cfg.dataset.name == "csv" and not cfg.dataset.path:
+        problems.append("`dataset.path` is required for dataset=csv (a file, or a directory of site files)")
+    _one_of(problems, "partition.name", cfg.partition.name, PARTITIONS)
+    if cfg.partition.name == "dirichlet":
+        _positive(problems, "partition.alpha", cfg.partition.alpha)
+    if cfg.partition.labels_per_site < 1:
+        problems.append(f"`partition.labels_per_site` must be >= 1 (got {cfg.partition.labels_per_site})")
+    split = cfg.partition.val_fraction + cfg.partition.test_fraction
+    if cfg.partition.val_fraction < 0 or cfg.partition.test_fraction < 0 or split >= 1:
+        problems.append(
+            "`partition.val_fraction` and `partition.test_fraction` must be >= 0 and sum to < 1 "
+            f"(got {cfg.partition.val_fraction} + {cfg.partition.test_fraction})"
+        )
+    _one_of(problems, "model.name", cfg.model.name, MODELS)
+
+
+def _check_federation(cfg: FedInferConfig, problems: list[str]) -> None:
+    fed = cfg.federation
+    for key in ("num_sites", "rounds", "local_epochs", "batch_size", "min_sites"):
+        _positive(problems, f"federation.{key}", getattr(fed, key))
+    _positive(problems, "federation.lr", fed.lr)
+    _positive(problems, "federation.momentum", fed.momentum, strict=False)
+    _positive(problems, "federation.client_cpus", fed.client_cpus)
+    _positive(problems, "federation.client_gpus", fed.client_gpus, strict=False)
+    _positive(problems, "federation.round_timeout_s", fed.round_timeout_s)
+    _fraction(problems, "federation.fraction_train", fed.fraction_train)
+    _fraction(problems, "federation.fraction_evaluate", fed.fraction_evaluate)
+    if fed.min_sites > fed.num_sites > 0:
+        problems.append(
+            f"`federation.min_sites`={fed.min_sites} exceeds `federation.num_sites`={fed.num_sites}"
+        )
+    _one_of(problems, "strategy.name", cfg.strategy.name, MEAN_STRATEGIES + ROBUST_STRATEGIES)
+    _positive(problems, "strategy.proximal_mu", cfg.strategy.proximal_mu, strict=False)
+    if not 0 <= cfg.strategy.trim_beta < 0.5:
+        problems.append(f"`strategy.trim_beta` must be in [0, 0.5) (got {cfg.strategy.trim_beta})")
+    _positive(problems, "seed", cfg.seed, strict=False)
+    _one_of(problems, "simulation.runtime", cfg.simulation.runtime, ("inprocess", "ray"))
+
+
+def _check_privacy(cfg: FedInferConfig, problems: list[str]) -> None:
+    dp = cfg.privacy
+    _one_of(problems, "privacy.mode", dp.mode, PRIVACY_MODES)
+    _positive(problems, "privacy.max_grad_norm", dp.max_grad_norm)
+    if dp.mode != "dpsgd":
+        return
+    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+        problems.append(
+            "set exactly one of `privacy.noise_multiplier` and `privacy.target_epsilon` "
+            f"(got {dp.noise_multiplier} and {dp.target_epsilon}); e.g. privacy.target_epsilon=null"
+        )
+    if dp.noise_multiplier is not None:
+        _positive(problems, "privacy.noise_multiplier", dp.noise_multiplier)
+    if dp.target_epsilon is not None:
+        _positive(problems, "privacy.target_epsilon", dp.target_epsilon)
+    if dp.delta is not None and not 0 < dp.delta < 1:
+        problems.append(f"`privacy.delta` must be in (0, 1) (got {dp.delta})")
+    _positive(problems, "privacy.max_epsilon", dp.max_epsilon)
+    _one_of(problems, "privacy.accountant", dp.accountant, ("prv", "rdp"))
+    _one_of(problems, "privacy.grad_sample_mode", dp.grad_sample_mode, ("ew", "functorch", "hooks"))
+
+
+def _check_secagg(cfg: FedInferConfig, problems: list[str]) -> None:
+    sa = cfg.secagg
+    if not sa.enabled:
+        if cfg.faults.drop_sites:
+            problems.append("`faults.drop_sites` needs secagg=on (dropouts are a secure-aggregation study)")
+        return
+    if cfg.strategy.name in ROBUST_STRATEGIES:
+        problems.append(
+            f"`strategy.name`={cfg.strategy.name!r} needs every site's individual update, which "
+            "secure aggregation hides by design; use secagg=off with a robust strategy, or a "
+            f"mean-based strategy ({', '.join(MEAN_STRATEGIES)}) with secagg=on"
+        )
+    if cfg.privacy.mode == "central":
+        problems.append(
+            "`privacy.mode`=central clips each site's update at the coordinator, which secure "
+            "aggregation prevents; use privacy=dpsgd with secagg=on, or secagg=off"
+        )
+    if not 2 <= sa.bits <= 24:
+        problems.append(f"`secagg.bits` must be in [2, 24] (got {sa.bits})")
+    _positive(problems, "secagg.clip_range", sa.clip_range)
+    _positive(problems, "secagg.timeout_s", sa.timeout_s)
+    if sa.threshold <= 0 or (sa.threshold > 1 and sa.threshold != int(sa.threshold)):
+        problems.append(
+            f"`secagg.threshold` must be a fraction in (0, 1] or a whole count >= 2 (got {sa.threshold})"
+        )
+    _one_of(problems, "faults.drop_stage", cfg.faults.drop_stage, DROP_STAGES)
+    _positive(problems, "faults.drop_sites", cfg.faults.drop_sites, strict=False)
+
+
+def _check_serving(cfg: FedInferConfig, problems: list[str]) -> None:
+    _one_of(problems, "serving.backend", cfg.serving.backend, ("int8", "onnx", "torch"))
+    _positive(problems, "serving.max_batch_size", cfg.serving.max_batch_size)
+    _positive(problems, "serving.max_queue_delay_ms", cfg.serving.max_queue_delay_ms, strict=False)

@@ -1,0 +1,91 @@
+"""The one place that translates our typed config to Flower's flat run/node config and back.
+
+Flower's ``run_config`` is a flat mapping of dotted, kebab-case keys to scalars
+(``federation.local-epochs = 2``). ``None`` values are omitted and lists are
+JSON-encoded strings, since Flower config values are scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fedinfer.config.schema import FedInferConfig
+
+__all__ = ["NodeConfigKeys", "from_run_config", "to_run_config"]
+
+
+class NodeConfigKeys:
+    """Keys a SuperNode's ``node_config`` may carry (deployment) or the simulation sets."""
+
+    PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
+    NUM_PARTITIONS = "num-partitions"
+    SITE_NAME = "site-name"
+    DATA_PATH = "data-path"
+    STATE_DIR = "state-dir"
+    COORDINATOR_PUBLIC_KEY = "coordinator-public-key"
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def to_run_config(cfg: FedInferConfig) -> dict[str, bool | int | float | str]:
+    """Flatten ``cfg`` to Flower's run-config form.
+
+    Examples
+    --------
+    >>> from fedinfer.config.schema import FedInferConfig
+    >>> flat = to_run_config(FedInferConfig())
+    >>> flat["federation.num-sites"]
+    10
+    """
+    flat: dict[str, bool | int | float | str] = {}
+    for group in dataclasses.fields(cfg):
+        value = getattr(cfg, group.name)
+        if dataclasses.is_dataclass(value):
+            for leaf in dataclasses.fields(value):
+                _put(flat, f"{group.name}.{_kebab(leaf.name)}", getattr(value, leaf.name))
+        else:
+            _put(flat, _kebab(group.name), value)
+    return flat
+
+
+def _put(flat: dict[str, bool | int | float | str], key: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, list | tuple | dict):
+        flat[key] = json.dumps(list(value) if not isinstance(value, dict) else value)
+    else:
+        flat[key] = value
+
+
+def from_run_config(run_config: dict[str, Any]) -> FedInferConfig:
+    """Rebuild the typed config from a run config written by :func:`to_run_config`.
+
+    Unknown keys are ignored (Flower adds its own); values are checked against the
+    schema by OmegaConf, so a wrong type names its key.
+    """
+    schema = OmegaConf.structured(FedInferConfig)
+    groups = {f.name: f for f in dataclasses.fields(FedInferConfig)}
+    nested: dict[str, Any] = {}
+    for key, value in run_config.items():
+        parts = [_snake(p) for p in key.split(".")]
+        if len(parts) == 2 and parts[0] in groups and parts[1] in schema[parts[0]].keys():
+            is_list = OmegaConf.is_list(schema[parts[0]]._get_node(parts[1]))
+            nested.setdefault(parts[0], {})[parts[1]] = (
+                json.loads(value) if is_list and isinstance(value, str) else value
+            )
+        elif len(parts) == 1 and parts[0] in groups:
+            nested[parts[0]] = value
+    merged = OmegaConf.merge(schema, nested)
+    result = OmegaConf.to_object(merged)
+    assert isinstance(result, FedInferConfig)
+    return result

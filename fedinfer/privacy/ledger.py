@@ -1,0 +1,448 @@
+"""The persistent privacy ledger of one site: ``<state_dir>/ledger.json``.
+
+The ledger records every DP-SGD charge a site has ever made, across runs and
+restarts, and derives the cumulative epsilon by replaying all of them into an
+Opacus accountant. Its file format (version 1)::
+
+    {
+      "format": "fedinfer-privacy-ledger",
+      "version": 1,
+      "accountant": "rdp",          # fixed by the first charge
+      "delta": 2e-05,               # fixed by the first charge
+      "epsilon": 1.93,              # cumulative; a cache for humans, always recomputed
+      "entries": [
+        {"round": 1, "run_id": "7", "time": "2025-01-01T12:00:00Z",
+         "noise_multiplier": 1.1, "sample_rate": 0.0156, "steps": 128,
+         "delta": 2e-05, "epsilon_after": 0.41},
+        ...
+      ]
+    }
+
+Rules:
+
+- **Composition over everything.** Epsilon is computed from all entries ever,
+  never from the per-run value a freshly created Opacus engine would report.
+- **Delta and accountant are fixed by the first charge.** Epsilon at a larger
+  delta is smaller, so changing delta mid-history would let a site quietly
+  loosen its budget; a different explicit ``privacy.delta`` (or
+  ``privacy.accountant``) is refused with a :class:`~fedinfer.errors.ConfigError`.
+  Leaving ``privacy.delta`` unset reuses the ledger's delta.
+- **Crash safety.** Every save writes a temporary file in the same directory,
+  fsyncs it, atomically ``os.replace``-s it over ``ledger.json`` and fsyncs the
+  directory: a crash leaves either the old or the new ledger, never a mix.
+  Charges take an exclusive ``flock`` and re-read the file first, so two
+  processes charging the same site never lose an entry.
+- **No silent reset.** A missing file is a new site; an unreadable, corrupt or
+  unknown-format file is a :class:`~fedinfer.errors.PrivacyLedgerError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedinfer.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
+from fedinfer.privacy.accountant import (
+    HistoryEntry,
+    create_accountant,
+    default_delta,
+    epsilon_from_history,
+)
+
+__all__ = ["LEDGER_FILENAME", "LedgerEntry", "PrivacyLedger"]
+
+LEDGER_FILENAME = "ledger.json"
+_FORMAT = "fedinfer-privacy-ledger"
+_VERSION = 1
+_TMP_PREFIX = f".{LEDGER_FILENAME}."
+_TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One charge: ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``."""
+
+    round: int
+    run_id: str
+    time: str
+    """ISO-8601 UTC time of the charge."""
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon_after: float | None
+    """Cumulative epsilon right after this charge (``None``: unbounded)."""
+
+    @property
+    def mechanism(self) -> HistoryEntry:
+        """The ``(noise_multiplier, sample_rate, steps)`` triple an accountant composes."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+class PrivacyLedger:
+    """Cumulative (epsilon, delta) of one site, persisted in ``<state_dir>/ledger.json``.
+
+    Build it with :meth:`open` (training: creates a new ledger if none exists)
+    or :meth:`read` (inspection: the ledger must exist).
+
+    Examples
+    --------
+    >>> ledger = PrivacyLedger.open(state_dir, accountant="rdp", delta=None, num_samples=5000)
+    >>> ledger.check_budget(noise_multiplier=1.1, sample_rate=0.0064, steps=312, max_epsilon=8.0)
+    >>> # ... train ...
+    >>> ledger.charge(server_round=3, run_id="42", noise_multiplier=1.1,
+    ...               sample_rate=0.0064, steps=311)
+    """
+
+    def __init__(
+        self, *, path: Path, accountant: str, delta: float, entries: Sequence[LedgerEntry] = ()
+    ) -> None:
+        create_accountant(accountant)  # validates the name
+        self.path = Path(path)
+        self.accountant = accountant
+        self.delta = float(delta)
+        self._entries: list[LedgerEntry] = list(entries)
+        self._epsilon: float | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def read(cls, state_dir: Path) -> PrivacyLedger:
+        """Load the ledger of ``state_dir``; it must exist.
+
+        Raises
+        ------
+        PrivacyLedgerError
+            If the file is missing, unreadable, corrupt or of an unknown format.
+        """
+        path = Path(state_dir) / LEDGER_FILENAME
+        if not path.is_file():
+            raise PrivacyLedgerError(
+                f"no privacy ledger at {path}; a site writes it on its first DP-SGD round "
+                "(check the site's state directory)"
+            )
+        accountant, delta, entries = _load(path)
+        return cls(path=path, accountant=accountant, delta=delta, entries=entries)
+
+    @classmethod
+    def open(
+        cls, state_dir: Path, *, accountant: str, delta: float | None, num_samples: int
+    ) -> PrivacyLedger:
+        """Load the ledger of ``state_dir``, or start a new one if the site has none yet.
+
+        Parameters
+        ----------
+        state_dir : Path
+            The site's state directory (created if missing).
+        accountant : str
+            ``privacy.accountant``; must match an existing ledger's.
+        delta : float or None
+            ``privacy.delta``; ``None`` reuses an existing ledger's delta, or for a new
+            ledger takes :func:`~fedinfer.privacy.accountant.default_delta` of ``num_samples``.
+        num_samples : int
+            The site's local training sample count.
+
+        Raises
+        ------
+        ConfigError
+            If ``delta`` or ``accountant`` differ from the existing ledger's, or ``delta`` is
+            not below ``1 / num_samples``.
+        PrivacyLedgerError
+            If an existing ledger cannot be read.
+        """
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / LEDGER_FILENAME
+        if delta is not None:
+            _check_delta(delta, num_samples)
+        if not path.exists():
+            chosen = default_delta(num_samples) if delta is None else delta
+            return cls(path=path, accountant=accountant, delta=chosen)
+        ledger = cls.read(state_dir)
+        ledger._require_settings(accountant=accountant, delta=delta)
+        return ledger
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def entries(self) -> tuple[LedgerEntry, ...]:
+        """Every charge, oldest first."""
+        return tuple(self._entries)
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """The entries as an Opacus accountant history."""
+        return [entry.mechanism for entry in self._entries]
+
+    @property
+    def total_steps(self) -> int:
+        """DP-SGD steps ever charged."""
+        return sum(entry.steps for entry in self._entries)
+
+    @property
+    def epsilon(self) -> float:
+        """Cumulative epsilon at :attr:`delta` over all entries (``0.0`` when empty)."""
+        if self._epsilon is None:
+            self._epsilon = self._epsilon_of(self.history)
+        return self._epsilon
+
+    def projected_epsilon(
+        self, *, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> float:
+        """The cumulative epsilon the site would have after ``steps`` more steps."""
+        planned = (noise_multiplier, sample_rate, steps)
+        _check_mechanism(planned)
+        return self._epsilon_of([*self.history, planned])
+
+    def check_budget(
+        self, *, noise_multiplier: float, sample_rate: float, steps: int, max_epsilon: float
+    ) -> float:
+        """Refuse a round that would push the cumulative epsilon past ``max_epsilon``.
+
+        Call it before touching the training data.
+
+        Returns
+        -------
+        float
+            The projected cumulative epsilon after the round.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the projection exceeds ``max_epsilon``.
+        """
+        if not max_epsilon > 0:
+            raise ConfigError(f"`privacy.max_epsilon` must be > 0 (got {max_epsilon})")
+        projected = self.projected_epsilon(
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
+        )
+        if projected > max_epsilon:
+            raise PrivacyBudgetExceeded(
+                f"training this round ({steps} steps, noise_multiplier={noise_multiplier:.4g}, "
+                f"sample_rate={sample_rate:.4g}) would bring the site to epsilon={projected:.4g} "
+                f"at delta={self.delta:.3g} (spent so far: {self.epsilon:.4g}), over "
+                f"`privacy.max_epsilon`={max_epsilon:g}; the site stops training. Raise the "
+                "budget only if your privacy policy allows it, or add noise "
+                "(`privacy.noise_multiplier`)",
+                spent=self.epsilon,
+                projected=projected,
+                budget=max_epsilon,
+            )
+        return projected
+
+    # ------------------------------------------------------------------ charging
+
+    def charge(
+        self,
+        *,
+        server_round: int,
+        run_id: str | int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+    ) -> LedgerEntry:
+        """Record ``steps`` DP-SGD steps really taken and save the ledger atomically.
+
+        Re-reads the file under an exclusive lock first, so a charge made by another
+        process in the meantime is composed too.
+
+        Returns
+        -------
+        LedgerEntry
+            The new entry, with the cumulative ``epsilon_after``.
+        """
+        mechanism = (float(noise_multiplier), float(sample_rate), int(steps))
+        _check_mechanism(mechanism)
+        with _exclusive_lock(self.path):
+            if self.path.exists():
+                accountant, delta, on_disk = _load(self.path)
+                if (accountant, delta) != (self.accountant, self.delta):
+                    raise PrivacyLedgerError(
+                        f"the ledger {self.path} was rewritten by another process with "
+                        f"accountant={accountant!r}, delta={delta!r} (this process uses "
+                        f"{self.accountant!r}, {self.delta!r}); nothing was charged: rerun the site"
+                    )
+                self._entries = on_disk
+            epsilon_after = self._epsilon_of([*self.history, mechanism])
+            entry = LedgerEntry(
+                round=int(server_round),
+                run_id=str(run_id),
+                time=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                noise_multiplier=mechanism[0],
+                sample_rate=mechanism[1],
+                steps=mechanism[2],
+                delta=self.delta,
+                epsilon_after=_finite_or_none(epsilon_after),
+            )
+            self._entries.append(entry)
+            self._epsilon = epsilon_after
+            self._save()
+        return entry
+
+    # ------------------------------------------------------------------ internals
+
+    def _epsilon_of(self, history: list[HistoryEntry]) -> float:
+        return epsilon_from_history(history, delta=self.delta, accountant=self.accountant)
+
+    def _require_settings(self, *, accountant: str, delta: float | None) -> None:
+        """Refuse to mix accountants or deltas within one ledger's history."""
+        if accountant != self.accountant:
+            raise ConfigError(
+                f"`privacy.accountant` is {accountant!r} but the ledger {self.path} uses "
+                f"{self.accountant!r}; a site keeps one accountant for its whole history: "
+                "set privacy.accountant to the ledger's"
+            )
+        if delta is not None and delta != self.delta:
+            raise ConfigError(
+                f"`privacy.delta` is {delta!r} but the ledger {self.path} was started with "
+                f"delta={self.delta!r}; changing delta mid-history would change what the budget "
+                "means: leave privacy.delta unset (or set it to the ledger's)"
+            )
+
+    def _save(self) -> None:
+        """Write atomically: temp file in the same directory, fsync, replace, fsync the dir."""
+        document = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "epsilon": _finite_or_none(self.epsilon),
+            "entries": [asdict(entry) for entry in self._entries],
+        }
+        payload = json.dumps(document, indent=2, allow_nan=False).encode() + b"\n"
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=self.path.parent
+        )
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(payload)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        _fsync_dir(self.path.parent)
+
+
+# ---------------------------------------------------------------------- file helpers
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<ledger>.lock``; tidy temp files left by crashes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            for stale in path.parent.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)  # only a crashed writer leaves these
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path) -> tuple[str, float, list[LedgerEntry]]:
+    """Parse and validate a ledger file; any problem is a PrivacyLedgerError."""
+    fix = (
+        "restore it from a backup; never delete it, that would reset the site's privacy budget"
+    )
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise PrivacyLedgerError(f"cannot read the privacy ledger {path} ({err}); {fix}") from err
+    try:
+        return _parse(raw)
+    except (KeyError, TypeError, ValueError) as err:
+        raise PrivacyLedgerError(f"the privacy ledger {path} is corrupt ({err}); {fix}") from err
+
+
+def _parse(raw: Any) -> tuple[str, float, list[LedgerEntry]]:
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+        raise ValueError(f"not a fedinfer privacy ledger (expected format {_FORMAT!r})")
+    if raw.get("version") != _VERSION:
+        raise ValueError(f"unknown ledger version {raw.get('version')!r} (this fedinfer reads 1)")
+    accountant = _typed(raw, "accountant", str)
+    create_accountant(accountant)
+    delta = _typed(raw, "delta", float)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta {delta} is not in (0, 1)")
+    entries = [_parse_entry(item) for item in _typed(raw, "entries", list)]
+    if any(entry.delta != delta for entry in entries):
+        raise ValueError("an entry's delta differs from the ledger's")
+    return accountant, delta, entries
+
+
+def _parse_entry(item: Any) -> LedgerEntry:
+    if not isinstance(item, dict):
+        raise TypeError(f"an entry is {type(item).__name__}, not an object")
+    epsilon_after = item.get("epsilon_after")
+    entry = LedgerEntry(
+        round=_typed(item, "round", int),
+        run_id=_typed(item, "run_id", str),
+        time=_iso_time(_typed(item, "time", str)),
+        noise_multiplier=_typed(item, "noise_multiplier", float),
+        sample_rate=_typed(item, "sample_rate", float),
+        steps=_typed(item, "steps", int),
+        delta=_typed(item, "delta", float),
+        epsilon_after=None if epsilon_after is None else _typed(item, "epsilon_after", float),
+    )
+    _check_mechanism(entry.mechanism)
+    return entry
+
+
+def _typed(obj: dict[str, Any], key: str, kind: type) -> Any:
+    """``obj[key]`` checked against ``kind`` (ints count as floats, bools as neither)."""
+    value = obj[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok or (kind is float and not math.isfinite(value)):
+        raise TypeError(f"{key!r} is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def _iso_time(value: str) -> str:
+    datetime.fromisoformat(value)  # raises ValueError if it is not ISO-8601
+    return value
+
+
+def _check_mechanism(mechanism: HistoryEntry) -> None:
+    noise_multiplier, sample_rate, steps = mechanism
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ConfigError(f"`privacy.noise_multiplier` must be > 0 (got {noise_multiplier})")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ConfigError(f"a DP-SGD sample rate must be in (0, 1] (got {sample_rate})")
+    if steps < 0:
+        raise ConfigError(f"DP-SGD steps must be >= 0 (got {steps})")
+
+
+def _check_delta(delta: float, num_samples: int) -> None:
+    if not 0.0 < delta < 1.0 / max(num_samples, 1):
+        raise ConfigError(
+            f"`privacy.delta`={delta} must be in (0, 1/n) for a site with n={num_samples} "
+            f"training samples (a delta of 1/n allows leaking one record outright); "
+            "leave it unset for the default 1/(10 n)"
+        )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

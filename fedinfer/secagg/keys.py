@@ -1,0 +1,178 @@
+"""Site key pairs, X25519 key agreement and the HKDF derivations of secure aggregation.
+
+Every site holds two X25519 key pairs for the whole run:
+
+- the *enc* pair, agreed pairwise into the AEAD key that encrypts Shamir shares
+  (:func:`derive_share_key`);
+- the *mask* pair, agreed pairwise into a fresh 32-byte mask seed per round
+  (:func:`derive_pairwise_seed`). The HKDF ``info`` binds the run, the round number and
+  the coordinator's random round nonce, so revealing one round's seed (after a peer
+  dropped) says nothing about another round's seed or about the private key.
+
+Private keys travel as raw 32-byte strings, so they fit Flower's ``ConfigRecord``.
+
+Examples
+--------
+>>> alice, bob = SiteKeys.generate(), SiteKeys.generate()
+>>> s_ab = agree(alice.mask_private, bob.public_keys().mask)
+>>> s_ab == agree(bob.mask_private, alice.public_keys().mask)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedinfer.errors import SecAggAbort
+
+__all__ = [
+    "KEY_BYTES",
+    "ROUND_NONCE_BYTES",
+    "PublicKeys",
+    "SiteKeys",
+    "agree",
+    "derive_pairwise_seed",
+    "derive_share_key",
+    "u64",
+]
+
+KEY_BYTES = 32
+"""Length of X25519 public and private keys, and of every derived seed or key."""
+ROUND_NONCE_BYTES = 16
+"""Length of the coordinator's random per-round nonce."""
+
+_SALT = b"fedinfer/secagg/v1"
+_INFO_SHARE_KEY = b"fedinfer/secagg/v1/share-key"
+_INFO_PAIRWISE_SEED = b"fedinfer/secagg/v1/pairwise-mask-seed"
+
+
+def u64(value: int) -> bytes:
+    """Encode an unsigned 64-bit integer (site id, run id, round) as 8 big-endian bytes.
+
+    Raises
+    ------
+    SecAggAbort
+        If ``value`` is outside ``[0, 2**64)``.
+    """
+    if not 0 <= value < 1 << 64:
+        raise SecAggAbort(f"{value} does not fit an unsigned 64-bit integer (site id, run, round)")
+    return value.to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """A site's two X25519 public keys, as raw 32-byte strings.
+
+    Parameters
+    ----------
+    enc : bytes
+        Public key agreed into the AEAD key that encrypts Shamir shares.
+    mask : bytes
+        Public key agreed into the per-round pairwise mask seeds.
+    """
+
+    enc: bytes
+    mask: bytes
+
+    def __post_init__(self) -> None:
+        for name, key in (("enc", self.enc), ("mask", self.mask)):
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise SecAggAbort(f"public key `{name}` must be {KEY_BYTES} raw bytes")
+
+
+@dataclass(frozen=True, repr=False)
+class SiteKeys:
+    """A site's two X25519 private keys, as raw 32-byte strings (never logged).
+
+    Parameters
+    ----------
+    enc_private : bytes
+        Private half of the share-encryption pair.
+    mask_private : bytes
+        Private half of the pairwise-mask pair.
+    """
+
+    enc_private: bytes
+    mask_private: bytes
+
+    def __post_init__(self) -> None:
+        for name, key in (("enc_private", self.enc_private), ("mask_private", self.mask_private)):
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise SecAggAbort(f"private key `{name}` must be {KEY_BYTES} raw bytes")
+
+    def __repr__(self) -> str:
+        return "SiteKeys(<private>)"
+
+    @classmethod
+    def generate(cls) -> SiteKeys:
+        """Draw two fresh X25519 key pairs from the operating system's CSPRNG."""
+        return cls(
+            enc_private=X25519PrivateKey.generate().private_bytes_raw(),
+            mask_private=X25519PrivateKey.generate().private_bytes_raw(),
+        )
+
+    def public_keys(self) -> PublicKeys:
+        """Return the two public keys that the site announces at set-up."""
+        return PublicKeys(enc=_public_of(self.enc_private), mask=_public_of(self.mask_private))
+
+
+def _public_of(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def agree(private: bytes, peer_public: bytes) -> bytes:
+    """X25519 key agreement: the raw 32-byte shared secret of ``private`` and ``peer_public``.
+
+    Raises
+    ------
+    SecAggAbort
+        If the peer key is malformed or of small order (an all-zero shared secret).
+    """
+    try:
+        peer = X25519PublicKey.from_public_bytes(peer_public)
+        return X25519PrivateKey.from_private_bytes(private).exchange(peer)
+    except ValueError as exc:
+        raise SecAggAbort(f"X25519 key agreement failed with a peer public key: {exc}") from exc
+
+
+def _hkdf(shared: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_SALT, info=info).derive(shared)
+
+
+def _pair(site_a: int, site_b: int) -> bytes:
+    low, high = sorted((site_a, site_b))
+    return u64(low) + u64(high)
+
+
+def derive_share_key(shared: bytes, *, run_id: int, site_a: int, site_b: int) -> bytes:
+    """Derive the pair's 32-byte AEAD key for Shamir shares (the same for both directions).
+
+    The direction and the round are bound by the AEAD's associated data instead.
+    """
+    return _hkdf(shared, _INFO_SHARE_KEY + u64(run_id) + _pair(site_a, site_b))
+
+
+def derive_pairwise_seed(
+    shared: bytes,
+    *,
+    run_id: int,
+    server_round: int,
+    round_nonce: bytes,
+    site_a: int,
+    site_b: int,
+) -> bytes:
+    """Derive the pair's 32-byte mask seed ``s_ab`` for one round (symmetric in a and b).
+
+    Raises
+    ------
+    SecAggAbort
+        If ``round_nonce`` is not :data:`ROUND_NONCE_BYTES` long.
+    """
+    if len(round_nonce) != ROUND_NONCE_BYTES:
+        raise SecAggAbort(f"the round nonce must be {ROUND_NONCE_BYTES} bytes")
+    info = _INFO_PAIRWISE_SEED + u64(run_id) + u64(server_round) + round_nonce
+    return _hkdf(shared, info + _pair(site_a, site_b))
