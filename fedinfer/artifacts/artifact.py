@@ -144,12 +144,17 @@ def _check_write_args(
     if type(version) is not int or version < 1:
         raise ConfigError(f"artifact `version` must be an integer >= 1 (got {version!r})")
     if type(server_round) is not int or server_round < 0:
-        raise ConfigError(f"artifact `server_round` must be an integer >= 0 (got {server_round!r})")
+        raise ConfigError(
+            f"artifact `server_round` must be an integer >= 0 (got {server_round!r})"
+        )
     if input_dim <= 0 or num_classes < 2:
-        raise ConfigError(f"need input_dim > 0 and num_classes >= 2 (got {input_dim}, {num_classes})")
+        raise ConfigError(
+            f"need input_dim > 0 and num_classes >= 2 (got {input_dim}, {num_classes})"
+        )
     if class_labels is not None and len(class_labels) != num_classes:
         raise ConfigError(
-            f"`class_labels` has {len(class_labels)} entries but the model has {num_classes} classes"
+            f"`class_labels` has {len(class_labels)} entries but the model has "
+            f"{num_classes} classes"
         )
 
 

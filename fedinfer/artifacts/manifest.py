@@ -116,7 +116,7 @@ class ModelManifest:
         return data
 
     def signed_bytes(self) -> bytes:
-        """The canonical bytes the signature covers."""
+        """Return the canonical bytes the signature covers."""
         return canonical_json(self.to_dict(with_signature=False))
 
     @classmethod

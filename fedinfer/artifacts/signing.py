@@ -97,7 +97,10 @@ def save_public_key(key: Ed25519PrivateKey | Ed25519PublicKey, path: Path) -> Pa
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """Load an Ed25519 private key written by :func:`save_signing_key`."""
-    key = serialization.load_pem_private_key(_read_key_file(path), password=None)
+    try:
+        key = serialization.load_pem_private_key(_read_key_file(path), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} is not an Ed25519 private key PEM ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
     return key
@@ -105,7 +108,10 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Load an Ed25519 public key written by :func:`save_public_key`."""
-    key = serialization.load_pem_public_key(_read_key_file(path))
+    try:
+        key = serialization.load_pem_public_key(_read_key_file(path))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} is not an Ed25519 public key PEM ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
     return key

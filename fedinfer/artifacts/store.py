@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -74,7 +74,9 @@ class ModelStore:
 
     def __init__(self, root: Path, *, keep: int = 5) -> None:
         if keep < 2:
-            raise ConfigError(f"ModelStore `keep` must be >= 2 so rollback stays possible (got {keep})")
+            raise ConfigError(
+                f"ModelStore `keep` must be >= 2 so rollback stays possible (got {keep})"
+            )
         self.root = Path(root)
         self.keep = keep
 
@@ -92,14 +94,14 @@ class ModelStore:
         return self.versions_dir / str(int(version))
 
     def versions(self) -> list[int]:
-        """Stored versions, ascending."""
+        """Return the stored versions, ascending."""
         if not self.versions_dir.is_dir():
             return []
         found = (p.name for p in self.versions_dir.iterdir() if p.is_dir())
         return sorted(int(name) for name in found if name.isdigit())
 
     def current_version(self) -> int | None:
-        """The version being served, or None before the first publish."""
+        """Return the version being served, or None before the first publish."""
         state = self._read_current()
         return None if state is None else int(state["version"])
 
@@ -150,7 +152,9 @@ class ModelStore:
             state = json.loads(raw)
             int(state["version"])
         except (ValueError, KeyError, TypeError):
-            raise ModelIntegrityError(f"{self.root / CURRENT_FILE} is corrupt: {raw[:80]!r}") from None
+            raise ModelIntegrityError(
+                f"{self.root / CURRENT_FILE} is corrupt: {raw[:80]!r}"
+            ) from None
         return dict(state)
 
     # ----------------------------------------------------------------- write side
@@ -279,7 +283,7 @@ class ModelStore:
         except ModelIntegrityError as exc:
             self._reject(artifact_dir, str(exc))
 
-    def _reject(self, artifact_dir: Path, reason: str) -> Any:
+    def _reject(self, artifact_dir: Path, reason: str) -> NoReturn:
         logger.error("rejected model artifact %s: %s", artifact_dir, reason)
         raise ModelIntegrityError(f"rejected artifact {artifact_dir}: {reason}")
 

@@ -17,7 +17,7 @@ __all__ = ["load_torch_model", "model_config_of", "weights_from_module"]
 
 
 def model_config_of(manifest: ModelManifest) -> ModelConfig:
-    """The :class:`ModelConfig` recorded in ``manifest``."""
+    """Return the :class:`ModelConfig` recorded in ``manifest``."""
     try:
         return ModelConfig(**manifest.model)
     except TypeError as exc:
@@ -50,5 +50,5 @@ def load_torch_model(weights: Mapping[str, np.ndarray], manifest: ModelManifest)
 
 
 def weights_from_module(model: nn.Module) -> dict[str, np.ndarray]:
-    """The module's ``state_dict`` as numpy arrays (CPU copies), ready for ``write_artifact``."""
+    """Return the ``state_dict`` as numpy arrays (CPU copies), ready for ``write_artifact``."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -37,6 +39,7 @@ __all__ = [
     "agree",
     "derive_pairwise_seed",
     "derive_share_key",
+    "seed_commitment",
     "u64",
 ]
 
@@ -48,6 +51,7 @@ ROUND_NONCE_BYTES = 16
 _SALT = b"fedinfer/secagg/v1"
 _INFO_SHARE_KEY = b"fedinfer/secagg/v1/share-key"
 _INFO_PAIRWISE_SEED = b"fedinfer/secagg/v1/pairwise-mask-seed"
+_COMMITMENT_LABEL = b"fedinfer/secagg/v1/self-seed-commitment"
 
 
 def u64(value: int) -> bytes:
@@ -176,3 +180,15 @@ def derive_pairwise_seed(
         raise SecAggAbort(f"the round nonce must be {ROUND_NONCE_BYTES} bytes")
     info = _INFO_PAIRWISE_SEED + u64(run_id) + u64(server_round) + round_nonce
     return _hkdf(shared, info + _pair(site_a, site_b))
+
+
+def seed_commitment(
+    seed: bytes, *, run_id: int, server_round: int, round_nonce: bytes, site_id: int
+) -> bytes:
+    """SHA-256 commitment to a site's 32-byte self-mask seed for one round.
+
+    The seed is 256 uniformly random bits, so the hash hides it; the coordinator uses the
+    commitment to check that the seed it reconstructed from shares is the one that was used.
+    """
+    context = u64(run_id) + u64(server_round) + round_nonce + u64(site_id)
+    return hashlib.sha256(_COMMITMENT_LABEL + context + seed).digest()

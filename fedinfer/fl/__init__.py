@@ -1,0 +1,1 @@
+"""Flower touchpoints: ServerApp/ClientApp factories, strategies, the round loop, secure aggregation."""

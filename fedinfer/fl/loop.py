@@ -1,0 +1,168 @@
+"""The coordinator's round loop.
+
+Flower's ``Strategy.start`` runs a fixed number of rounds from round 1. We need
+more from the loop: resume from a checkpoint, sites that refuse (privacy budget)
+and must stop being sampled, a clean end when too few sites can train, and a
+hook after every round (results, progress, checkpoint). The strategy's own
+``configure_*`` / ``aggregate_*`` methods are called exactly as ``start`` calls
+them, so every Flower strategy (and our secure-aggregation wrapper) plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedinfer.fl.grid import ExcludingGrid
+from fedinfer.fl.messages import ErrorCodes, Keys
+
+__all__ = ["FederationState", "RoundRecord", "run_rounds", "site_of"]
+
+logger = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round; one entry of ``results.json``'s ``rounds``."""
+
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    federated: dict[str, float] = field(default_factory=dict)
+    train: dict[str, float] = field(default_factory=dict)
+    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    secagg: dict[str, Any] = field(default_factory=dict)
+    aggregated: bool = False
+    duration_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form written to ``results.json``."""
+        return dict(vars(self))
+
+
+@dataclass
+class FederationState:
+    """Everything the loop needs to continue: the model, the round reached, who can still train."""
+
+    arrays: ArrayRecord
+    completed_round: int = 0
+    exhausted_nodes: set[int] = field(default_factory=set)
+    site_names: dict[int, str] = field(default_factory=dict)
+    history: list[RoundRecord] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def site_of(msg: Message, names: dict[int, str]) -> str:
+    """The site id a reply names (remembered per node), else ``node-<id>``."""
+    node_id = msg.metadata.src_node_id
+    if not msg.has_error() and Keys.SITE in msg.content.config_records:
+        names[node_id] = str(msg.content[Keys.SITE][Keys.SITE_ID])
+    return names.get(node_id, f"node-{node_id}")
+
+
+def _split_replies(
+    replies: Iterable[Message], state: FederationState, record: RoundRecord
+) -> list[Message]:
+    """Record refusals and failures; remember sites that ran out of budget."""
+    replies = list(replies)
+    for msg in replies:
+        site = site_of(msg, state.site_names)
+        if not msg.has_error():
+            continue
+        reason = msg.error.reason or f"error code {msg.error.code}"
+        if msg.error.code == ErrorCodes.BUDGET_EXCEEDED:
+            record.refused[site] = reason
+            state.exhausted_nodes.add(msg.metadata.src_node_id)
+        else:
+            record.failed[site] = reason.splitlines()[0][:500]
+    return replies
+
+
+def _record_site_metrics(replies: list[Message], state: FederationState, record: RoundRecord) -> None:
+    for msg in replies:
+        if msg.has_error():
+            continue
+        site = site_of(msg, state.site_names)
+        metrics = dict(next(iter(msg.content.metric_records.values())))
+        record.sites[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        if "epsilon" in metrics:
+            record.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
+            record.privacy[site] = {
+                k: float(metrics[k])  # type: ignore[arg-type]
+                for k in ("delta", "noise-multiplier", "sample-rate", "dp-steps") if k in metrics
+            }
+
+
+def run_rounds(
+    *,
+    grid: Grid,
+    strategy: Strategy,
+    state: FederationState,
+    num_rounds: int,
+    min_sites: int,
+    timeout: float,
+    train_config: ConfigRecord,
+    evaluate_fn: EvaluateFn | None = None,
+    on_round_end: Callable[[RoundRecord, FederationState], None] | None = None,
+) -> FederationState:
+    """Run rounds ``state.completed_round + 1 .. num_rounds``; stop early when too few sites can train.
+
+    Returns the final state; ``state.stop_reason`` says why it ended early, if it did.
+    """
+    for server_round in range(state.completed_round + 1, num_rounds + 1):
+        started = time.perf_counter()
+        record = RoundRecord(round=server_round)
+        trainable = ExcludingGrid(grid, state.exhausted_nodes)
+        available = len(list(trainable.get_node_ids()))
+        if available < min_sites:
+            state.stop_reason = (
+                f"only {available} site(s) can still train (others exhausted their privacy budget); "
+                f"`federation.min_sites`={min_sites}"
+            )
+            break
+
+        # --- TRAINING (sites) -------------------------------------------------------------
+        messages = strategy.configure_train(server_round, state.arrays, ConfigRecord(dict(train_config)), trainable)
+        replies = _split_replies(grid.send_and_receive(messages, timeout=timeout), state, record)
+        _record_site_metrics(replies, state, record)
+        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            state.arrays, record.aggregated = arrays, True
+        record.train = _floats(train_metrics)
+        record.secagg = dict(getattr(strategy, "last_round_info", {}) or {})
+
+        # --- EVALUATION (sites) -----------------------------------------------------------
+        messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
+        eval_replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
+        record.federated = _floats(strategy.aggregate_evaluate(server_round, eval_replies))
+
+        # --- EVALUATION (coordinator) -----------------------------------------------------
+        if evaluate_fn is not None:
+            central = evaluate_fn(server_round, state.arrays) or {}
+            record.accuracy, record.loss = central.get("accuracy"), central.get("loss")
+
+        record.duration_s = time.perf_counter() - started
+        state.completed_round = server_round
+        state.history.append(record)
+        if on_round_end is not None:
+            on_round_end(record, state)
+    return state
+
+
+def _floats(metrics: MetricRecord | None) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

@@ -1,0 +1,180 @@
+"""What a site does with a message, independent of Flower: resolve itself, train, evaluate.
+
+A site learns who it is and where its data and state live from a
+:class:`SiteResolver`: in a simulation from Flower's partition id, in a
+deployment from its SuperNode's node config. Nothing else differs, so the same
+ClientApp runs in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+
+from fedinfer.config.schema import FedInferConfig
+from fedinfer.data import SiteData, build_federated_data, load_site_file, site_name
+from fedinfer.errors import ConfigError
+from fedinfer.fl.run_config import NodeConfigKeys
+from fedinfer.models import build_model
+from fedinfer.training import (
+    evaluate,
+    get_weights,
+    make_loader,
+    proximal_step_fn,
+    select_device,
+    set_weights,
+    train_epochs,
+)
+
+__all__ = [
+    "SiteEnv",
+    "SiteResolver",
+    "TrainOutcome",
+    "deployment_resolver",
+    "local_evaluate",
+    "local_train",
+    "simulation_resolver",
+]
+
+
+@dataclass(frozen=True)
+class SiteEnv:
+    """Everything a site knows about itself."""
+
+    site_id: str
+    state_dir: Path
+    data: SiteData
+    coordinator_public_key: Path | None
+
+
+SiteResolver = Callable[[Context], SiteEnv]
+
+
+def simulation_resolver(
+    cfg: FedInferConfig, *, output_dir: Path, coordinator_public_key: Path | None
+) -> SiteResolver:
+    """Sites of a simulation: partition ``i`` is ``site-0i`` with state in ``sites/<id>/``."""
+
+    def resolve(context: Context) -> SiteEnv:
+        index = int(context.node_config[NodeConfigKeys.PARTITION_ID])
+        data = build_federated_data(cfg).sites[index]
+        return SiteEnv(
+            site_id=data.site_id,
+            state_dir=output_dir / "sites" / data.site_id,
+            data=data,
+            coordinator_public_key=coordinator_public_key,
+        )
+
+    return resolve
+
+
+def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolver:
+    """Sites of a deployment: identity, data file and state directory from the node config."""
+
+    def resolve(context: Context) -> SiteEnv:
+        node = context.node_config
+        missing = [k for k in (NodeConfigKeys.DATA_PATH, NodeConfigKeys.STATE_DIR) if k not in node]
+        if missing:
+            raise ConfigError(
+                f"the SuperNode's --node-config lacks {missing}; start sites with `fedinfer site`"
+            )
+        name = str(node.get(NodeConfigKeys.SITE_NAME, site_name(0)))
+        data = load_site_file(
+            Path(str(node[NodeConfigKeys.DATA_PATH])),
+            site_id=name,
+            label_column=cfg.dataset.label_column,
+            partition=cfg.partition,
+            seed=cfg.seed,
+            num_classes=num_classes,
+        )
+        key = node.get(NodeConfigKeys.COORDINATOR_PUBLIC_KEY)
+        return SiteEnv(name, Path(str(node[NodeConfigKeys.STATE_DIR])), data, Path(str(key)) if key else None)
+
+    return resolve
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A site's trained weights and the metrics it reports (never raw data)."""
+
+    weights: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def round_seed(seed: int, site_id: str, server_round: int) -> int:
+    """A per-site, per-round seed, stable across processes."""
+    digest = hashlib.sha256(f"{seed}/{site_id}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def local_train(
+    *,
+    cfg: FedInferConfig,
+    env: SiteEnv,
+    global_weights: dict[str, np.ndarray],
+    server_round: int,
+    run_id: str,
+) -> TrainOutcome:
+    """Train the global model on the site's training split; DP-SGD when configured.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        Before touching the data, if this round would exceed ``privacy.max_epsilon``.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(round_seed(cfg.seed, env.site_id, server_round))
+    device = select_device(cfg.simulation.device)
+    fed = cfg.federation
+    model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=env.data.num_classes)
+    set_weights(model, global_weights)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=fed.lr, momentum=fed.momentum)
+    loader = make_loader(env.data.train, batch_size=fed.batch_size, shuffle=True,
+                         seed=round_seed(cfg.seed, env.site_id, server_round))
+    after_step = None
+    if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0:
+        anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        after_step = proximal_step_fn(model, anchors, mu=cfg.strategy.proximal_mu, lr=fed.lr)
+    privacy_metrics: dict[str, float] = {}
+    if cfg.privacy.mode == "dpsgd":
+        from fedinfer.fl.site_privacy import private_train
+
+        result, privacy_metrics = private_train(
+            cfg=cfg, env=env, model=model, optimizer=optimizer, loader=loader, device=device,
+            after_step=after_step, server_round=server_round, run_id=run_id,
+        )
+    else:
+        result = train_epochs(model, loader, optimizer, epochs=fed.local_epochs, device=device,
+                              after_step=after_step)
+    metrics = {
+        "num-examples": float(len(env.data.train)),
+        "train-loss": result.loss,
+        "train-accuracy": result.accuracy,
+        "steps": float(result.steps),
+        "train-time-s": time.perf_counter() - started,
+        **privacy_metrics,
+    }
+    return TrainOutcome(weights=get_weights(model.to("cpu")), metrics=metrics)
+
+
+def local_evaluate(
+    *, cfg: FedInferConfig, env: SiteEnv, global_weights: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Evaluate the global model on the site's local test split."""
+    device = select_device(cfg.simulation.device)
+    model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=env.data.num_classes)
+    set_weights(model, global_weights)
+    result = evaluate(model.to(device), env.data.test, device=device)
+    return {
+        "num-examples": float(result.num_examples),
+        "eval-loss": result.loss,
+        "eval-accuracy": result.accuracy,
+    }

@@ -1,0 +1,83 @@
+"""DP-SGD at the site: budget check before the data is touched, ledger charge after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedinfer.config.schema import FedInferConfig
+from fedinfer.fl.site import SiteEnv
+from fedinfer.privacy import PrivacyLedger, derive_noise_multiplier, make_private
+from fedinfer.training import TrainResult, train_epochs
+
+__all__ = ["planned_noise_multiplier", "private_train"]
+
+
+def planned_noise_multiplier(cfg: FedInferConfig, *, delta: float, sample_rate: float, steps_per_round: int) -> float:
+    """``privacy.noise_multiplier``, or the one that spends ``target_epsilon`` over all planned rounds."""
+    dp = cfg.privacy
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier)
+    assert dp.target_epsilon is not None  # validate_config guarantees one of them
+    return derive_noise_multiplier(
+        target_epsilon=float(dp.target_epsilon),
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps_per_round * cfg.federation.rounds,
+        accountant=dp.accountant,
+    )
+
+
+def private_train(
+    *,
+    cfg: FedInferConfig,
+    env: SiteEnv,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    after_step: Callable[[], None] | None,
+    server_round: int,
+    run_id: str,
+) -> tuple[TrainResult, dict[str, float]]:
+    """Train one round with DP-SGD and charge the site's ledger with the steps really taken.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If the round would push the site past ``privacy.max_epsilon`` (checked first).
+    """
+    dp = cfg.privacy
+    ledger = PrivacyLedger.open(
+        env.state_dir, accountant=dp.accountant, delta=dp.delta, num_samples=len(env.data.train)
+    )
+    sample_rate = 1 / len(loader)
+    planned_steps = cfg.federation.local_epochs * len(loader)
+    noise_multiplier = planned_noise_multiplier(
+        cfg, delta=ledger.delta, sample_rate=sample_rate, steps_per_round=planned_steps
+    )
+    ledger.check_budget(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=planned_steps,
+        max_epsilon=dp.max_epsilon,
+    )
+    private = make_private(
+        model=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=dp.max_grad_norm, poisson_sampling=dp.poisson_sampling,
+        grad_sample_mode=dp.grad_sample_mode,
+    )
+    result = train_epochs(private.model, private.data_loader, private.optimizer,
+                          epochs=cfg.federation.local_epochs, device=device, after_step=after_step)
+    entry = ledger.charge(
+        server_round=server_round, run_id=run_id, noise_multiplier=private.noise_multiplier,
+        sample_rate=private.sample_rate, steps=private.steps,
+    )
+    return result, {
+        "epsilon": float(entry.epsilon_after if entry.epsilon_after is not None else ledger.epsilon),
+        "delta": ledger.delta,
+        "noise-multiplier": private.noise_multiplier,
+        "sample-rate": private.sample_rate,
+        "dp-steps": float(private.steps),
+    }

@@ -1,0 +1,64 @@
+"""Differential privacy for fedinfer sites: Opacus DP-SGD, a persistent ledger, central DP.
+
+- :mod:`~fedinfer.privacy.accountant`: accountant registry and pure epsilon functions.
+- :mod:`~fedinfer.privacy.ledger`: the site's persistent, cumulative ``ledger.json``.
+- :mod:`~fedinfer.privacy.budget`: config checks, noise derivation, per-round budget check.
+- :mod:`~fedinfer.privacy.dpsgd`: model validation and the ``make_private`` façade.
+- :mod:`~fedinfer.privacy.central`: Flower's server-side DP strategy wrappers.
+- :mod:`~fedinfer.privacy.report`: the ledger as a table.
+"""
+
+from fedinfer.privacy.accountant import (
+    ACCOUNTANTS,
+    HistoryEntry,
+    create_accountant,
+    default_delta,
+    derive_noise_multiplier,
+    epsilon_from_history,
+    merge_history,
+)
+from fedinfer.privacy.budget import (
+    PRIVACY_MODES,
+    RoundPlan,
+    check_privacy_config,
+    plan_round,
+    resolve_noise_multiplier,
+)
+from fedinfer.privacy.central import central_dp_strategy, wrap_central_dp
+from fedinfer.privacy.dpsgd import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    PrivateTraining,
+    make_private,
+    validate_model,
+)
+from fedinfer.privacy.ledger import LEDGER_FILENAME, LedgerEntry, PrivacyLedger
+from fedinfer.privacy.report import ledger_table, print_ledger, show_ledger
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "LEDGER_FILENAME",
+    "PRIVACY_MODES",
+    "HistoryEntry",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "PrivateTraining",
+    "RoundPlan",
+    "central_dp_strategy",
+    "check_privacy_config",
+    "create_accountant",
+    "default_delta",
+    "derive_noise_multiplier",
+    "epsilon_from_history",
+    "ledger_table",
+    "make_private",
+    "merge_history",
+    "plan_round",
+    "print_ledger",
+    "resolve_noise_multiplier",
+    "show_ledger",
+    "validate_model",
+    "wrap_central_dp",
+]

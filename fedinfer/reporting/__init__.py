@@ -1,0 +1,1 @@
+"""Run outputs: results.json, plots, terminal progress, sweep summaries."""

@@ -1,0 +1,48 @@
+"""Terminal progress: one line per round, not a wall of Flower/Ray logs."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+from fedinfer.fl.loop import RoundRecord
+
+__all__ = ["RoundPrinter"]
+
+
+class RoundPrinter:
+    """Prints a header, then one aligned line per round with accuracy and elapsed time."""
+
+    def __init__(self, *, num_rounds: int, console: Console | None = None, enabled: bool = True) -> None:
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.num_rounds = num_rounds
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self._header_done = False
+
+    def line(self, record: RoundRecord) -> None:
+        """Print one round."""
+        if not self.enabled:
+            return
+        if not self._header_done:
+            self.console.print(
+                "[bold]round    acc      loss     fed-acc  max-eps  ok/refused/failed  round-s  elapsed-s[/]"
+            )
+            self._header_done = True
+        accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "   -  "
+        loss = f"{record.loss:.4f}" if record.loss is not None else "   -  "
+        fed = record.federated.get("eval-accuracy")
+        fed_txt = f"{fed:.4f}" if fed is not None else "   -  "
+        eps = max(record.epsilon.values(), default=None)
+        eps_txt = f"{eps:7.3f}" if eps is not None else "     - "
+        sites = f"{len(record.sites)}/{len(record.refused)}/{len(record.failed)}"
+        self.console.print(
+            f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>8}   {loss:>7}  {fed_txt:>7}  {eps_txt}  "
+            f"{sites:^17}  {record.duration_s:7.2f}  {time.perf_counter() - self.started:9.1f}"
+        )
+
+    def message(self, text: str) -> None:
+        """Print a status line."""
+        if self.enabled:
+            self.console.print(text)

@@ -1,0 +1,140 @@
+"""Run a federation in Flower's simulation runtime (Ray), or in-process for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedinfer.artifacts import generate_signing_key, save_public_key, save_signing_key
+from fedinfer.config.schema import FedInferConfig
+from fedinfer.config.validate import validate_config
+from fedinfer.data import build_federated_data
+from fedinfer.fl.client_app import build_client_app
+from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
+from fedinfer.fl.grid import InProcessGrid
+from fedinfer.fl.site import simulation_resolver
+from fedinfer.reporting.progress import RoundPrinter
+
+__all__ = ["SimulationResult", "run_simulation"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """A finished simulation: where it wrote, what it reached."""
+
+    output_dir: Path
+    results: dict[str, Any]
+    coordinator: CoordinatorResult
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """Global test accuracy after the last round."""
+        value = self.results.get("final_accuracy")
+        return float(value) if value is not None else None
+
+
+def _coordinator_keys(output_dir: Path) -> tuple[Any, Path]:
+    """A fresh Ed25519 model-signing key for this run (private key 0600)."""
+    key_dir = output_dir / "coordinator"
+    key_dir.mkdir(parents=True, exist_ok=True)
+    key = generate_signing_key()
+    save_signing_key(key, key_dir / "signing.key", overwrite=True)
+    public = save_public_key(key, key_dir / "signing.pub")
+    return key, public
+
+
+def run_simulation(
+    cfg: FedInferConfig, *, output_dir: Path, printer: RoundPrinter | None = None
+) -> SimulationResult:
+    """Validate ``cfg``, build every site's data, run the federation, publish the final model.
+
+    Every user mistake is raised as a :class:`~fedinfer.errors.FedInferError`
+    before Ray starts.
+
+    Examples
+    --------
+    >>> from fedinfer.config import load_config
+    >>> cfg = load_config(["federation.rounds=2", "simulation.runtime=inprocess"])
+    >>> result = run_simulation(cfg, output_dir=Path("outputs/demo"))  # doctest: +SKIP
+    """
+    validate_config(cfg)
+    data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(output_dir)
+    signing_key, public_key = _coordinator_keys(output_dir)
+    client_app = build_client_app(
+        config_fn=lambda context: cfg,
+        resolver_fn=lambda c: simulation_resolver(c, output_dir=output_dir, coordinator_public_key=public_key),
+    )
+    run_id = uuid.uuid4().hex[:12]
+    outcome: dict[str, Any] = {}
+
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["result"] = run_coordinator(
+                grid, cfg=cfg, shape=ModelShape(data.input_dim, data.num_classes), output_dir=output_dir,
+                run_id=run_id, signing_key=signing_key, central_test=data.pooled_test, printer=printer,
+            )
+        except BaseException as exc:  # re-raised in the caller's thread below
+            outcome["error"] = exc
+
+    with _quiet_flower(cfg.simulation.progress):
+        if cfg.simulation.runtime == "inprocess":
+            grid = InProcessGrid(client_app, num_nodes=cfg.federation.num_sites, run_id=1, seed=cfg.seed)
+            main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        else:
+            _run_on_ray(cfg, client_app, main)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "result" not in outcome:
+        raise RuntimeError("the simulation ended without a result; see the Flower log above")
+    result: CoordinatorResult = outcome["result"]
+    return SimulationResult(output_dir=output_dir, results=result.results, coordinator=result)
+
+
+@contextlib.contextmanager
+def _quiet_flower(quiet: bool) -> Iterator[None]:
+    """Keep Flower's per-message INFO logs off the terminal while our progress table shows."""
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if quiet:
+        flwr_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        flwr_logger.setLevel(previous)
+
+
+def _run_on_ray(cfg: FedInferConfig, client_app: ClientApp, main: Any) -> None:
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    server_app = ServerApp()
+    server_app.main()(main)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    backend_config: dict[str, Any] = {
+        "client_resources": {
+            "num_cpus": cfg.federation.client_cpus,
+            "num_gpus": cfg.federation.client_gpus,
+        },
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
+    }
+    flwr_run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.federation.num_sites,
+        backend_config=backend_config,
+    )
