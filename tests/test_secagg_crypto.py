@@ -56,8 +56,9 @@ def test_pairwise_seed_is_symmetric_and_fresh_per_round_nonce_and_run() -> None:
     # Prepare
     shared = agree(SiteKeys.generate().mask_private, SiteKeys.generate().public_keys().mask)
 
-    def seed(*, run_id: int = 1, server_round: int = 1, nonce: bytes = NONCE, a: int = 3,
-             b: int = 9) -> bytes:
+    def seed(
+        *, run_id: int = 1, server_round: int = 1, nonce: bytes = NONCE, a: int = 3, b: int = 9
+    ) -> bytes:
         return derive_pairwise_seed(
             shared, run_id=run_id, server_round=server_round, round_nonce=nonce, site_a=a, site_b=b
         )

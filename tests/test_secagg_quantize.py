@@ -86,8 +86,13 @@ def test_weight_that_could_overflow_the_sum_aborts() -> None:
 @pytest.mark.parametrize("weight", [-1, 2.5, True], ids=["negative", "float", "bool"])
 def test_weight_must_be_a_sample_count(weight: object) -> None:
     with pytest.raises(SecAggAbort, match="integer sample count"):
-        encode_contribution(np.zeros(2), weight=weight, clip_range=1.0, bits=16,  # type: ignore[arg-type]
-                            num_sites=2)
+        encode_contribution(
+            np.zeros(2),
+            weight=weight,
+            clip_range=1.0,
+            bits=16,  # type: ignore[arg-type]
+            num_sites=2,
+        )
 
 
 def test_zero_total_weight_has_no_mean() -> None:

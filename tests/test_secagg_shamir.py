@@ -29,7 +29,9 @@ def sharings(draw: st.DrawFn) -> tuple[bytes, int, list[Share], st.DataObject]:
 
 @settings(max_examples=60, deadline=None)
 @given(sharings())
-def test_any_threshold_shares_reconstruct(case: tuple[bytes, int, list[Share], st.DataObject]) -> None:
+def test_any_threshold_shares_reconstruct(
+    case: tuple[bytes, int, list[Share], st.DataObject],
+) -> None:
     # Prepare
     secret, threshold, shares, data = case
     subset = data.draw(st.permutations(shares))[:threshold]

@@ -23,6 +23,7 @@ __all__ = [
     "ServingConfig",
     "SimulationConfig",
     "StrategyConfig",
+    "TrackingConfig",
 ]
 
 
@@ -166,6 +167,8 @@ class SecAggConfig:
     """Quantization bits per coordinate of the update."""
     timeout_s: float = 120.0
     """A site silent this long in a secure-aggregation exchange counts as dropped."""
+    on_abort: str = "skip"
+    """When a round cannot be unmasked (too few survivors): ``skip`` the round or ``stop``."""
 
 
 @dataclass
@@ -204,6 +207,22 @@ class SimulationConfig:
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     progress: bool = True
     """Show the per-round table instead of Flower/Ray logs."""
+    num_cpus: int | None = None
+    """CPUs this run's Ray instance may use (None: all); a parallel sweep gives each job its share."""
+
+
+@dataclass
+class TrackingConfig:
+    """Optional experiment tracking (group ``tracking``); needs ``pip install 'fedinfer[tracking]'``."""
+
+    mlflow: bool = False
+    """Log every round's metrics, the config and the run's artifacts to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI (None: ``$MLFLOW_TRACKING_URI`` or MLflow's own default)."""
+    experiment: str = "fedinfer"
+    """MLflow experiment the runs are filed under (created if missing)."""
+    run_name: str | None = None
+    """MLflow run name (None: the Hydra job's overrides, else the fedinfer run id)."""
 
 
 @dataclass
@@ -220,6 +239,7 @@ class FedInferConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     output_dir: str | None = None
     """Where the run writes (default: Hydra's run directory, or the current directory)."""

@@ -154,6 +154,7 @@ def _check_secagg(cfg: FedInferConfig, problems: list[str]) -> None:
         problems.append(
             f"`secagg.threshold` must be a fraction in (0, 1] or a whole count >= 2 (got {sa.threshold})"
         )
+    _one_of(problems, "secagg.on_abort", sa.on_abort, ("skip", "stop"))
     _one_of(problems, "faults.drop_stage", cfg.faults.drop_stage, DROP_STAGES)
     _positive(problems, "faults.drop_sites", cfg.faults.drop_sites, strict=False)
 

@@ -46,7 +46,8 @@ def _guarded(handler: Callable[[Message, Context], RecordDict]) -> Handler:
         except ModelIntegrityError as exc:
             return Message(Error(code=ErrorCodes.MODEL_REJECTED, reason=str(exc)), reply_to=msg)
         except FedInferError as exc:
-            return Message(Error(code=ErrorCodes.SITE_ERROR, reason=str(exc)), reply_to=msg)
+            code = int(getattr(exc, "error_code", ErrorCodes.SITE_ERROR))
+            return Message(Error(code=code, reason=str(exc)), reply_to=msg)
 
     return wrapped
 

@@ -28,6 +28,7 @@ from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.strategy import build_strategy
 from fedinfer.models import build_model
+from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.reporting.results import ResultsWriter, plot_accuracy, write_json_atomic
 from fedinfer.training import evaluate, get_weights, select_device, set_weights
@@ -103,9 +104,11 @@ def run_coordinator(
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
     printer = printer or RoundPrinter(num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress)
     started = time.perf_counter()
+    tracking.start_run(cfg, run_id=run_id)
 
     def on_round_end(record: RoundRecord, state: FederationState) -> None:
         writer.add_round(record.to_json(), elapsed_s=time.perf_counter() - started)
+        tracking.track_round(cfg, record.to_json(), step=record.round)
         printer.line(record)
 
     state = run_rounds(
@@ -133,6 +136,7 @@ def run_coordinator(
         deployed=deployed,
     )
     plot_accuracy(writer.data, output_dir / "accuracy.png")
+    tracking.finish_run(cfg, status=writer.data["status"], output_dir=output_dir, results=writer.data)
     return CoordinatorResult(state=state, results=writer.data, model_dir=model_dir, deployed=deployed)
 
 

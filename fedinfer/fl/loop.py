@@ -159,6 +159,10 @@ def run_rounds(
         state.history.append(record)
         if on_round_end is not None:
             on_round_end(record, state)
+        stop_reason = getattr(strategy, "stop_reason", None)
+        if stop_reason:
+            state.stop_reason = stop_reason
+            break
     return state
 
 

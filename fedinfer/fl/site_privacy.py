@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,8 +69,11 @@ def private_train(
         max_grad_norm=dp.max_grad_norm, poisson_sampling=dp.poisson_sampling,
         grad_sample_mode=dp.grad_sample_mode,
     )
-    result = train_epochs(private.model, private.data_loader, private.optimizer,
-                          epochs=cfg.federation.local_epochs, device=device, after_step=after_step)
+    with warnings.catch_warnings():
+        # Opacus' hooks on the first layer, whose input needs no gradient: harmless, expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        result = train_epochs(private.model, private.data_loader, private.optimizer,
+                              epochs=cfg.federation.local_epochs, device=device, after_step=after_step)
     entry = ledger.charge(
         server_round=server_round, run_id=run_id, noise_multiplier=private.noise_multiplier,
         sample_rate=private.sample_rate, steps=private.steps,

@@ -4,12 +4,16 @@
 - :mod:`~fedinfer.privacy.ledger`: the site's persistent, cumulative ``ledger.json``.
 - :mod:`~fedinfer.privacy.budget`: config checks, noise derivation, per-round budget check.
 - :mod:`~fedinfer.privacy.dpsgd`: model validation and the ``make_private`` façade.
-- :mod:`~fedinfer.privacy.central`: Flower's server-side DP strategy wrappers.
+- :mod:`~fedinfer.privacy.central`: Flower's server-side DP strategy wrappers (imported
+  lazily, so a site or ``fedinfer privacy show`` does not pay for importing Flower).
 - :mod:`~fedinfer.privacy.report`: the ledger as a table.
 """
 
+from typing import Any
+
 from fedinfer.privacy.accountant import (
     ACCOUNTANTS,
+    RDP_ORDERS,
     HistoryEntry,
     create_accountant,
     default_delta,
@@ -24,7 +28,6 @@ from fedinfer.privacy.budget import (
     plan_round,
     resolve_noise_multiplier,
 )
-from fedinfer.privacy.central import central_dp_strategy, wrap_central_dp
 from fedinfer.privacy.dpsgd import (
     DEFAULT_GRAD_SAMPLE_MODE,
     GRAD_SAMPLE_MODES,
@@ -41,6 +44,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "LEDGER_FILENAME",
     "PRIVACY_MODES",
+    "RDP_ORDERS",
     "HistoryEntry",
     "LedgerEntry",
     "PrivacyLedger",
@@ -62,3 +66,13 @@ __all__ = [
     "validate_model",
     "wrap_central_dp",
 ]
+
+_LAZY = {"central_dp_strategy": "fedinfer.privacy.central", "wrap_central_dp": "fedinfer.privacy.central"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

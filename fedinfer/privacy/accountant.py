@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -19,6 +22,7 @@ from fedinfer.errors import ConfigError
 
 __all__ = [
     "ACCOUNTANTS",
+    "RDP_ORDERS",
     "HistoryEntry",
     "create_accountant",
     "default_delta",
@@ -32,6 +36,29 @@ HistoryEntry = tuple[float, float, int]
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
 """Accountants a site may use, by the name ``privacy.accountant`` takes."""
+
+RDP_ORDERS: tuple[float, ...] = tuple(
+    sorted({*RDPAccountant.DEFAULT_ALPHAS, 11, 128, 256, 512, 1024})
+)
+"""RDP orders searched for the best conversion to (epsilon, delta).
+
+Opacus's defaults (1.1 ... 63) plus 11 and 128 ... 1024, i.e. exactly Google
+dp-accounting's defaults: the large orders tighten the bound at small epsilon,
+where Opacus's would stop at the last order (more orders never loosen it)."""
+
+_EPSILON_KWARGS: dict[str, dict[str, Any]] = {"rdp": {"alphas": list(RDP_ORDERS)}, "prv": {}}
+
+
+@contextmanager
+def _quiet_order_warning() -> Iterator[None]:
+    """Silence Opacus's "optimal order is the smallest/largest alpha" warning.
+
+    It means the bound may be looser than the orders' range allows, never invalid;
+    with :data:`RDP_ORDERS` it only fires at epsilons far outside any sane budget.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        yield
 
 
 def create_accountant(name: str) -> IAccountant:
@@ -85,7 +112,7 @@ def epsilon_from_history(
     delta : float
         Target delta, in (0, 1).
     accountant : str
-        ``rdp`` (Renyi DP, Opacus's default orders) or ``prv`` (Gopi et al.'s
+        ``rdp`` (Renyi DP over :data:`RDP_ORDERS`) or ``prv`` (Gopi et al.'s
         numerical composition; tighter, returns its certified upper bound).
 
     Returns
@@ -105,7 +132,8 @@ def epsilon_from_history(
         return 0.0
     engine = create_accountant(accountant)
     engine.history = merged
-    return float(engine.get_epsilon(delta=delta))
+    with _quiet_order_warning():
+        return float(engine.get_epsilon(delta=delta, **_EPSILON_KWARGS[accountant]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,16 +185,18 @@ def derive_noise_multiplier(
     if steps <= 0 or not 0.0 < sample_rate <= 1.0:
         raise ConfigError(f"cannot plan DP-SGD for {steps} steps at sample rate {sample_rate}")
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=epsilon_tolerance,
+        with _quiet_order_warning():
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=epsilon_tolerance,
+                    **_EPSILON_KWARGS[accountant],
+                )
             )
-        )
     except ValueError as err:
         raise ConfigError(
             f"`privacy.target_epsilon`={target_epsilon} cannot be reached in {steps} steps at "

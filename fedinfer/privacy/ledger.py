@@ -173,6 +173,13 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ queries
 
+    def refresh(self) -> None:
+        """Re-read the entries from disk (another process may have charged since)."""
+        if self.path.exists():
+            accountant, delta, entries = _load(self.path)
+            self._require_same_settings(accountant, delta)
+            self._entries, self._epsilon = entries, None
+
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
         """Every charge, oldest first."""
@@ -222,6 +229,7 @@ class PrivacyLedger:
         """
         if not max_epsilon > 0:
             raise ConfigError(f"`privacy.max_epsilon` must be > 0 (got {max_epsilon})")
+        self.refresh()
         projected = self.projected_epsilon(
             noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
         )
@@ -263,16 +271,12 @@ class PrivacyLedger:
         mechanism = (float(noise_multiplier), float(sample_rate), int(steps))
         _check_mechanism(mechanism)
         with _exclusive_lock(self.path):
+            entries = self._entries
             if self.path.exists():
-                accountant, delta, on_disk = _load(self.path)
-                if (accountant, delta) != (self.accountant, self.delta):
-                    raise PrivacyLedgerError(
-                        f"the ledger {self.path} was rewritten by another process with "
-                        f"accountant={accountant!r}, delta={delta!r} (this process uses "
-                        f"{self.accountant!r}, {self.delta!r}); nothing was charged: rerun the site"
-                    )
-                self._entries = on_disk
-            epsilon_after = self._epsilon_of([*self.history, mechanism])
+                accountant, delta, entries = _load(self.path)
+                self._require_same_settings(accountant, delta)
+            history = [*(e.mechanism for e in entries), mechanism]
+            epsilon_after = self._epsilon_of(history)
             entry = LedgerEntry(
                 round=int(server_round),
                 run_id=str(run_id),
@@ -283,9 +287,9 @@ class PrivacyLedger:
                 delta=self.delta,
                 epsilon_after=_finite_or_none(epsilon_after),
             )
-            self._entries.append(entry)
-            self._epsilon = epsilon_after
-            self._save()
+            self._save([*entries, entry], epsilon_after)
+            # Only a saved charge changes what this object reports.
+            self._entries, self._epsilon = [*entries, entry], epsilon_after
         return entry
 
     # ------------------------------------------------------------------ internals
@@ -308,15 +312,23 @@ class PrivacyLedger:
                 "means: leave privacy.delta unset (or set it to the ledger's)"
             )
 
-    def _save(self) -> None:
+    def _require_same_settings(self, accountant: str, delta: float) -> None:
+        if (accountant, delta) != (self.accountant, self.delta):
+            raise PrivacyLedgerError(
+                f"the ledger {self.path} was rewritten by another process with "
+                f"accountant={accountant!r}, delta={delta!r} (this process uses "
+                f"{self.accountant!r}, {self.delta!r}); nothing was charged: rerun the site"
+            )
+
+    def _save(self, entries: list[LedgerEntry], epsilon: float) -> None:
         """Write atomically: temp file in the same directory, fsync, replace, fsync the dir."""
         document = {
             "format": _FORMAT,
             "version": _VERSION,
             "accountant": self.accountant,
             "delta": self.delta,
-            "epsilon": _finite_or_none(self.epsilon),
-            "entries": [asdict(entry) for entry in self._entries],
+            "epsilon": _finite_or_none(epsilon),
+            "entries": [asdict(entry) for entry in entries],
         }
         payload = json.dumps(document, indent=2, allow_nan=False).encode() + b"\n"
         fd, tmp_name = tempfile.mkstemp(

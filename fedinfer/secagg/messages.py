@@ -11,7 +11,8 @@ lists (``*_ids`` and the values), sorted by id.
 
     set-up      site -> server   SetupReply      site_id, enc_key, mask_key
     exchange 1  server -> site   RoundConfig     run_id, server_round, round_nonce, threshold,
-                                                 clip_range, bits, dim, site_ids, enc_keys, mask_keys
+                                                 clip_range, bits, dim, site_ids, enc_keys,
+                                                 mask_keys
                 site -> server   MaskedUpload    site_id, server_round, masked (ndarray uint64,
                                                  dim + 1), seed_commitment, share_recipients,
                                                  sealed_shares
@@ -231,7 +232,9 @@ class RoundConfig:
         ids = _ids(wire, name, "site_ids")
         enc, mask = _blobs(wire, name, "enc_keys"), _blobs(wire, name, "mask_keys")
         if not len(ids) == len(enc) == len(mask):
-            raise SecAggAbort(f"malformed {name}: site_ids, enc_keys and mask_keys differ in length")
+            raise SecAggAbort(
+                f"malformed {name}: site_ids, enc_keys and mask_keys differ in length"
+            )
         clip_range = _field(wire, name, "clip_range")
         if isinstance(clip_range, bool) or not isinstance(clip_range, float | int):
             raise SecAggAbort(f"malformed {name}: key 'clip_range' must be a float")

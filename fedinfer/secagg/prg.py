@@ -58,7 +58,7 @@ class MaskExpander:
             raise ValueError("a mask purpose tag must be 8 bytes")
         counter_block = purpose + bytes(8)
         encryptor = Cipher(algorithms.AES(seed), modes.CTR(counter_block)).encryptor()
-        encryptor.update_into(self._zeros, memoryview(self._scratch).cast("B"))
+        encryptor.update_into(self._zeros, self._scratch.view(np.uint8).data)
         return self._scratch[: self.length]
 
     def expand(self, seed: bytes, *, purpose: bytes) -> NDArray[np.uint64]:

@@ -7,7 +7,9 @@ nonce, the sender and the receiver, and any change makes opening fail.
 Examples
 --------
 >>> key = bytes(32)
->>> ad = share_associated_data(run_id=1, server_round=2, round_nonce=bytes(16), sender=3, receiver=4)
+>>> ad = share_associated_data(
+...     run_id=1, server_round=2, round_nonce=bytes(16), sender=3, receiver=4
+... )
 >>> open_share(key, seal_share(key, b"share", associated_data=ad), associated_data=ad)
 b'share'
 """

@@ -65,8 +65,10 @@ def resolve_threshold(threshold: float, *, num_sites: int) -> int:
     (6, 3)
     """
     if threshold <= 0:
-        raise ConfigError(f"`secagg.threshold` must be > 0 (got {threshold}); use a fraction "
-                          "of the round's sites (e.g. 0.6) or a count >= 2")
+        raise ConfigError(
+            f"`secagg.threshold` must be > 0 (got {threshold}); use a fraction "
+            "of the round's sites (e.g. 0.6) or a count >= 2"
+        )
     if threshold <= 1:
         return max(2, math.ceil(threshold * num_sites - 1e-9))
     if threshold != int(threshold):
@@ -180,17 +182,22 @@ class ServerSecAgg:
         self._expect_phase("upload", "receive an upload")
         site = upload.site_id
         if site not in self.config.participants:
-            raise SecAggAbort(f"site {site} is not a participant of round "
-                              f"{self.config.server_round}")
+            raise SecAggAbort(
+                f"site {site} is not a participant of round {self.config.server_round}"
+            )
         if site in self._commitments:
             raise SecAggAbort(f"site {site} uploaded twice in round {self.config.server_round}")
         if upload.server_round != self.config.server_round:
-            raise SecAggAbort(f"site {site} uploaded for round {upload.server_round}, not "
-                              f"{self.config.server_round}")
+            raise SecAggAbort(
+                f"site {site} uploaded for round {upload.server_round}, not "
+                f"{self.config.server_round}"
+            )
         if upload.masked.shape != (self.config.dim + 1,) or upload.masked.dtype != np.uint64:
-            raise SecAggAbort(f"site {site} uploaded a vector of shape {upload.masked.shape} "
-                              f"and dtype {upload.masked.dtype}; expected ({self.config.dim + 1},)"
-                              " uint64")
+            raise SecAggAbort(
+                f"site {site} uploaded a vector of shape {upload.masked.shape} "
+                f"and dtype {upload.masked.dtype}; expected ({self.config.dim + 1},)"
+                " uint64"
+            )
         if set(upload.sealed_shares) != set(self.config.participants):
             raise SecAggAbort(f"site {site} did not seal one seed share per participant")
         np.add(self._masked_sum, upload.masked, out=self._masked_sum)
@@ -344,12 +351,13 @@ class ServerSecAgg:
         values = self._masked_sum.view(np.int64)
         weighted_sum, total_weight = values[:-1], int(values[-1])
         cfg = self.config
-        weight_limit = len(self._survivors) * max_weight(num_sites=len(cfg.participants),
-                                                         bits=cfg.bits)
+        weight_limit = len(self._survivors) * max_weight(
+            num_sites=len(cfg.participants), bits=cfg.bits
+        )
         bound = total_weight * levels(cfg.bits)
         if not 0 <= total_weight <= weight_limit or (
-            weighted_sum.size and not -bound <= int(weighted_sum.min()) <= int(weighted_sum.max())
-            <= bound
+            weighted_sum.size
+            and not -bound <= int(weighted_sum.min()) <= int(weighted_sum.max()) <= bound
         ):
             raise SecAggAbort(
                 f"the unmasked sum of round {cfg.server_round} is out of range, so a mask did "
@@ -379,15 +387,18 @@ class ServerSecAgg:
 
     def _expect_phase(self, phase: str, action: str) -> None:
         if self._phase != phase:
-            raise SecAggAbort(f"cannot {action} in the {self._phase!r} phase of round "
-                              f"{self.config.server_round}")
+            raise SecAggAbort(
+                f"cannot {action} in the {self._phase!r} phase of round {self.config.server_round}"
+            )
 
 
 def _check_settings(*, threshold: int, clip_range: float, bits: int, dim: int) -> None:
     problems = []
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 2:
-        problems.append(f"`secagg.threshold` must resolve to a count >= 2 (got {threshold!r}); "
-                        "a single share would reveal a site's seed")
+        problems.append(
+            f"`secagg.threshold` must resolve to a count >= 2 (got {threshold!r}); "
+            "a single share would reveal a site's seed"
+        )
     if not clip_range > 0:
         problems.append(f"`secagg.clip_range` must be > 0 (got {clip_range})")
     if not MIN_BITS <= bits <= MAX_BITS:
@@ -395,5 +406,6 @@ def _check_settings(*, threshold: int, clip_range: float, bits: int, dim: int) -
     if dim < 1:
         problems.append(f"the model must have at least one parameter (dim={dim})")
     if problems:
-        raise ConfigError("; ".join(problems) + "; set them in conf/secagg/*.yaml or on the "
-                          "command line")
+        raise ConfigError(
+            "; ".join(problems) + "; set them in conf/secagg/*.yaml or on the command line"
+        )

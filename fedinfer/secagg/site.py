@@ -18,10 +18,13 @@ What a site refuses (``SecAggAbort``), and why
   as a survivor; a second unmask request for the same round.
 
 Threat model: an honest-but-curious coordinator, with the checks above against the
-obvious active deviations. A coordinator that sends *different* survivor lists to
-different sites can still learn partial sums; stopping that needs the extra
-consistency-check round of Bonawitz et al. (CCS 2017), which this protocol omits to keep
-one extra exchange per round.
+obvious active deviations. Each honest site reveals, per peer and round, either a share
+of the peer's self-mask seed or the pairwise seed with it, never both, so no single
+upload can be unmasked alone; but a coordinator that sends *different* survivor lists to
+different sites may still learn the sum over a subset of the survivors instead of only
+the full sum. Stopping that needs the consistency-check round of Bonawitz et al.
+(CCS 2017), which this protocol omits to keep one extra exchange per round; a threshold
+above n/2 (``secagg.threshold`` > 0.5) limits how such subsets can be formed.
 """
 
 from __future__ import annotations
@@ -146,8 +149,9 @@ class SiteSecAgg:
         self._check_round(config)
         update = np.asarray(update)
         if update.shape != (config.dim,):
-            raise SecAggAbort(f"the update has shape {update.shape}; the round expects "
-                              f"({config.dim},)")
+            raise SecAggAbort(
+                f"the update has shape {update.shape}; the round expects ({config.dim},)"
+            )
         masked = encode_contribution(
             update,
             weight=weight,
@@ -268,8 +272,9 @@ class SiteSecAgg:
                 "upload of that round awaiting unmasking (or already answered)"
             )
         if request.site_id != self.site_id:
-            raise SecAggAbort(f"an unmask request for site {request.site_id} reached site "
-                              f"{self.site_id}")
+            raise SecAggAbort(
+                f"an unmask request for site {request.site_id} reached site {self.site_id}"
+            )
         survivors, dropped = set(request.survivors), set(request.dropped)
         both = survivors & dropped | set(request.sealed_shares) & dropped
         if both:
@@ -278,8 +283,10 @@ class SiteSecAgg:
                 f"{sorted(both)}, which are also listed as dropped"
             )
         if survivors | dropped != set(config.participants):
-            raise SecAggAbort("refusing to unmask: survivors and dropped do not partition the "
-                              "round's participants")
+            raise SecAggAbort(
+                "refusing to unmask: survivors and dropped do not partition the "
+                "round's participants"
+            )
         if self.site_id not in survivors:
             raise SecAggAbort("refusing to unmask: this site is not listed as a survivor")
         if len(survivors) < config.threshold:
@@ -321,7 +328,7 @@ class SiteSecAgg:
 
     @property
     def public_keys(self) -> PublicKeys:
-        """This site's announced public keys."""
+        """The public keys this site announces."""
         return self._keys.public_keys()
 
 

@@ -132,6 +132,8 @@ def _run_on_ray(cfg: FedInferConfig, client_app: ClientApp, main: Any) -> None:
         },
         "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
     }
+    if cfg.simulation.num_cpus is not None:  # a parallel sweep's share of the machine
+        backend_config["init_args"]["num_cpus"] = cfg.simulation.num_cpus
     flwr_run_simulation(
         server_app=server_app,
         client_app=client_app,

@@ -1,0 +1,197 @@
+"""Inference backends: torch eager, int8 dynamic quantization, ONNX Runtime.
+
+A backend maps a float32 ``(batch, input_dim)`` array to float32 logits
+``(batch, num_classes)``. Backends other than ``torch`` approximate the float
+model, so :func:`check_backend` measures them against it (accuracy on a
+labelled split when one is given, and argmax agreement) and refuses one that
+loses more than a tolerance.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedinfer.artifacts import INPUT_NAME, OUTPUT_NAME, ModelManifest, load_torch_model
+from fedinfer.errors import ConfigError, ServingError
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "BackendCheck",
+    "build_backend",
+    "check_backend",
+]
+
+BACKEND_NAMES: tuple[str, ...] = ("int8", "onnx", "torch")
+
+
+class Backend(Protocol):
+    """What the server needs from a backend."""
+
+    name: str
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return float32 logits for a float32 ``(batch, input_dim)`` array."""
+        ...
+
+
+class TorchBackend:
+    """Eager torch on CPU (or the module's device), under ``inference_mode``."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return logits for ``x``."""
+        if not x.flags.writeable:  # torch.from_numpy warns on read-only buffers
+            x = x.copy()
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x)).numpy()
+
+
+class Int8Backend(TorchBackend):
+    """Linear layers quantized to int8 weights with dynamic activation scales."""
+
+    name = "int8"
+
+    def __init__(self, model: nn.Module) -> None:
+        with warnings.catch_warnings():
+            # torch.ao.quantization is deprecated in favour of torchao, which we do not
+            # depend on; quantize_dynamic still works in torch 2.13 and is tested here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            quantized = torch.ao.quantization.quantize_dynamic(
+                model.eval(), {nn.Linear}, dtype=torch.qint8
+            )
+        super().__init__(quantized)
+
+
+class OnnxBackend:
+    """The model exported to ONNX in memory and run by ONNX Runtime on CPU."""
+
+    name = "onnx"
+
+    def __init__(self, model: nn.Module, *, input_dim: int, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            export_onnx(model, input_dim=input_dim), options, providers=["CPUExecutionProvider"]
+        )
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return logits for ``x``."""
+        out: np.ndarray = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        return out
+
+
+def export_onnx(model: nn.Module, *, input_dim: int) -> bytes:
+    """Export ``model`` to ONNX bytes with a dynamic batch dimension."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is "legacy" in torch 2.13 but needs no extra
+        # package (the dynamo exporter requires onnxscript); the output is identical
+        # for these static feed-forward models and is checked against torch in tests.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            model.eval(), (torch.zeros(2, input_dim),), buffer,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def build_backend(
+    name: str, weights: Mapping[str, np.ndarray], manifest: ModelManifest, *,
+    threads: int | None = None,
+) -> Backend:
+    """Build backend ``name`` (``torch``, ``int8`` or ``onnx``) for verified weights.
+
+    Examples
+    --------
+    >>> weights, manifest = store.load()  # doctest: +SKIP
+    >>> logits = build_backend("onnx", weights, manifest).predict(x)  # doctest: +SKIP
+    """
+    model = load_torch_model(weights, manifest)
+    if name == "torch":
+        return TorchBackend(model)
+    if name == "int8":
+        return Int8Backend(model)
+    if name == "onnx":
+        return OnnxBackend(model, input_dim=manifest.input_dim, threads=threads)
+    raise ConfigError(f"`--backend` is {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+@dataclass(frozen=True)
+class BackendCheck:
+    """How a backend compares with the float (torch) model on the same inputs."""
+
+    backend: str
+    samples: int
+    agreement: float
+    """Share of samples with the same predicted class as the float model."""
+    max_abs_logit_diff: float
+    float_accuracy: float | None
+    """None when no labels were given."""
+    accuracy: float | None
+
+    @property
+    def accuracy_drop(self) -> float:
+        """Float accuracy minus backend accuracy (or disagreement rate without labels)."""
+        if self.float_accuracy is None or self.accuracy is None:
+            return 1.0 - self.agreement
+        return self.float_accuracy - self.accuracy
+
+
+def check_backend(
+    backend: Backend, reference: Backend, x: np.ndarray, y: np.ndarray | None = None, *,
+    max_accuracy_drop: float = 0.01,
+) -> BackendCheck:
+    """Compare ``backend`` with the float ``reference``; raise if it loses too much.
+
+    Parameters
+    ----------
+    backend, reference : Backend
+        The candidate and the float torch backend of the same weights.
+    x : np.ndarray
+        float32 ``(n, input_dim)`` samples (a labelled validation split when available).
+    y : np.ndarray or None
+        Integer labels of ``x``; without them the drop is the disagreement rate.
+    max_accuracy_drop : float
+        Largest tolerated drop (default: 0.01, one percentage point).
+
+    Raises
+    ------
+    ServingError
+        The backend's drop exceeds ``max_accuracy_drop``.
+    """
+    ours, ref = backend.predict(x), reference.predict(x)
+    pred, ref_pred = ours.argmax(axis=1), ref.argmax(axis=1)
+    check = BackendCheck(
+        backend=backend.name, samples=len(x),
+        agreement=float((pred == ref_pred).mean()),
+        max_abs_logit_diff=float(np.abs(ours - ref).max()),
+        float_accuracy=None if y is None else float((ref_pred == y).mean()),
+        accuracy=None if y is None else float((pred == y).mean()),
+    )
+    if check.accuracy_drop > max_accuracy_drop:
+        raise ServingError(
+            f"backend {backend.name!r} loses {check.accuracy_drop:.2%} accuracy against the float "
+            f"model on {check.samples} samples (tolerance {max_accuracy_drop:.2%}); use "
+            "--backend torch or raise --max-accuracy-drop"
+        )
+    return check

@@ -1,0 +1,277 @@
+"""Loaded model versions, hot swap from the ModelStore, and pinned-version access.
+
+Each loaded version owns its backend and its :class:`DynamicBatcher`, so a
+forward pass only ever sees one version. A request resolves its model once
+(current, or a pinned version) and is answered by that model, which names
+itself in the response. A hot swap loads, verifies and warms the new version in
+a background thread and then replaces the ``current`` reference in one
+assignment on the event loop; requests already queued on the old version finish
+there. Retired versions stay loaded (LRU, ``max_loaded``) for pinned requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedinfer.artifacts import ModelManifest, ModelStore
+from fedinfer.errors import FedInferError, ModelIntegrityError, ServingError
+from fedinfer.serving.backends import Backend, build_backend, check_backend
+from fedinfer.serving.batcher import DynamicBatcher
+from fedinfer.serving.metrics import ServingMetrics
+
+__all__ = ["BatchingOptions", "LoadedModel", "ModelManager", "ModelNotFound", "ModelNotReady",
+           "run_outputs"]
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFound(ServingError):
+    """No such model name or stored version (HTTP 404)."""
+
+
+class ModelNotReady(ServingError):
+    """No version is loaded yet, or a version failed to load (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """Dynamic batching settings (see :mod:`fedinfer.serving.batcher`)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024
+
+
+@dataclass
+class LoadedModel:
+    """One verified, warmed model version with its batcher."""
+
+    version: int
+    manifest: ModelManifest
+    backend: Backend
+    batcher: DynamicBatcher
+
+
+def run_outputs(backend: Backend, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Forward ``x`` and derive every served output (logits, probabilities, predicted_class)."""
+    logits = np.asarray(backend.predict(x), dtype=np.float32)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return {
+        "logits": logits,
+        "probabilities": exp / exp.sum(axis=1, keepdims=True),
+        "predicted_class": logits.argmax(axis=1).astype(np.int64),
+    }
+
+
+class ModelManager:
+    """Keeps the store's current version loaded and swaps in new ones.
+
+    Parameters
+    ----------
+    store : ModelStore
+        The site's store (read only, except for admin rollback).
+    backend : str
+        ``torch``, ``int8`` or ``onnx``.
+    public_key : Ed25519PublicKey or None
+        If given, signatures are re-verified on every load (hashes always are).
+    batching : BatchingOptions
+        Batcher settings for every loaded version.
+    metrics : ServingMetrics
+        Where swaps, batch sizes and the served version are recorded.
+    poll_interval_s : float
+        How often ``CURRENT`` is checked (default: 0.5).
+    max_loaded : int
+        Versions kept loaded at most, current included (default: 3).
+    threads : int or None
+        Intra-op threads for ONNX Runtime (torch's are set process-wide).
+    validation : (x, y) or None
+        A labelled split to check non-float backends against the float model.
+    max_accuracy_drop : float
+        Tolerance of that check (default: 0.01).
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        backend: str,
+        public_key: Ed25519PublicKey | None,
+        batching: BatchingOptions,
+        metrics: ServingMetrics,
+        poll_interval_s: float = 0.5,
+        max_loaded: int = 3,
+        threads: int | None = None,
+        validation: tuple[np.ndarray, np.ndarray | None] | None = None,
+        max_accuracy_drop: float = 0.01,
+    ) -> None:
+        self.store = store
+        self.backend_name = backend
+        self.public_key = public_key
+        self.batching = batching
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.max_loaded = max(1, max_loaded)
+        self.threads = threads
+        self.validation = validation
+        self.max_accuracy_drop = max_accuracy_drop
+        self.current: LoadedModel | None = None
+        self._loaded: OrderedDict[int, LoadedModel] = OrderedDict()
+        self._loading: dict[int, asyncio.Future[LoadedModel]] = {}
+        self._failed: int | None = None
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="fedinfer-infer")
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="fedinfer-load")
+        self._poll_task: asyncio.Task[None] | None = None
+        self._swap_lock: asyncio.Lock | None = None
+
+    @property
+    def name(self) -> str | None:
+        """The served model's name (None before the first load)."""
+        return self.current.manifest.name if self.current else None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting across every loaded version."""
+        return sum(m.batcher.queue_depth for m in self._loaded.values())
+
+    async def start(self) -> None:
+        """Load the current version (if any) and start watching the store."""
+        self._swap_lock = asyncio.Lock()
+        await self.refresh(raise_errors=True)
+        self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        """Stop watching, answer queued requests, release threads."""
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        for model in self._loaded.values():
+            model.batcher.close()
+        for model in list(self._loaded.values()):
+            await model.batcher.wait_closed()
+        self._infer_pool.shutdown(wait=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # the watcher must survive anything; the error is logged
+                logger.exception("model store poll failed")
+
+    async def refresh(self, *, raise_errors: bool = False) -> bool:
+        """Swap to the store's current version if it changed; return whether it swapped."""
+        assert self._swap_lock is not None, "start() first"
+        async with self._swap_lock:
+            loop = asyncio.get_running_loop()
+            target = await loop.run_in_executor(self._load_pool, self.store.current_version)
+            if target is None or (self.current and self.current.version == target):
+                return False
+            if target == self._failed and not raise_errors:
+                return False  # already reported; wait for the store to move on
+            try:
+                model = await self._get_or_load(target)
+            except FedInferError as exc:
+                self._failed = target
+                self.metrics.load_failures.inc()
+                logger.error("cannot serve model version %d, keeping %s: %s", target,
+                             self.current.version if self.current else "none", exc)
+                if raise_errors:
+                    raise
+                return False
+            self._swap(model)
+            return True
+
+    def _swap(self, model: LoadedModel) -> None:
+        previous = self.current
+        self.current = model  # the swap: one assignment, on the event loop
+        self._loaded.move_to_end(model.version)
+        self._evict()
+        self.metrics.model_version.labels(model.manifest.name).set(model.version)
+        if previous is not None:
+            self.metrics.swaps.inc()
+        logger.info("serving %r version %d (was %s)", model.manifest.name, model.version,
+                    previous.version if previous else "none")
+
+    def _evict(self) -> None:
+        while len(self._loaded) > self.max_loaded:
+            victim = next(v for v in self._loaded if self.current is None
+                          or v != self.current.version)
+            self._loaded.pop(victim).batcher.close()  # queued requests still complete
+
+    async def get(self, version: int | None = None) -> LoadedModel:
+        """The current model, or a pinned stored ``version`` (loaded on demand).
+
+        Raises
+        ------
+        ModelNotReady
+            Nothing loaded yet, or the pinned version fails verification.
+        ModelNotFound
+            ``version`` is not in the store.
+        """
+        if version is None:
+            if self.current is None:
+                raise ModelNotReady("no model version is loaded yet")
+            return self.current
+        model = self._loaded.get(version)
+        if model is not None:
+            self._loaded.move_to_end(version)
+            return model
+        loop = asyncio.get_running_loop()
+        if version not in await loop.run_in_executor(self._load_pool, self.store.versions):
+            raise ModelNotFound(f"version {version} is not in the model store")
+        try:
+            model = await self._get_or_load(version)
+        except ModelIntegrityError as exc:
+            raise ModelNotReady(f"version {version} cannot be served: {exc}") from None
+        self._evict()
+        return model
+
+    async def _get_or_load(self, version: int) -> LoadedModel:
+        if version in self._loaded:
+            return self._loaded[version]
+        pending = self._loading.get(version)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(version))
+            self._loading[version] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(version, None))
+        return await asyncio.shield(pending)
+
+    async def _load(self, version: int) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        backend, manifest = await loop.run_in_executor(self._load_pool, self._load_sync, version)
+        batcher = DynamicBatcher(
+            lambda x: run_outputs(backend, x),
+            executor=self._infer_pool,
+            max_batch_size=self.batching.max_batch_size,
+            max_queue_delay_s=self.batching.max_queue_delay_ms / 1000.0,
+            max_queue_size=self.batching.max_queue_size,
+            on_batch=self.metrics.observe_batch,
+        )
+        batcher.start()
+        model = LoadedModel(version, manifest, backend, batcher)
+        self._loaded[version] = model
+        return model
+
+    def _load_sync(self, version: int) -> tuple[Backend, ModelManifest]:
+        weights, manifest = self.store.load(version, public_key=self.public_key)
+        backend = build_backend(self.backend_name, weights, manifest, threads=self.threads)
+        if self.validation is not None and backend.name != "torch":
+            x, y = self.validation
+            check = check_backend(backend, build_backend("torch", weights, manifest), x, y,
+                                  max_accuracy_drop=self.max_accuracy_drop)
+            logger.info("backend check v%d: %s", version, check)
+        for rows in sorted({1, self.batching.max_batch_size}):  # warm both code paths
+            run_outputs(backend, np.zeros((rows, manifest.input_dim), dtype=np.float32))
+        return backend, manifest
+
+    def loaded_versions(self) -> list[int]:
+        """Versions currently loaded, ascending."""
+        return sorted(self._loaded)

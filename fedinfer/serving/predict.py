@@ -1,0 +1,342 @@
+"""Batch scoring of CSV / Parquet / NPZ files with the store's current model.
+
+Rows stream through in chunks (memory stays flat for large files), keep their
+order and ids, and gain ``predicted_class``, ``prob_<class>`` columns and an
+``error`` column. A bad row (missing or non-numeric value, NaN/inf) is
+reported with its 1-based data row number and reason and left unscored; with
+``strict=True`` the first bad row stops the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedinfer.artifacts import ModelManifest, ModelStore
+from fedinfer.errors import DataError
+from fedinfer.serving.backends import Backend
+from fedinfer.serving.model_manager import run_outputs
+
+__all__ = ["PredictReport", "predict_file", "read_labelled"]
+
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npz": "npz"}
+
+
+@dataclass
+class PredictReport:
+    """What a scoring run did."""
+
+    output: Path
+    rows: int = 0
+    model_version: int = 0
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)
+    """(1-based data row number, reason) of every row that could not be scored."""
+
+
+def _format(path: Path, what: str) -> str:
+    kind = _FORMATS.get(Path(path).suffix.lower())
+    if kind is None:
+        raise DataError(f"{what} {path}: unsupported file type; use .csv, .parquet or .npz")
+    return kind
+
+
+def predict_file(
+    store: ModelStore,
+    *,
+    input_path: Path,
+    output_path: Path,
+    id_column: str | None = None,
+    label_column: str | None = "label",
+    chunk_size: int = 8192,
+    strict: bool = False,
+    backend: str = "torch",
+    version: int | None = None,
+    progress: bool = True,
+) -> PredictReport:
+    """Score ``input_path`` into ``output_path`` (format by extension, written atomically).
+
+    Parameters
+    ----------
+    store : ModelStore
+        The site's store; ``version`` (default: current) is loaded and hash-checked.
+    input_path, output_path : Path
+        ``.csv``, ``.parquet`` or ``.npz`` (NPZ: features in ``x``, optional ids and labels).
+    id_column : str or None
+        Column (NPZ: array) copied to the output to identify rows (default: None).
+    label_column : str or None
+        Column ignored as a feature if present (default: ``"label"``).
+    chunk_size : int
+        Rows per chunk (default: 8192).
+    strict : bool
+        Stop at the first bad row with :class:`DataError` (default: False).
+    backend : str
+        ``torch``, ``int8`` or ``onnx`` (default: ``torch``).
+    progress : bool
+        Show a rich progress bar on stderr (default: True).
+
+    Examples
+    --------
+    >>> report = predict_file(ModelStore(Path("site/models")), input_path=Path("in.csv"),
+    ...                       output_path=Path("scored.csv"), id_column="id")  # doctest: +SKIP
+    """
+    from fedinfer.serving.backends import build_backend
+
+    in_kind, out_kind = _format(input_path, "--input"), _format(output_path, "--output")
+    if not Path(input_path).is_file():
+        raise DataError(f"--input {input_path} does not exist")
+    weights, manifest = store.load(version)
+    model = build_backend(backend, weights, manifest)
+    report = PredictReport(Path(output_path), model_version=manifest.version)
+    chunks = _read_chunks(Path(input_path), in_kind, chunk_size, id_column)
+    writer = _Writer(Path(output_path), out_kind)
+    try:
+        with _progress_bar(progress, _count_rows(Path(input_path), in_kind)) as advance:
+            for start, ids, features in chunks:
+                frame = _score_chunk(model, manifest, start, ids, features, id_column,
+                                     label_column, report, strict)
+                writer.write(frame)
+                report.rows += len(frame)
+                advance(len(frame))
+        writer.commit()
+    finally:
+        writer.discard()
+    return report
+
+
+def _read_chunks(
+    path: Path, kind: str, chunk_size: int, id_column: str | None
+) -> Iterator[tuple[int, pd.Series | None, pd.DataFrame]]:
+    start = 0
+    for frame in _read_frames(path, kind, chunk_size, id_column):
+        ids = None
+        if id_column is not None:
+            if id_column not in frame.columns:
+                raise DataError(f"--id-column {id_column!r} is not in {path} "
+                                f"(columns: {list(frame.columns)[:10]})")
+            ids = frame[id_column].reset_index(drop=True)
+            frame = frame.drop(columns=[id_column])
+        yield start, ids, frame.reset_index(drop=True)
+        start += len(frame)
+
+
+def _read_frames(path: Path, kind: str, chunk_size: int,
+                 id_column: str | None) -> Iterator[pd.DataFrame]:
+    try:
+        if kind == "csv":
+            dtype = {id_column: str} if id_column else None
+            yield from pd.read_csv(path, chunksize=chunk_size, dtype=dtype)
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
+                yield batch.to_pandas()
+        else:
+            yield from _npz_frames(path, chunk_size, id_column)
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def _npz_frames(path: Path, chunk_size: int, id_column: str | None) -> Iterator[pd.DataFrame]:
+    with np.load(path, allow_pickle=False) as npz:
+        if "x" not in npz.files:
+            raise DataError(f"{path}: NPZ input needs the features in an array named 'x' "
+                            f"(found {npz.files})")
+        x = npz["x"]
+        if x.ndim != 2:
+            raise DataError(f"{path}: 'x' must be 2-D (rows, features), got shape {x.shape}")
+        ids = npz[id_column] if id_column and id_column in npz.files else None
+        if id_column and ids is None:
+            raise DataError(f"--id-column {id_column!r} is not an array in {path} ({npz.files})")
+        for start in range(0, len(x), chunk_size):
+            frame = pd.DataFrame(x[start:start + chunk_size],
+                                 columns=[f"f{i}" for i in range(x.shape[1])])
+            if ids is not None:
+                frame.insert(0, str(id_column), ids[start:start + chunk_size])
+            yield frame
+
+
+def _count_rows(path: Path, kind: str) -> int | None:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    if kind == "npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return int(npz["x"].shape[0]) if "x" in npz.files else None
+    return None
+
+
+def _score_chunk(
+    model: Backend, manifest: ModelManifest, start: int, ids: pd.Series | None,
+    features: pd.DataFrame, id_column: str | None, label_column: str | None,
+    report: PredictReport, strict: bool,
+) -> pd.DataFrame:
+    if label_column is not None and label_column in features.columns:
+        features = features.drop(columns=[label_column])
+    if features.shape[1] != manifest.input_dim:
+        raise DataError(f"input has {features.shape[1]} feature columns but model "
+                        f"{manifest.name!r} v{manifest.version} expects {manifest.input_dim}; "
+                        "use --id-column / --label-column to exclude non-features")
+    x, reasons = _coerce(features)
+    for offset, reason in reasons.items():
+        if strict:
+            raise DataError(f"row {start + offset + 1}: {reason} (--strict)")
+        report.bad_rows.append((start + offset + 1, reason))
+    good = np.array([i not in reasons for i in range(len(x))], dtype=bool)
+    return _result_frame(model, manifest, x, good, reasons, ids, id_column)
+
+
+def _coerce(features: pd.DataFrame) -> tuple[np.ndarray, dict[int, str]]:
+    reasons: dict[int, str] = {}
+    columns = []
+    for name in features.columns:
+        raw = features[name]
+        numeric = pd.to_numeric(raw, errors="coerce")
+        values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+        for i in np.flatnonzero(~np.isfinite(values)):
+            if int(i) in reasons:
+                continue
+            if pd.isna(raw.iloc[i]):
+                reasons[int(i)] = f"missing value in column {name!r}"
+            elif pd.isna(numeric.iloc[i]):
+                reasons[int(i)] = f"non-numeric value in column {name!r}"
+            else:
+                reasons[int(i)] = f"NaN or infinite value in column {name!r}"
+        columns.append(values)
+    x = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(features), 0))
+    overflow = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    for i in overflow:
+        reasons.setdefault(int(i), "value out of float32 range")
+    return x, reasons
+
+
+def _result_frame(
+    model: Backend, manifest: ModelManifest, x: np.ndarray, good: np.ndarray,
+    reasons: dict[int, str], ids: pd.Series | None, id_column: str | None,
+) -> pd.DataFrame:
+    n, classes = len(x), manifest.num_classes
+    probs = np.full((n, classes), np.nan, dtype=np.float32)
+    predicted = pd.array([pd.NA] * n, dtype="Int64")
+    if good.any():
+        out = run_outputs(model, np.ascontiguousarray(x[good]))
+        probs[good] = out["probabilities"]
+        predicted[good] = out["predicted_class"]
+    labels = list(manifest.class_labels) if manifest.class_labels else None
+    data: dict[str, Any] = {}
+    if ids is not None:
+        data[str(id_column)] = ids.to_numpy()
+    data["predicted_class"] = predicted
+    if labels is not None:
+        data["predicted_label"] = [labels[int(c)] if c is not pd.NA else None for c in predicted]
+    for c in range(classes):
+        data[f"prob_{labels[c] if labels else c}"] = probs[:, c]
+    data["error"] = [reasons.get(i, "") for i in range(n)]
+    return pd.DataFrame(data)
+
+
+class _Writer:
+    """Chunked writer to a temporary file, renamed onto the output at the end."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path, self.kind = path, kind
+        self.tmp = path.with_name(f".{path.name}.partial")
+        self._parquet: Any = None
+        self._frames: list[pd.DataFrame] = []
+        self._first = True
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.kind == "csv":
+            frame.to_csv(self.tmp, mode="w" if self._first else "a", header=self._first,
+                         index=False)
+        elif self.kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.tmp, table.schema)
+            self._parquet.write_table(table.cast(self._parquet.schema))
+        else:
+            self._frames.append(frame)  # NPZ cannot be appended to
+        self._first = False
+
+    def commit(self) -> None:
+        if self.kind == "parquet" and self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+        if self.kind == "npz":
+            self._write_npz()
+        if self._first:  # empty input: still write a valid (empty) file
+            self.write(pd.DataFrame({"predicted_class": pd.array([], dtype="Int64")}))
+            self.commit()
+            return
+        os.replace(self.tmp, self.path)
+
+    def _write_npz(self) -> None:
+        if not self._frames:
+            return
+        frame = pd.concat(self._frames, ignore_index=True)
+        prob_cols = [c for c in frame.columns if str(c).startswith("prob_")]
+        arrays = {
+            "predicted_class": frame["predicted_class"].fillna(-1).to_numpy(dtype=np.int64),
+            "probabilities": frame[prob_cols].to_numpy(dtype=np.float32),
+            "error": frame["error"].to_numpy(dtype=str),
+        }
+        first = str(frame.columns[0])
+        if first not in ("predicted_class",):
+            arrays[first] = frame[first].to_numpy()
+        with open(self.tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    def discard(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class _progress_bar:  # noqa: N801 - used like a function in a with-statement
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled, self.total = enabled, total
+        self._progress: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self._progress = Progress(console=Console(file=sys.stderr), transient=True)
+        self._progress.start()
+        task = self._progress.add_task("scoring", total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def read_labelled(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole labelled split: features (float32) and integer labels.
+
+    CSV/Parquet: every column but ``label_column`` is a feature. NPZ: arrays
+    ``x`` and ``y`` (or ``label_column``).
+    """
+    kind = _format(path, "--validation-data")
+    if kind == "npz":
+        with np.load(path, allow_pickle=False) as npz:
+            key = "y" if "y" in npz.files else label_column
+            if "x" not in npz.files or key not in npz.files:
+                raise DataError(f"{path}: NPZ needs arrays 'x' and 'y' (found {npz.files})")
+            return npz["x"].astype(np.float32), npz[key].astype(np.int64)
+    frame = pd.concat(_read_frames(Path(path), kind, 65536, None), ignore_index=True)
+    if label_column not in frame.columns:
+        raise DataError(f"{path} has no label column {label_column!r}")
+    y = frame.pop(label_column).to_numpy(dtype=np.int64)
+    return frame.to_numpy(dtype=np.float32), y

@@ -1,0 +1,114 @@
+"""``fedinfer simulate``: Hydra's command line in front of :func:`run_simulation`.
+
+Hydra owns the arguments, so every override, ``-m`` multirun, ``--cfg job``,
+``hydra.run.dir=...`` and sweeper/launcher plugin works as Hydra users expect.
+A user mistake ends the run with one line and exit code 2; in a multirun the
+failing job is recorded as failed in its own ``results.json`` and the sweep
+carries on.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedinfer.config.schema import FedInferConfig
+from fedinfer.config.store import conf_dir, register_configs
+from fedinfer.errors import FedInferError
+
+__all__ = ["hydra_simulate", "simulate_job"]
+
+
+def simulate_job(cfg: DictConfig) -> float | None:
+    """One Hydra job: convert to the typed config, run, then serve. Returns final accuracy."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedinfer.reporting.results import RESULTS_FILE, write_json_atomic
+    from fedinfer.simulation.run import run_simulation
+    from fedinfer.simulation.serve_demo import serve_sites
+
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    typed: object = None
+    try:
+        typed = OmegaConf.to_object(cfg)
+        assert isinstance(typed, FedInferConfig)
+        _share_cpus(typed)
+        if typed.tracking.run_name is None:
+            typed.tracking.run_name = HydraConfig.get().job.override_dirname or None
+        result = run_simulation(typed, output_dir=output_dir)
+        if typed.serving.enabled:
+            serve_sites(typed, output_dir=output_dir)
+        return result.final_accuracy
+    except (FedInferError, Exception) as exc:
+        is_user_error = isinstance(exc, FedInferError)
+        if isinstance(typed, FedInferConfig):
+            from fedinfer.reporting.tracking import finish_run
+
+            finish_run(typed, status="failed")
+        write_json_atomic(output_dir / RESULTS_FILE, {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "overrides": list(HydraConfig.get().overrides.task),
+            "rounds": [],
+            "final_accuracy": None,
+        })
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            print(f"fedinfer simulate: job failed: {exc}", file=sys.stderr)
+            if not is_user_error:
+                traceback.print_exc()
+            return None
+        raise
+
+
+def _share_cpus(cfg: FedInferConfig) -> None:
+    """In a parallel sweep, keep this job (torch threads, its Ray instance) to its share of the CPUs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedinfer.simulation.sweeps import available_cpus, job_cpu_share, launcher_jobs
+
+    n_jobs = launcher_jobs(HydraConfig.get().launcher)
+    if n_jobs is None or HydraConfig.get().mode.name != "MULTIRUN":
+        return
+    share = job_cpu_share(n_jobs=n_jobs, cores=available_cpus(), client_cpus=cfg.federation.client_cpus)
+    import torch
+
+    torch.set_num_threads(share)
+    if cfg.simulation.num_cpus is None:
+        cfg.simulation.num_cpus = share
+
+
+def hydra_simulate(args: Sequence[str]) -> int:
+    """Run ``fedinfer simulate ARGS`` and return the process exit code."""
+    import hydra
+
+    register_configs()
+    try:
+        config_path = str(conf_dir())
+    except FedInferError as exc:
+        print(f"fedinfer simulate: error: {exc}", file=sys.stderr)
+        return 2
+    status = {"code": 0}
+
+    @hydra.main(version_base=None, config_path=config_path, config_name="config")
+    def _main(cfg: DictConfig) -> float | None:
+        try:
+            return simulate_job(cfg)
+        except FedInferError as exc:
+            print(f"fedinfer simulate: error: {exc}", file=sys.stderr)
+            print("Try 'fedinfer simulate --help' or check conf/.", file=sys.stderr)
+            status["code"] = 2
+            return None
+
+    saved_argv = sys.argv
+    sys.argv = ["fedinfer simulate", *args]
+    try:
+        _main()
+    except SystemExit as exc:  # Hydra exits on its own errors (bad override ...)
+        return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    finally:
+        sys.argv = saved_argv
+    return status["code"]
