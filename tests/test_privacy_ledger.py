@@ -259,13 +259,13 @@ CHILD_KILLED_BEFORE_REPLACE = """
 def test_a_writer_killed_between_write_and_replace_leaves_the_old_ledger(tmp_path: Path) -> None:
     """SIGKILL after the temp file is written but before os.replace: the old ledger survives."""
     # Prepare
-    child = run_child(CHILD_KILLED_BEFORE_REPLACE.replace("sys.argv[1]", repr(str(tmp_path))))
-    wait_for_line(child, "CHARGED")
-    before = (tmp_path / LEDGER_FILENAME).read_bytes()
-    wait_for_line(child, "WRITTEN")
-    # Execute
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
+    with run_child(CHILD_KILLED_BEFORE_REPLACE.replace("sys.argv[1]", repr(str(tmp_path)))) as child:
+        wait_for_line(child, "CHARGED")
+        before = (tmp_path / LEDGER_FILENAME).read_bytes()
+        wait_for_line(child, "WRITTEN")
+        # Execute
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
     # Assert
     assert (tmp_path / LEDGER_FILENAME).read_bytes() == before
     assert list(tmp_path.glob(".ledger.json.*.tmp")), "the killed writer's temp file is there"
@@ -292,11 +292,11 @@ CHILD_CHARGING_FOREVER = """
 def test_a_site_killed_mid_run_continues_from_its_spent_epsilon(tmp_path: Path) -> None:
     """A real process charges rounds until SIGKILL; a new process continues from its epsilon."""
     # Prepare
-    child = run_child(CHILD_CHARGING_FOREVER.replace("sys.argv[1]", repr(str(tmp_path))))
-    wait_for_line(child, "ROUND 5")
-    # Execute
-    child.send_signal(signal.SIGKILL)  # most likely mid-way through a charge
-    child.wait(timeout=30)
+    with run_child(CHILD_CHARGING_FOREVER.replace("sys.argv[1]", repr(str(tmp_path)))) as child:
+        wait_for_line(child, "ROUND 5")
+        # Execute
+        child.send_signal(signal.SIGKILL)  # most likely mid-way through a charge
+        child.wait(timeout=30)
     restarted = open_ledger(tmp_path)
     spent = restarted.epsilon
     done = len(restarted.entries)
@@ -336,7 +336,8 @@ def test_concurrent_charges_from_two_processes_are_all_kept(tmp_path: Path) -> N
         child.stdin.write("go\n")
         child.stdin.flush()
     for child in children:
-        assert child.wait(timeout=120) == 0, child.stderr.read() if child.stderr else ""
+        with child:
+            assert child.wait(timeout=120) == 0, child.stderr.read() if child.stderr else ""
     # Assert
     ledger = PrivacyLedger.read(tmp_path)
     assert sorted(entry.run_id for entry in ledger.entries) == ["a"] * 15 + ["b"] * 15

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,6 @@ def _add_serve(subparsers: Any) -> None:
 def _serve(ns: argparse.Namespace) -> int:
     from fedinfer.serving.server import ServeOptions, serve
 
-    _configure_logging(ns.log_level)
     options = ServeOptions(
         model_store=ns.model_store, host=ns.host, port=ns.port, port_file=ns.port_file,
         tls_certfile=ns.tls_certfile, tls_keyfile=ns.tls_keyfile, auth_tokens=ns.auth_tokens,
@@ -89,11 +87,6 @@ def _serve(ns: argparse.Namespace) -> int:
     )
     serve(options)
     return 0
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # -------------------------------------------------------------------------- predict

@@ -135,6 +135,9 @@ def serve(options: ServeOptions) -> None:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    # after uvicorn.Config: its dictConfig drops handlers configured earlier
+    logging.basicConfig(level=options.log_level.upper(), force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if options.port_file is not None:
         _write_port_file(options.port_file, sock.getsockname()[1])
     import torch

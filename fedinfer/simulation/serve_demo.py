@@ -1,14 +1,104 @@
-"""The end of the main job: every site serves the final global model and answers a request."""
+"""The end of the main job: every site serves the final global model and answers a request.
+
+Each simulated site starts its own inference server (a separate process, as in a
+deployment) on its own ModelStore, then is sent a real Open Inference Protocol
+request with rows of its *local* test split over loopback HTTP.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fedinfer.artifacts import ModelStore
 from fedinfer.config.schema import FedInferConfig
+from fedinfer.data import build_federated_data
+from fedinfer.errors import ServingError
+from fedinfer.serving.launch import SiteServer
 
-__all__ = ["serve_sites"]
+__all__ = ["SiteAnswer", "query_site", "serve_sites"]
+
+_DEMO_ROWS = 32
 
 
-def serve_sites(cfg: FedInferConfig, *, output_dir: Path) -> dict[str, dict[str, object]]:
-    """Start each site's inference server on its model store, query it, report; stop unless keep_alive."""
-    raise NotImplementedError("serving demo: waiting for fedinfer.serving.launch")
+@dataclass(frozen=True)
+class SiteAnswer:
+    """One site's answer to the demo request."""
+
+    site_id: str
+    url: str
+    model_version: str
+    rows: int
+    accuracy: float
+    latency_ms: float
+
+
+def query_site(url: str, model_name: str, x: np.ndarray, y: np.ndarray, site_id: str) -> SiteAnswer:
+    """Send ``x`` to a site's server (OIP JSON) and score the answer against ``y``."""
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    started = time.perf_counter()
+    with httpx.Client(timeout=30.0, trust_env=False) as client:
+        response = client.post(f"{url}/v2/models/{model_name}/infer", json=body)
+    latency = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise ServingError(f"site {site_id} answered {response.status_code}: {response.text[:300]}")
+    doc = response.json()
+    logits = np.asarray(doc["outputs"][0]["data"], dtype=np.float32).reshape(len(y), -1)
+    return SiteAnswer(site_id, url, str(doc.get("model_version")), len(y),
+                      float((logits.argmax(1) == y).mean()), latency)
+
+
+def serve_sites(
+    cfg: FedInferConfig, *, output_dir: Path, console: Console | None = None
+) -> list[SiteAnswer]:
+    """Start every site's server on its model store, query each once, print a table.
+
+    Servers stop afterwards unless ``serving.keep_alive`` (then they run until Ctrl-C).
+    """
+    console = console or Console(highlight=False, soft_wrap=True)
+    data = {s.site_id: s for s in build_federated_data(cfg).sites}
+    public_key = output_dir / "coordinator" / "signing.pub"
+    servers: dict[str, SiteServer] = {}
+    for site_id in sorted(data):
+        store = output_dir / "sites" / site_id / "models"
+        if ModelStore(store).current_version() is None:
+            console.print(f"[yellow]site {site_id} holds no model; it does not serve[/]")
+            continue
+        servers[site_id] = SiteServer(store, backend=cfg.serving.backend, public_key=public_key,
+                                      max_batch_size=cfg.serving.max_batch_size,
+                                      max_queue_delay_ms=cfg.serving.max_queue_delay_ms,
+                                      port=cfg.serving.base_port + len(servers) if cfg.serving.base_port else 0)
+    console.print(f"Starting {len(servers)} site inference servers ...")
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda s: stack.enter_context(s), servers.values()))
+        model_name = cfg.model.name
+        answers = [
+            query_site(server.url, model_name, data[site].test.x[:_DEMO_ROWS], data[site].test.y[:_DEMO_ROWS], site)
+            for site, server in servers.items()
+        ]
+        _print_answers(console, answers)
+        if cfg.serving.keep_alive:
+            console.print("Site servers keep running (serving.keep_alive=true); Ctrl-C stops them.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(1)
+    return answers
+
+
+def _print_answers(console: Console, answers: list[SiteAnswer]) -> None:
+    table = Table(title="Every site serves the global model (Open Inference Protocol over HTTP)")
+    for column in ("site", "endpoint", "model version", "rows", "accuracy", "latency ms"):
+        table.add_column(column, no_wrap=True)
+    for a in answers:
+        table.add_row(a.site_id, a.url, a.model_version, str(a.rows), f"{a.accuracy:.3f}", f"{a.latency_ms:.1f}")
+    console.print(table)

@@ -1,0 +1,168 @@
+"""Sweep plots: accuracy per round, the privacy-utility frontier, and the spread over seeds.
+
+Each function writes one PNG and returns its path, or None when the sweep has
+nothing to draw for it (no evaluated round, no DP job, no swept seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedinfer.reporting.sweep import SEED_KEY, JobResult
+
+__all__ = [
+    "ACCURACY_PLOT",
+    "PRIVACY_UTILITY_PLOT",
+    "SEEDS_PLOT",
+    "pareto_frontier",
+    "plot_accuracy_by_round",
+    "plot_privacy_utility",
+    "plot_seed_spread",
+]
+
+ACCURACY_PLOT = "accuracy_by_round.png"
+PRIVACY_UTILITY_PLOT = "privacy_utility.png"
+SEEDS_PLOT = "seeds.png"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _legend(ax: Any, count: int) -> None:
+    if count <= 12:
+        ax.legend(fontsize="small")
+    else:  # a big grid: a legend outside the axes instead of over the curves
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_accuracy_by_round(jobs: Sequence[JobResult], labels: Mapping[str, str], path: Path) -> Path | None:
+    """One line of global accuracy against round per job."""
+    curves = [(job, job.accuracy_curve()) for job in jobs]
+    curves = [(job, curve) for job, curve in curves if curve]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for job, curve in curves:
+        ax.plot(*zip(*curve, strict=True), marker="o", markersize=3, label=labels[job.job])
+    ax.set(xlabel="round", ylabel="global accuracy", title="Accuracy per round", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    _legend(ax, len(curves))
+    return _save(fig, path)
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (epsilon, accuracy) points no other point beats: lower or equal epsilon, higher accuracy.
+
+    Examples
+    --------
+    >>> pareto_frontier([(1.0, 0.5), (2.0, 0.4), (3.0, 0.7)])
+    [(1.0, 0.5), (3.0, 0.7)]
+    """
+    frontier: list[tuple[float, float]] = []
+    for eps, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not frontier or acc > frontier[-1][1]:
+            frontier.append((eps, acc))
+    return frontier
+
+
+def plot_privacy_utility(
+    jobs: Sequence[JobResult], labels: Mapping[str, str], path: Path, *, seeds: pd.DataFrame | None = None
+) -> Path | None:
+    """Final accuracy against epsilon spent: each DP job's trajectory, its end point, the frontier.
+
+    Jobs without DP (no epsilon) are drawn as horizontal reference lines. With
+    ``seeds`` (see :func:`~fedinfer.reporting.sweep.seed_summary`), group means
+    are drawn with one-standard-deviation error bars on both axes.
+    """
+    dp_jobs = [job for job in jobs if job.epsilon_curve()]
+    if not dp_jobs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ends = []
+    for job in dp_jobs:
+        curve = job.epsilon_curve()
+        line = ax.plot(*zip(*curve, strict=True), alpha=0.35, linewidth=1)[0]
+        ax.scatter(*curve[-1], color=line.get_color(), zorder=3, label=labels[job.job])
+        ends.append(curve[-1])
+    frontier = pareto_frontier(ends)
+    ax.step(*zip(*frontier, strict=True), where="post", color="black", linestyle="--", label="frontier")
+    for job in jobs:
+        if not job.epsilon_curve() and job.final_accuracy is not None:
+            ax.axhline(job.final_accuracy, color="grey", linestyle=":", label=f"no DP: {labels[job.job]}")
+    if seeds is not None and len(seeds) and seeds["max_epsilon_mean"].notna().any():
+        _seed_errorbars(ax, seeds)
+    ax.set(xlabel="epsilon spent (most-spent site)", ylabel="global accuracy",
+           title="Privacy-utility trade-off", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    _legend(ax, len(dp_jobs) + 1)
+    return _save(fig, path)
+
+
+def _seed_errorbars(ax: Any, seeds: pd.DataFrame) -> None:
+    rows = seeds[seeds["max_epsilon_mean"].notna()]
+    ax.errorbar(
+        rows["max_epsilon_mean"], rows["final_accuracy_mean"],
+        xerr=rows["max_epsilon_std"], yerr=rows["final_accuracy_std"],
+        fmt="s", color="black", capsize=3, label="mean ± std over seeds",
+    )
+
+
+def plot_seed_spread(jobs: Sequence[JobResult], keys: Sequence[str], path: Path) -> Path | None:
+    """Mean accuracy per round with a ±1 std band per group of jobs that differ only by seed."""
+    if SEED_KEY not in keys:
+        return None
+    group_keys = [k for k in keys if k != SEED_KEY]
+    groups: dict[str, list[JobResult]] = {}
+    for job in jobs:
+        if job.accuracy_curve():
+            name = ", ".join(f"{k.rsplit('.', 1)[-1]}={job.overrides.get(k, '-')}" for k in group_keys)
+            groups.setdefault(name or "all jobs", []).append(job)
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, (ax_round, ax_final) = plt.subplots(1, 2, figsize=(12, 5))
+    for index, (name, members) in enumerate(sorted(groups.items())):
+        rounds, mean, std = _mean_curve(members)
+        line = ax_round.plot(rounds, mean, label=f"{name} (n={len(members)})")[0]
+        ax_round.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        finals = np.array([m.accuracy_curve()[-1][1] for m in members])
+        ax_final.errorbar(index, finals.mean(), yerr=finals.std(), fmt="o", capsize=4, color=line.get_color())
+        ax_final.scatter([index] * len(finals), finals, color=line.get_color(), alpha=0.4, s=12)
+    ax_round.set(xlabel="round", ylabel="global accuracy", title="Mean ± std over seeds", ylim=(0, 1))
+    ax_round.grid(alpha=0.3)
+    _legend(ax_round, len(groups))
+    ax_final.set_xticks(range(len(groups)), sorted(groups), rotation=30, ha="right", fontsize="small")
+    ax_final.set(ylabel="final accuracy", title="Final accuracy over seeds", ylim=(0, 1))
+    ax_final.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def _mean_curve(members: Sequence[JobResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-round mean and std over the jobs that reached each round."""
+    by_round: dict[int, list[float]] = {}
+    for job in members:
+        for rnd, acc in job.accuracy_curve():
+            by_round.setdefault(rnd, []).append(acc)
+    rounds = np.array(sorted(by_round))
+    values = [np.array(by_round[r]) for r in rounds]
+    return rounds, np.array([v.mean() for v in values]), np.array([v.std() for v in values])
