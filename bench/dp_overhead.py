@@ -185,8 +185,8 @@ def render(rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--steps", type=int, default=60, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("bench/results/dp_overhead.md"))
     args = parser.parse_args()

@@ -25,7 +25,7 @@ def running_server(options: ServeOptions, *, expect_ready: bool = True) -> Itera
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
+        app, log_level="warning", access_log=False, lifespan="on", loop="asyncio", ws="none",
         ssl_certfile=str(options.tls_certfile) if options.tls_certfile else None,
         ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
     )

@@ -131,7 +131,8 @@ def test_prv_is_monotone(more: HistoryEntry, less: HistoryEntry) -> None:
 def test_merging_identical_mechanisms_changes_nothing() -> None:
     """Merging all equal (sigma, q) entries, consecutive or not, gives the same epsilon."""
     # Prepare
-    history: list[HistoryEntry] = [(1.0, 0.01, 50), (1.5, 0.01, 20), (1.0, 0.01, 50), (1.0, 0.01, 0)]
+    history: list[HistoryEntry] = [
+        (1.0, 0.01, 50), (1.5, 0.01, 20), (1.0, 0.01, 50), (1.0, 0.01, 0)]
     # Execute
     merged = merge_history(history)
     # Assert

@@ -2,6 +2,7 @@
 
 from fedinfer.config.schema import (
     DatasetConfig,
+    DeploymentConfig,
     FaultsConfig,
     FedInferConfig,
     FederationConfig,
@@ -18,6 +19,7 @@ from fedinfer.config.validate import validate_config
 
 __all__ = [
     "DatasetConfig",
+    "DeploymentConfig",
     "FaultsConfig",
     "FedInferConfig",
     "FederationConfig",

@@ -13,6 +13,7 @@ from omegaconf import MISSING
 
 __all__ = [
     "DatasetConfig",
+    "DeploymentConfig",
     "FaultsConfig",
     "FedInferConfig",
     "FederationConfig",
@@ -206,7 +207,9 @@ class SimulationConfig:
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     progress: bool = True
-    """Show the per-round table instead of Flower/Ray logs."""
+    """Show the per-round table."""
+    flower_logs: bool = False
+    """Also show Flower's per-message INFO logs (debugging)."""
     num_cpus: int | None = None
     """CPUs this run's Ray instance may use (None: all); a parallel sweep gives each job its share."""
 
@@ -226,6 +229,19 @@ class TrackingConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """A real deployment (key ``deployment``): what a coordinator without data must be told."""
+
+    input_dim: int | None = None
+    """Features per sample; the coordinator builds the model from it (``fedinfer coordinator`` needs it)."""
+    num_classes: int | None = None
+    """Classes of the federation; sites check their labels against it."""
+    connect_timeout_s: float = 600.0
+    """How long the coordinator waits for ``federation.num_sites`` sites before round 1
+    (it starts with ``federation.min_sites`` if fewer came)."""
+
+
+@dataclass
 class FedInferConfig:
     """The root config: everything a federation run needs."""
 
@@ -239,6 +255,7 @@ class FedInferConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     output_dir: str | None = None

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedinfer.artifacts import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.data.datasets import ArrayDataset
+from fedinfer.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedinfer.fl.loop import FederationState, RoundRecord, run_rounds, site_of
 from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
@@ -95,26 +96,36 @@ def run_coordinator(
     signing_key: Ed25519PrivateKey,
     central_test: ArrayDataset | None = None,
     printer: RoundPrinter | None = None,
+    resume: bool = False,
 ) -> CoordinatorResult:
-    """Run the configured rounds, then sign the final model and publish it to every site."""
+    """Run the configured rounds, then sign the final model and publish it to every site.
+
+    With ``resume``, continue from ``output_dir``'s checkpoint (same run id, model, strategy
+    and sampling state; see :mod:`fedinfer.fl.checkpoint`); without one, start afresh.
+    """
     random.seed(cfg.seed)  # Flower samples sites with the `random` module
     np.random.seed(cfg.seed % 2**32)
     num_sites = len(list(grid.get_node_ids())) or cfg.federation.num_sites
     strategy = wrap_secure_aggregation(build_strategy(cfg, num_sites=num_sites), cfg, grid)
+    state = FederationState(arrays=initial_arrays(cfg, shape))
+    if resume and (checkpoint := load_checkpoint(output_dir, cfg=cfg, strategy=strategy)) is not None:
+        state, run_id = checkpoint.state, checkpoint.run_id
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
+    writer.data["rounds"] = [r.to_json() for r in state.history]
     printer = printer or RoundPrinter(num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress)
     started = time.perf_counter()
     tracking.start_run(cfg, run_id=run_id)
 
     def on_round_end(record: RoundRecord, state: FederationState) -> None:
         writer.add_round(record.to_json(), elapsed_s=time.perf_counter() - started)
+        save_checkpoint(output_dir, cfg=cfg, state=state, strategy=strategy, run_id=run_id)
         tracking.track_round(cfg, record.to_json(), step=record.round)
         printer.line(record)
 
     state = run_rounds(
         grid=grid,
         strategy=strategy,
-        state=FederationState(arrays=initial_arrays(cfg, shape)),
+        state=state,
         num_rounds=cfg.federation.rounds,
         min_sites=min(cfg.federation.min_sites, num_sites),
         timeout=cfg.federation.round_timeout_s,

@@ -67,7 +67,10 @@ __all__ = [
     "wrap_central_dp",
 ]
 
-_LAZY = {"central_dp_strategy": "fedinfer.privacy.central", "wrap_central_dp": "fedinfer.privacy.central"}
+_LAZY = {
+    "central_dp_strategy": "fedinfer.privacy.central",
+    "wrap_central_dp": "fedinfer.privacy.central",
+}
 
 
 def __getattr__(name: str) -> Any:

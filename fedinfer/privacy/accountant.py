@@ -206,7 +206,7 @@ def derive_noise_multiplier(
 
 
 def default_delta(num_samples: int) -> float:
-    """The default delta for a site holding ``num_samples`` training records: ``1 / (10 n)``.
+    """Return the default delta of a site with ``num_samples`` training records: ``1 / (10 n)``.
 
     Why: an (epsilon, delta) guarantee allows a total failure with probability about
     delta; the mechanism "publish one random record in full" is (0, 1/n)-DP, so any

@@ -17,8 +17,13 @@ from fedinfer.privacy.accountant import ACCOUNTANTS, derive_noise_multiplier
 from fedinfer.privacy.dpsgd import GRAD_SAMPLE_MODES
 from fedinfer.privacy.ledger import PrivacyLedger
 
-__all__ = ["PRIVACY_MODES", "RoundPlan", "check_privacy_config", "plan_round",
-           "resolve_noise_multiplier"]
+__all__ = [
+    "PRIVACY_MODES",
+    "RoundPlan",
+    "check_privacy_config",
+    "plan_round",
+    "resolve_noise_multiplier",
+]
 
 PRIVACY_MODES: tuple[str, ...] = ("central", "dpsgd", "none")
 
@@ -50,14 +55,26 @@ def check_privacy_config(privacy: PrivacyConfig) -> None:
     _require(privacy.mode in PRIVACY_MODES, "mode", privacy.mode, f"one of {PRIVACY_MODES}")
     _require(privacy.max_grad_norm > 0, "max_grad_norm", privacy.max_grad_norm, "> 0")
     if privacy.mode == "central":
-        _require(privacy.central_noise_multiplier >= 0, "central_noise_multiplier",
-                 privacy.central_noise_multiplier, ">= 0")
+        _require(
+            privacy.central_noise_multiplier >= 0,
+            "central_noise_multiplier",
+            privacy.central_noise_multiplier,
+            ">= 0",
+        )
     if privacy.mode != "dpsgd":
         return
-    _require(privacy.accountant in ACCOUNTANTS, "accountant", privacy.accountant,
-             f"one of {tuple(sorted(ACCOUNTANTS))}")
-    _require(privacy.grad_sample_mode in GRAD_SAMPLE_MODES, "grad_sample_mode",
-             privacy.grad_sample_mode, f"one of {GRAD_SAMPLE_MODES}")
+    _require(
+        privacy.accountant in ACCOUNTANTS,
+        "accountant",
+        privacy.accountant,
+        f"one of {tuple(sorted(ACCOUNTANTS))}",
+    )
+    _require(
+        privacy.grad_sample_mode in GRAD_SAMPLE_MODES,
+        "grad_sample_mode",
+        privacy.grad_sample_mode,
+        f"one of {GRAD_SAMPLE_MODES}",
+    )
     _require(privacy.max_epsilon > 0, "max_epsilon", privacy.max_epsilon, "> 0")
     if privacy.delta is not None:
         _require(0 < privacy.delta < 1, "delta", privacy.delta, "in (0, 1), or null")

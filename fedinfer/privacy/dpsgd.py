@@ -221,7 +221,7 @@ def make_private(
 
 
 def _sampling_rate(loader: DataLoader[tuple[torch.Tensor, ...]]) -> float:
-    """The rate a DPDataLoader samples with, else ``1 / len(loader)`` as Opacus assumes.
+    """Return the rate a DPDataLoader samples with, else ``1 / len(loader)`` as Opacus assumes.
 
     Opacus's own accountant uses ``1 / len(DPDataLoader)``, and that length is
     ``int(1 / (1 / k))``, which float rounding makes ``k - 1`` for some ``k`` (93, 99 ...):

@@ -205,7 +205,7 @@ class PrivacyLedger:
     def projected_epsilon(
         self, *, noise_multiplier: float, sample_rate: float, steps: int
     ) -> float:
-        """The cumulative epsilon the site would have after ``steps`` more steps."""
+        """Return the cumulative epsilon the site would have after ``steps`` more steps."""
         planned = (noise_multiplier, sample_rate, steps)
         _check_mechanism(planned)
         return self._epsilon_of([*self.history, planned])
@@ -374,9 +374,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def _load(path: Path) -> tuple[str, float, list[LedgerEntry]]:
     """Parse and validate a ledger file; any problem is a PrivacyLedgerError."""
-    fix = (
-        "restore it from a backup; never delete it, that would reset the site's privacy budget"
-    )
+    fix = "restore it from a backup; never delete it, that would reset the site's privacy budget"
     try:
         raw = json.loads(path.read_bytes())
     except (OSError, ValueError) as err:

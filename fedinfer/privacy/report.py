@@ -14,7 +14,7 @@ __all__ = ["ledger_table", "print_ledger", "show_ledger"]
 
 
 def ledger_table(ledger: PrivacyLedger) -> Table:
-    """A rich table: one row per charge, the cumulative totals in the caption."""
+    """Build a rich table: one row per charge, the cumulative totals in the caption."""
     table = Table(title=f"Privacy ledger {ledger.path}", caption=_totals(ledger))
     for header in ("#", "round", "run", "time (UTC)", "steps", "noise mult.", "sample rate"):
         table.add_column(header, justify="left" if header in ("run", "time (UTC)") else "right")
@@ -54,7 +54,7 @@ def print_ledger(state_dir: Path, console: Console) -> None:
 
 
 def show_ledger(path: Path) -> str:
-    """The ledger of ``path`` (a state directory or its ``ledger.json``) as plain text.
+    """Render the ledger of ``path`` (a state directory or its ``ledger.json``) as plain text.
 
     Examples
     --------

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedinfer.errors import ConfigError
 
@@ -68,7 +69,9 @@ def _sweep(args: argparse.Namespace) -> int:
     from fedinfer.simulation.sweeps import (
         available_sweeps,
         explicit_sweep_dir,
+        inspects_only,
         resolve_sweep,
+        split_hydra_args,
         sweep_arguments,
         sweep_description,
     )
@@ -80,11 +83,11 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ConfigError("`--jobs` must be a positive number of parallel jobs, or -1 for one per CPU")
     path = resolve_sweep(args.name)
     sweep_dir = Path("multirun") / path.stem / time.strftime("%Y-%m-%d_%H-%M-%S")
-    Console().print(f"[bold]sweep {path.stem}[/]: {sweep_description(path)}")
+    Console(highlight=False, soft_wrap=True).print(f"[bold]sweep {path.stem}[/]: {escape(sweep_description(path))}")
     code = hydra_simulate(sweep_arguments(path, args.overrides, sweep_dir=sweep_dir, jobs=args.jobs))
     written = explicit_sweep_dir(args.overrides)
     report_dir = Path(written) if written is not None else sweep_dir
-    if code != 0 or not args.report:
+    if code != 0 or not args.report or inspects_only(split_hydra_args(args.overrides)[0]):
         return code
     if "${" in str(report_dir) or not report_dir.is_dir():
         Console().print(f"run `fedinfer report <sweep dir>` on the directory Hydra wrote ({report_dir})")
@@ -96,10 +99,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _list_sweeps(sweeps: dict[str, Path]) -> None:
     from fedinfer.simulation.sweeps import sweep_description, sweeps_dir
 
-    console = Console()
+    console = Console(highlight=False, soft_wrap=True)
     if not sweeps:
         console.print(f"no sweeps in {sweeps_dir()}")
         return
-    console.print("[bold]Ready-made sweeps[/] (fedinfer sweep NAME [overrides]):")
+    console.print("Ready-made sweeps (fedinfer sweep NAME \\[OVERRIDES...]):", style="bold")
     for name, path in sweeps.items():
-        console.print(f"  {name:<20} {sweep_description(path)}")
+        console.print(f"  {name:<20} {escape(sweep_description(path))}")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedinfer.reporting.sweep import (
@@ -32,7 +33,7 @@ __all__ = ["REPORT_CSV", "SEEDS_CSV", "SweepReport", "print_report", "write_repo
 
 REPORT_CSV = "report.csv"
 SEEDS_CSV = "report_seeds.csv"
-_STATUS_STYLE = {"completed": "green", "stopped": "yellow", "failed": "bold red", "missing": "bold red"}
+_STATUS_STYLE = {"stopped": "yellow", "running": "yellow", "failed": "red", "missing": "red"}
 
 
 @dataclass(frozen=True)
@@ -83,31 +84,58 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.3g}" if abs(value) < 1e3 else f"{value:.0f}"
     return str(value)
 
 
-def _rich_table(frame: pd.DataFrame, title: str, caption: str | None = None) -> Table:
-    table = Table(title=title, caption=caption, header_style="bold", show_lines=False)
-    for column in frame.columns:
+def _header(column: str, swept: list[str]) -> str:
+    """Short terminal headers; the CSV keeps the full names."""
+    if column in swept:
+        short = column.rsplit(".", 1)[-1]
+        return short if sum(k.rsplit(".", 1)[-1] == short for k in swept) == 1 else column
+    for long, brief in (("_accuracy", " acc"), ("max_epsilon", "max eps"), ("elapsed_s", "wall s"),
+                        ("rounds_to_", "rounds to ")):
+        column = column.replace(long, brief)
+    return column.replace("_", " ")
+
+
+def _rich_table(frame: pd.DataFrame, swept: list[str], title: str, caption: str | None = None) -> Table:
+    """Values never wrap (headers may); errors are listed under the table, not in it."""
+    frame = frame.drop(columns=["error"], errors="ignore")
+    cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    table = Table(title=title, caption=caption, header_style="bold")
+    for index, column in enumerate(frame.columns):
         numeric = pd.api.types.is_numeric_dtype(frame[column])
-        table.add_column(str(column), justify="right" if numeric else "left",
-                         overflow="fold", max_width=60 if column == "error" else None)
-    for row in frame.itertuples(index=False):
-        cells = [_cell(v) for v in row]
-        style = _STATUS_STYLE.get(getattr(row, "status", ""), "")
-        table.add_row(*cells, style=style if style.endswith("red") else None)
+        width = max((len(row[index]) for row in cells), default=1)
+        table.add_column(_header(str(column), swept), justify="right" if numeric else "left",
+                         min_width=width, overflow="fold")
+    for row, values in zip(frame.itertuples(index=False), cells, strict=True):
+        table.add_row(*(escape(c) for c in values), style=_STATUS_STYLE.get(str(getattr(row, "status", ""))))
     return table
+
+
+def _seeds_for_terminal(seeds: pd.DataFrame) -> pd.DataFrame:
+    """``mean ± std`` in one cell per metric, so the table fits a terminal."""
+    frame = seeds.loc[:, [c for c in seeds.columns if not c.endswith(("_mean", "_std"))]].copy()
+    for metric in ("final_accuracy", "best_accuracy", "max_epsilon"):
+        frame[metric] = [
+            "-" if pd.isna(m) else f"{_cell(m)} ± {_cell(sd)}"
+            for m, sd in zip(seeds[f"{metric}_mean"], seeds[f"{metric}_std"], strict=True)
+        ]
+    return frame
 
 
 def print_report(report: SweepReport, console: Console | None = None) -> None:
     """Show the report as rich tables, then where the files went."""
     console = console or Console()
     shared = " ".join(f"{k}={v}" for k, v in report.constant.items())
-    console.print(_rich_table(report.table, f"Sweep {report.sweep_dir}",
-                              f"all jobs: {shared}" if shared else None))
+    console.print(_rich_table(report.table, report.swept, f"Sweep {report.sweep_dir}",
+                              escape(f"all jobs: {shared}") if shared else None))
     if report.seeds is not None:
-        console.print(_rich_table(report.seeds, "Mean and spread over seeds"))
+        console.print(_rich_table(_seeds_for_terminal(report.seeds), report.swept, "Mean ± std over seeds"))
+    for job in report.jobs:
+        if job.error and job.status in ("failed", "missing", "running"):
+            console.print(f"[red]job {escape(job.job)} {job.status}:[/] {escape(job.error)}")
     counts = report.table["status"].value_counts().to_dict()
     console.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     for path in report.files:

@@ -105,7 +105,10 @@ def plot_privacy_utility(
         ax.scatter(*curve[-1], color=line.get_color(), zorder=3, label=labels[job.job])
         ends.append(curve[-1])
     frontier = pareto_frontier(ends)
+    frontier.append((max(eps for eps, _ in ends), frontier[-1][1]))  # carry the best level to the right
     ax.step(*zip(*frontier, strict=True), where="post", color="black", linestyle="--", label="frontier")
+    if max(e for e, _ in ends) > 20 * min(e for e, _ in ends):
+        ax.set_xscale("log")
     for job in jobs:
         if not job.epsilon_curve() and job.final_accuracy is not None:
             ax.axhline(job.final_accuracy, color="grey", linestyle=":", label=f"no DP: {labels[job.job]}")

@@ -96,11 +96,12 @@ def quantize(update: NDArray[np.floating], *, clip_range: float, bits: int) -> N
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0 (got {clip_range})")
-    values = np.asarray(update, dtype=np.float64)
+    values = np.array(update, dtype=np.float64)  # a private copy, transformed in place
     if not np.all(np.isfinite(values)):
         raise SecAggAbort("the update holds NaN or infinity; training diverged on this site")
-    scale = levels(bits) / clip_range
-    return np.rint(np.clip(values, -clip_range, clip_range) * scale).astype(np.int64)
+    np.clip(values, -clip_range, clip_range, out=values)
+    values *= levels(bits) / clip_range
+    return np.rint(values, out=values).astype(np.int64)
 
 
 def max_weight(*, num_sites: int, bits: int) -> int:

@@ -120,8 +120,10 @@ def _read(path: Path, *, missing_ok: bool) -> dict[str, Any]:
     except FileNotFoundError:
         if missing_ok:
             return {"tokens": []}
-        raise ConfigError(f"`--auth-tokens` file {path} does not exist; create it with "
-                          "`fedinfer tokens add --file PATH --principal NAME --role infer`") from None
+        raise ConfigError(
+            f"`--auth-tokens` file {path} does not exist; create it with "
+            "`fedinfer tokens add --file PATH --principal NAME --role infer`"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read tokens file {path}: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
@@ -153,7 +155,7 @@ def add_token(
 
     Examples
     --------
-    >>> token = add_token(Path("tokens.json"), principal="clinic-a", roles=["infer"])  # doctest: +SKIP
+    >>> token = add_token(Path("t.json"), principal="clinic-a", roles=["infer"])  # doctest: +SKIP
     """
     bad = sorted(set(roles) - set(ROLES))
     if bad or not roles:

@@ -207,7 +207,7 @@ class ModelManager:
             self._loaded.pop(victim).batcher.close()  # queued requests still complete
 
     async def get(self, version: int | None = None) -> LoadedModel:
-        """The current model, or a pinned stored ``version`` (loaded on demand).
+        """Return the current model, or a pinned stored ``version`` (loaded on demand).
 
         Raises
         ------

@@ -185,7 +185,8 @@ def _json_array(data: Any, name: str, dtype: np.dtype[Any], shape: list[int]) ->
     if not isinstance(data, list):
         raise OipError(f"input {name!r}: 'data' must be a list")
     try:
-        array = np.asarray(data, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e39 -> inf, caught by NaN policy
+            array = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError):
         raise OipError(f"input {name!r}: 'data' must be a (nested) list of numbers "
                        f"of one shape for datatype {_OIP_NAMES[dtype]}") from None

@@ -204,11 +204,11 @@ def _coerce(features: pd.DataFrame) -> tuple[np.ndarray, dict[int, str]]:
             if int(i) in reasons:
                 continue
             if pd.isna(raw.iloc[i]):
-                reasons[int(i)] = f"missing value in column {name!r}"
+                reasons[int(i)] = f"missing (NaN) value in column {name!r}"
             elif pd.isna(numeric.iloc[i]):
                 reasons[int(i)] = f"non-numeric value in column {name!r}"
             else:
-                reasons[int(i)] = f"NaN or infinite value in column {name!r}"
+                reasons[int(i)] = f"infinite value in column {name!r}"
         columns.append(values)
     x = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(features), 0))
     overflow = np.flatnonzero(~np.isfinite(x).all(axis=1))

@@ -1,4 +1,4 @@
-"""Build and run the inference server from :class:`ServeOptions` (what ``fedinfer serve`` parses)."""
+"""Build and run the inference server from :class:`ServeOptions` (``fedinfer serve``)."""
 
 from __future__ import annotations
 
@@ -133,6 +133,7 @@ def serve(options: ServeOptions) -> None:
         timeout_keep_alive=30,
         backlog=2048,
         lifespan="on",
+        ws="none",  # no websockets routes; also avoids importing websockets' legacy module
     )
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier

@@ -91,7 +91,7 @@ def run_simulation(
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome["error"] = exc
 
-    with _quiet_flower(cfg.simulation.progress):
+    with _quiet_flower(not cfg.simulation.flower_logs):
         if cfg.simulation.runtime == "inprocess":
             grid = InProcessGrid(client_app, num_nodes=cfg.federation.num_sites, run_id=1, seed=cfg.seed)
             main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))

@@ -26,15 +26,19 @@ __all__ = [
     "available_sweeps",
     "available_cpus",
     "explicit_sweep_dir",
+    "inspects_only",
     "job_cpu_share",
     "launcher_jobs",
     "resolve_sweep",
+    "split_hydra_args",
     "sweep_arguments",
     "sweep_description",
     "sweeps_dir",
 ]
 
 SWEEPS_ENV = "FEDINFER_SWEEPS_DIR"
+_INSPECT_FLAGS = frozenset({"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
+                            "--shell-completion", "-sc", "--version"})
 _PLUGINS = {  # a sweep config naming the plugin -> (importable module, pip extra)
     "hydra/sweeper: optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
     "hydra/launcher: joblib": ("hydra_plugins.hydra_joblib_launcher", "sweeps"),
@@ -104,7 +108,9 @@ def sweep_arguments(
     >>> sweep_arguments(Path("simulations/noniid.yaml"), ["seed=1,2"], sweep_dir=Path("multirun/x"))
     ['--multirun', '--config-dir', 'simulations', '--config-name', 'noniid', 'hydra.sweep.dir=multirun/x', 'seed=1,2']
     """
-    args = ["--multirun", "--config-dir", str(sweep.parent), "--config-name", sweep.stem]
+    flags, overrides = split_hydra_args(overrides)
+    mode = [] if inspects_only(flags) else ["--multirun"]
+    args = [*mode, "--config-dir", str(sweep.parent), "--config-name", sweep.stem, *flags]
     if jobs is not None and jobs != 1:
         if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
             raise ConfigError(
@@ -114,6 +120,26 @@ def sweep_arguments(
     if explicit_sweep_dir(overrides) is None:
         args.append(f"hydra.sweep.dir={sweep_dir}")
     return [*args, *overrides]
+
+
+def split_hydra_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split command-line words into Hydra flags (with their values) and overrides.
+
+    Hydra takes its flags (``--cfg job``, ``--info``) before the overrides, never between them.
+
+    Examples
+    --------
+    >>> split_hydra_args(["seed=1,2", "--cfg", "job", "~faults"])
+    (['--cfg', 'job'], ['seed=1,2', '~faults'])
+    """
+    is_override = [("=" in a or a.startswith("~")) and not a.startswith("-") for a in args]
+    flags = [a for a, o in zip(args, is_override, strict=True) if not o]
+    return flags, [a for a, o in zip(args, is_override, strict=True) if o]
+
+
+def inspects_only(flags: Sequence[str]) -> bool:
+    """Whether Hydra flags ask to show something (``--cfg``, ``--info``, ``--help``) instead of running."""
+    return any(f.split("=")[0] in _INSPECT_FLAGS for f in flags)
 
 
 def explicit_sweep_dir(overrides: Sequence[str]) -> str | None:

@@ -1,0 +1,240 @@
+"""Site inference server benchmark -> bench/results/serving.md.
+
+Trains small mlp and cnn1d models on MNIST-1D (generated locally), publishes
+them as signed artifacts, then measures
+
+1. backends in-process (torch eager / int8 dynamic / ONNX Runtime): test accuracy,
+   forward latency at batch 1 and 64, batched throughput;
+2. the real server (``fedinfer serve`` in a subprocess) under closed-loop load from a
+   SECOND process (bench/serving_loadgen.py) on loopback: throughput, p50/p99 latency
+   and server CPU-seconds per request at concurrency 1/16/64, batching on vs off;
+3. server throughput as a fraction of in-process batched forward throughput.
+
+    python bench/serving_bench.py            # ~4 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedinfer.artifacts import (  # noqa: E402
+    ModelStore,
+    generate_signing_key,
+    weights_from_module,
+    write_artifact,
+)
+from fedinfer.config.schema import ModelConfig  # noqa: E402
+from fedinfer.models import build_model  # noqa: E402
+from fedinfer.serving import DEFAULT_BACKEND  # noqa: E402
+from fedinfer.serving.backends import build_backend  # noqa: E402
+from fedinfer.serving.launch import SiteServer  # noqa: E402
+from fedinfer.serving.model_manager import run_outputs  # noqa: E402
+
+MODELS = {"mlp": ModelConfig(name="mlp", hidden_sizes=[128, 64]),
+          "cnn1d": ModelConfig(name="cnn1d", channels=32, groups=8)}
+COMMAND = "python bench/serving_bench.py"
+
+
+def mnist1d(num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    data = make_dataset(args)
+    return (data["x"].astype(np.float32), data["y"].astype(np.int64),
+            data["x_test"].astype(np.float32), data["y_test"].astype(np.int64))
+
+
+def train(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, epochs: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(cfg, input_dim=x.shape[1], num_classes=10)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def time_forward(fn, x: np.ndarray, repeats: int) -> float:
+    """Median seconds per call."""
+    for _ in range(5):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def backend_table(stores: dict[str, ModelStore], x_test, y_test) -> list[dict[str, object]]:
+    rows = []
+    for model_name, store in stores.items():
+        weights, manifest = store.load()
+        float_acc = None
+        for name in ("torch", "int8", "onnx"):
+            backend = build_backend(name, weights, manifest)
+            acc = float((backend.predict(x_test).argmax(1) == y_test).mean())
+            float_acc = acc if name == "torch" else float_acc
+            b1 = time_forward(lambda a: run_outputs(backend, a), x_test[:1], 300)
+            b64 = time_forward(lambda a: run_outputs(backend, a), x_test[:64], 100)
+            rows.append({"model": model_name, "backend": name, "accuracy": acc,
+                         "drop": (float_acc or acc) - acc, "b1_ms": b1 * 1e3,
+                         "b64_ms": b64 * 1e3, "rows_per_s_b64": 64 / b64})
+    return rows
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served_ok(url: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", trust_env=False).text
+    for line in text.splitlines():
+        if line.startswith('fedinfer_requests_total{endpoint="infer",status="200"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def load_run(server: SiteServer, model: str, concurrency: int, duration: float) -> dict:
+    before_cpu, before_n = cpu_seconds(server.pid or 0), served_ok(server.url)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serving_loadgen.py"), "--url", server.url,
+         "--model", model, "--input-dim", "40", "--concurrency", str(concurrency),
+         "--duration", str(duration), "--warmup", "1"],
+        check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    cpu = cpu_seconds(server.pid or 0) - before_cpu
+    served = served_ok(server.url) - before_n
+    result["cpu_ms_per_req"] = 1e3 * cpu / max(served, 1)
+    return result
+
+
+def server_runs(stores: dict[str, ModelStore], duration: float, backends: list[str]) -> list[dict]:
+    results = []
+    for model_name, store in stores.items():
+        for backend in backends:
+            for batching in (True, False):
+                if backend != DEFAULT_BACKEND and not batching:
+                    continue
+                with SiteServer(store.root, backend=backend,
+                                max_batch_size=64 if batching else 1) as server:
+                    for c in (1, 16, 64):
+                        r = load_run(server, store.manifest().name, c, duration)
+                        r.update(model=model_name, backend=backend, batching=batching)
+                        results.append(r)
+                        print(json.dumps(r), flush=True)
+    return results
+
+
+def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dict]) -> None:
+    lines = [
+        "# Site inference server: throughput, latency, CPU, backends",
+        "",
+        f"Command: `{COMMAND}` (from the repository root; writes this file).",
+        "",
+        f"Machine: {meta['cpus']} CPUs ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, Python {platform.python_version()}. Load average at start "
+        f"{meta['load_start']}, at end {meta['load_end']}: the box is SHARED with other jobs, "
+        "so absolute numbers are noisy; ratios measured back to back are more telling.",
+        "",
+        f"Models trained for this run on MNIST-1D ({meta['train']} train / {meta['test']} test "
+        "samples, input 40, 10 classes). Load: closed loop, each request 1 row, binary tensor "
+        "extension (like tritonclient), from a second process on loopback "
+        f"(bench/serving_loadgen.py), {meta['duration']} s measured after 1 s warm-up. "
+        "Server and load generator share the same CPUs.",
+        "",
+        "## Backends in-process (forward + softmax/argmax, median)",
+        "",
+        "| model | backend | test accuracy | drop vs float | batch 1 ms | batch 64 ms | rows/s @64 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for b in backends:
+        lines.append(f"| {b['model']} | {b['backend']} | {b['accuracy']:.4f} | "
+                     f"{b['drop']:+.4f} | {b['b1_ms']:.3f} | {b['b64_ms']:.3f} | "
+                     f"{b['rows_per_s_b64']:,.0f} |")
+    lines += ["", "## Server under load", "",
+              "| model | backend | batching | concurrency | req/s | p50 ms | p99 ms | "
+              "server CPU ms/req | non-200 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        bad = sum(v for k, v in r["statuses"].items() if str(k) != "200")
+        lines.append(f"| {r['model']} | {r['backend']} | {'on' if r['batching'] else 'off'} | "
+                     f"{r['concurrency']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['cpu_ms_per_req']:.3f} | {bad} |")
+    lines += ["", "## Derived", ""]
+    for model in MODELS:
+        on = _find(runs, model, DEFAULT_BACKEND, True, 64)
+        off = _find(runs, model, DEFAULT_BACKEND, False, 64)
+        fwd = next(b for b in backends if b["model"] == model and b["backend"] == DEFAULT_BACKEND)
+        if on and off:
+            lines.append(f"- {model}: batching on vs off at c=64: {on['rps'] / off['rps']:.1f}x "
+                         f"throughput ({on['rps']:,.0f} vs {off['rps']:,.0f} req/s), p99 "
+                         f"{on['p99_ms']:.1f} vs {off['p99_ms']:.1f} ms.")
+            lines.append(f"- {model}: server at c=64 reaches {on['rps'] / fwd['rows_per_s_b64']:.0%}"
+                         f" of in-process batched ({DEFAULT_BACKEND}, batch 64) forward "
+                         f"throughput ({fwd['rows_per_s_b64']:,.0f} rows/s).")
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _find(runs: list[dict], model: str, backend: str, batching: bool, c: int) -> dict | None:
+    return next((r for r in runs if r["model"] == model and r["backend"] == backend
+                 and r["batching"] == batching and r["concurrency"] == c), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--also-backend", action="append", default=["torch"],
+                        help="extra server backends measured with batching on")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
+    args = parser.parse_args()
+    meta = {"cpus": os.cpu_count(), "load_start": os.getloadavg()[0], "duration": args.duration}
+    x, y, x_test, y_test = mnist1d(args.samples)
+    meta.update(train=len(x), test=len(x_test))
+    key = generate_signing_key()
+    tmp = Path(tempfile.mkdtemp(prefix="fedinfer-bench-"))
+    stores = {}
+    for name, cfg in MODELS.items():
+        model = train(cfg, x, y, args.epochs)
+        art = write_artifact(tmp / "out" / name, weights=weights_from_module(model),
+                             model_cfg=cfg, input_dim=40, num_classes=10, version=1,
+                             server_round=1, metrics={}, privacy={}, run_id="bench",
+                             signing_key=key, name="mnist1d")
+        stores[name] = ModelStore(tmp / name / "models")
+        stores[name].publish(art, public_key=key.public_key())
+    backends = backend_table(stores, x_test, y_test)
+    print(json.dumps(backends, indent=1), flush=True)
+    extra = [b for b in args.also_backend if b != DEFAULT_BACKEND]
+    runs = server_runs(stores, args.duration, [DEFAULT_BACKEND, *extra])
+    meta["load_end"] = os.getloadavg()[0]
+    write_report(args.out, meta=meta, backends=backends, runs=runs)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

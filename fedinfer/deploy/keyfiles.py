@@ -1,0 +1,65 @@
+"""Writing key material to disk: private files are created 0600, never chmod-ed afterwards.
+
+A file created with a permissive mode and tightened later is readable by others
+for a moment; ``os.open(..., 0o600)`` under ``O_EXCL`` closes that window.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from fedinfer.errors import ConfigError
+
+__all__ = ["write_private", "write_public"]
+
+
+def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to a new file readable by the owner only (0600).
+
+    Parameters
+    ----------
+    path : Path
+        Destination; its parent is created 0700 if missing.
+    data : bytes
+        The private key or secret.
+    overwrite : bool
+        Replace an existing file atomically (default: False, refuse to clobber a key).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; refusing to overwrite a private key")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_public(path: Path, data: bytes) -> Path:
+    """Write a certificate or public key (0644), replacing any previous file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            os.fchmod(fh.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fedinfer.config import load_config, validate_config
+from fedinfer.errors import ConfigError
+from fedinfer.fl.run_config import from_run_config, to_run_config
+
+
+def test_default_config_is_the_main_job() -> None:
+    cfg = load_config([])
+    assert cfg.dataset.name == "mnist1d"
+    assert cfg.model.name == "cnn1d"
+    assert cfg.privacy.mode == "dpsgd"
+    assert cfg.secagg.enabled is True
+    assert cfg.serving.enabled is True
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["federation.num_sites=0"], "federation.num_sites"),
+        (["partition.alpha=0"], "partition.alpha"),
+        (["partition.alpha=-1"], "partition.alpha"),
+        (["federation.fraction_train=1.5"], "federation.fraction_train"),
+        (["strategy=krum"], "strategy.name"),  # krum + secagg=on is refused
+        (["privacy.max_grad_norm=0"], "privacy.max_grad_norm"),
+        (["privacy.target_epsilon=3"], "privacy.noise_multiplier"),  # both set
+        (["secagg.bits=40"], "secagg.bits"),
+        (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
+        (["dataset=csv"], "dataset.path"),
+    ],
+    ids=["no-sites", "alpha-zero", "alpha-negative", "fraction", "robust+secagg", "clip-norm",
+         "noise-and-target", "bits", "central+secagg", "csv-without-path"],
+)
+def test_bad_config_names_the_key(overrides: list[str], key: str) -> None:
+    cfg = load_config(overrides) if overrides[0] != "dataset=csv" else load_config(["dataset=csv", "dataset.path=null"])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    cfg = load_config(["federation.num_sites=0", "federation.rounds=0"])
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    assert "federation.num_sites" in str(info.value) and "federation.rounds" in str(info.value)
+
+
+def test_robust_strategy_allowed_without_secagg() -> None:
+    validate_config(load_config(["strategy=krum", "secagg=off"]))
+
+
+def test_unknown_group_option_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="dataset/foo"):
+        load_config(["dataset=foo"])
+
+
+def test_run_config_round_trip() -> None:
+    cfg = load_config(["model=mlp", "model.hidden_sizes=[32,16]", "strategy=fedprox"])
+    flat = to_run_config(cfg)
+    assert all("_" not in k.split(".")[-1] for k in flat), "keys are kebab-case"
+    assert from_run_config(flat) == cfg
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedinfer", "simulate", "federation.num_sites=0", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "federation.num_sites" in proc.stderr
+    assert "Traceback" not in proc.stderr
