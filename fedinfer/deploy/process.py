@@ -17,16 +17,36 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
 from fedinfer.errors import FedInferError
 
-__all__ = ["ManagedProcess", "free_port", "wait_until"]
+__all__ = ["ManagedProcess", "Shutdown", "free_port", "signals_raise_shutdown", "wait_until"]
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+
+class Shutdown(Exception):  # noqa: N818 - a request, not an error
+    """SIGTERM or SIGINT arrived: the launcher stops its children and exits."""
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_raise_shutdown() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`Shutdown` (so ``finally`` cleans up)."""
+    previous = {s: signal.signal(s, _raise_shutdown) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -1,0 +1,225 @@
+"""``fedinfer site``: one site's SuperNode and its long-lived inference server, supervised.
+
+Processes (logs under ``<state-dir>/logs/``)::
+
+    fedinfer site           this supervisor; Ctrl-C / SIGTERM stops both children
+    ├── flower-supernode    connects to the coordinator's gateway over TLS, authenticated by node.key;
+    │                       every message runs clients/app.py in a fresh `flwr-clientapp` process
+    └── fedinfer serve      KServe v2 server on the site's ModelStore; hot-swaps each published version
+
+State directory (everything the site knows; survives restarts)::
+
+    <state-dir>/
+      models/            ModelStore: verified, signed versions; CURRENT switched atomically
+      ledger.json        the site's privacy ledger (cumulative epsilon)
+      audit/             the inference server's audit log
+      node-config.toml   what the ClientApp learns about this site (name, data, state, key)
+      site.json          pids and ports, for `fedinfer status`
+      flwr/              the SuperNode's FLWR_HOME (unpacked app bundles)
+      logs/              supernode.log, serve.log
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedinfer.deploy.flower import flower_env, supernode_argv
+from fedinfer.deploy.process import ManagedProcess, Shutdown, free_port, signals_raise_shutdown
+from fedinfer.errors import ConfigError, FedInferError
+from fedinfer.fl.run_config import NodeConfigKeys
+from fedinfer.reporting.results import write_json_atomic
+
+__all__ = ["SiteLayout", "SiteOptions", "node_config_toml", "run_site", "serving_available"]
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """Paths inside a site's state directory (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def models(self) -> Path:  # noqa: D102
+        return self.root / "models"
+
+    @property
+    def audit(self) -> Path:  # noqa: D102
+        return self.root / "audit"
+
+    @property
+    def node_config(self) -> Path:  # noqa: D102
+        return self.root / "node-config.toml"
+
+    @property
+    def state_file(self) -> Path:  # noqa: D102
+        return self.root / "site.json"
+
+    @property
+    def flwr_home(self) -> Path:  # noqa: D102
+        return self.root / "flwr"
+
+    @property
+    def logs(self) -> Path:  # noqa: D102
+        return self.root / "logs"
+
+    def read_state(self) -> dict[str, Any]:
+        """``site.json``, or ``{}`` before the first start."""
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+
+@dataclass
+class SiteOptions:
+    """What ``fedinfer site`` was asked to do.
+
+    Parameters
+    ----------
+    name : str
+        The site's name (as registered: its node key was made for it).
+    data : Path
+        The site's CSV / Parquet / NPZ file; it never leaves the site.
+    state_dir : Path
+        The site's persistent state (see the module docstring).
+    coordinator : str
+        ``HOST:PORT`` of the coordinator's Fleet gateway.
+    ca_cert, node_key, coordinator_public_key : Path
+        The CA to trust, the node's private key, the coordinator's model-signing public key.
+    serve : bool
+        Start the inference server (default: True).
+    serve_host, serve_port : str, int
+        Its bind address (default: loopback, 8080; port 0 picks a free one).
+    serve_args : list of str
+        More ``fedinfer serve`` options (``--auth-tokens``, ``--tls-certfile`` ...).
+    """
+
+    name: str
+    data: Path
+    state_dir: Path
+    coordinator: str
+    ca_cert: Path
+    node_key: Path
+    coordinator_public_key: Path
+    serve: bool = True
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8080
+    serve_args: list[str] = field(default_factory=list)
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+
+def serving_available() -> bool:
+    """Whether this installation has the inference server (``fedinfer serve``)."""
+    return importlib.util.find_spec("fedinfer.serving.server") is not None
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def node_config_toml(opts: SiteOptions) -> str:
+    """The SuperNode's ``--node-config`` file: who the site is and where its data and state live."""
+    entries = {
+        NodeConfigKeys.SITE_NAME: opts.name,
+        NodeConfigKeys.DATA_PATH: str(Path(opts.data).resolve()),
+        NodeConfigKeys.STATE_DIR: str(Path(opts.state_dir).resolve()),
+        NodeConfigKeys.COORDINATOR_PUBLIC_KEY: str(Path(opts.coordinator_public_key).resolve()),
+    }
+    return "".join(f'"{key}" = {_toml_string(value)}\n' for key, value in entries.items())
+
+
+def _check(opts: SiteOptions) -> None:
+    problems = [f"{flag} {path} does not exist" for flag, path in (
+        ("--data", opts.data), ("--ca", opts.ca_cert), ("--key", opts.node_key),
+        ("--coordinator-public-key", opts.coordinator_public_key)) if not Path(path).exists()]
+    if not problems and Path(opts.node_key).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        problems.append(f"--key {opts.node_key} is readable by others; `chmod 600` it")
+    if ":" not in opts.coordinator:
+        problems.append(f"--coordinator {opts.coordinator!r} must be HOST:PORT")
+    if opts.serve and not serving_available():
+        problems.append("this installation has no inference server (fedinfer.serving); pass --no-serve")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def run_site(opts: SiteOptions) -> int:
+    """Start the SuperNode and the inference server; supervise until SIGTERM or a child fails.
+
+    Returns 0 after SIGTERM/SIGINT, 2 when a child exited on its own (its log says why:
+    an untrusted certificate, an unregistered key ...).
+    """
+    _check(opts)
+    layout = SiteLayout(Path(opts.state_dir).resolve())
+    for directory in (layout.root, layout.models, layout.audit, layout.logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(layout.root, 0o700)
+    layout.node_config.write_text(node_config_toml(opts))
+    with signals_raise_shutdown():
+        try:
+            _start_supernode(opts, layout)
+            if opts.serve:
+                _start_server(opts, layout)
+            _write_state(opts, layout)
+            return _supervise(opts)
+        except Shutdown as sig:
+            print(f"site {opts.name}: {sig} received, shutting down", flush=True)
+            return 0
+        except FedInferError as exc:
+            print(f"site {opts.name}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        finally:
+            for proc in reversed(opts.processes):
+                proc.stop()
+
+
+def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
+    argv = supernode_argv(superlink=opts.coordinator, ca_cert=Path(opts.ca_cert).resolve(),
+                          node_key=Path(opts.node_key).resolve(), node_config=layout.node_config,
+                          runtime_port=free_port())
+    opts.processes.append(ManagedProcess("supernode", argv, log_file=layout.logs / "supernode.log",
+                                         env=flower_env(layout.flwr_home)).start())
+
+
+def _start_server(opts: SiteOptions, layout: SiteLayout) -> None:
+    port_file = layout.root / "serve.port"
+    port_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "fedinfer", "serve", "--model-store", str(layout.models),
+            "--host", opts.serve_host, "--port", str(opts.serve_port), "--port-file", str(port_file),
+            "--public-key", str(Path(opts.coordinator_public_key).resolve()),
+            "--audit-dir", str(layout.audit), *opts.serve_args]
+    server = ManagedProcess("serve", argv, log_file=layout.logs / "serve.log").start()
+    opts.processes.append(server)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        server.check_alive()
+        if time.monotonic() > deadline:
+            raise FedInferError(f"the inference server did not bind within 120s; see {server.log_file}")
+        time.sleep(0.1)
+    print(f"site {opts.name}: inference server on {opts.serve_host}:{port_file.read_text().strip()}", flush=True)
+
+
+def _write_state(opts: SiteOptions, layout: SiteLayout) -> None:
+    port_file = layout.root / "serve.port"
+    write_json_atomic(layout.state_file, {
+        "name": opts.name, "pid": os.getpid(), "coordinator": opts.coordinator, "started": time.time(),
+        "pids": {p.name: p.pid for p in opts.processes},
+        "serve": {"host": opts.serve_host, "port": int(port_file.read_text()) if port_file.exists() else None,
+                  "tls": "--tls-certfile" in opts.serve_args},
+    })
+
+
+def _supervise(opts: SiteOptions) -> int:
+    print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
+    while True:
+        for proc in opts.processes:
+            if proc.poll() is not None:
+                print(f"site {opts.name}: {proc.name} exited with code {proc.poll()}: {proc.tail(6)} "
+                      f"(log: {proc.log_file})", file=sys.stderr, flush=True)
+                return 2
+        time.sleep(1.0)
+
