@@ -1,10 +1,10 @@
 """Hydra entry point for simulations and sweeps; every line of logic lives in ``fedinfer``.
 
-    python simulations/run.py federation.rounds=5                # one run (conf/config.yaml)
-    python simulations/run.py -m seed=1,2,3                      # a multirun
-    python simulations/run.py --config-dir simulations --config-name privacy_utility -m
-                                                                 # a ready-made sweep, the same as
-                                                                 # `fedinfer sweep privacy_utility`
+python simulations/run.py federation.rounds=5                # one run (conf/config.yaml)
+python simulations/run.py -m seed=1,2,3                      # a multirun
+python simulations/run.py --config-dir simulations --config-name privacy_utility -m
+# a ready-made sweep, the same as
+# `fedinfer sweep privacy_utility`
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from fedinfer.privacy import (
     derive_noise_multiplier,
     epsilon_from_history,
     merge_history,
+    prv_epsilon,
 )
 
 # The DP-SGD MNIST setting of Abadi et al.: 60 epochs of batch 256 on 60 000 images.
@@ -176,3 +177,37 @@ def test_unknown_accountant_names_the_key() -> None:
 def test_default_delta_is_below_one_over_n(n: int) -> None:
     assert default_delta(n) == pytest.approx(1 / (10 * n))
     assert default_delta(n) < 1 / n
+
+
+def pld_epsilon(history: list[HistoryEntry], delta: float) -> float:
+    reference = pld.PLDAccountant(value_discretization_interval=1e-4)
+    reference.compose(dp_accounting_event(history))
+    return float(reference.get_epsilon(delta))
+
+
+def test_a_coarsened_prv_grid_is_still_an_upper_bound_and_close() -> None:
+    """Capping the PRV grid (5x fewer points) loosens epsilon a little, never below PLD."""
+    # Prepare
+    history: list[HistoryEntry] = [(GOLDEN_SIGMA, GOLDEN_Q, GOLDEN_STEPS)]
+    expected = pld_epsilon(history, GOLDEN_DELTA)
+    # Execute
+    coarse = prv_epsilon(history, delta=GOLDEN_DELTA, max_grid_points=1e5)
+    # Assert
+    assert expected - 1e-3 <= coarse <= expected + 0.1
+
+
+def test_an_enormous_prv_history_falls_back_to_rdp_instead_of_exhausting_memory() -> None:
+    """10^6 steps at epsilon ~450 would need a 3e8-point grid; the RDP bound is used."""
+    # Prepare
+    history: list[HistoryEntry] = [(1.0, 0.02, 10**6)]
+    # Execute
+    epsilon = epsilon_from_history(history, delta=1e-5, accountant="prv")
+    # Assert
+    assert epsilon == epsilon_from_history(history, delta=1e-5, accountant="rdp")
+
+
+def test_prv_at_sample_rate_one_matches_pld() -> None:
+    """Full-batch DP-SGD (a site smaller than one batch): q = 1 works, without warnings."""
+    history: list[HistoryEntry] = [(1.0, 1.0, 10)]
+    assert epsilon_from_history(history, delta=1e-5, accountant="prv") == pytest.approx(
+        pld_epsilon(history, 1e-5), abs=0.02)

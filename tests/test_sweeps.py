@@ -1,4 +1,4 @@
-"""Sweeps and reports: a real `fedinfer simulate -m` multirun, `fedinfer report` on it, ready-made sweeps."""
+"""Sweeps and reports: a real `fedinfer simulate -m` multirun, `fedinfer report` on it, sweeps."""
 
 from __future__ import annotations
 
@@ -38,23 +38,45 @@ from fedinfer.simulation.sweeps import (
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SWEEP = (  # 2 jobs: a tiny DP federation, and one that fails on a bad value
-    "simulation.runtime=inprocess", "serving.enabled=false", "secagg=off", "simulation.progress=false",
-    "dataset.num_samples=600", "federation.num_sites=2", "federation.rounds=2",
-    "federation.local_epochs=1", "model=logreg", "partition.alpha=0.5,-1",
+    "simulation.runtime=inprocess",
+    "serving.enabled=false",
+    "secagg=off",
+    "simulation.progress=false",
+    "dataset.num_samples=600",
+    "federation.num_sites=2",
+    "federation.rounds=2",
+    "federation.local_epochs=1",
+    "model=logreg",
+    "partition.alpha=0.5,-1",
 )
 
 
-# ----------------------------------------------------------------------------- the real multirun
+# ------------------------------------------------------------------ the real multirun
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run `fedinfer simulate -m ...` as a user would, in its own process; with MLflow when installed."""
+    """Run `fedinfer simulate -m ...` as a user would, in a process of its own (+ MLflow)."""
     root = tmp_path_factory.mktemp("sweep")
-    tracking = ["tracking.mlflow=true", f"tracking.uri=file:{root / 'mlruns'}"] if HAS_MLFLOW else []
+    tracking = (
+        ["tracking.mlflow=true", f"tracking.uri=file:{root / 'mlruns'}"] if HAS_MLFLOW else []
+    )
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}  # MLflow 3 wants a database unless told
     completed = subprocess.run(
-        [sys.executable, "-m", "fedinfer.cli", "simulate", "-m", *SWEEP, *tracking,
-         f"hydra.sweep.dir={root / 'multirun'}"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "fedinfer.cli",
+            "simulate",
+            "-m",
+            *SWEEP,
+            *tracking,
+            f"hydra.sweep.dir={root / 'multirun'}",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return root / "multirun"
@@ -63,7 +85,11 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_multirun_writes_results_json_per_job(sweep_dir: Path) -> None:
     """Each job has its own sub-directory with results.json; the failed one says why."""
     # Execute
-    results = {d.name: json.loads((d / "results.json").read_text()) for d in sweep_dir.iterdir() if d.is_dir()}
+    results = {
+        d.name: json.loads((d / "results.json").read_text())
+        for d in sweep_dir.iterdir()
+        if d.is_dir()
+    }
     # Assert
     assert sorted(results) == ["0", "1"]
     assert results["0"]["status"] == "completed" and len(results["0"]["rounds"]) == 2
@@ -80,8 +106,16 @@ def test_report_table_has_one_row_per_job_and_shows_the_failure(
     # Assert
     assert code == 0
     assert list(table.columns) == [
-        "job", "partition.alpha", "status", "rounds", "final_accuracy", "best_accuracy",
-        "rounds_to_0.05", "max_epsilon", "elapsed_s", "error",
+        "job",
+        "partition.alpha",
+        "status",
+        "rounds",
+        "final_accuracy",
+        "best_accuracy",
+        "rounds_to_0.05",
+        "max_epsilon",
+        "elapsed_s",
+        "error",
     ]
     done, failed = table.iloc[0], table.iloc[1]
     assert (done["partition.alpha"], done["status"], done["rounds"]) == (0.5, "completed", 2)
@@ -106,8 +140,10 @@ def test_report_draws_the_plots(sweep_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not HAS_MLFLOW, reason="MLflow is an optional extra (fedinfer[tracking])")
-def test_tracking_logs_every_round_config_and_artifacts(sweep_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With tracking.mlflow=true the completed job's rounds, config and results.json reach MLflow."""
+def test_tracking_logs_every_round_config_and_artifacts(
+    sweep_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tracking.mlflow=true the completed job's rounds, config and results reach MLflow."""
     import mlflow
 
     # Prepare
@@ -115,6 +151,7 @@ def test_tracking_logs_every_round_config_and_artifacts(sweep_dir: Path, monkeyp
     client = mlflow.MlflowClient(tracking_uri=f"file:{sweep_dir.parent / 'mlruns'}")
     # Execute
     experiment = client.get_experiment_by_name("fedinfer")
+    assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     # Assert
     assert len(runs) == 1  # the failed job failed before its federation started
@@ -127,7 +164,7 @@ def test_tracking_logs_every_round_config_and_artifacts(sweep_dir: Path, monkeyp
     assert {"config.json", "results.json"} <= artifacts
 
 
-# ----------------------------------------------------------------------------- reports of crafted sweeps
+# ------------------------------------------------------------------ reports of crafted sweeps
 def _job(root: Path, name: str, overrides: list[str], results: dict[str, object] | None) -> None:
     job = root / name
     (job / ".hydra").mkdir(parents=True)
@@ -137,19 +174,35 @@ def _job(root: Path, name: str, overrides: list[str], results: dict[str, object]
 
 
 def _results(accuracies: list[float], epsilons: list[float]) -> dict[str, object]:
-    rounds = [{"round": i + 1, "accuracy": a, "epsilon": {"site-00": e}}
-              for i, (a, e) in enumerate(zip(accuracies, epsilons, strict=True))]
-    return {"status": "completed", "rounds": rounds, "final_accuracy": accuracies[-1],
-            "best_accuracy": max(accuracies), "max_epsilon": max(epsilons), "elapsed_s": 1.0}
+    rounds = [
+        {"round": i + 1, "accuracy": a, "epsilon": {"site-00": e}}
+        for i, (a, e) in enumerate(zip(accuracies, epsilons, strict=True))
+    ]
+    return {
+        "status": "completed",
+        "rounds": rounds,
+        "final_accuracy": accuracies[-1],
+        "best_accuracy": max(accuracies),
+        "max_epsilon": max(epsilons),
+        "elapsed_s": 1.0,
+    }
 
 
 @pytest.fixture
 def seeds_sweep(tmp_path: Path) -> Path:
     """2 noise levels x 2 seeds, plus a job killed before it wrote anything."""
-    _job(tmp_path, "0", ["privacy.noise_multiplier=0.5", "seed=1"], _results([0.5, 0.7], [2.0, 4.0]))
-    _job(tmp_path, "1", ["privacy.noise_multiplier=0.5", "seed=2"], _results([0.6, 0.9], [2.0, 4.0]))
-    _job(tmp_path, "2", ["privacy.noise_multiplier=2.0", "seed=1"], _results([0.3, 0.4], [0.5, 1.0]))
-    _job(tmp_path, "3", ["privacy.noise_multiplier=2.0", "seed=2"], _results([0.3, 0.6], [0.5, 1.0]))
+    _job(
+        tmp_path, "0", ["privacy.noise_multiplier=0.5", "seed=1"], _results([0.5, 0.7], [2.0, 4.0])
+    )
+    _job(
+        tmp_path, "1", ["privacy.noise_multiplier=0.5", "seed=2"], _results([0.6, 0.9], [2.0, 4.0])
+    )
+    _job(
+        tmp_path, "2", ["privacy.noise_multiplier=2.0", "seed=1"], _results([0.3, 0.4], [0.5, 1.0])
+    )
+    _job(
+        tmp_path, "3", ["privacy.noise_multiplier=2.0", "seed=2"], _results([0.3, 0.6], [0.5, 1.0])
+    )
     _job(tmp_path, "10", ["privacy.noise_multiplier=4.0", "seed=1"], None)
     return tmp_path
 
@@ -179,7 +232,9 @@ def test_report_of_a_directory_without_jobs_names_the_fix(tmp_path: Path) -> Non
 
 
 @given(st.lists(st.tuples(st.floats(0.01, 100), st.floats(0, 1)), min_size=1, max_size=30))
-def test_pareto_frontier_is_exactly_the_undominated_points(points: list[tuple[float, float]]) -> None:
+def test_pareto_frontier_is_exactly_the_undominated_points(
+    points: list[tuple[float, float]],
+) -> None:
     """Every point is matched or beaten by a frontier point; no frontier point is beaten."""
     # Execute
     frontier = pareto_frontier(points)
@@ -190,7 +245,7 @@ def test_pareto_frontier_is_exactly_the_undominated_points(points: list[tuple[fl
         assert not any(eps <= f_eps and acc > f_acc for eps, acc in points)
 
 
-# ----------------------------------------------------------------------------- ready-made sweeps
+# ------------------------------------------------------------------ ready-made sweeps
 @pytest.mark.parametrize("name", ["privacy_utility", "noniid", "strategies", "tune_dp"])
 def test_ready_made_sweeps_compose_onto_conf(name: str) -> None:
     """Each sweep in simulations/ extends conf/config.yaml and sweeps something."""
@@ -200,8 +255,11 @@ def test_ready_made_sweeps_compose_onto_conf(name: str) -> None:
     register_configs()
     # Execute
     with initialize_config_dir(config_dir=str(sweeps_dir()), version_base=None):
-        cfg = compose(config_name=name, overrides=[f"hydra.searchpath=[file://{conf_dir()}]"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name=name,
+            overrides=[f"hydra.searchpath=[file://{conf_dir()}]"],
+            return_hydra_config=True,
+        )
     # Assert
     assert cfg.hydra.sweeper.params and cfg.serving.enabled is False and cfg.secagg.enabled is False
     assert cfg.dataset.name == "mnist1d" and cfg.federation.num_sites == 10
@@ -220,29 +278,44 @@ def test_unknown_sweep_lists_the_known_ones() -> None:
     ("overrides", "expected_head", "expected_tail"),
     [
         (["seed=1,2"], ["--multirun"], ["hydra.sweep.dir=out", "seed=1,2"]),
-        (["seed=1", "--cfg", "job"], ["--config-dir"], ["--cfg", "job", "hydra.sweep.dir=out", "seed=1"]),
+        (
+            ["seed=1", "--cfg", "job"],
+            ["--config-dir"],
+            ["--cfg", "job", "hydra.sweep.dir=out", "seed=1"],
+        ),
         (["hydra.sweep.dir=mine"], ["--multirun"], ["noniid", "hydra.sweep.dir=mine"]),
     ],
     ids=["overrides-follow", "flags-before-overrides-no-multirun", "user-sweep-dir-wins"],
 )
-def test_sweep_arguments(overrides: list[str], expected_head: list[str], expected_tail: list[str]) -> None:
+def test_sweep_arguments(
+    overrides: list[str], expected_head: list[str], expected_tail: list[str]
+) -> None:
     # Execute
     args = sweep_arguments(Path("simulations/noniid.yaml"), overrides, sweep_dir=Path("out"))
     # Assert
     assert args[: len(expected_head)] == expected_head
-    assert args[-len(expected_tail):] == expected_tail
+    assert args[-len(expected_tail) :] == expected_tail
 
 
 @pytest.mark.parametrize(
     ("n_jobs", "cores", "client_cpus", "share"),
-    [(1, 16, 1.0, 16), (2, 16, 1.0, 8), (3, 16, 2.0, 5), (-1, 4, 1.0, 1), (-2, 4, 1.0, 1), (2, 2, 1.0, 1)],
+    [
+        (1, 16, 1.0, 16),
+        (2, 16, 1.0, 8),
+        (3, 16, 2.0, 5),
+        (-1, 4, 1.0, 1),
+        (-2, 4, 1.0, 1),
+        (2, 2, 1.0, 1),
+    ],
     ids=["sequential", "halves", "rounds-down", "joblib-all-cores", "joblib-all-but-one", "tight"],
 )
-def test_parallel_jobs_share_the_cpus(n_jobs: int, cores: int, client_cpus: float, share: int) -> None:
+def test_parallel_jobs_share_the_cpus(
+    n_jobs: int, cores: int, client_cpus: float, share: int
+) -> None:
     assert job_cpu_share(n_jobs=n_jobs, cores=cores, client_cpus=client_cpus) == share
 
 
 def test_parallel_jobs_that_cannot_fit_are_refused() -> None:
-    """n_jobs * client_cpus > cores would oversubscribe: the error names the key and the largest fit."""
+    """n_jobs * client_cpus > cores would oversubscribe: the error names the key and the fix."""
     with pytest.raises(ConfigError, match=r"hydra\.launcher\.n_jobs.*<= 4"):
         job_cpu_share(n_jobs=5, cores=8, client_cpus=2.0)

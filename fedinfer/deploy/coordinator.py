@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 import uuid
@@ -195,7 +196,7 @@ def _hostport(host: str, port: int) -> str:
 def _wait_healthy(proc: ManagedProcess, url: str, ca_cert: Path) -> None:
     def healthy() -> bool:
         try:
-            with httpx.Client(verify=str(ca_cert), timeout=2.0, trust_env=False) as client:
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_cert)), timeout=2.0, trust_env=False) as client:
                 return client.get(url).status_code == 200
         except httpx.HTTPError:
             return False

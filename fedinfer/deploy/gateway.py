@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keyfile", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Fleet poll is noise
     uvicorn.run(FleetGateway(args.upstream, ca_cert=args.ca_cert), host=args.host, port=args.port,
                 ssl_certfile=str(args.certfile), ssl_keyfile=str(args.keyfile),
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5, ws="none")
 
 
 if __name__ == "__main__":  # pragma: no cover

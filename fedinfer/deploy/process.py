@@ -35,6 +35,8 @@ class Shutdown(Exception):  # noqa: N818 - a request, not an error
 
 
 def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
     raise Shutdown(signal.Signals(signum).name)
 
 

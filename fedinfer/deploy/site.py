@@ -39,6 +39,9 @@ from fedinfer.reporting.results import write_json_atomic
 
 __all__ = ["SiteLayout", "SiteOptions", "node_config_toml", "run_site", "serving_available"]
 
+_BACKOFF_S = 5.0
+_CONNECTED_S = 60.0
+
 
 @dataclass(frozen=True)
 class SiteLayout:
@@ -97,6 +100,8 @@ class SiteOptions:
         Its bind address (default: loopback, 8080; port 0 picks a free one).
     serve_args : list of str
         More ``fedinfer serve`` options (``--auth-tokens``, ``--tls-certfile`` ...).
+    connect_attempts : int
+        Give up after this many failed SuperNode starts in a row (default: 0, never).
     """
 
     name: str
@@ -110,6 +115,7 @@ class SiteOptions:
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
     serve_args: list[str] = field(default_factory=list)
+    connect_attempts: int = 0
     processes: list[ManagedProcess] = field(default_factory=list)
 
 
@@ -214,12 +220,43 @@ def _write_state(opts: SiteOptions, layout: SiteLayout) -> None:
 
 
 def _supervise(opts: SiteOptions) -> int:
-    print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
-    while True:
-        for proc in opts.processes:
-            if proc.poll() is not None:
-                print(f"site {opts.name}: {proc.name} exited with code {proc.poll()}: {proc.tail(6)} "
-                      f"(log: {proc.log_file})", file=sys.stderr, flush=True)
-                return 2
-        time.sleep(1.0)
+    """Watch both children; restart a SuperNode that could not connect, with backoff.
 
+    A SuperNode exits when the SuperLink is unreachable or refuses it (coordinator
+    not up yet, key not yet registered, untrusted certificate); the site keeps
+    trying, every attempt's reason in its output, up to ``connect_attempts`` (0: forever).
+    A SuperNode that stayed up for a while was connected: its attempts count afresh.
+    """
+    print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
+    attempts, started = 1, time.monotonic()
+    while True:
+        time.sleep(1.0)
+        for proc in opts.processes:
+            code = proc.poll()
+            if code is None:
+                continue
+            print(f"site {opts.name}: {proc.name} exited with code {code}: {_reason(proc)} (log: {proc.log_file})",
+                  file=sys.stderr, flush=True)
+            if proc.name != "supernode":
+                return 2
+            attempts = 1 if time.monotonic() - started > _CONNECTED_S else attempts + 1
+            if opts.connect_attempts and attempts > opts.connect_attempts:
+                return 2
+            delay = min(_BACKOFF_S * 2 ** min(attempts - 2, 4), 60.0)
+            print(f"site {opts.name}: reconnecting in {delay:.0f}s (attempt {attempts})", flush=True)
+            time.sleep(delay)
+            proc.start()
+            started = time.monotonic()
+
+
+def _reason(proc: ManagedProcess) -> str:
+    """The line of a Flower log that says why it gave up, else its last lines."""
+    try:
+        lines = proc.log_file.read_text(errors="replace").splitlines()[-40:]
+    except OSError:
+        return ""
+    for marker in ("CERTIFICATE_VERIFY_FAILED", "Failed to activate", "[code:"):
+        found = [line.strip() for line in lines if marker in line]
+        if found:
+            return found[-1]
+    return proc.tail(3)

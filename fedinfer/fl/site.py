@@ -130,6 +130,9 @@ def local_train(
         Before touching the data, if this round would exceed ``privacy.max_epsilon``.
     """
     started = time.perf_counter()
+    # Small models gain nothing from intra-op threads, and spinning OpenMP threads of several
+    # sites on shared cores slow every site down by an order of magnitude.
+    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     torch.manual_seed(round_seed(cfg.seed, env.site_id, server_round))
     device = select_device(cfg.simulation.device)
     fed = cfg.federation

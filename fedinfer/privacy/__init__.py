@@ -13,6 +13,7 @@ from typing import Any
 
 from fedinfer.privacy.accountant import (
     ACCOUNTANTS,
+    PRV_MAX_GRID_POINTS,
     RDP_ORDERS,
     HistoryEntry,
     create_accountant,
@@ -20,6 +21,7 @@ from fedinfer.privacy.accountant import (
     derive_noise_multiplier,
     epsilon_from_history,
     merge_history,
+    prv_epsilon,
 )
 from fedinfer.privacy.budget import (
     PRIVACY_MODES,
@@ -44,6 +46,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "LEDGER_FILENAME",
     "PRIVACY_MODES",
+    "PRV_MAX_GRID_POINTS",
     "RDP_ORDERS",
     "HistoryEntry",
     "LedgerEntry",
@@ -61,6 +64,7 @@ __all__ = [
     "merge_history",
     "plan_round",
     "print_ledger",
+    "prv_epsilon",
     "resolve_noise_multiplier",
     "show_ledger",
     "validate_model",

@@ -13,15 +13,16 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
+import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
 from fedinfer.errors import ConfigError
 
 __all__ = [
     "ACCOUNTANTS",
+    "PRV_MAX_GRID_POINTS",
     "RDP_ORDERS",
     "HistoryEntry",
     "create_accountant",
@@ -29,6 +30,7 @@ __all__ = [
     "derive_noise_multiplier",
     "epsilon_from_history",
     "merge_history",
+    "prv_epsilon",
 ]
 
 HistoryEntry = tuple[float, float, int]
@@ -46,7 +48,12 @@ Opacus's defaults (1.1 ... 63) plus 11 and 128 ... 1024, i.e. exactly Google
 dp-accounting's defaults: the large orders tighten the bound at small epsilon,
 where Opacus's would stop at the last order (more orders never loosen it)."""
 
-_EPSILON_KWARGS: dict[str, dict[str, Any]] = {"rdp": {"alphas": list(RDP_ORDERS)}, "prv": {}}
+PRV_MAX_GRID_POINTS = 2_000_000
+"""Largest PRV discretization grid evaluated as is (~300 MB, ~3 s); see :func:`prv_epsilon`."""
+
+_PRV_EPS_ERROR = 0.01  # Opacus's default precision
+_PRV_MAX_EPS_ERROR = 0.5  # coarser than this, the RDP bound is as good: use it
+_MAX_SIGMA = 1e6  # as Opacus's get_noise_multiplier
 
 
 @contextmanager
@@ -112,8 +119,8 @@ def epsilon_from_history(
     delta : float
         Target delta, in (0, 1).
     accountant : str
-        ``rdp`` (Renyi DP over :data:`RDP_ORDERS`) or ``prv`` (Gopi et al.'s
-        numerical composition; tighter, returns its certified upper bound).
+        ``rdp`` (Renyi DP over :data:`RDP_ORDERS`) or ``prv`` (Gopi et al.'s numerical
+        composition: tighter; see :func:`prv_epsilon` for its cost guard).
 
     Returns
     -------
@@ -127,13 +134,68 @@ def epsilon_from_history(
     """
     if not 0.0 < delta < 1.0:
         raise ConfigError(f"`privacy.delta` must be in (0, 1) (got {delta})")
+    create_accountant(accountant)  # name check with a ConfigError
     merged = merge_history(history)
     if not merged:
         return 0.0
-    engine = create_accountant(accountant)
+    if accountant == "prv":
+        return prv_epsilon(merged, delta=delta)
+    return _rdp_epsilon(merged, delta=delta)
+
+
+def _rdp_epsilon(merged: list[HistoryEntry], *, delta: float) -> float:
+    engine = RDPAccountant()
     engine.history = merged
     with _quiet_order_warning():
-        return float(engine.get_epsilon(delta=delta, **_EPSILON_KWARGS[accountant]))
+        return float(engine.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+
+
+def prv_epsilon(
+    merged: list[HistoryEntry], *, delta: float, max_grid_points: float = PRV_MAX_GRID_POINTS
+) -> float:
+    """PRV accountant epsilon, with its cost bounded; never above the RDP epsilon.
+
+    Opacus's PRV accountant discretizes the privacy loss on a grid whose size grows
+    with the square root of the total steps and with epsilon itself: a site with 10^5
+    steps needs ~4 million points, ~7 s and ~650 MB per evaluation, and a badly
+    planned round (epsilon in the hundreds) can exhaust the memory. So the grid is
+    capped at ``max_grid_points`` by coarsening ``eps_error`` (the result stays a
+    certified upper bound, only looser by at most ``eps_error``), and the RDP
+    epsilon, also a valid upper bound, is returned whenever it is smaller.
+
+    Parameters
+    ----------
+    merged : list of (noise_multiplier, sample_rate, steps)
+        A merged history (see :func:`merge_history`), not empty.
+    delta : float
+        Target delta.
+    max_grid_points : float
+        Cap on the discretization grid (default: :data:`PRV_MAX_GRID_POINTS`).
+    """
+    rdp_epsilon = _rdp_epsilon(merged, delta=delta)
+    delta_error = delta / 1000  # Opacus's default
+    with _quiet_order_warning():
+        points = _prv_grid_points(merged, eps_error=_PRV_EPS_ERROR, delta_error=delta_error)
+    eps_error = _PRV_EPS_ERROR * max(1.0, points / max_grid_points)
+    if eps_error > _PRV_MAX_EPS_ERROR:
+        return rdp_epsilon
+    engine = PRVAccountant()
+    engine.history = merged
+    # Opacus evaluates log(1 - q), which is -inf (harmlessly) at sample rate 1.
+    with _quiet_order_warning(), np.errstate(divide="ignore"):
+        epsilon = float(engine.get_epsilon(delta=delta, eps_error=eps_error))
+    return min(epsilon, rdp_epsilon) if math.isfinite(epsilon) else rdp_epsilon
+
+
+def _prv_grid_points(merged: list[HistoryEntry], *, eps_error: float, delta_error: float) -> float:
+    """Grid size Opacus's PRVAccountant would use (mirrors ``PRVAccountant._get_domain``)."""
+    prvs = [PoissonSubsampledGaussianPRV(q, nm) for nm, q, _ in merged]
+    steps = [n for _, _, n in merged]
+    half_width = float(
+        compute_safe_domain_size(prvs, steps, eps_error=eps_error, delta_error=delta_error)
+    )
+    mesh = eps_error / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    return 2 * half_width / mesh
 
 
 @functools.lru_cache(maxsize=64)
@@ -149,8 +211,10 @@ def derive_noise_multiplier(
     """Smallest noise multiplier (to ``epsilon_tolerance``) that spends at most ``target_epsilon``.
 
     The budget covers ``steps`` DP-SGD steps at ``sample_rate``: for a federation,
-    planned rounds x local epochs x steps per epoch. Results are cached because every
-    round of a run asks the same question.
+    planned rounds x local epochs x steps per epoch. The bisection is Opacus's
+    ``get_noise_multiplier``, evaluated with :func:`epsilon_from_history` so that it
+    uses the same orders and PRV cost guard as the ledger. Results are cached because
+    every round of a run asks the same question.
 
     Parameters
     ----------
@@ -170,7 +234,7 @@ def derive_noise_multiplier(
     Raises
     ------
     ConfigError
-        If the budget cannot be met with any noise multiplier Opacus will search.
+        If the budget cannot be met with a noise multiplier up to 10^6.
 
     Examples
     --------
@@ -184,25 +248,30 @@ def derive_noise_multiplier(
         raise ConfigError(f"`privacy.target_epsilon` must be > 0 (got {target_epsilon})")
     if steps <= 0 or not 0.0 < sample_rate <= 1.0:
         raise ConfigError(f"cannot plan DP-SGD for {steps} steps at sample rate {sample_rate}")
-    try:
-        with _quiet_order_warning():
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=epsilon_tolerance,
-                    **_EPSILON_KWARGS[accountant],
-                )
+
+    def spent(sigma: float) -> float:
+        return epsilon_from_history(
+            [(sigma, sample_rate, steps)], delta=delta, accountant=accountant
+        )
+
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2
+        if sigma_high > _MAX_SIGMA:
+            raise ConfigError(
+                f"`privacy.target_epsilon`={target_epsilon} cannot be reached in {steps} steps "
+                f"at sample rate {sample_rate:.4g} with any noise multiplier up to {_MAX_SIGMA:g}; "
+                "raise it, train fewer rounds/epochs, or set `privacy.noise_multiplier` instead"
             )
-    except ValueError as err:
-        raise ConfigError(
-            f"`privacy.target_epsilon`={target_epsilon} cannot be reached in {steps} steps at "
-            f"sample rate {sample_rate:.4g} ({err}); raise it, train fewer rounds/epochs, "
-            "or set `privacy.noise_multiplier` instead"
-        ) from err
+        eps_high = spent(sigma_high)
+    while target_epsilon - eps_high > epsilon_tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = spent(sigma)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 def default_delta(num_samples: int) -> float:

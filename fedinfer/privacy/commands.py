@@ -22,6 +22,10 @@ def register(subparsers: Any) -> None:
     """Add the ``privacy`` command group."""
     parser = subparsers.add_parser("privacy", help="inspect a site's privacy ledger")
     commands = parser.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND", required=True)
-    show = commands.add_parser("show", help="print a site's ledger: every round charged and the totals")
-    show.add_argument("state_dir", metavar="SITE_STATE_DIR", help="the site's state directory (holds ledger.json)")
+    show = commands.add_parser(
+        "show", help="print a site's ledger: every round charged and the totals"
+    )
+    show.add_argument(
+        "state_dir", metavar="SITE_STATE_DIR", help="the site's state directory (holds ledger.json)"
+    )
     show.set_defaults(func=_show)

@@ -28,31 +28,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "against final/best accuracy, rounds to --target, max epsilon, wall time and status; "
         "writes report.csv and plots (accuracy per round, privacy-utility, seeds) into SWEEP_DIR.",
     )
-    report.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR", help="a `fedinfer simulate -m` output directory")
+    report.add_argument(
+        "sweep_dir",
+        type=Path,
+        metavar="SWEEP_DIR",
+        help="a `fedinfer simulate -m` output directory",
+    )
     _add_report_options(report)
     report.set_defaults(func=_report)
 
     sweep = subparsers.add_parser(
         "sweep",
         help="run a ready-made sweep from simulations/ (Hydra overrides follow), then report",
-        description="Run sweep NAME (a YAML in simulations/, or a path to one) as a Hydra multirun. "
+        description="Run sweep NAME (a YAML in simulations/, or a path to one) as a Hydra "
+        "multirun. "
         "Options go before NAME; everything after NAME is passed to Hydra unchanged.",
     )
     sweep.add_argument("name", nargs="?", metavar="NAME", help="sweep name (omit to list them)")
-    sweep.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDES",
-                       help="Hydra overrides, e.g. federation.rounds=5 seed=1,2,3")
-    sweep.add_argument("--jobs", type=int, default=None, metavar="N",
-                       help="run N jobs at once with Hydra's joblib launcher (default: one at a time); "
-                       "needs N * federation.client_cpus <= CPUs")
+    sweep.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        metavar="OVERRIDES",
+        help="Hydra overrides, e.g. federation.rounds=5 seed=1,2,3",
+    )
+    sweep.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N jobs at once with Hydra's joblib launcher (default: one at a time); "
+        "needs N * federation.client_cpus <= CPUs",
+    )
     sweep.add_argument("--no-report", dest="report", action="store_false", help="skip the report")
     _add_report_options(sweep)
     sweep.set_defaults(func=_sweep)
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", type=float, default=None, metavar="ACC",
-                        help="also report the first round reaching this global accuracy, e.g. 0.8")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="write the table only")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="also report the first round reaching this global accuracy, e.g. 0.8",
+    )
+    parser.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="write the table only"
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -80,17 +102,25 @@ def _sweep(args: argparse.Namespace) -> int:
         _list_sweeps(available_sweeps())
         return 0
     if args.jobs is not None and args.jobs == 0:
-        raise ConfigError("`--jobs` must be a positive number of parallel jobs, or -1 for one per CPU")
+        raise ConfigError(
+            "`--jobs` must be a positive number of parallel jobs, or -1 for one per CPU"
+        )
     path = resolve_sweep(args.name)
     sweep_dir = Path("multirun") / path.stem / time.strftime("%Y-%m-%d_%H-%M-%S")
-    Console(highlight=False, soft_wrap=True).print(f"[bold]sweep {path.stem}[/]: {escape(sweep_description(path))}")
-    code = hydra_simulate(sweep_arguments(path, args.overrides, sweep_dir=sweep_dir, jobs=args.jobs))
+    Console(highlight=False, soft_wrap=True).print(
+        f"[bold]sweep {path.stem}[/]: {escape(sweep_description(path))}"
+    )
+    code = hydra_simulate(
+        sweep_arguments(path, args.overrides, sweep_dir=sweep_dir, jobs=args.jobs)
+    )
     written = explicit_sweep_dir(args.overrides)
     report_dir = Path(written) if written is not None else sweep_dir
     if code != 0 or not args.report or inspects_only(split_hydra_args(args.overrides)[0]):
         return code
     if "${" in str(report_dir) or not report_dir.is_dir():
-        Console().print(f"run `fedinfer report <sweep dir>` on the directory Hydra wrote ({report_dir})")
+        Console().print(
+            f"run `fedinfer report <sweep dir>` on the directory Hydra wrote ({report_dir})"
+        )
         return code
     args.sweep_dir = report_dir
     return _report(args)

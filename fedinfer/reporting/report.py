@@ -1,4 +1,4 @@
-"""``fedinfer report``: a sweep's table (CSV + terminal) and its plots, written into the sweep directory."""
+"""``fedinfer report``: a sweep's table (CSV and terminal) and its plots, in the sweep directory."""
 
 from __future__ import annotations
 
@@ -50,13 +50,15 @@ class SweepReport:
     files: list[Path]
 
 
-def write_report(sweep_dir: Path, *, target: float | None = None, plots: bool = True) -> SweepReport:
+def write_report(
+    sweep_dir: Path, *, target: float | None = None, plots: bool = True
+) -> SweepReport:
     """Summarise every job under ``sweep_dir``: write ``report.csv`` (and plots) there.
 
     Examples
     --------
-    >>> report = write_report(Path("multirun/privacy_utility/2026-01-01_12-00-00"), target=0.8)  # doctest: +SKIP
-    >>> report.table[["privacy.noise_multiplier", "final_accuracy", "max_epsilon"]]  # doctest: +SKIP
+    >>> report = write_report(Path("multirun/privacy_utility/2026-01-01_12-00"))  # doctest: +SKIP
+    >>> report.table[["privacy.noise_multiplier", "final_accuracy"]]  # doctest: +SKIP
     """
     sweep_dir = Path(sweep_dir)
     jobs = load_sweep(sweep_dir)
@@ -76,7 +78,9 @@ def write_report(sweep_dir: Path, *, target: float | None = None, plots: bool = 
             plot_seed_spread(jobs, keys, sweep_dir / SEEDS_PLOT),
         ]
         files += [p for p in drawn if p is not None]
-    shared = {k: v for k, v in jobs[0].overrides.items() if all(j.overrides.get(k) == v for j in jobs)}
+    shared = {
+        k: v for k, v in jobs[0].overrides.items() if all(j.overrides.get(k) == v for j in jobs)
+    }
     return SweepReport(sweep_dir, jobs, keys, shared, table, seeds, files)
 
 
@@ -93,13 +97,19 @@ def _header(column: str, swept: list[str]) -> str:
     if column in swept:
         short = column.rsplit(".", 1)[-1]
         return short if sum(k.rsplit(".", 1)[-1] == short for k in swept) == 1 else column
-    for long, brief in (("_accuracy", " acc"), ("max_epsilon", "max eps"), ("elapsed_s", "wall s"),
-                        ("rounds_to_", "rounds to ")):
+    for long, brief in (
+        ("_accuracy", " acc"),
+        ("max_epsilon", "max eps"),
+        ("elapsed_s", "wall s"),
+        ("rounds_to_", "rounds to "),
+    ):
         column = column.replace(long, brief)
     return column.replace("_", " ")
 
 
-def _rich_table(frame: pd.DataFrame, swept: list[str], title: str, caption: str | None = None) -> Table:
+def _rich_table(
+    frame: pd.DataFrame, swept: list[str], title: str, caption: str | None = None
+) -> Table:
     """Values never wrap (headers may); errors are listed under the table, not in it."""
     frame = frame.drop(columns=["error"], errors="ignore")
     cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
@@ -107,10 +117,16 @@ def _rich_table(frame: pd.DataFrame, swept: list[str], title: str, caption: str 
     for index, column in enumerate(frame.columns):
         numeric = pd.api.types.is_numeric_dtype(frame[column])
         width = max((len(row[index]) for row in cells), default=1)
-        table.add_column(_header(str(column), swept), justify="right" if numeric else "left",
-                         min_width=width, overflow="fold")
+        table.add_column(
+            _header(str(column), swept),
+            justify="right" if numeric else "left",
+            min_width=width,
+            overflow="fold",
+        )
     for row, values in zip(frame.itertuples(index=False), cells, strict=True):
-        table.add_row(*(escape(c) for c in values), style=_STATUS_STYLE.get(str(getattr(row, "status", ""))))
+        table.add_row(
+            *(escape(c) for c in values), style=_STATUS_STYLE.get(str(getattr(row, "status", "")))
+        )
     return table
 
 
@@ -129,10 +145,18 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
     """Show the report as rich tables, then where the files went."""
     console = console or Console()
     shared = " ".join(f"{k}={v}" for k, v in report.constant.items())
-    console.print(_rich_table(report.table, report.swept, f"Sweep {report.sweep_dir}",
-                              escape(f"all jobs: {shared}") if shared else None))
+    console.print(
+        _rich_table(
+            report.table,
+            report.swept,
+            f"Sweep {report.sweep_dir}",
+            escape(f"all jobs: {shared}") if shared else None,
+        )
+    )
     if report.seeds is not None:
-        console.print(_rich_table(_seeds_for_terminal(report.seeds), report.swept, "Mean ± std over seeds"))
+        console.print(
+            _rich_table(_seeds_for_terminal(report.seeds), report.swept, "Mean ± std over seeds")
+        )
     for job in report.jobs:
         if job.error and job.status in ("failed", "missing", "running"):
             console.print(f"[red]job {escape(job.job)} {job.status}:[/] {escape(job.error)}")

@@ -44,7 +44,7 @@ class JobResult:
     """The job's directory relative to the sweep directory (``0``, ``1`` ...)."""
     overrides: dict[str, str]
     status: str
-    """``completed``, ``stopped``, ``failed``, ``running`` (not finalised) or ``missing`` (no results.json)."""
+    """``completed``, ``stopped``, ``failed``, ``running`` (not finalised) or ``missing``."""
     rounds: list[dict[str, Any]] = field(default_factory=list)
     final_accuracy: float | None = None
     best_accuracy: float | None = None
@@ -54,7 +54,11 @@ class JobResult:
 
     def accuracy_curve(self) -> list[tuple[int, float]]:
         """``(round, global accuracy)`` for every evaluated round."""
-        return [(int(r["round"]), float(r["accuracy"])) for r in self.rounds if _number(r.get("accuracy"))]
+        return [
+            (int(r["round"]), float(r["accuracy"]))
+            for r in self.rounds
+            if _number(r.get("accuracy"))
+        ]
 
     def epsilon_curve(self) -> list[tuple[float, float]]:
         """``(epsilon spent so far by the most-spent site, accuracy)`` per round, for DP runs."""
@@ -81,19 +85,25 @@ def load_sweep(sweep_dir: Path) -> list[JobResult]:
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise DataError(f"sweep directory {sweep_dir} does not exist; pass the directory "
-                        "`fedinfer simulate -m` / `fedinfer sweep` wrote (hydra.sweep.dir)")
+        raise DataError(
+            f"sweep directory {sweep_dir} does not exist; pass the directory "
+            "`fedinfer simulate -m` / `fedinfer sweep` wrote (hydra.sweep.dir)"
+        )
     job_dirs = {p.parent for p in sweep_dir.rglob(RESULTS_FILE)}
     job_dirs |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
     if not job_dirs:
-        raise DataError(f"no Hydra job found under {sweep_dir} (no .hydra/ or {RESULTS_FILE}); "
-                        "pass the directory `fedinfer simulate -m` / `fedinfer sweep` wrote")
+        raise DataError(
+            f"no Hydra job found under {sweep_dir} (no .hydra/ or {RESULTS_FILE}); "
+            "pass the directory `fedinfer simulate -m` / `fedinfer sweep` wrote"
+        )
     return [_load_job(d, sweep_dir) for d in sorted(job_dirs, key=lambda d: _natural(d, sweep_dir))]
 
 
 def _natural(job_dir: Path, root: Path) -> tuple[tuple[int, int, str], ...]:
     """Sort key putting job ``10`` after job ``9``."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in job_dir.relative_to(root).parts)
+    return tuple(
+        (0, int(p), "") if p.isdigit() else (1, 0, p) for p in job_dir.relative_to(root).parts
+    )
 
 
 def _load_job(job_dir: Path, root: Path) -> JobResult:
@@ -102,7 +112,10 @@ def _load_job(job_dir: Path, root: Path) -> JobResult:
     data: dict[str, Any] = {}
     error: str | None = None
     if not results_path.is_file():
-        status, error = "missing", f"no {RESULTS_FILE}: the job was killed before its first round ended"
+        status, error = (
+            "missing",
+            f"no {RESULTS_FILE}: the job was killed before its first round ended",
+        )
     else:
         try:
             data = json.loads(results_path.read_text())
@@ -152,7 +165,8 @@ def job_labels(jobs: Sequence[JobResult], keys: Sequence[str]) -> dict[str, str]
     if len(set(short.values())) < len(short):
         short = {k: k for k in keys}
     return {
-        job.job: ", ".join(f"{short[k]}={job.overrides.get(k, '-')}" for k in keys) or f"job {job.job}"
+        job.job: ", ".join(f"{short[k]}={job.overrides.get(k, '-')}" for k in keys)
+        or f"job {job.job}"
         for job in jobs
     }
 
@@ -168,8 +182,12 @@ def report_table(jobs: Sequence[JobResult], *, target: float | None = None) -> p
     rows = []
     for job in jobs:
         row: dict[str, Any] = {"job": job.job, **{k: job.overrides.get(k) for k in keys}}
-        row.update(status=job.status, rounds=len(job.rounds), final_accuracy=job.final_accuracy,
-                   best_accuracy=job.best_accuracy)
+        row.update(
+            status=job.status,
+            rounds=len(job.rounds),
+            final_accuracy=job.final_accuracy,
+            best_accuracy=job.best_accuracy,
+        )
         if target is not None:
             row[target_column(target)] = job.rounds_to(target)
         row.update(max_epsilon=job.max_epsilon, elapsed_s=job.elapsed_s, error=job.error)
@@ -204,7 +222,9 @@ def seed_summary(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame | Non
         return None
     group_keys = [k for k in keys if k != SEED_KEY]
     finished = table.assign(ok=table["final_accuracy"].notna())
-    grouped = finished.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), finished)]
+    grouped = (
+        finished.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), finished)]
+    )
     rows = []
     for group, frame in grouped:
         values = group if isinstance(group, tuple) else (group,)

@@ -53,7 +53,9 @@ def _legend(ax: Any, count: int) -> None:
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_accuracy_by_round(jobs: Sequence[JobResult], labels: Mapping[str, str], path: Path) -> Path | None:
+def plot_accuracy_by_round(
+    jobs: Sequence[JobResult], labels: Mapping[str, str], path: Path
+) -> Path | None:
     """One line of global accuracy against round per job."""
     curves = [(job, job.accuracy_curve()) for job in jobs]
     curves = [(job, curve) for job, curve in curves if curve]
@@ -85,7 +87,11 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, 
 
 
 def plot_privacy_utility(
-    jobs: Sequence[JobResult], labels: Mapping[str, str], path: Path, *, seeds: pd.DataFrame | None = None
+    jobs: Sequence[JobResult],
+    labels: Mapping[str, str],
+    path: Path,
+    *,
+    seeds: pd.DataFrame | None = None,
 ) -> Path | None:
     """Final accuracy against epsilon spent: each DP job's trajectory, its end point, the frontier.
 
@@ -105,17 +111,27 @@ def plot_privacy_utility(
         ax.scatter(*curve[-1], color=line.get_color(), zorder=3, label=labels[job.job])
         ends.append(curve[-1])
     frontier = pareto_frontier(ends)
-    frontier.append((max(eps for eps, _ in ends), frontier[-1][1]))  # carry the best level to the right
-    ax.step(*zip(*frontier, strict=True), where="post", color="black", linestyle="--", label="frontier")
+    frontier.append(
+        (max(eps for eps, _ in ends), frontier[-1][1])
+    )  # carry the best level to the right
+    ax.step(
+        *zip(*frontier, strict=True), where="post", color="black", linestyle="--", label="frontier"
+    )
     if max(e for e, _ in ends) > 20 * min(e for e, _ in ends):
         ax.set_xscale("log")
     for job in jobs:
         if not job.epsilon_curve() and job.final_accuracy is not None:
-            ax.axhline(job.final_accuracy, color="grey", linestyle=":", label=f"no DP: {labels[job.job]}")
+            ax.axhline(
+                job.final_accuracy, color="grey", linestyle=":", label=f"no DP: {labels[job.job]}"
+            )
     if seeds is not None and len(seeds) and seeds["max_epsilon_mean"].notna().any():
         _seed_errorbars(ax, seeds)
-    ax.set(xlabel="epsilon spent (most-spent site)", ylabel="global accuracy",
-           title="Privacy-utility trade-off", ylim=(0, 1))
+    ax.set(
+        xlabel="epsilon spent (most-spent site)",
+        ylabel="global accuracy",
+        title="Privacy-utility trade-off",
+        ylim=(0, 1),
+    )
     ax.grid(alpha=0.3)
     _legend(ax, len(dp_jobs) + 1)
     return _save(fig, path)
@@ -124,9 +140,14 @@ def plot_privacy_utility(
 def _seed_errorbars(ax: Any, seeds: pd.DataFrame) -> None:
     rows = seeds[seeds["max_epsilon_mean"].notna()]
     ax.errorbar(
-        rows["max_epsilon_mean"], rows["final_accuracy_mean"],
-        xerr=rows["max_epsilon_std"], yerr=rows["final_accuracy_std"],
-        fmt="s", color="black", capsize=3, label="mean ± std over seeds",
+        rows["max_epsilon_mean"],
+        rows["final_accuracy_mean"],
+        xerr=rows["max_epsilon_std"],
+        yerr=rows["final_accuracy_std"],
+        fmt="s",
+        color="black",
+        capsize=3,
+        label="mean ± std over seeds",
     )
 
 
@@ -138,7 +159,9 @@ def plot_seed_spread(jobs: Sequence[JobResult], keys: Sequence[str], path: Path)
     groups: dict[str, list[JobResult]] = {}
     for job in jobs:
         if job.accuracy_curve():
-            name = ", ".join(f"{k.rsplit('.', 1)[-1]}={job.overrides.get(k, '-')}" for k in group_keys)
+            name = ", ".join(
+                f"{k.rsplit('.', 1)[-1]}={job.overrides.get(k, '-')}" for k in group_keys
+            )
             groups.setdefault(name or "all jobs", []).append(job)
     if not groups:
         return None
@@ -149,12 +172,18 @@ def plot_seed_spread(jobs: Sequence[JobResult], keys: Sequence[str], path: Path)
         line = ax_round.plot(rounds, mean, label=f"{name} (n={len(members)})")[0]
         ax_round.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         finals = np.array([m.accuracy_curve()[-1][1] for m in members])
-        ax_final.errorbar(index, finals.mean(), yerr=finals.std(), fmt="o", capsize=4, color=line.get_color())
+        ax_final.errorbar(
+            index, finals.mean(), yerr=finals.std(), fmt="o", capsize=4, color=line.get_color()
+        )
         ax_final.scatter([index] * len(finals), finals, color=line.get_color(), alpha=0.4, s=12)
-    ax_round.set(xlabel="round", ylabel="global accuracy", title="Mean ± std over seeds", ylim=(0, 1))
+    ax_round.set(
+        xlabel="round", ylabel="global accuracy", title="Mean ± std over seeds", ylim=(0, 1)
+    )
     ax_round.grid(alpha=0.3)
     _legend(ax_round, len(groups))
-    ax_final.set_xticks(range(len(groups)), sorted(groups), rotation=30, ha="right", fontsize="small")
+    ax_final.set_xticks(
+        range(len(groups)), sorted(groups), rotation=30, ha="right", fontsize="small"
+    )
     ax_final.set(ylabel="final accuracy", title="Final accuracy over seeds", ylim=(0, 1))
     ax_final.grid(alpha=0.3, axis="y")
     return _save(fig, path)

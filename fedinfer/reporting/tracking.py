@@ -75,7 +75,9 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
         metrics["sites/refused"] = len(record.get("refused") or {})
         metrics["sites/failed"] = len(record.get("failed") or {})
     metrics["duration_s"] = record.get("duration_s")
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)
+    }
 
 
 def start_run(cfg: FedInferConfig, *, run_id: str) -> str | None:
@@ -126,7 +128,10 @@ def track_round(cfg: FedInferConfig, record_json: dict[str, Any], step: int) -> 
 
 
 def finish_run(
-    cfg: FedInferConfig, *, status: str, output_dir: Path | None = None,
+    cfg: FedInferConfig,
+    *,
+    status: str,
+    output_dir: Path | None = None,
     results: dict[str, Any] | None = None,
 ) -> None:
     """Log the run's summary and artifacts from ``output_dir``, then close the MLflow run.

@@ -20,6 +20,7 @@ body ``{"error": "..."}``; a bad request never produces a 5xx.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -60,6 +61,9 @@ _MODEL_ROUTE = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
 _ROLLBACK_ROUTE = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/rollback/?$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Above these sizes, decoding / encoding runs in a thread so the event loop keeps serving.
+_INLINE_BYTES = 256 * 1024
+_INLINE_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -181,9 +185,9 @@ class InferenceApp:
                 return
 
     def _record(self, ex: _Exchange, status: int, seconds: float) -> None:
-        self.metrics.requests.labels(ex.endpoint, str(status)).inc()
+        self.metrics.count_request(ex.endpoint, status)
         if ex.endpoint == "infer":
-            self.metrics.latency.labels(ex.endpoint).observe(seconds)
+            self.metrics.infer_latency.observe(seconds)
         self.metrics.queue_depth.set(self.manager.queue_depth)
         if self.audit is not None and ex.audited:
             self.audit.write({
@@ -296,9 +300,13 @@ class InferenceApp:
     async def _infer(
         self, ex: _Exchange, body: bytes, version: int | None
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        header_length = _header(ex.headers, HEADER_LENGTH.encode())
         try:
-            request = parse_infer_request(
-                body, header_length=_header(ex.headers, HEADER_LENGTH.encode()))
+            if len(body) > _INLINE_BYTES:  # parsing megabytes of JSON would stall the loop
+                request = await asyncio.to_thread(parse_infer_request, body,
+                                                  header_length=header_length)
+            else:
+                request = parse_infer_request(body, header_length=header_length)
         except OipError as exc:
             raise HttpError(exc.status, str(exc)) from None
         model = await self._resolve(version)
@@ -307,11 +315,12 @@ class InferenceApp:
         ex.rows = len(x)
         outputs, batch_size, model = await self._submit(x, model, version)
         ex.version, ex.batch_size = model.version, batch_size
-        body_out, header_len = encode_infer_response(
-            model_name=model.manifest.name, model_version=str(model.version),
-            request_id=request.id,
-            outputs=[(name, outputs[name], binary) for name, binary in wanted],
-        )
+        encode = functools.partial(
+            encode_infer_response, model_name=model.manifest.name,
+            model_version=str(model.version), request_id=request.id,
+            outputs=[(name, outputs[name], binary) for name, binary in wanted])
+        body_out, header_len = (await asyncio.to_thread(encode) if len(x) > _INLINE_ROWS
+                                else encode())
         headers = [(b"x-model-version", str(model.version).encode())]
         if header_len is None:
             return 200, headers, body_out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -41,6 +42,8 @@ ROLES: tuple[str, ...] = ("admin", "infer")
 """``infer``: metadata and inference. ``admin``: everything, including rollback."""
 
 TOKEN_PREFIX = "fi_"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ class TokenFile:
             except OSError:
                 return  # keep the last good set if the file vanishes briefly
             if mtime != self._mtime:
-                self._reload()
+                try:
+                    self._reload()
+                except ConfigError as exc:  # a half-edited file must not lock everyone out
+                    logger.error("keeping the previous tokens: %s", exc)
 
     def _reload(self) -> None:
         data = _read(self.path, missing_ok=False)

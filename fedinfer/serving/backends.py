@@ -93,6 +93,9 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # Idle ORT worker threads spin by default, burning the CPU that the server's event
+        # loop needs on a small box; sleeping costs microseconds per batch at most.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             export_onnx(model, input_dim=input_dim), options, providers=["CPUExecutionProvider"]
         )

@@ -61,7 +61,9 @@ def _add_serve(subparsers: Any) -> None:
                    help="audit log directory (default: <model-store>/../audit)")
     p.add_argument("--poll-interval", type=float, default=0.5,
                    help="seconds between checks of the store's CURRENT (default: 0.5)")
-    p.add_argument("--threads", type=int, help="intra-op threads for inference")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of the inference worker (default: 1; the event loop "
+                        "needs a core of its own; raise on bigger machines)")
     p.add_argument("--validation-data", type=Path,
                    help="labelled CSV/Parquet/NPZ split: refuse a backend that loses accuracy")
     p.add_argument("--label-column", default="label", help="label column of --validation-data")
@@ -101,6 +103,8 @@ def _add_predict(subparsers: Any) -> None:
                    help="column skipped as a feature if present (default: label)")
     p.add_argument("--version", type=int, help="score with this stored version (default: current)")
     p.add_argument("--backend", choices=("torch", "int8", "onnx"), default="torch")
+    p.add_argument("--public-key", type=Path,
+                   help="coordinator public key: re-verify the model's signature first")
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--no-progress", action="store_true")
@@ -108,7 +112,7 @@ def _add_predict(subparsers: Any) -> None:
 
 
 def _predict(ns: argparse.Namespace) -> int:
-    from fedinfer.artifacts import ModelStore
+    from fedinfer.artifacts import ModelStore, load_public_key
     from fedinfer.serving.predict import predict_file
 
     if ns.chunk_size < 1:
@@ -117,6 +121,7 @@ def _predict(ns: argparse.Namespace) -> int:
         ModelStore(ns.model_store), input_path=ns.input, output_path=ns.output,
         id_column=ns.id_column, label_column=ns.label_column, chunk_size=ns.chunk_size,
         strict=ns.strict, backend=ns.backend, version=ns.version, progress=not ns.no_progress,
+        public_key=load_public_key(ns.public_key) if ns.public_key else None,
     )
     for row, reason in report.bad_rows[:20]:
         print(f"row {row}: {reason}", file=sys.stderr)

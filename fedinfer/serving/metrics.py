@@ -21,6 +21,7 @@ class ServingMetrics:
         self.latency = Histogram(
             "fedinfer_request_latency_seconds", "Request latency (inference endpoints).",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.infer_latency = self.latency.labels("infer")
         self.batch_size = Histogram(
             "fedinfer_batch_size", "Rows per forward pass.", buckets=_BATCH_BUCKETS,
             registry=self.registry)
@@ -37,6 +38,16 @@ class ServingMetrics:
         self.load_failures = Counter(
             "fedinfer_model_load_failures", "Versions that failed to load or verify.",
             registry=self.registry)
+
+        self._request_children: dict[tuple[str, int], Counter] = {}
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        """Count one request (label children cached: this runs on every request)."""
+        child = self._request_children.get((endpoint, status))
+        if child is None:
+            child = self.requests.labels(endpoint, str(status))
+            self._request_children[(endpoint, status)] = child
+        child.inc()
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         """Record one forward pass."""

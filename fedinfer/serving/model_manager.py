@@ -89,7 +89,7 @@ class ModelManager:
     poll_interval_s : float
         How often ``CURRENT`` is checked (default: 0.5).
     max_loaded : int
-        Versions kept loaded at most, current included (default: 3).
+        Versions kept loaded at most, current included (default: 3; at least 2).
     threads : int or None
         Intra-op threads for ONNX Runtime (torch's are set process-wide).
     validation : (x, y) or None
@@ -118,7 +118,7 @@ class ModelManager:
         self.batching = batching
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
-        self.max_loaded = max(1, max_loaded)
+        self.max_loaded = max(2, max_loaded)  # the newest load is never the LRU victim
         self.threads = threads
         self.validation = validation
         self.max_accuracy_drop = max_accuracy_drop

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedinfer.artifacts import ModelManifest, ModelStore
 from fedinfer.errors import DataError
@@ -59,6 +60,7 @@ def predict_file(
     backend: str = "torch",
     version: int | None = None,
     progress: bool = True,
+    public_key: Ed25519PublicKey | None = None,
 ) -> PredictReport:
     """Score ``input_path`` into ``output_path`` (format by extension, written atomically).
 
@@ -80,6 +82,9 @@ def predict_file(
         ``torch``, ``int8`` or ``onnx`` (default: ``torch``).
     progress : bool
         Show a rich progress bar on stderr (default: True).
+    public_key : Ed25519PublicKey or None
+        If given, the model's signature is verified again before scoring (default: None;
+        the hash is always checked).
 
     Examples
     --------
@@ -91,7 +96,7 @@ def predict_file(
     in_kind, out_kind = _format(input_path, "--input"), _format(output_path, "--output")
     if not Path(input_path).is_file():
         raise DataError(f"--input {input_path} does not exist")
-    weights, manifest = store.load(version)
+    weights, manifest = store.load(version, public_key=public_key)
     model = build_backend(backend, weights, manifest)
     report = PredictReport(Path(output_path), model_version=manifest.version)
     chunks = _read_chunks(Path(input_path), in_kind, chunk_size, id_column)

@@ -48,7 +48,7 @@ class ServeOptions:
     nonfinite: str = "reject"
     audit_dir: Path | None = None
     poll_interval_s: float = 0.5
-    threads: int | None = None
+    threads: int | None = 1
     validation_data: Path | None = None
     label_column: str = "label"
     max_accuracy_drop: float = 0.01

@@ -26,6 +26,7 @@ __all__ = ["hydra_simulate", "simulate_job"]
 def simulate_job(cfg: DictConfig) -> float | None:
     """One Hydra job: convert to the typed config, run, then serve. Returns final accuracy."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from fedinfer.reporting.results import RESULTS_FILE, write_json_atomic
     from fedinfer.simulation.run import run_simulation
@@ -56,7 +57,7 @@ def simulate_job(cfg: DictConfig) -> float | None:
             "rounds": [],
             "final_accuracy": None,
         })
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"fedinfer simulate: job failed: {exc}", file=sys.stderr)
             if not is_user_error:
                 traceback.print_exc()
@@ -65,15 +66,17 @@ def simulate_job(cfg: DictConfig) -> float | None:
 
 
 def _share_cpus(cfg: FedInferConfig) -> None:
-    """In a parallel sweep, keep this job (torch threads, its Ray instance) to its share of the CPUs."""
+    """In a parallel sweep, keep this job (torch threads, its Ray instance) to its CPU share."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from fedinfer.simulation.sweeps import available_cpus, job_cpu_share, launcher_jobs
 
     n_jobs = launcher_jobs(HydraConfig.get().launcher)
-    if n_jobs is None or HydraConfig.get().mode.name != "MULTIRUN":
+    if n_jobs is None or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    share = job_cpu_share(n_jobs=n_jobs, cores=available_cpus(), client_cpus=cfg.federation.client_cpus)
+    cores, client_cpus = available_cpus(), cfg.federation.client_cpus
+    share = job_cpu_share(n_jobs=n_jobs, cores=cores, client_cpus=client_cpus)
     import torch
 
     torch.set_num_threads(share)

@@ -37,16 +37,28 @@ __all__ = [
 ]
 
 SWEEPS_ENV = "FEDINFER_SWEEPS_DIR"
-_INSPECT_FLAGS = frozenset({"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
-                            "--shell-completion", "-sc", "--version"})
-_PLUGINS = {  # a sweep config naming the plugin -> (importable module, pip extra)
-    "hydra/sweeper: optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
-    "hydra/launcher: joblib": ("hydra_plugins.hydra_joblib_launcher", "sweeps"),
+_INSPECT_FLAGS = frozenset(
+    {
+        "--cfg",
+        "-c",
+        "--info",
+        "-i",
+        "--help",
+        "-h",
+        "--hydra-help",
+        "--shell-completion",
+        "-sc",
+        "--version",
+    }
+)
+_PLUGINS = {  # a sweep config naming the plugin -> (importable module, what to pip install)
+    "hydra/sweeper: optuna": ("hydra_plugins.hydra_optuna_sweeper", "'fedinfer[optuna]'"),
+    "hydra/launcher: joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
 }
 
 
 def sweeps_dir() -> Path:
-    """Where ready-made sweeps live: ``$FEDINFER_SWEEPS_DIR`` or the repository's ``simulations/``."""
+    """Where ready-made sweeps live: ``$FEDINFER_SWEEPS_DIR``, else the repo's ``simulations/``."""
     env = os.environ.get(SWEEPS_ENV)
     return Path(env) if env else Path(__file__).resolve().parents[2] / "simulations"
 
@@ -86,11 +98,11 @@ def resolve_sweep(name: str) -> Path:
 
 def _check_plugins(path: Path) -> Path:
     text = path.read_text()
-    for marker, (module, extra) in _PLUGINS.items():
+    for marker, (module, package) in _PLUGINS.items():
         if marker in text and importlib.util.find_spec(module) is None:
             raise ConfigError(
                 f"sweep {path.stem!r} uses a Hydra plugin ({module}) that is not installed; "
-                f"install it with `pip install 'fedinfer[{extra}]'`"
+                f"install it with `pip install {package}`"
             )
     return path
 
@@ -105,8 +117,8 @@ def sweep_arguments(
 
     Examples
     --------
-    >>> sweep_arguments(Path("simulations/noniid.yaml"), ["seed=1,2"], sweep_dir=Path("multirun/x"))
-    ['--multirun', '--config-dir', 'simulations', '--config-name', 'noniid', 'hydra.sweep.dir=multirun/x', 'seed=1,2']
+    >>> sweep_arguments(Path("simulations/noniid.yaml"), ["seed=1,2"], sweep_dir=Path("out"))[-2:]
+    ['hydra.sweep.dir=out', 'seed=1,2']
     """
     flags, overrides = split_hydra_args(overrides)
     mode = [] if inspects_only(flags) else ["--multirun"]
@@ -114,7 +126,8 @@ def sweep_arguments(
     if jobs is not None and jobs != 1:
         if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
             raise ConfigError(
-                "`--jobs` needs Hydra's joblib launcher; install it with `pip install 'fedinfer[sweeps]'`"
+                "`--jobs` needs Hydra's joblib launcher; install it with "
+                "`pip install hydra-joblib-launcher`"
             )
         args += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     if explicit_sweep_dir(overrides) is None:
@@ -138,7 +151,7 @@ def split_hydra_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def inspects_only(flags: Sequence[str]) -> bool:
-    """Whether Hydra flags ask to show something (``--cfg``, ``--info``, ``--help``) instead of running."""
+    """Whether Hydra flags ask to show something (``--cfg``, ``--info``, ``--help``), not to run."""
     return any(f.split("=")[0] in _INSPECT_FLAGS for f in flags)
 
 
@@ -175,8 +188,9 @@ def job_cpu_share(*, n_jobs: int, cores: int, client_cpus: float) -> int:
     if effective * client_cpus > cores:
         fit = max(1, int(cores // client_cpus))
         raise ConfigError(
-            f"`hydra.launcher.n_jobs` ({n_jobs}) x `federation.client_cpus` ({client_cpus}) needs more "
-            f"than the {cores} CPUs available; set hydra.launcher.n_jobs <= {fit} (or --jobs {fit}), "
+            f"`hydra.launcher.n_jobs` ({n_jobs}) x `federation.client_cpus` ({client_cpus}) "
+            f"needs more than the {cores} CPUs available; set hydra.launcher.n_jobs <= {fit} "
+            f"(or --jobs {fit}), "
             "or lower federation.client_cpus"
         )
     return max(1, cores // effective)
