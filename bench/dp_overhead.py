@@ -20,6 +20,7 @@ reference and whether it survives an empty batch (Poisson sampling yields those)
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -138,7 +139,7 @@ def measure(batch_sizes: list[int], steps: int, repeats: int) -> list[dict[str, 
 
 
 def render(rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[float, bool]],
-           command: str, threads: int, elapsed: float) -> str:
+           command: str, threads: int, elapsed: float, load: tuple[float, float]) -> str:
     lines = [
         "# DP-SGD step-time overhead (Opacus) vs non-private training",
         "",
@@ -146,7 +147,9 @@ def render(rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[fl
         "",
         f"torch {torch.__version__}, opacus {__import__('opacus').__version__}, "
         f"Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
-        f"CPU, torch threads = {threads}; run took {elapsed:.0f} s.",
+        f"CPU ({os.cpu_count()} cores), torch threads = {threads}; run took {elapsed:.0f} s; "
+        f"1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end (a shared machine: "
+        "absolute times are inflated by other jobs, the ratios come from interleaved repeats).",
         "Synthetic MNIST-1D-shaped inputs (40 features, 10 classes); one step = forward + "
         "backward + SGD(momentum) step; fixed-size batches for every variant; median of the "
         "round-robin repeats. Ratio = DP step time / plain step time.",
@@ -223,12 +226,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/dp_overhead.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     checks = {(name, mode): (per_sample_error(name, mode), survives_empty_batch(name, mode))
               for name in MODELS for mode in GRAD_SAMPLE_MODES}
     rows = measure(args.batch_sizes, args.steps, args.repeats)
     command = "python " + " ".join(sys.argv)
-    report = render(rows, checks, command, args.threads, time.perf_counter() - start)
+    report = render(rows, checks, command, args.threads, time.perf_counter() - start,
+                    (load_start, os.getloadavg()[0]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)

@@ -10,7 +10,7 @@ them as signed artifacts, then measures
    and server CPU-seconds per request at concurrency 1/16/64, batching on vs off;
 3. server throughput as a fraction of in-process batched forward throughput.
 
-    python bench/serving_bench.py            # ~4 min on 2 cores
+    python bench/serving_bench.py            # ~8 min on 2 cores
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def backend_table(stores: dict[str, ModelStore], x_test, y_test) -> list[dict[st
         weights, manifest = store.load()
         float_acc = None
         for name in ("torch", "int8", "onnx"):
-            backend = build_backend(name, weights, manifest)
+            backend = build_backend(name, weights, manifest, threads=1)
             acc = float((backend.predict(x_test).argmax(1) == y_test).mean())
             float_acc = acc if name == "torch" else float_acc
             b1 = time_forward(lambda a: run_outputs(backend, a), x_test[:1], 300)
@@ -132,21 +132,50 @@ def load_run(server: SiteServer, model: str, concurrency: int, duration: float) 
     return result
 
 
-def server_runs(stores: dict[str, ModelStore], duration: float, backends: list[str]) -> list[dict]:
+def server_runs(stores: dict[str, ModelStore], duration: float, backends: list[str],
+                reps: int) -> list[dict]:
+    """Median of ``reps`` interleaved runs per configuration.
+
+    All servers of one model are up together (an idle one costs ~nothing) and the runs
+    rotate through them, so slow drift in the shared box's load hits every configuration
+    alike instead of whichever happened to run last.
+    """
     results = []
     for model_name, store in stores.items():
-        for backend in backends:
-            for batching in (True, False):
-                if backend != DEFAULT_BACKEND and not batching:
-                    continue
-                with SiteServer(store.root, backend=backend,
-                                max_batch_size=64 if batching else 1) as server:
-                    for c in (1, 16, 64):
-                        r = load_run(server, store.manifest().name, c, duration)
-                        r.update(model=model_name, backend=backend, batching=batching)
-                        results.append(r)
-                        print(json.dumps(r), flush=True)
+        configs = [(b, on) for b in backends for on in (True, False)
+                   if on or b == DEFAULT_BACKEND]
+        servers = [SiteServer(store.root, backend=b, max_batch_size=64 if on else 1,
+                              log_file=store.root.parent / f"serve-{b}-{on}.log")
+                   for b, on in configs]
+        for server in servers:
+            server.start()
+        try:
+            for c in (1, 16, 64):
+                samples: dict[int, list[dict]] = {i: [] for i in range(len(servers))}
+                for _ in range(reps):
+                    for i, server in enumerate(servers):
+                        samples[i].append(load_run(server, store.manifest().name, c, duration))
+                for i, (backend, batching) in enumerate(configs):
+                    r = _median_run(samples[i])
+                    r.update(model=model_name, backend=backend, batching=batching)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+        finally:
+            for server in servers:
+                server.stop()
     return results
+
+
+def _median_run(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req"):
+        out[key] = float(np.median([r[key] for r in runs]))
+    out["rps_all"] = [round(r["rps"]) for r in runs]
+    out["statuses"] = {}
+    for r in runs:
+        for k, v in r["statuses"].items():
+            out["statuses"][k] = out["statuses"].get(k, 0) + v
+    return out
 
 
 def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dict]) -> None:
@@ -163,8 +192,9 @@ def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dic
         f"Models trained for this run on MNIST-1D ({meta['train']} train / {meta['test']} test "
         "samples, input 40, 10 classes). Load: closed loop, each request 1 row, binary tensor "
         "extension (like tritonclient), from a second process on loopback "
-        f"(bench/serving_loadgen.py), {meta['duration']} s measured after 1 s warm-up. "
-        "Server and load generator share the same CPUs.",
+        f"(bench/serving_loadgen.py), {meta['duration']} s measured after 1 s warm-up; every "
+        f"cell is the MEDIAN of {meta['reps']} interleaved runs (all req/s samples in the last "
+        "column). Server (`--threads 1`) and load generator share the same CPUs.",
         "",
         "## Backends in-process (forward + softmax/argmax, median)",
         "",
@@ -177,12 +207,14 @@ def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dic
                      f"{b['rows_per_s_b64']:,.0f} |")
     lines += ["", "## Server under load", "",
               "| model | backend | batching | concurrency | req/s | p50 ms | p99 ms | "
-              "server CPU ms/req | non-200 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+              "server CPU ms/req | non-200 | req/s samples |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         bad = sum(v for k, v in r["statuses"].items() if str(k) != "200")
         lines.append(f"| {r['model']} | {r['backend']} | {'on' if r['batching'] else 'off'} | "
                      f"{r['concurrency']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['cpu_ms_per_req']:.3f} | {bad} |")
+                     f"{r['p99_ms']:.2f} | {r['cpu_ms_per_req']:.3f} | {bad} | "
+                     f"{', '.join(str(v) for v in r['rps_all'])} |")
     lines += ["", "## Derived", ""]
     for model in MODELS:
         on = _find(runs, model, DEFAULT_BACKEND, True, 64)
@@ -206,14 +238,17 @@ def _find(runs: list[dict], model: str, backend: str, batching: bool, c: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--also-backend", action="append", default=["torch"],
                         help="extra server backends measured with batching on")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
     args = parser.parse_args()
-    meta = {"cpus": os.cpu_count(), "load_start": os.getloadavg()[0], "duration": args.duration}
+    torch.set_num_threads(1)  # as the server runs it (`fedinfer serve --threads 1`)
+    meta = {"cpus": os.cpu_count(), "load_start": round(os.getloadavg()[0], 1),
+            "duration": args.duration, "reps": args.reps}
     x, y, x_test, y_test = mnist1d(args.samples)
     meta.update(train=len(x), test=len(x_test))
     key = generate_signing_key()
@@ -230,8 +265,8 @@ def main() -> None:
     backends = backend_table(stores, x_test, y_test)
     print(json.dumps(backends, indent=1), flush=True)
     extra = [b for b in args.also_backend if b != DEFAULT_BACKEND]
-    runs = server_runs(stores, args.duration, [DEFAULT_BACKEND, *extra])
-    meta["load_end"] = os.getloadavg()[0]
+    runs = server_runs(stores, args.duration, [DEFAULT_BACKEND, *extra], args.reps)
+    meta["load_end"] = round(os.getloadavg()[0], 1)
     write_report(args.out, meta=meta, backends=backends, runs=runs)
     print(f"wrote {args.out}")
 

@@ -8,8 +8,8 @@ implementation would. The load generator is a second process (bench/serving_load
     python bench/serving_framework.py
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI resolves the route's parameter
+# annotations (Request) at runtime from module globals.
 import json
 import os
 import subprocess
@@ -80,14 +80,18 @@ def measure(mode: str, store_root: Path, concurrency: int, duration: float) -> d
             url = f"http://127.0.0.1:{port_file.read_text()}"
             import httpx
 
-            while True:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
                 try:
                     if httpx.post(f"{url}/v2/models/mnist1d/infer", json={"inputs": [{
                             "name": "input", "shape": [1, 40], "datatype": "FP32",
                             "data": [0.0] * 40}]}, trust_env=False).status_code == 200:
                         break
                 except httpx.TransportError:
-                    time.sleep(0.2)
+                    pass
+                time.sleep(0.2)
+            else:
+                raise RuntimeError(f"{mode} server never answered 200")
             cpu0 = cpu_seconds(proc.pid)
             out = subprocess.run(
                 [sys.executable, str(ROOT / "bench" / "serving_loadgen.py"), "--url", url,

@@ -323,6 +323,7 @@ CHILD_CHARGING_N = """
 """
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch at once: ~20 s on a busy 2-core box
 def test_concurrent_charges_from_two_processes_are_all_kept(tmp_path: Path) -> None:
     """Two processes charging the same site at once lose no entry (flock + re-read)."""
     # Prepare

@@ -71,3 +71,18 @@ def test_cli_serve_refuses_a_foreign_signature_at_startup(tmp_path: Path) -> Non
                         backend="torch"):
             pass
     assert "not the trusted key" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--tls-certfile", "c.pem"], "go together"),
+     (["--max-batch-size", "0"], "must be >= 1"),
+     (["--nonfinite", "reject", "--max-body-bytes", "10"], "max-body-bytes")],
+    ids=["tls-half", "batch-0", "tiny-body"],
+)
+def test_serve_rejects_bad_options_with_exit_code_2(tmp_path: Path, capsys, args: list[str],
+                                                    message: str) -> None:
+    from fedinfer.serving.__main__ import main
+
+    code = main(["serve", "--model-store", str(tmp_path / "models"), "--port", "0", *args])
+    assert code == 2 and message in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
 import ssl
 import stat
 import time
@@ -167,3 +168,15 @@ def test_token_bucket_refills_at_the_configured_rate() -> None:
     wait = limiter.acquire(p)
     assert 0 < wait <= 0.001 + 1e-9
     assert np.isclose(RateLimiter(rate=0).acquire(p), 0.0)
+
+
+def test_a_corrupted_tokens_file_keeps_the_previous_tokens(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "tokens.json"
+    token = add_token(path, principal="a", roles=["infer"])
+    tokens = TokenFile(path, recheck_s=0.0)
+    # Execute: a half-written edit
+    path.write_text('{"tokens": [{"principal": ')
+    os.utime(path, ns=(1, 1))  # a surely different mtime, so the file is re-read
+    # Assert
+    assert tokens.authenticate(token) is not None

@@ -101,14 +101,20 @@ class LocalDeployment:
                    alive=self.coordinator.check_alive)
         return self.coordinator
 
-    def start_site(self, name: str, *, extra: Sequence[str] = ()) -> ManagedProcess:
-        """``fedinfer site`` for ``name`` with a free inference port."""
+    def start_site(self, name: str, *, extra: Sequence[str] = (), label: str | None = None) -> ManagedProcess:
+        """``fedinfer site`` for ``name`` with a free inference port; ``extra`` options override.
+
+        ``label`` names the process (default: ``name``), e.g. for a second, misconfigured copy.
+        """
+        if label is None:
+            SiteLayout(self.site_dir(name)).state_file.unlink(missing_ok=True)  # no stale port for ask_site
+        label = label or name
         argv = [sys.executable, "-m", "fedinfer", "site", "--name", name,
                 "--data", str(self.workdir / "data" / f"{name}.npz"), "--state-dir", str(self.site_dir(name)),
                 "--coordinator", f"127.0.0.1:{self.port}", "--ca", str(self.pki.ca_cert),
                 "--key", str(self.pki.node_key(name)), "--serve-port", "0", *extra]
-        self.sites[name] = ManagedProcess(name, argv, log_file=self.workdir / "logs" / f"{name}.log").start()
-        return self.sites[name]
+        self.sites[label] = ManagedProcess(label, argv, log_file=self.workdir / "logs" / f"{label}.log").start()
+        return self.sites[label]
 
     def results(self) -> dict[str, Any]:
         """The coordinator's ``results.json``."""

@@ -158,7 +158,7 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
             _rich_table(_seeds_for_terminal(report.seeds), report.swept, "Mean ± std over seeds")
         )
     for job in report.jobs:
-        if job.error and job.status in ("failed", "missing", "running"):
+        if job.error and job.status != "completed":
             console.print(f"[red]job {escape(job.job)} {job.status}:[/] {escape(job.error)}")
     counts = report.table["status"].value_counts().to_dict()
     console.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

@@ -1,0 +1,197 @@
+"""A real deployment on loopback: SuperLink + 2 SuperNodes, TLS, node auth, DP, crash and resume.
+
+Every process is real (``fedinfer coordinator`` / ``fedinfer site`` as the CLI
+starts them, Flower's SuperLink, SuperNodes and per-message ClientApp
+processes, the Fleet gateway, the inference servers) and so is every fault: an
+unregistered node key, a site that does not trust the CA, and the coordinator
+killed with SIGKILL after round 1 and restarted with ``--resume``. One
+deployment serves all assertions, in order, because each start costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedinfer.artifacts import ModelStore, load_public_key, verify_artifact
+from fedinfer.deploy.certs import init_pki
+from fedinfer.deploy.local import LocalDeployment
+from fedinfer.deploy.process import wait_until
+from fedinfer.deploy.status import collect_status
+from fedinfer.fl.checkpoint import checkpoint_path
+from fedinfer.privacy import PrivacyLedger
+
+# secagg=on once the lead reports secure aggregation ready in deployment.
+OVERRIDES = ["privacy=dpsgd", "secagg=off", "model=logreg", "dataset.num_samples=1000",
+             "federation.local_epochs=1", "federation.batch_size=64", "federation.round_timeout_s=300"]
+ROUNDS = 2
+pytestmark = pytest.mark.timeout(900)
+
+
+def _our_pids(marker: str) -> set[int]:
+    """Processes whose environment mentions ``marker`` (every process of this deployment inherits it)."""
+    pids = set()
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in env.read_bytes() and int(env.parent.name) != os.getpid():
+                pids.add(int(env.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@dataclass
+class Scenario:
+    """The deployment under test and what the fixtures did to it."""
+
+    deployment: LocalDeployment
+    overrides: list[str]
+    killed_pids: list[int] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    workdir = tmp_path_factory.mktemp("deploy") / f"e2e-{os.getpid()}"
+    os.environ["FEDINFER_E2E_MARKER"] = str(workdir)  # inherited by every child: finds orphans
+    deployment = LocalDeployment(workdir, num_sites=2, rounds=ROUNDS, overrides=OVERRIDES)
+    try:
+        yield Scenario(deployment, deployment.prepare())
+    finally:
+        deployment.stop()
+        os.environ.pop("FEDINFER_E2E_MARKER", None)
+
+
+@pytest.fixture(scope="module")
+def crashed(scenario: Scenario) -> Scenario:
+    """Coordinator and both sites up; round 1 checkpointed; then the coordinator is SIGKILLed."""
+    deployment = scenario.deployment
+    coordinator = deployment.start_coordinator(scenario.overrides)
+    for name in deployment.names:
+        deployment.start_site(name)
+    wait_until(lambda: checkpoint_path(deployment.coordinator_dir / "output").exists(), timeout_s=600,
+               what="round 1's checkpoint", interval_s=0.5, alive=coordinator.check_alive)
+    scenario.killed_pids = list(json.loads((deployment.coordinator_dir / "coordinator.json").read_text())["pids"].values())
+    assert coordinator.process is not None
+    coordinator.process.send_signal(signal.SIGKILL)
+    coordinator.process.wait()
+    return scenario
+
+
+@pytest.fixture(scope="module")
+def resumed(crashed: Scenario) -> Scenario:
+    """``fedinfer coordinator --resume`` on the same working directory."""
+    crashed.deployment.start_coordinator(crashed.overrides, resume=True)
+    return crashed
+
+
+def test_killing_the_coordinator_takes_its_superlink_and_gateway_down(crashed: Scenario) -> None:
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in crashed.killed_pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert crashed.killed_pids and not any(_alive(pid) for pid in crashed.killed_pids)
+
+
+def test_a_node_with_an_unregistered_key_is_refused(resumed: Scenario, tmp_path: Path) -> None:
+    # Prepare: the right CA, but a key the coordinator never registered
+    key = ec.generate_private_key(ec.SECP384R1())
+    rogue_key = tmp_path / "node.key"
+    rogue_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                            serialization.NoEncryption()))
+    rogue_key.chmod(0o600)
+    (tmp_path / "coordinator.pub").write_bytes(resumed.deployment.pki.signing_pub.read_bytes())
+    # Execute
+    rogue = resumed.deployment.start_site("site-00", label="rogue", extra=[
+        "--key", str(rogue_key), "--state-dir", str(tmp_path / "state"), "--no-serve", "--connect-attempts", "1"])
+    assert rogue.process is not None
+    code = rogue.process.wait(timeout=300)
+    # Assert
+    assert code == 2
+    assert "Failed to activate" in rogue.log_file.read_text()
+
+
+def test_a_site_that_does_not_trust_the_ca_refuses_to_connect(resumed: Scenario, tmp_path: Path) -> None:
+    # Prepare: site-01's registered key, but another deployment's CA
+    other = init_pki(tmp_path / "other", hosts=["127.0.0.1"])
+    # Execute
+    stranger = resumed.deployment.start_site("site-01", label="stranger", extra=[
+        "--ca", str(other.ca_cert), "--state-dir", str(tmp_path / "state"), "--no-serve", "--connect-attempts", "1"])
+    assert stranger.process is not None
+    code = stranger.process.wait(timeout=300)
+    # Assert
+    assert code == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in stranger.log_file.read_text()
+
+
+def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(resumed: Scenario) -> None:
+    # Execute: the resumed coordinator runs round 2 and publishes
+    deployment = resumed.deployment
+    coordinator = deployment.coordinator
+    assert coordinator is not None and coordinator.process is not None
+    assert coordinator.process.wait(timeout=800) == 0, coordinator.tail(20)
+    results = deployment.results()
+    # Assert
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == list(range(1, ROUNDS + 1))
+    assert "(resumed)" in coordinator.log_file.read_text()
+    version = results["model_version"]
+    assert results["deployed"] == {name: version for name in deployment.names}
+    for name in deployment.names:
+        store = ModelStore(deployment.site_dir(name) / "models")
+        assert store.current_version() == version
+        manifest = verify_artifact(store.path(version), public_key=load_public_key(deployment.pki.signing_pub))
+        assert manifest.server_round == ROUNDS and manifest.privacy["mode"] == "dpsgd"
+        answer = deployment.ask_site(name, expect_version=version)
+        assert answer["outputs"][0]["shape"] == [4, 10]
+
+
+def test_sites_spent_privacy_and_keep_ledger_and_models_across_a_restart(resumed: Scenario) -> None:
+    # Prepare
+    deployment = resumed.deployment
+    name = deployment.names[0]
+    epsilon = PrivacyLedger.read(deployment.site_dir(name)).epsilon
+    version = ModelStore(deployment.site_dir(name) / "models").current_version()
+    # Execute
+    deployment.sites[name].stop()
+    deployment.start_site(name)
+    # Assert
+    assert epsilon > 0
+    assert PrivacyLedger.read(deployment.site_dir(name)).epsilon == epsilon
+    assert deployment.ask_site(name, expect_version=version)["model_version"] == str(version)
+
+
+def test_status_shows_rounds_and_site_servers(resumed: Scenario) -> None:
+    deployment = resumed.deployment
+    status = collect_status(deployment.workdir)
+    assert status["coordinator"]["rounds_done"] == ROUNDS
+    assert status["coordinator"]["run_status"] == "finished:completed"
+    assert {s["site"] for s in status["sites"]} >= set(deployment.names)
+    serving = [s for s in status["sites"] if s["site"] in deployment.names]
+    assert all(s["server"] and s["server"]["ready"] for s in serving)
+
+
+def test_sigterm_leaves_no_process_behind(resumed: Scenario) -> None:
+    # Execute
+    resumed.deployment.stop()
+    # Assert
+    marker = os.environ["FEDINFER_E2E_MARKER"]
+    deadline = time.monotonic() + 60
+    while (left := {p for p in _our_pids(marker) if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left if Path(f"/proc/{p}/cmdline").exists()]
