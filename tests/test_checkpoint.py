@@ -35,13 +35,15 @@ class CoordinatorCrash(RuntimeError):
 
 
 class CrashingGrid(InProcessGrid):
-    """The real in-process grid, except that the coordinator "dies" when round ``crash_round`` trains."""
+    """The real in-process grid; the coordinator "dies" when round ``crash_round`` trains."""
 
     def __init__(self, *args: object, crash_round: int, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.crash_round, self.train_calls = crash_round, 0
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             self.train_calls += 1
@@ -50,7 +52,9 @@ class CrashingGrid(InProcessGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def _coordinate(cfg: FedInferConfig, out: Path, *, crash_round: int = 0, resume: bool = False) -> CoordinatorResult:
+def _coordinate(
+    cfg: FedInferConfig, out: Path, *, crash_round: int = 0, resume: bool = False
+) -> CoordinatorResult:
     data = build_federated_data(cfg)
     out.mkdir(parents=True, exist_ok=True)
     public = save_public_key(KEY, out / "signing.pub")
@@ -58,10 +62,18 @@ def _coordinate(cfg: FedInferConfig, out: Path, *, crash_round: int = 0, resume:
         config_fn=lambda context: cfg,
         resolver_fn=lambda c: simulation_resolver(c, output_dir=out, coordinator_public_key=public),
     )
-    grid = CrashingGrid(app, num_nodes=cfg.federation.num_sites, run_id=1, seed=cfg.seed, crash_round=crash_round)
+    grid = CrashingGrid(
+        app, num_nodes=cfg.federation.num_sites, run_id=1, seed=cfg.seed, crash_round=crash_round
+    )
     return run_coordinator(
-        grid, cfg=cfg, shape=ModelShape(data.input_dim, data.num_classes), output_dir=out,
-        run_id=f"run-{out.name}", signing_key=KEY, central_test=data.pooled_test, resume=resume,
+        grid,
+        cfg=cfg,
+        shape=ModelShape(data.input_dim, data.num_classes),
+        output_dir=out,
+        run_id=f"run-{out.name}",
+        signing_key=KEY,
+        central_test=data.pooled_test,
+        resume=resume,
     )
 
 
@@ -69,12 +81,19 @@ def _final(out: Path) -> dict[str, np.ndarray]:
     return read_weights(out / "model", verify_artifact(out / "model", public_key=KEY.public_key()))
 
 
-@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"], ids=["fedavgm-momentum", "fedadam-moments"])
+@pytest.mark.parametrize(
+    "strategy", ["fedavgm", "fedadam"], ids=["fedavgm-momentum", "fedadam-moments"]
+)
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, strategy: str) -> None:
     """Crash while round 2 trains, resume: same final model bit for bit, same sites sampled."""
     # Prepare
-    cfg = tiny_config("privacy=none", "secagg=off", f"strategy={strategy}", "federation.rounds=3",
-                      "federation.fraction_train=0.5")
+    cfg = tiny_config(
+        "privacy=none",
+        "secagg=off",
+        f"strategy={strategy}",
+        "federation.rounds=3",
+        "federation.fraction_train=0.5",
+    )
     _coordinate(cfg, tmp_path / "straight")
     # Execute
     with pytest.raises(CoordinatorCrash):

@@ -29,13 +29,13 @@ def test_default_config_is_the_main_job() -> None:
         (["federation.fraction_train=1.5"], "federation.fraction_train"),
         (["strategy=krum"], "strategy.name"),  # krum + secagg=on is refused
         (["privacy.max_grad_norm=0"], "privacy.max_grad_norm"),
-        (["privacy.target_epsilon=3"], "privacy.noise_multiplier"),  # both set
+        (["privacy.noise_multiplier=null"], "privacy.noise_multiplier"),  # neither set
         (["secagg.bits=40"], "secagg.bits"),
         (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
         (["dataset=csv"], "dataset.path"),
     ],
     ids=["no-sites", "alpha-zero", "alpha-negative", "fraction", "robust+secagg", "clip-norm",
-         "noise-and-target", "bits", "central+secagg", "csv-without-path"],
+         "no-noise-no-target", "bits", "central+secagg", "csv-without-path"],
 )
 def test_bad_config_names_the_key(overrides: list[str], key: str) -> None:
     cfg = load_config(overrides) if overrides[0] != "dataset=csv" else load_config(["dataset=csv", "dataset.path=null"])

@@ -13,7 +13,13 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import flatten_dict, parse_config_args, validate_config
 
 from fedinfer.deploy.apps import config_of, model_shape
-from fedinfer.deploy.bundle import CLIENT_ENTRY, COMPONENTS, PUBLISHER, SERVER_ENTRY, write_app_bundle
+from fedinfer.deploy.bundle import (
+    CLIENT_ENTRY,
+    COMPONENTS,
+    PUBLISHER,
+    SERVER_ENTRY,
+    write_app_bundle,
+)
 from fedinfer.deploy.site import SiteOptions, _check, node_config_toml
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
@@ -28,12 +34,19 @@ def _context(run_config: dict) -> Context:
 
 def test_bundle_carries_the_exact_config_to_every_site(tmp_path: Path) -> None:
     # Prepare
-    cfg = tiny_config("deployment.input_dim=40", "deployment.num_classes=10", "privacy.delta=1e-5",
-                      "model=mlp", "model.hidden_sizes=[16,8]")
+    cfg = tiny_config(
+        "deployment.input_dim=40",
+        "deployment.num_classes=10",
+        "privacy.delta=1e-5",
+        "model=mlp",
+        "model.hidden_sizes=[16,8]",
+    )
     # Execute
     app = write_app_bundle(tmp_path / "app", cfg)
     pyproject = tomllib.loads((app / "pyproject.toml").read_text())
-    run_config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])  # what Flower hands the apps
+    run_config = flatten_dict(
+        pyproject["tool"]["flwr"]["app"]["config"]
+    )  # what Flower hands the apps
     # Assert
     assert validate_config(pyproject, check_module=False)[0]
     assert config_of(_context(run_config)) == cfg
@@ -45,7 +58,9 @@ def test_bundle_carries_the_exact_config_to_every_site(tmp_path: Path) -> None:
 def test_bundle_builds_into_a_fab_with_only_the_entry_points(tmp_path: Path) -> None:
     from flwr.cli.build import build_fab_from_disk
 
-    app = write_app_bundle(tmp_path / "app", tiny_config("deployment.input_dim=40", "deployment.num_classes=10"))
+    app = write_app_bundle(
+        tmp_path / "app", tiny_config("deployment.input_dim=40", "deployment.num_classes=10")
+    )
     names = sorted(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist())
     assert names == [".info/CONTENT", "clients/app.py", "pyproject.toml", "server/app.py"]
 
@@ -73,9 +88,16 @@ def _site(tmp_path: Path, **overrides: object) -> SiteOptions:
     for name in ("data.npz", "ca.crt", "node.key", "coordinator.pub"):
         (tmp_path / name).touch()
     (tmp_path / "node.key").chmod(0o600)
-    options = SiteOptions(name="a b", data=tmp_path / "data.npz", state_dir=tmp_path / "state",
-                          coordinator="127.0.0.1:9092", ca_cert=tmp_path / "ca.crt", node_key=tmp_path / "node.key",
-                          coordinator_public_key=tmp_path / "coordinator.pub", serve=False)
+    options = SiteOptions(
+        name="a b",
+        data=tmp_path / "data.npz",
+        state_dir=tmp_path / "state",
+        coordinator="127.0.0.1:9092",
+        ca_cert=tmp_path / "ca.crt",
+        node_key=tmp_path / "node.key",
+        coordinator_public_key=tmp_path / "coordinator.pub",
+        serve=False,
+    )
     for key, value in overrides.items():
         setattr(options, key, value)
     return options
@@ -103,7 +125,11 @@ def test_site_refuses_a_key_others_can_read(tmp_path: Path) -> None:
 
 
 def test_site_reports_every_missing_file_at_once(tmp_path: Path) -> None:
-    options = _site(tmp_path, data=tmp_path / "nope.npz", ca_cert=tmp_path / "nope.crt", coordinator="host-only")
+    options = _site(
+        tmp_path, data=tmp_path / "nope.npz", ca_cert=tmp_path / "nope.crt", coordinator="host-only"
+    )
     with pytest.raises(ConfigError) as info:
         _check(options)
-    assert "--data" in str(info.value) and "--ca" in str(info.value) and "HOST:PORT" in str(info.value)
+    assert (
+        "--data" in str(info.value) and "--ca" in str(info.value) and "HOST:PORT" in str(info.value)
+    )

@@ -1,4 +1,4 @@
-"""Deployment PKI: CA, SuperLink certificate, node keys in Flower's format, signing key, permissions."""
+"""Deployment PKI: CA, SuperLink certificate, Flower node keys, signing key, permissions."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ from fedinfer.errors import ConfigError, ModelIntegrityError
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return init_pki(tmp_path_factory.mktemp("pki") / "pki", hosts=["coord.example.org", "10.1.2.3"], sites=["a", "b"])
+    return init_pki(
+        tmp_path_factory.mktemp("pki") / "pki",
+        hosts=["coord.example.org", "10.1.2.3"],
+        sites=["a", "b"],
+    )
 
 
 def _verify(pki_root: Path, server_name: x509.GeneralName) -> None:
@@ -32,10 +36,19 @@ def _verify(pki_root: Path, server_name: x509.GeneralName) -> None:
     verifier.verify(cert, [])
 
 
-@pytest.mark.parametrize("host", [x509.DNSName("coord.example.org"), x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
-                                  x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-                         ids=["dns", "ip", "localhost", "loopback"])
-def test_server_certificate_chains_to_the_ca_for_every_host(pki: Pki, host: x509.GeneralName) -> None:
+@pytest.mark.parametrize(
+    "host",
+    [
+        x509.DNSName("coord.example.org"),
+        x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ],
+    ids=["dns", "ip", "localhost", "loopback"],
+)
+def test_server_certificate_chains_to_the_ca_for_every_host(
+    pki: Pki, host: x509.GeneralName
+) -> None:
     _verify(pki.root, host)
 
 
@@ -51,7 +64,9 @@ def test_server_certificate_is_refused_under_another_ca(pki: Pki, tmp_path: Path
     cert = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
     # Execute / Assert
     with pytest.raises(VerificationError):
-        PolicyBuilder().store(Store([ca])).build_server_verifier(x509.DNSName("localhost")).verify(cert, [])
+        PolicyBuilder().store(Store([ca])).build_server_verifier(x509.DNSName("localhost")).verify(
+            cert, []
+        )
 
 
 def test_private_keys_are_owner_only(pki: Pki) -> None:
@@ -63,20 +78,27 @@ def test_private_keys_are_owner_only(pki: Pki) -> None:
 
 
 def test_node_keys_are_what_flower_loads(pki: Pki) -> None:
-    """Flower's SuperNode loads an OpenSSH EC private key; `flwr supernode register` an OpenSSH EC public key."""
+    """The SuperNode loads OpenSSH EC private keys; `flwr supernode register` the public ones."""
     from flwr.cli.supernode.register import try_load_public_key
 
     private = serialization.load_ssh_private_key(pki.node_key("a").read_bytes(), None)
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     registered = try_load_public_key(pki.node_pub("a"))
-    public = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     assert registered == public
     assert try_load_public_key(pki.node_pub("b")) != registered
 
 
 def test_site_bundle_holds_what_a_site_needs(pki: Pki) -> None:
     bundle = pki.site_dir("a")
-    assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", "coordinator.pub", "node.key", "node.pub"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "ca.crt",
+        "coordinator.pub",
+        "node.key",
+        "node.pub",
+    ]
     assert (bundle / "ca.crt").read_bytes() == pki.ca_cert.read_bytes()
     assert (bundle / "coordinator.pub").read_bytes() == pki.signing_pub.read_bytes()
 
@@ -93,7 +115,11 @@ def test_add_site_with_its_own_public_key_stores_no_private_key(pki: Pki, tmp_pa
     # Prepare
     own = ec.generate_private_key(ec.SECP384R1())
     pub = tmp_path / "site.pub"
-    pub.write_bytes(own.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    pub.write_bytes(
+        own.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
     # Execute
     bundle = add_site(pki.root, "hospital-c", public_key=pub)
     # Assert
@@ -103,14 +129,20 @@ def test_add_site_with_its_own_public_key_stores_no_private_key(pki: Pki, tmp_pa
 
 def test_add_site_refuses_a_key_flower_cannot_use(pki: Pki, tmp_path: Path) -> None:
     pub = tmp_path / "ed.pub"
-    pub.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    pub.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     with pytest.raises(ConfigError, match="needs an EC key"):
         add_site(pki.root, "d", public_key=pub)
 
 
-@pytest.mark.parametrize(("name", "message"), [("a", "already has a key"), ("Bad Name", "invalid"), ("../x", "invalid")],
-                         ids=["duplicate", "spaces", "path"])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("a", "already has a key"), ("Bad Name", "invalid"), ("../x", "invalid")],
+    ids=["duplicate", "spaces", "path"],
+)
 def test_add_site_refuses_bad_names(pki: Pki, name: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         add_site(pki.root, name)

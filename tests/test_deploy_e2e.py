@@ -31,14 +31,21 @@ from fedinfer.fl.checkpoint import checkpoint_path
 from fedinfer.privacy import PrivacyLedger
 
 # secagg=on once the lead reports secure aggregation ready in deployment.
-OVERRIDES = ["privacy=dpsgd", "secagg=off", "model=logreg", "dataset.num_samples=1000",
-             "federation.local_epochs=1", "federation.batch_size=64", "federation.round_timeout_s=300"]
+OVERRIDES = [
+    "privacy=dpsgd",
+    "secagg=off",
+    "model=logreg",
+    "dataset.num_samples=1000",
+    "federation.local_epochs=1",
+    "federation.batch_size=64",
+    "federation.round_timeout_s=300",
+]
 ROUNDS = 2
 pytestmark = pytest.mark.timeout(900)
 
 
 def _our_pids(marker: str) -> set[int]:
-    """Processes whose environment mentions ``marker`` (every process of this deployment inherits it)."""
+    """Processes whose environment mentions ``marker`` (every child of the deployment has it)."""
     pids = set()
     for env in Path("/proc").glob("[0-9]*/environ"):
         try:
@@ -54,7 +61,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return (
+        Path(f"/proc/{pid}/stat").exists()
+        and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    )
 
 
 @dataclass
@@ -85,9 +95,16 @@ def crashed(scenario: Scenario) -> Scenario:
     coordinator = deployment.start_coordinator(scenario.overrides)
     for name in deployment.names:
         deployment.start_site(name)
-    wait_until(lambda: checkpoint_path(deployment.coordinator_dir / "output").exists(), timeout_s=600,
-               what="round 1's checkpoint", interval_s=0.5, alive=coordinator.check_alive)
-    scenario.killed_pids = list(json.loads((deployment.coordinator_dir / "coordinator.json").read_text())["pids"].values())
+    wait_until(
+        lambda: checkpoint_path(deployment.coordinator_dir / "output").exists(),
+        timeout_s=600,
+        what="round 1's checkpoint",
+        interval_s=0.5,
+        alive=coordinator.check_alive,
+    )
+    scenario.killed_pids = list(
+        json.loads((deployment.coordinator_dir / "coordinator.json").read_text())["pids"].values()
+    )
     assert coordinator.process is not None
     coordinator.process.send_signal(signal.SIGKILL)
     coordinator.process.wait()
@@ -112,13 +129,29 @@ def test_a_node_with_an_unregistered_key_is_refused(resumed: Scenario, tmp_path:
     # Prepare: the right CA, but a key the coordinator never registered
     key = ec.generate_private_key(ec.SECP384R1())
     rogue_key = tmp_path / "node.key"
-    rogue_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                            serialization.NoEncryption()))
+    rogue_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
     rogue_key.chmod(0o600)
     (tmp_path / "coordinator.pub").write_bytes(resumed.deployment.pki.signing_pub.read_bytes())
     # Execute
-    rogue = resumed.deployment.start_site("site-00", label="rogue", extra=[
-        "--key", str(rogue_key), "--state-dir", str(tmp_path / "state"), "--no-serve", "--connect-attempts", "1"])
+    rogue = resumed.deployment.start_site(
+        "site-00",
+        label="rogue",
+        extra=[
+            "--key",
+            str(rogue_key),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-serve",
+            "--connect-attempts",
+            "1",
+        ],
+    )
     assert rogue.process is not None
     code = rogue.process.wait(timeout=300)
     # Assert
@@ -126,12 +159,25 @@ def test_a_node_with_an_unregistered_key_is_refused(resumed: Scenario, tmp_path:
     assert "Failed to activate" in rogue.log_file.read_text()
 
 
-def test_a_site_that_does_not_trust_the_ca_refuses_to_connect(resumed: Scenario, tmp_path: Path) -> None:
+def test_a_site_that_does_not_trust_the_ca_refuses_to_connect(
+    resumed: Scenario, tmp_path: Path
+) -> None:
     # Prepare: site-01's registered key, but another deployment's CA
     other = init_pki(tmp_path / "other", hosts=["127.0.0.1"])
     # Execute
-    stranger = resumed.deployment.start_site("site-01", label="stranger", extra=[
-        "--ca", str(other.ca_cert), "--state-dir", str(tmp_path / "state"), "--no-serve", "--connect-attempts", "1"])
+    stranger = resumed.deployment.start_site(
+        "site-01",
+        label="stranger",
+        extra=[
+            "--ca",
+            str(other.ca_cert),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-serve",
+            "--connect-attempts",
+            "1",
+        ],
+    )
     assert stranger.process is not None
     code = stranger.process.wait(timeout=300)
     # Assert
@@ -139,7 +185,9 @@ def test_a_site_that_does_not_trust_the_ca_refuses_to_connect(resumed: Scenario,
     assert "CERTIFICATE_VERIFY_FAILED" in stranger.log_file.read_text()
 
 
-def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(resumed: Scenario) -> None:
+def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
+    resumed: Scenario,
+) -> None:
     # Execute: the resumed coordinator runs round 2 and publishes
     deployment = resumed.deployment
     coordinator = deployment.coordinator
@@ -151,11 +199,13 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(re
     assert [r["round"] for r in results["rounds"]] == list(range(1, ROUNDS + 1))
     assert "(resumed)" in coordinator.log_file.read_text()
     version = results["model_version"]
-    assert results["deployed"] == {name: version for name in deployment.names}
+    assert results["deployed"] == dict.fromkeys(deployment.names, version)
     for name in deployment.names:
         store = ModelStore(deployment.site_dir(name) / "models")
         assert store.current_version() == version
-        manifest = verify_artifact(store.path(version), public_key=load_public_key(deployment.pki.signing_pub))
+        manifest = verify_artifact(
+            store.path(version), public_key=load_public_key(deployment.pki.signing_pub)
+        )
         assert manifest.server_round == ROUNDS and manifest.privacy["mode"] == "dpsgd"
         answer = deployment.ask_site(name, expect_version=version)
         assert answer["outputs"][0]["shape"] == [4, 10]
@@ -194,4 +244,8 @@ def test_sigterm_leaves_no_process_behind(resumed: Scenario) -> None:
     deadline = time.monotonic() + 60
     while (left := {p for p in _our_pids(marker) if _alive(p)}) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left if Path(f"/proc/{p}/cmdline").exists()]
+    assert not left, [
+        Path(f"/proc/{p}/cmdline").read_bytes()[:200]
+        for p in left
+        if Path(f"/proc/{p}/cmdline").exists()
+    ]

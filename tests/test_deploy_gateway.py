@@ -37,7 +37,13 @@ class Upstream:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.seen.append({"path": scope["path"], "headers": headers, "body": body.decode()})
         payload = json.dumps(self.seen[-1]).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -46,8 +52,17 @@ def _trusting(ca_cert: Path) -> ssl.SSLContext:
 
 
 def _serve(app: Any, port: int, pki: Pki) -> uvicorn.Server:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws="none",
-                                           ssl_certfile=str(pki.server_cert), ssl_keyfile=str(pki.server_key)))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+            ws="none",
+            ssl_certfile=str(pki.server_cert),
+            ssl_keyfile=str(pki.server_key),
+        )
+    )
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -64,52 +79,91 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def gateway(pki: Pki) -> Iterator[tuple[str, Upstream]]:
     upstream, up_port, gw_port = Upstream(), free_port(), free_port()
-    servers = [_serve(upstream, up_port, pki),
-               _serve(FleetGateway(f"https://127.0.0.1:{up_port}", ca_cert=pki.ca_cert), gw_port, pki)]
+    servers = [
+        _serve(upstream, up_port, pki),
+        _serve(FleetGateway(f"https://127.0.0.1:{up_port}", ca_cert=pki.ca_cert), gw_port, pki),
+    ]
     yield f"https://127.0.0.1:{gw_port}", upstream
     for server in servers:
         server.should_exit = True
 
 
-def test_fleet_requests_reach_the_superlink_with_their_auth_headers(gateway: tuple[str, Upstream], pki: Pki) -> None:
+def test_fleet_requests_reach_the_superlink_with_their_auth_headers(
+    gateway: tuple[str, Upstream], pki: Pki
+) -> None:
     # Prepare
     url, upstream = gateway
-    headers = {"flwr-public-key": "cHVi", "flwr-signature": "c2ln", "content-type": "application/protobuf"}
+    headers = {
+        "flwr-public-key": "cHVi",
+        "flwr-signature": "c2ln",
+        "content-type": "application/protobuf",
+    }
     # Execute
     with httpx.Client(verify=_trusting(pki.ca_cert), trust_env=False) as client:
-        response = client.post(f"{url}/v1/fleet/pull-messages", content=b"\x08\x01", headers=headers)
+        response = client.post(
+            f"{url}/v1/fleet/pull-messages", content=b"\x08\x01", headers=headers
+        )
     # Assert
     assert response.status_code == 200
     seen = response.json()
     assert seen["path"] == "/v1/fleet/pull-messages" and seen["body"] == "\x08\x01"
-    assert seen["headers"]["flwr-public-key"] == "cHVi" and seen["headers"]["flwr-signature"] == "c2ln"
+    assert (
+        seen["headers"]["flwr-public-key"] == "cHVi" and seen["headers"]["flwr-signature"] == "c2ln"
+    )
 
 
-@pytest.mark.parametrize("path", ["/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-task-input",
-                                  "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/docs"],
-                         ids=["start-run", "register-node", "runtime", "dot-dot", "encoded-dot-dot", "docs"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/runtime/pull-task-input",
+        "/v1/fleet/../control/list-runs",
+        "/v1/fleet/%2e%2e/control/list-runs",
+        "/docs",
+    ],
+    ids=["start-run", "register-node", "runtime", "dot-dot", "encoded-dot-dot", "docs"],
+)
 def test_everything_but_the_fleet_api_is_refused_without_reaching_the_superlink(
-        gateway: tuple[str, Upstream], pki: Pki, path: str) -> None:
+    gateway: tuple[str, Upstream], pki: Pki, path: str
+) -> None:
     # Prepare
     url, upstream = gateway
     before = len(upstream.seen)
     # Execute
     with httpx.Client(verify=_trusting(pki.ca_cert), trust_env=False) as client:
-        response = client.send(client.build_request("POST", httpx.URL(url).copy_with(raw_path=path.encode())))
+        response = client.send(
+            client.build_request("POST", httpx.URL(url).copy_with(raw_path=path.encode()))
+        )
     # Assert
     assert response.status_code == 404
     assert len(upstream.seen) == before
 
 
-def test_a_client_that_does_not_trust_the_ca_cannot_connect(gateway: tuple[str, Upstream], tmp_path: Path) -> None:
+def test_a_client_that_does_not_trust_the_ca_cannot_connect(
+    gateway: tuple[str, Upstream], tmp_path: Path
+) -> None:
     other = init_pki(tmp_path / "other", hosts=["localhost"])
-    with httpx.Client(verify=_trusting(other.ca_cert), trust_env=False) as client, pytest.raises(httpx.ConnectError) as info:
+    with (
+        httpx.Client(verify=_trusting(other.ca_cert), trust_env=False) as client,
+        pytest.raises(httpx.ConnectError) as info,
+    ):
         client.get(f"{gateway[0]}/health")
-    assert isinstance(info.value.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+    assert isinstance(
+        info.value.__context__, ssl.SSLCertVerificationError
+    ) or "CERTIFICATE_VERIFY_FAILED" in str(info.value)
 
 
-@pytest.mark.parametrize(("path", "allowed"), [("/health", True), ("/v1/fleet/push-messages", True),
-                                               ("/v1/fleetX", False), ("/v1/fleet/./x", False), ("/healthz", False)],
-                         ids=["health", "fleet", "prefix-trick", "dot", "healthz"])
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/health", True),
+        ("/v1/fleet/push-messages", True),
+        ("/v1/fleetX", False),
+        ("/v1/fleet/./x", False),
+        ("/healthz", False),
+    ],
+    ids=["health", "fleet", "prefix-trick", "dot", "healthz"],
+)
 def test_is_allowed(path: str, allowed: bool) -> None:
     assert is_allowed(path) is allowed

@@ -113,10 +113,10 @@ def _check_privacy(cfg: FedInferConfig, problems: list[str]) -> None:
     _positive(problems, "privacy.max_grad_norm", dp.max_grad_norm)
     if dp.mode != "dpsgd":
         return
-    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+    if dp.noise_multiplier is None and dp.target_epsilon is None:
         problems.append(
-            "set exactly one of `privacy.noise_multiplier` and `privacy.target_epsilon` "
-            f"(got {dp.noise_multiplier} and {dp.target_epsilon}); e.g. privacy.target_epsilon=null"
+            "set `privacy.noise_multiplier` or `privacy.target_epsilon` "
+            "(e.g. privacy.noise_multiplier=1.2 or privacy.target_epsilon=8)"
         )
     if dp.noise_multiplier is not None:
         _positive(problems, "privacy.noise_multiplier", dp.noise_multiplier)

@@ -1,4 +1,4 @@
-"""The ServerApp and ClientApp of a deployment: what ``server/app.py`` and ``clients/app.py`` export.
+"""The ServerApp and ClientApp of a deployment (``server/app.py`` and ``clients/app.py``).
 
 Both take the federation's typed config from Flower's run config (written by
 :func:`fedinfer.fl.run_config.to_run_config` into the app bundle the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class CoordinatorRuntime:
     run_id: str
     resume: bool
     rounds_log: str
+    coordinator_pid: int
 
     def save(self, directory: Path) -> Path:
         """Write ``serverapp.json`` into ``directory``."""
@@ -80,17 +82,18 @@ class CoordinatorRuntime:
 
 
 def config_of(context: Context) -> FedInferConfig:
-    """The federation's typed config from a message's or the ServerApp's context."""
+    """Return the federation's typed config from a message's or the ServerApp's context."""
     if "dataset.name" not in context.run_config:
         raise ConfigError(
-            "the run config carries no fedinfer config; start the federation with `fedinfer coordinator` "
+            "the run config carries no fedinfer config; start the federation with "
+            "`fedinfer coordinator` "
             "(it writes the config into the Flower app it runs)"
         )
     return from_run_config(dict(context.run_config))
 
 
 def model_shape(cfg: FedInferConfig) -> ModelShape:
-    """The model's input and output size, which a coordinator without data must be told."""
+    """Return the model's input and output size, which a coordinator without data must be told."""
     dep = cfg.deployment
     missing = [f"deployment.{k}" for k in ("input_dim", "num_classes") if getattr(dep, k) is None]
     if missing:
@@ -113,7 +116,10 @@ def wait_for_sites(grid: Grid, cfg: FedInferConfig, *, poll_s: float = 1.0) -> i
     FedInferError
         Fewer than ``federation.min_sites`` sites connected within ``deployment.connect_timeout_s``.
     """
-    wanted, enough = cfg.federation.num_sites, min(cfg.federation.min_sites, cfg.federation.num_sites)
+    wanted, enough = (
+        cfg.federation.num_sites,
+        min(cfg.federation.min_sites, cfg.federation.num_sites),
+    )
     deadline = time.monotonic() + cfg.deployment.connect_timeout_s
     connected = len(list(grid.get_node_ids()))
     while connected < wanted and time.monotonic() < deadline:
@@ -128,27 +134,61 @@ def wait_for_sites(grid: Grid, cfg: FedInferConfig, *, poll_s: float = 1.0) -> i
     return connected
 
 
+def exit_with_coordinator(pid: int, *, poll_s: float = 1.0) -> threading.Thread:
+    """Leave when the ``fedinfer coordinator`` process ``pid`` is gone.
+
+    Flower's ServerApp process outlives a SuperLink that died under it (its exit
+    handlers keep retrying the SuperLink), so a killed coordinator would leave it
+    behind. Nothing is lost by leaving: checkpoints are written whole or not at all.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.error("coordinator process %d is gone; the ServerApp exits", pid)
+                os._exit(70)
+            except PermissionError:
+                continue
+
+    thread = threading.Thread(target=watch, name="coordinator-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def build_deploy_server_app() -> ServerApp:
-    """The coordinator's ServerApp: wait for the sites, run (or resume) the federation, publish."""
+    """Build the coordinator's ServerApp: wait for sites, run or resume the federation, publish."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         runtime = CoordinatorRuntime.from_env()
+        exit_with_coordinator(runtime.coordinator_pid)
         cfg = config_of(context)
         output_dir = Path(runtime.output_dir)
         cfg.output_dir = str(output_dir)
         shape = model_shape(cfg)
         wait_for_sites(grid, cfg)
         with open(runtime.rounds_log, "a") as rounds:
-            printer = RoundPrinter(num_rounds=cfg.federation.rounds,
-                                   console=Console(file=rounds, highlight=False, soft_wrap=True, width=120))
+            printer = RoundPrinter(
+                num_rounds=cfg.federation.rounds,
+                console=Console(file=rounds, highlight=False, soft_wrap=True, width=120),
+            )
             result = run_coordinator(
-                grid, cfg=cfg, shape=shape, output_dir=output_dir, run_id=runtime.run_id,
-                signing_key=load_signing_key(Path(runtime.signing_key)), printer=printer,
+                grid,
+                cfg=cfg,
+                shape=shape,
+                output_dir=output_dir,
+                run_id=runtime.run_id,
+                signing_key=load_signing_key(Path(runtime.signing_key)),
+                printer=printer,
                 resume=runtime.resume,
             )
-            printer.message(f"published version {result.results.get('model_version')} to {result.deployed}")
+            printer.message(
+                f"published version {result.results.get('model_version')} to {result.deployed}"
+            )
         if result.state.stop_reason and not result.deployed:
             raise FedInferError(f"federation stopped: {result.state.stop_reason}")
 
@@ -156,7 +196,7 @@ def build_deploy_server_app() -> ServerApp:
 
 
 def build_deploy_client_app() -> ClientApp:
-    """A site's ClientApp: config from the run config, identity and data from the node config."""
+    """Build a site's ClientApp: config from the run config, identity and data from node config."""
     return build_client_app(
         config_fn=config_of,
         resolver_fn=lambda cfg: deployment_resolver(cfg, num_classes=model_shape(cfg).num_classes),

@@ -1,4 +1,4 @@
-"""The Flower app the coordinator runs: ``pyproject.toml`` with the run config, and the two entry points.
+"""The Flower app the coordinator runs: ``pyproject.toml`` holding the run config, two entry points.
 
 ``flwr run`` only accepts run-config overrides for keys the app declares, and
 TOML has no ``None``; so instead of overriding the repository's defaults, the
@@ -78,11 +78,15 @@ def write_app_bundle(directory: Path, cfg: FedInferConfig) -> Path:
             "license": "Apache-2.0",
             "dependencies": [f"flwr=={_version('flwr')}", f"fedinfer=={_version('fedinfer')}"],
         },
-        "tool": {"flwr": {"app": {
-            "publisher": PUBLISHER,
-            "components": COMPONENTS,
-            "config": _nested(to_run_config(cfg)),
-        }}},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": PUBLISHER,
+                    "components": COMPONENTS,
+                    "config": _nested(to_run_config(cfg)),
+                }
+            }
+        },
     }
     (directory / "pyproject.toml").write_bytes(tomli_w.dumps(pyproject).encode())
     (directory / "server" / "app.py").write_text(SERVER_ENTRY)

@@ -1,4 +1,4 @@
-"""The deployment's key material: a private CA, the SuperLink's TLS certificate, node keys, signing key.
+"""A deployment's key material: private CA, SuperLink TLS certificate, node keys, signing key.
 
 Layout of a PKI directory (``fedinfer certs init OUT``)::
 
@@ -6,7 +6,7 @@ Layout of a PKI directory (``fedinfer certs init OUT``)::
       pki.json                      hosts, sites, fingerprints, expiry dates (no secrets)
       ca.crt                        the CA certificate every site trusts
       private/ca.key                0600; needed only to issue or renew; keep it offline
-      coordinator/superlink.crt     TLS server certificate (SANs: hosts + localhost + 127.0.0.1 + ::1)
+      coordinator/superlink.crt     TLS certificate (SANs: hosts, localhost, 127.0.0.1, ::1)
       coordinator/superlink.key     0600
       coordinator/signing.key       0600, Ed25519: signs every published model
       coordinator/signing.pub       what sites verify models with
@@ -57,7 +57,7 @@ __all__ = [
 CA_DAYS = 3650
 """Validity of the CA certificate (10 years); renewing it means re-distributing ca.crt."""
 SERVER_DAYS = 397
-"""Validity of the SuperLink certificate (the CA/Browser Forum maximum); renew with ``renew-server``."""
+"""Validity of the SuperLink certificate (CA/Browser Forum maximum); renew with ``renew-server``."""
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Always in the SuperLink certificate, so the coordinator can reach its own SuperLink."""
 
@@ -99,7 +99,7 @@ class Pki:
         return self.root / "coordinator" / "signing.pub"
 
     def site_dir(self, name: str) -> Path:
-        """The bundle handed to site ``name``."""
+        """Return the directory of the bundle handed to site ``name``."""
         return self.root / "sites" / name
 
     def node_key(self, name: str) -> Path:  # noqa: D102
@@ -133,7 +133,9 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         if not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?$", host):
-            raise ConfigError(f"`--coordinator-host` {host!r} is neither an IP address nor a DNS name") from None
+            raise ConfigError(
+                f"`--coordinator-host` {host!r} is neither an IP address nor a DNS name"
+            ) from None
         return x509.DNSName(host)
 
 
@@ -142,38 +144,68 @@ def _ca_certificate(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certific
     now = _now()
     return (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
 
 
 def _server_certificate(
-    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, key: ec.EllipticCurvePrivateKey,
-    hosts: list[str], days: int,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    hosts: list[str],
+    days: int,
 ) -> x509.Certificate:
     now = _now()
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA384())
     )
 
@@ -185,14 +217,18 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _hosts(hosts: Sequence[str]) -> list[str]:
-    """User hosts first (the first names the certificate), then the loopback names, no duplicates."""
+    """Order hosts: the user's first (the first names the certificate), then loopback."""
     ordered = [h.strip() for h in hosts if h.strip()] + list(LOCAL_HOSTS)
     return list(dict.fromkeys(ordered))
 
 
 def init_pki(
-    root: Path, *, hosts: Sequence[str], sites: Sequence[str] = (),
-    ca_days: int = CA_DAYS, server_days: int = SERVER_DAYS,
+    root: Path,
+    *,
+    hosts: Sequence[str],
+    sites: Sequence[str] = (),
+    ca_days: int = CA_DAYS,
+    server_days: int = SERVER_DAYS,
 ) -> Pki:
     """Create a CA, the SuperLink certificate, the model-signing key and one node key per site.
 
@@ -209,13 +245,15 @@ def init_pki(
 
     Examples
     --------
-    >>> pki = init_pki(Path("pki"), hosts=["coordinator.example.org"], sites=["a", "b"])  # doctest: +SKIP
+    >>> pki = init_pki(Path("pki"), hosts=["fl.example.org"], sites=["a", "b"])  # doctest: +SKIP
     >>> pki.sites()  # doctest: +SKIP
     ['a', 'b']
     """
     pki = Pki(Path(root))
     if pki.manifest.exists():
-        raise ConfigError(f"{pki.manifest} exists: {root} already holds a PKI; use `fedinfer certs add-site`")
+        raise ConfigError(
+            f"{pki.manifest} exists: {root} already holds a PKI; use `fedinfer certs add-site`"
+        )
     for name in sites:
         check_site_name(name)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -233,7 +271,9 @@ def init_pki(
     return pki
 
 
-def renew_server_cert(root: Path, *, hosts: Sequence[str] | None = None, days: int = SERVER_DAYS) -> Path:
+def renew_server_cert(
+    root: Path, *, hosts: Sequence[str] | None = None, days: int = SERVER_DAYS
+) -> Path:
     """Issue a new SuperLink certificate (new key) from the CA; sites need nothing new.
 
     ``hosts`` replaces the recorded host list when given. Restart the coordinator
@@ -250,7 +290,10 @@ def renew_server_cert(root: Path, *, hosts: Sequence[str] | None = None, days: i
     cert = _server_certificate(ca_cert, ca_key, key, manifest["hosts"], days)
     write_private(pki.server_key, _pem_private(key), overwrite=True)
     write_public(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM))
-    manifest["server_cert"] = {"not_after": cert.not_valid_after_utc.isoformat(), "serial": hex(cert.serial_number)}
+    manifest["server_cert"] = {
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "serial": hex(cert.serial_number),
+    }
     _write_manifest(pki, manifest)
     return pki.server_cert
 
@@ -266,15 +309,26 @@ def add_site(root: Path, name: str, *, public_key: Path | None = None) -> Path:
     manifest = _read_manifest(pki)
     check_site_name(name)
     if pki.node_pub(name).exists():
-        raise ConfigError(f"site {name!r} already has a key in {pki.site_dir(name)}; pick another name")
+        raise ConfigError(
+            f"site {name!r} already has a key in {pki.site_dir(name)}; pick another name"
+        )
     if public_key is not None:
         pub_bytes = load_node_public_key(Path(public_key)).public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
     else:
         key = ec.generate_private_key(ec.SECP384R1())
-        write_private(pki.node_key(name), key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        pub_bytes = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        write_private(
+            pki.node_key(name),
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+        )
+        pub_bytes = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
     write_public(pki.node_pub(name), pub_bytes + b" fedinfer-site-" + name.encode() + b"\n")
     shutil.copyfile(pki.ca_cert, pki.site_dir(name) / "ca.crt")
     shutil.copyfile(pki.signing_pub, pki.site_dir(name) / "coordinator.pub")
@@ -298,7 +352,7 @@ def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
 
 
 def describe(root: Path) -> dict[str, Any]:
-    """What the PKI holds and when its certificates expire (for ``fedinfer certs show``)."""
+    """Describe what the PKI holds and when its certificates expire (``fedinfer certs show``)."""
     pki = Pki(Path(root))
     manifest = _read_manifest(pki)
     ca = x509.load_pem_x509_certificate(_read(pki.ca_cert))
@@ -320,7 +374,9 @@ def _read(path: Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}; is this a `fedinfer certs init` directory?") from None
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror}; is this a `fedinfer certs init` directory?"
+        ) from None
 
 
 def _read_manifest(pki: Pki) -> dict[str, Any]:

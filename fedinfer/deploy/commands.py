@@ -17,7 +17,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    """Add ``certs``, ``coordinator``, ``site``, ``deploy`` and ``status`` to the ``fedinfer`` CLI."""
+    """Add ``certs``, ``coordinator``, ``site``, ``deploy`` and ``status`` to ``fedinfer``."""
     _add_certs(subparsers)
     _add_coordinator(subparsers)
     _add_site(subparsers)
@@ -27,23 +27,41 @@ def register(subparsers: Any) -> None:
 
 # ---------------------------------------------------------------------------- certs
 def _add_certs(subparsers: Any) -> None:
-    p = subparsers.add_parser("certs", help="CA, SuperLink certificate, site node keys, model-signing key")
+    p = subparsers.add_parser(
+        "certs", help="CA, SuperLink certificate, site node keys, model-signing key"
+    )
     sub = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
-    init = sub.add_parser("init", help="create a PKI directory (CA, TLS cert, signing key, site keys)")
+    init = sub.add_parser(
+        "init", help="create a PKI directory (CA, TLS cert, signing key, site keys)"
+    )
     init.add_argument("out_dir", type=Path)
-    init.add_argument("--coordinator-host", action="append", required=True,
-                      help="name or IP sites use to reach the coordinator (repeatable or comma-separated)")
+    init.add_argument(
+        "--coordinator-host",
+        action="append",
+        required=True,
+        help="name or IP sites use to reach the coordinator (repeatable or comma-separated)",
+    )
     init.add_argument("--sites", default="", help="comma-separated site names, e.g. a,b,c")
-    init.add_argument("--server-days", type=int, default=397, help="SuperLink certificate validity (days)")
+    init.add_argument(
+        "--server-days", type=int, default=397, help="SuperLink certificate validity (days)"
+    )
     init.set_defaults(func=_certs_init)
     add = sub.add_parser("add-site", help="add a site: a new node key pair, or only its public key")
     add.add_argument("name")
     add.add_argument("--pki", type=Path, required=True, help="the `certs init` directory")
-    add.add_argument("--public-key", type=Path, help="the site's own OpenSSH EC public key (it keeps the private one)")
+    add.add_argument(
+        "--public-key",
+        type=Path,
+        help="the site's own OpenSSH EC public key (it keeps the private one)",
+    )
     add.set_defaults(func=_certs_add_site)
-    renew = sub.add_parser("renew-server", help="issue a new SuperLink certificate (restart the coordinator after)")
+    renew = sub.add_parser(
+        "renew-server", help="issue a new SuperLink certificate (restart the coordinator after)"
+    )
     renew.add_argument("--pki", type=Path, required=True)
-    renew.add_argument("--coordinator-host", action="append", help="replace the host names (repeatable)")
+    renew.add_argument(
+        "--coordinator-host", action="append", help="replace the host names (repeatable)"
+    )
     renew.add_argument("--days", type=int, default=397)
     renew.set_defaults(func=_certs_renew)
     show = sub.add_parser("show", help="sites, names and expiry dates")
@@ -58,7 +76,12 @@ def _split(values: list[str] | None) -> list[str]:
 def _certs_init(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.certs import init_pki
 
-    pki = init_pki(ns.out_dir, hosts=_split(ns.coordinator_host), sites=_split([ns.sites]), server_days=ns.server_days)
+    pki = init_pki(
+        ns.out_dir,
+        hosts=_split(ns.coordinator_host),
+        sites=_split([ns.sites]),
+        server_days=ns.server_days,
+    )
     print(f"PKI in {pki.root}: CA, SuperLink certificate, signing key, sites {pki.sites()}")
     print(f"hand each site its bundle {pki.root / 'sites' / '<name>'}; keep {pki.ca_key} offline")
     return 0
@@ -68,8 +91,10 @@ def _certs_add_site(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.certs import add_site
 
     bundle = add_site(ns.pki, ns.name, public_key=ns.public_key)
-    print(f"site {ns.name}: bundle in {bundle}; a running coordinator registers it on its next start "
-          "(or now: `flwr supernode register <node.pub>`)")
+    print(
+        f"site {ns.name}: bundle in {bundle}; a running coordinator registers it on its next start "
+        "(or now: `flwr supernode register <node.pub>`)"
+    )
     return 0
 
 
@@ -91,16 +116,29 @@ def _certs_show(ns: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- coordinator
 def _add_coordinator(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "coordinator", help="start the SuperLink (TLS, node auth) and run a federation on it",
-        description="Hydra overrides follow the options, e.g. federation.rounds=5 deployment.input_dim=40.")
+        "coordinator",
+        help="start the SuperLink (TLS, node auth) and run a federation on it",
+        description="Hydra overrides follow the options, e.g. federation.rounds=5 "
+        "deployment.input_dim=40.",
+    )
     p.add_argument("--pki", type=Path, required=True, help="the `fedinfer certs init` directory")
-    p.add_argument("--workdir", type=Path, required=True, help="the coordinator's state, logs and results")
-    p.add_argument("--host", default="0.0.0.0", help="address of the Fleet gateway sites connect to")
-    p.add_argument("--port", type=int, default=9092, help="port of the Fleet gateway (default: 9092)")
-    p.add_argument("--link-port", type=int, default=0, help="loopback port of the SuperLink (0: free)")
+    p.add_argument(
+        "--workdir", type=Path, required=True, help="the coordinator's state, logs and results"
+    )
+    p.add_argument(
+        "--host", default="0.0.0.0", help="address of the Fleet gateway sites connect to"
+    )
+    p.add_argument(
+        "--port", type=int, default=9092, help="port of the Fleet gateway (default: 9092)"
+    )
+    p.add_argument(
+        "--link-port", type=int, default=0, help="loopback port of the SuperLink (0: free)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last completed round")
     p.add_argument("--keep-alive", action="store_true", help="stay up after the federation ends")
-    p.add_argument("--config-dir", type=Path, help="Hydra config directory (default: the repository's conf/)")
+    p.add_argument(
+        "--config-dir", type=Path, help="Hydra config directory (default: the repository's conf/)"
+    )
     p.add_argument("--config-name", default="config", help="Hydra config name (default: config)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides")
     p.set_defaults(func=_coordinator)
@@ -117,9 +155,18 @@ def _load_config(ns: argparse.Namespace) -> Any:
 def _coordinator(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.coordinator import CoordinatorOptions, run_coordinator_service
 
-    return run_coordinator_service(CoordinatorOptions(
-        cfg=_load_config(ns), pki_dir=ns.pki, workdir=ns.workdir, host=ns.host, port=ns.port,
-        link_port=ns.link_port, resume=ns.resume, keep_alive=ns.keep_alive))
+    return run_coordinator_service(
+        CoordinatorOptions(
+            cfg=_load_config(ns),
+            pki_dir=ns.pki,
+            workdir=ns.workdir,
+            host=ns.host,
+            port=ns.port,
+            link_port=ns.link_port,
+            resume=ns.resume,
+            keep_alive=ns.keep_alive,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- site
@@ -128,18 +175,31 @@ def _add_site(subparsers: Any) -> None:
     p.add_argument("--name", required=True, help="the site's name (its node key was made for it)")
     p.add_argument("--data", type=Path, required=True, help="the site's CSV / Parquet / NPZ file")
     p.add_argument("--state-dir", type=Path, required=True, help="models, ledger, audit log, logs")
-    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator's Fleet gateway")
+    p.add_argument(
+        "--coordinator", required=True, help="HOST:PORT of the coordinator's Fleet gateway"
+    )
     p.add_argument("--ca", type=Path, required=True, help="the deployment's CA certificate")
     p.add_argument("--key", type=Path, required=True, help="this site's node private key")
-    p.add_argument("--coordinator-public-key", type=Path,
-                   help="model-signing public key (default: coordinator.pub next to --key)")
+    p.add_argument(
+        "--coordinator-public-key",
+        type=Path,
+        help="model-signing public key (default: coordinator.pub next to --key)",
+    )
     p.add_argument("--no-serve", action="store_true", help="do not start the inference server")
     p.add_argument("--serve-host", default="127.0.0.1", help="inference server bind address")
     p.add_argument("--serve-port", type=int, default=8080, help="inference server port (0: free)")
-    p.add_argument("--serve-arg", action="append", default=[],
-                   help="extra `fedinfer serve` argument (repeatable), e.g. --serve-arg=--auth-tokens=t.json")
-    p.add_argument("--connect-attempts", type=int, default=0,
-                   help="give up after N failed connection attempts in a row (default: 0, never)")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="extra `fedinfer serve` argument (repeatable), e.g. --serve-arg=--auth-tokens=t.json",
+    )
+    p.add_argument(
+        "--connect-attempts",
+        type=int,
+        default=0,
+        help="give up after N failed connection attempts in a row (default: 0, never)",
+    )
     p.set_defaults(func=_site)
 
 
@@ -147,24 +207,43 @@ def _site(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.site import SiteOptions, run_site
 
     public_key = ns.coordinator_public_key or Path(ns.key).parent / "coordinator.pub"
-    return run_site(SiteOptions(
-        name=ns.name, data=ns.data, state_dir=ns.state_dir, coordinator=ns.coordinator, ca_cert=ns.ca,
-        node_key=ns.key, coordinator_public_key=public_key, serve=not ns.no_serve,
-        serve_host=ns.serve_host, serve_port=ns.serve_port, serve_args=ns.serve_arg,
-        connect_attempts=ns.connect_attempts))
+    return run_site(
+        SiteOptions(
+            name=ns.name,
+            data=ns.data,
+            state_dir=ns.state_dir,
+            coordinator=ns.coordinator,
+            ca_cert=ns.ca,
+            node_key=ns.key,
+            coordinator_public_key=public_key,
+            serve=not ns.no_serve,
+            serve_host=ns.serve_host,
+            serve_port=ns.serve_port,
+            serve_args=ns.serve_arg,
+            connect_attempts=ns.connect_attempts,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- deploy
 def _add_deploy(subparsers: Any) -> None:
     p = subparsers.add_parser("deploy", help="ready-made deployments")
     sub = p.add_subparsers(dest="deploy_command", metavar="KIND", required=True)
-    local = sub.add_parser("local", help="CA, coordinator and N sites on this machine over loopback, end to end")
+    local = sub.add_parser(
+        "local", help="CA, coordinator and N sites on this machine over loopback, end to end"
+    )
     local.add_argument("--sites", type=int, default=3, help="number of sites (default: 3)")
     local.add_argument("--rounds", type=int, default=2, help="federation rounds (default: 2)")
-    local.add_argument("--workdir", type=Path, default=Path("outputs/deploy-local"),
-                       help="everything goes here (default: outputs/deploy-local)")
+    local.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("outputs/deploy-local"),
+        help="everything goes here (default: outputs/deploy-local)",
+    )
     local.add_argument("--port", type=int, default=0, help="Fleet gateway port (0: free)")
-    local.add_argument("--keep-alive", action="store_true", help="keep the sites serving until Ctrl-C")
+    local.add_argument(
+        "--keep-alive", action="store_true", help="keep the sites serving until Ctrl-C"
+    )
     local.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. secagg=off privacy=none")
     local.set_defaults(func=_deploy_local)
 
@@ -173,16 +252,30 @@ def _deploy_local(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.local import deploy_local
 
     if ns.sites < 2:
-        raise ConfigError("`--sites` must be >= 2 (secure aggregation and FedAvg need at least two)")
-    return deploy_local(workdir=ns.workdir, num_sites=ns.sites, rounds=ns.rounds, overrides=ns.overrides,
-                        port=ns.port, keep_alive=ns.keep_alive)
+        raise ConfigError(
+            "`--sites` must be >= 2 (secure aggregation and FedAvg need at least two)"
+        )
+    return deploy_local(
+        workdir=ns.workdir,
+        num_sites=ns.sites,
+        rounds=ns.rounds,
+        overrides=ns.overrides,
+        port=ns.port,
+        keep_alive=ns.keep_alive,
+    )
 
 
 # --------------------------------------------------------------------------- status
 def _add_status(subparsers: Any) -> None:
-    p = subparsers.add_parser("status", help="connected sites, rounds and site servers of a deployment")
-    p.add_argument("--workdir", type=Path, required=True,
-                   help="a coordinator's --workdir, or a `deploy local` directory")
+    p = subparsers.add_parser(
+        "status", help="connected sites, rounds and site servers of a deployment"
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        required=True,
+        help="a coordinator's --workdir, or a `deploy local` directory",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 

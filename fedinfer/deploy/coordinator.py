@@ -42,7 +42,13 @@ from fedinfer.deploy.apps import COORDINATOR_DIR_ENV, CoordinatorRuntime, model_
 from fedinfer.deploy.bundle import write_app_bundle
 from fedinfer.deploy.certs import Pki
 from fedinfer.deploy.flower import FlowerCli, flower_env, superlink_argv
-from fedinfer.deploy.process import ManagedProcess, Shutdown, free_port, signals_raise_shutdown, wait_until
+from fedinfer.deploy.process import (
+    ManagedProcess,
+    Shutdown,
+    free_port,
+    signals_raise_shutdown,
+    wait_until,
+)
 from fedinfer.errors import ConfigError, FedInferError
 from fedinfer.fl.checkpoint import checkpoint_path
 from fedinfer.reporting.results import RESULTS_FILE, write_json_atomic
@@ -126,12 +132,17 @@ def _check_start(opts: CoordinatorOptions, layout: CoordinatorLayout, pki: Pki) 
     validate_config(opts.cfg)
     model_shape(opts.cfg)
     if not pki.server_cert.exists():
-        raise ConfigError(f"{opts.pki_dir} is not a `fedinfer certs init` directory (no {pki.server_cert})")
+        raise ConfigError(
+            f"{opts.pki_dir} is not a `fedinfer certs init` directory (no {pki.server_cert})"
+        )
     if not pki.sites():
-        raise ConfigError(f"{opts.pki_dir} has no sites; add them with `fedinfer certs add-site NAME`")
+        raise ConfigError(
+            f"{opts.pki_dir} has no sites; add them with `fedinfer certs add-site NAME`"
+        )
     if checkpoint_path(layout.output_dir).exists() and not opts.resume:
         raise ConfigError(
-            f"{layout.output_dir} holds a checkpoint of an earlier federation: pass --resume to continue it, "
+            f"{layout.output_dir} holds a checkpoint of an earlier federation: pass --resume to "
+            "continue it, "
             "or give a fresh --workdir"
         )
 
@@ -147,9 +158,11 @@ def run_coordinator_service(opts: CoordinatorOptions) -> int:
     layout.logs.mkdir(parents=True, exist_ok=True)
     with signals_raise_shutdown():
         try:
+            restarted = layout.database.exists()
             cli = _start_link(opts, layout, pki)
             nodes = _register_sites(cli, pki, known=layout.read_state().get("sites", {}))
-            _stop_stale_runs(cli)
+            if restarted:
+                _stop_stale_runs(cli)
             run_id = _launch(opts, layout, pki, cli, nodes)
             status = _follow(opts, layout, cli, run_id)
             print(f"federation {status}; results in {layout.output_dir / RESULTS_FILE}", flush=True)
@@ -167,25 +180,63 @@ def run_coordinator_service(opts: CoordinatorOptions) -> int:
 def _start_link(opts: CoordinatorOptions, layout: CoordinatorLayout, pki: Pki) -> FlowerCli:
     link_port = opts.link_port or free_port()
     env = flower_env(layout.flwr_home, {COORDINATOR_DIR_ENV: str(layout.root)})
-    link = ManagedProcess("superlink", superlink_argv(
-        ca_cert=pki.ca_cert, cert=pki.server_cert, key=pki.server_key, host="127.0.0.1", port=link_port,
-        database=layout.database), log_file=layout.logs / "superlink.log", env=env).start()
+    link = ManagedProcess(
+        "superlink",
+        superlink_argv(
+            ca_cert=pki.ca_cert,
+            cert=pki.server_cert,
+            key=pki.server_key,
+            host="127.0.0.1",
+            port=link_port,
+            database=layout.database,
+        ),
+        log_file=layout.logs / "superlink.log",
+        env=env,
+    ).start()
     opts.processes.append(link)
-    gateway = ManagedProcess("gateway", [
-        sys.executable, "-m", "fedinfer.deploy.gateway", "--host", opts.host, "--port", str(opts.port),
-        "--upstream", f"https://127.0.0.1:{link_port}", "--ca-cert", str(pki.ca_cert),
-        "--certfile", str(pki.server_cert), "--keyfile", str(pki.server_key),
-    ], log_file=layout.logs / "gateway.log", env=env).start()
+    gateway = ManagedProcess(
+        "gateway",
+        [
+            sys.executable,
+            "-m",
+            "fedinfer.deploy.gateway",
+            "--host",
+            opts.host,
+            "--port",
+            str(opts.port),
+            "--upstream",
+            f"https://127.0.0.1:{link_port}",
+            "--ca-cert",
+            str(pki.ca_cert),
+            "--certfile",
+            str(pki.server_cert),
+            "--keyfile",
+            str(pki.server_key),
+        ],
+        log_file=layout.logs / "gateway.log",
+        env=env,
+    ).start()
     opts.processes.append(gateway)
     probe = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host  # noqa: S104
     _wait_healthy(link, f"https://127.0.0.1:{link_port}/health", pki.ca_cert)
     _wait_healthy(gateway, f"https://{_hostport(probe, opts.port)}/health", pki.ca_cert)
     cli = FlowerCli(layout.flwr_home, f"127.0.0.1:{link_port}", pki.ca_cert)
     cli.write_config()
-    _write_state(layout, {"pid": os.getpid(), "superlink": f"127.0.0.1:{link_port}",
-                          "fleet": _hostport(opts.host, opts.port), "status": "starting",
-                          "pids": {p.name: p.pid for p in opts.processes}, "ca_cert": str(pki.ca_cert)})
-    print(f"SuperLink up (loopback :{link_port}); sites connect to {_hostport(opts.host, opts.port)}", flush=True)
+    _write_state(
+        layout,
+        {
+            "pid": os.getpid(),
+            "superlink": f"127.0.0.1:{link_port}",
+            "fleet": _hostport(opts.host, opts.port),
+            "status": "starting",
+            "pids": {p.name: p.pid for p in opts.processes},
+            "ca_cert": str(pki.ca_cert),
+        },
+    )
+    print(
+        f"SuperLink up (loopback :{link_port}); sites connect to {_hostport(opts.host, opts.port)}",
+        flush=True,
+    )
     return cli
 
 
@@ -196,15 +247,21 @@ def _hostport(host: str, port: int) -> str:
 def _wait_healthy(proc: ManagedProcess, url: str, ca_cert: Path) -> None:
     def healthy() -> bool:
         try:
-            with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_cert)), timeout=2.0, trust_env=False) as client:
+            with httpx.Client(
+                verify=ssl.create_default_context(cafile=str(ca_cert)), timeout=2.0, trust_env=False
+            ) as client:
                 return client.get(url).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_until(healthy, timeout_s=120, what=f"{proc.name} at {url}", interval_s=0.5, alive=proc.check_alive)
+    wait_until(
+        healthy, timeout_s=120, what=f"{proc.name} at {url}", interval_s=0.5, alive=proc.check_alive
+    )
 
 
-def _register_sites(cli: FlowerCli, pki: Pki, *, known: dict[str, int | None]) -> dict[str, int | None]:
+def _register_sites(
+    cli: FlowerCli, pki: Pki, *, known: dict[str, int | None]
+) -> dict[str, int | None]:
     """Register every site's node key; a key the SuperLink's database already holds is fine.
 
     ``known`` maps sites to the node ids an earlier start recorded in ``coordinator.json``.
@@ -221,7 +278,7 @@ def _register_sites(cli: FlowerCli, pki: Pki, *, known: dict[str, int | None]) -
 
 
 def _stop_stale_runs(cli: FlowerCli) -> None:
-    """Runs a crashed coordinator left behind would keep their messages queued at the sites."""
+    """Stop runs a crashed coordinator left behind; their messages would stay queued at sites."""
     for run in cli.list_runs():
         if not str(run.get("status", "")).startswith(_FINISHED):
             logger.info("stopping run %s left by an earlier start", run["run-id"])
@@ -229,41 +286,77 @@ def _stop_stale_runs(cli: FlowerCli) -> None:
                 cli.stop_run(int(run["run-id"]))
 
 
-def _launch(opts: CoordinatorOptions, layout: CoordinatorLayout, pki: Pki, cli: FlowerCli,
-            nodes: dict[str, int | None]) -> int:
+def _launch(
+    opts: CoordinatorOptions,
+    layout: CoordinatorLayout,
+    pki: Pki,
+    cli: FlowerCli,
+    nodes: dict[str, int | None],
+) -> int:
     cfg = opts.cfg
     cfg.output_dir = str(layout.output_dir)
     layout.output_dir.mkdir(parents=True, exist_ok=True)
     CoordinatorRuntime(
-        output_dir=str(layout.output_dir), signing_key=str(pki.signing_key),
-        run_id=uuid.uuid4().hex[:12], resume=opts.resume, rounds_log=str(layout.logs / "rounds.log"),
+        output_dir=str(layout.output_dir),
+        signing_key=str(pki.signing_key),
+        run_id=uuid.uuid4().hex[:12],
+        resume=opts.resume,
+        rounds_log=str(layout.logs / "rounds.log"),
+        coordinator_pid=os.getpid(),
     ).save(layout.root)
     write_app_bundle(layout.app_dir, cfg)
     run_id = cli.run(layout.app_dir)
-    _update_state(layout, status="running", flower_run_id=run_id, sites=nodes, started=time.time(),
-                  resume=opts.resume, rounds=cfg.federation.rounds)
-    print(f"federation started: Flower run {run_id}, {cfg.federation.rounds} rounds, "
-          f"{len(nodes)} registered sites{' (resumed)' if opts.resume else ''}", flush=True)
+    _update_state(
+        layout,
+        status="running",
+        flower_run_id=run_id,
+        sites=nodes,
+        started=time.time(),
+        resume=opts.resume,
+        rounds=cfg.federation.rounds,
+    )
+    print(
+        f"federation started: Flower run {run_id}, {cfg.federation.rounds} rounds, "
+        f"{len(nodes)} registered sites{' (resumed)' if opts.resume else ''}",
+        flush=True,
+    )
     return run_id
 
 
-def _follow(opts: CoordinatorOptions, layout: CoordinatorLayout, cli: FlowerCli, run_id: int) -> str:
+def _follow(
+    opts: CoordinatorOptions, layout: CoordinatorLayout, cli: FlowerCli, run_id: int
+) -> str:
     """Echo rounds as they complete; return Flower's final status of the run."""
     rounds_log = layout.logs / "rounds.log"
     offset = rounds_log.stat().st_size if rounds_log.exists() else 0
-    last_check, status = 0.0, "running"
+    launched, last_check = time.time(), time.monotonic()
     while True:
         for proc in opts.processes:
             proc.check_alive()
         offset = _echo_new_lines(rounds_log, offset)
-        if time.monotonic() - last_check > 10:  # each `flwr ls` costs a Python start-up
+        # Each `flwr ls` costs a Python start-up: ask every 10 s, or soon once the ServerApp is done
+        waited = time.monotonic() - last_check
+        if waited > 10 or (waited > 2 and _results_final(layout, since=launched)):
             last_check = time.monotonic()
-            status = next((str(r["status"]) for r in cli.list_runs() if int(r["run-id"]) == run_id), "unknown")
+            status = next(
+                (str(r["status"]) for r in cli.list_runs() if int(r["run-id"]) == run_id), "unknown"
+            )
             if status.startswith(_FINISHED):
                 _echo_new_lines(rounds_log, offset)
                 _update_state(layout, status=status, finished=time.time())
                 return status
         time.sleep(1.0)
+
+
+def _results_final(layout: CoordinatorLayout, *, since: float) -> bool:
+    path = layout.output_dir / RESULTS_FILE
+    try:
+        return path.stat().st_mtime >= since and json.loads(path.read_text()).get("status") in (
+            "completed",
+            "stopped",
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def _echo_new_lines(path: Path, offset: int) -> int:

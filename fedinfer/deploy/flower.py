@@ -44,48 +44,72 @@ def flower_bin(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        raise FedInferError(f"`{name}` not found; install Flower (`pip install 'flwr[simulation]==1.42.0'`)")
+        raise FedInferError(
+            f"`{name}` not found; install Flower (`pip install 'flwr[simulation]==1.42.0'`)"
+        )
     return found
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a Flower process: its own FLWR_HOME, no installs, no phoning home."""
+    """Return a Flower process's environment: its own FLWR_HOME, no installs, no phoning home."""
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def superlink_argv(*, ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: Path) -> list[str]:
+def superlink_argv(
+    *, ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: Path
+) -> list[str]:
     """``flower-superlink`` with TLS and node authentication on ``host:port``."""
     return [
         flower_bin("flower-superlink"),
-        "--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+        "--ssl-ca-certfile",
+        str(ca_cert),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
         "--enable-supernode-auth",
-        "--host", host, "--port", str(port),
-        "--database", str(database),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
         "--disable-runtime-dependency-installation",
     ]
 
 
-def supernode_argv(*, superlink: str, ca_cert: Path, node_key: Path, node_config: Path, runtime_port: int) -> list[str]:
+def supernode_argv(
+    *, superlink: str, ca_cert: Path, node_key: Path, node_config: Path, runtime_port: int
+) -> list[str]:
     """``flower-supernode`` connecting to ``superlink`` over TLS with node authentication.
 
     ``runtime_port`` is the SuperNode's local API for its ClientApp processes (loopback).
     """
     return [
         flower_bin("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(ca_cert),
-        "--auth-supernode-private-key", str(node_key),
-        "--node-config", str(node_config),
-        "--host", "127.0.0.1", "--port", str(runtime_port),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca_cert),
+        "--auth-supernode-private-key",
+        str(node_key),
+        "--node-config",
+        str(node_config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
     ]
 
 
@@ -113,27 +137,44 @@ class FlowerCli:
         path = self.flwr_home / "config.toml"
         path.write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\nroot-certificates = "{self.root_certificates.resolve()}"\n'
+            f'address = "{self.address}"\n'
+            f'root-certificates = "{self.root_certificates.resolve()}"\n'
         )
         return path
 
     def call(self, *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Run ``flwr ARGS... --format json`` and return its JSON; raise with Flower's message on failure."""
+        """Run ``flwr ARGS... --format json`` and return its JSON; raise on failure."""
         argv = [flower_bin("flwr"), *args, "--format", "json"]
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,  # noqa: S603
-                                  env=flower_env(self.flwr_home), stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,  # noqa: S603
+                env=flower_env(self.flwr_home),
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
-            raise FedInferError(f"`flwr {' '.join(args)}` did not answer within {timeout_s:.0f}s") from None
+            raise FedInferError(
+                f"`flwr {' '.join(args)}` did not answer within {timeout_s:.0f}s"
+            ) from None
         payload = _last_json(done.stdout)
         if done.returncode != 0 or not payload.get("success", False):
-            reason = payload.get("error-message") or done.stderr.strip()[-500:] or done.stdout.strip()[-500:]
+            reason = (
+                payload.get("error-message")
+                or done.stderr.strip()[-500:]
+                or done.stdout.strip()[-500:]
+            )
             raise FedInferError(f"`flwr {' '.join(args)}` failed: {reason}")
         return payload
 
     def register_node(self, public_key: Path, *, name: str) -> int:
         """Register a site's node public key; returns the node id Flower gives it."""
-        return int(self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)["node-id"])
+        return int(
+            self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)[
+                "node-id"
+            ]
+        )
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """Every registered node with its status (``registered``, ``online``, ``offline``)."""
@@ -153,7 +194,7 @@ class FlowerCli:
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
-    """The JSON object the CLI prints last (it may print other lines before it)."""
+    """Return the JSON object the CLI prints last (it may print other lines before it)."""
     start = stdout.find("{")
     while start != -1:
         try:

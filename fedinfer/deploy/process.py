@@ -58,14 +58,20 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host`` (the OS picks it)."""
+    """Return a TCP port that is free right now on ``host`` (the OS picks it)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], bool], *, timeout_s: float, what: str, interval_s: float = 0.2,
-               alive: Callable[[], None] | None = None) -> None:
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.2,
+    alive: Callable[[], None] | None = None,
+) -> None:
     """Poll ``condition`` until it holds; ``alive`` may raise if a process it waits on died.
 
     Raises
@@ -99,8 +105,14 @@ class ManagedProcess:
         The child's environment (default: the launcher's).
     """
 
-    def __init__(self, name: str, argv: Sequence[str], *, log_file: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_file: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name, self.argv, self.log_file = name, list(argv), Path(log_file)
         self.env = dict(env) if env is not None else None
         self.process: subprocess.Popen[bytes] | None = None
@@ -114,27 +126,35 @@ class ManagedProcess:
         """Spawn the child; returns ``self``."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            log.write(f"\n=== {stamp} start: {' '.join(self.argv)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(  # noqa: S603 - argv built by us, never a shell
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         logger.info("started %s (pid %s), log %s", self.name, self.process.pid, self.log_file)
         return self
 
     def poll(self) -> int | None:
-        """The exit code, or None while it runs."""
+        """Return the exit code, or None while it runs."""
         return None if self.process is None else self.process.poll()
 
     def check_alive(self) -> None:
         """Raise if the child has exited, pointing at its log."""
         code = self.poll()
         if code is not None:
-            raise FedInferError(f"{self.name} exited with code {code}: {self.tail()}  (log: {self.log_file})")
+            raise FedInferError(
+                f"{self.name} exited with code {code}: {self.tail()}  (log: {self.log_file})"
+            )
 
     def tail(self, lines: int = 3) -> str:
-        """The last lines of the log, on one line (for error messages)."""
+        """Return the last lines of the log, joined on one line (for error messages)."""
         try:
             text = self.log_file.read_text(errors="replace").strip().splitlines()
         except OSError:
@@ -142,7 +162,7 @@ class ManagedProcess:
         return " | ".join(line.strip() for line in text[-lines:])
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM the child's process group, then SIGKILL it after ``timeout_s``; returns the exit code."""
+        """SIGTERM the child's process group, SIGKILL after ``timeout_s``; return the exit code."""
         if self.process is None:
             return None
         if self.process.poll() is None:

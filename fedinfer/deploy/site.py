@@ -3,9 +3,9 @@
 Processes (logs under ``<state-dir>/logs/``)::
 
     fedinfer site           this supervisor; Ctrl-C / SIGTERM stops both children
-    ├── flower-supernode    connects to the coordinator's gateway over TLS, authenticated by node.key;
+    ├── flower-supernode    TLS to the coordinator's gateway, authenticated by node.key;
     │                       every message runs clients/app.py in a fresh `flwr-clientapp` process
-    └── fedinfer serve      KServe v2 server on the site's ModelStore; hot-swaps each published version
+    └── fedinfer serve      KServe v2 server on the site's ModelStore; hot-swaps new versions
 
 State directory (everything the site knows; survives restarts)::
 
@@ -129,7 +129,7 @@ def _toml_string(value: str) -> str:
 
 
 def node_config_toml(opts: SiteOptions) -> str:
-    """The SuperNode's ``--node-config`` file: who the site is and where its data and state live."""
+    """Return the SuperNode's ``--node-config`` TOML: site name, data path, state, key."""
     entries = {
         NodeConfigKeys.SITE_NAME: opts.name,
         NodeConfigKeys.DATA_PATH: str(Path(opts.data).resolve()),
@@ -140,15 +140,24 @@ def node_config_toml(opts: SiteOptions) -> str:
 
 
 def _check(opts: SiteOptions) -> None:
-    problems = [f"{flag} {path} does not exist" for flag, path in (
-        ("--data", opts.data), ("--ca", opts.ca_cert), ("--key", opts.node_key),
-        ("--coordinator-public-key", opts.coordinator_public_key)) if not Path(path).exists()]
+    problems = [
+        f"{flag} {path} does not exist"
+        for flag, path in (
+            ("--data", opts.data),
+            ("--ca", opts.ca_cert),
+            ("--key", opts.node_key),
+            ("--coordinator-public-key", opts.coordinator_public_key),
+        )
+        if not Path(path).exists()
+    ]
     if not problems and Path(opts.node_key).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         problems.append(f"--key {opts.node_key} is readable by others; `chmod 600` it")
     if ":" not in opts.coordinator:
         problems.append(f"--coordinator {opts.coordinator!r} must be HOST:PORT")
     if opts.serve and not serving_available():
-        problems.append("this installation has no inference server (fedinfer.serving); pass --no-serve")
+        problems.append(
+            "this installation has no inference server (fedinfer.serving); pass --no-serve"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -184,39 +193,78 @@ def run_site(opts: SiteOptions) -> int:
 
 
 def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
-    argv = supernode_argv(superlink=opts.coordinator, ca_cert=Path(opts.ca_cert).resolve(),
-                          node_key=Path(opts.node_key).resolve(), node_config=layout.node_config,
-                          runtime_port=free_port())
-    opts.processes.append(ManagedProcess("supernode", argv, log_file=layout.logs / "supernode.log",
-                                         env=flower_env(layout.flwr_home)).start())
+    argv = supernode_argv(
+        superlink=opts.coordinator,
+        ca_cert=Path(opts.ca_cert).resolve(),
+        node_key=Path(opts.node_key).resolve(),
+        node_config=layout.node_config,
+        runtime_port=free_port(),
+    )
+    opts.processes.append(
+        ManagedProcess(
+            "supernode",
+            argv,
+            log_file=layout.logs / "supernode.log",
+            env=flower_env(layout.flwr_home),
+        ).start()
+    )
 
 
 def _start_server(opts: SiteOptions, layout: SiteLayout) -> None:
     port_file = layout.root / "serve.port"
     port_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "fedinfer", "serve", "--model-store", str(layout.models),
-            "--host", opts.serve_host, "--port", str(opts.serve_port), "--port-file", str(port_file),
-            "--public-key", str(Path(opts.coordinator_public_key).resolve()),
-            "--audit-dir", str(layout.audit), *opts.serve_args]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedinfer",
+        "serve",
+        "--model-store",
+        str(layout.models),
+        "--host",
+        opts.serve_host,
+        "--port",
+        str(opts.serve_port),
+        "--port-file",
+        str(port_file),
+        "--public-key",
+        str(Path(opts.coordinator_public_key).resolve()),
+        "--audit-dir",
+        str(layout.audit),
+        *opts.serve_args,
+    ]
     server = ManagedProcess("serve", argv, log_file=layout.logs / "serve.log").start()
     opts.processes.append(server)
     deadline = time.monotonic() + 120
     while not port_file.exists():
         server.check_alive()
         if time.monotonic() > deadline:
-            raise FedInferError(f"the inference server did not bind within 120s; see {server.log_file}")
+            raise FedInferError(
+                f"the inference server did not bind within 120s; see {server.log_file}"
+            )
         time.sleep(0.1)
-    print(f"site {opts.name}: inference server on {opts.serve_host}:{port_file.read_text().strip()}", flush=True)
+    print(
+        f"site {opts.name}: inference server on {opts.serve_host}:{port_file.read_text().strip()}",
+        flush=True,
+    )
 
 
 def _write_state(opts: SiteOptions, layout: SiteLayout) -> None:
     port_file = layout.root / "serve.port"
-    write_json_atomic(layout.state_file, {
-        "name": opts.name, "pid": os.getpid(), "coordinator": opts.coordinator, "started": time.time(),
-        "pids": {p.name: p.pid for p in opts.processes},
-        "serve": {"host": opts.serve_host, "port": int(port_file.read_text()) if port_file.exists() else None,
-                  "tls": "--tls-certfile" in opts.serve_args},
-    })
+    write_json_atomic(
+        layout.state_file,
+        {
+            "name": opts.name,
+            "pid": os.getpid(),
+            "coordinator": opts.coordinator,
+            "started": time.time(),
+            "pids": {p.name: p.pid for p in opts.processes},
+            "serve": {
+                "host": opts.serve_host,
+                "port": int(port_file.read_text()) if port_file.exists() else None,
+                "tls": "--tls-certfile" in opts.serve_args,
+            },
+        },
+    )
 
 
 def _supervise(opts: SiteOptions) -> int:
@@ -235,22 +283,28 @@ def _supervise(opts: SiteOptions) -> int:
             code = proc.poll()
             if code is None:
                 continue
-            print(f"site {opts.name}: {proc.name} exited with code {code}: {_reason(proc)} (log: {proc.log_file})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"site {opts.name}: {proc.name} exited with code {code}: {_reason(proc)} "
+                f"(log: {proc.log_file})",
+                file=sys.stderr,
+                flush=True,
+            )
             if proc.name != "supernode":
                 return 2
             attempts = 1 if time.monotonic() - started > _CONNECTED_S else attempts + 1
             if opts.connect_attempts and attempts > opts.connect_attempts:
                 return 2
             delay = min(_BACKOFF_S * 2 ** min(attempts - 2, 4), 60.0)
-            print(f"site {opts.name}: reconnecting in {delay:.0f}s (attempt {attempts})", flush=True)
+            print(
+                f"site {opts.name}: reconnecting in {delay:.0f}s (attempt {attempts})", flush=True
+            )
             time.sleep(delay)
             proc.start()
             started = time.monotonic()
 
 
 def _reason(proc: ManagedProcess) -> str:
-    """The line of a Flower log that says why it gave up, else its last lines."""
+    """Return the line of a Flower log that says why it gave up, else its last lines."""
     try:
         lines = proc.log_file.read_text(errors="replace").splitlines()[-40:]
     except OSError:

@@ -53,11 +53,11 @@ def write_site_files(cfg: FedInferConfig, directory: Path, *, names: Sequence[st
     return SiteFiles(paths=paths, input_dim=pooled.input_dim, num_classes=pooled.num_classes)
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
+def _save_npz(path: Path, *, x: np.ndarray, y: np.ndarray) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, x=x, y=y)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

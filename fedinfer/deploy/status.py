@@ -45,16 +45,23 @@ def _coordinator_dir(workdir: Path) -> Path | None:
 
 
 def collect_status(workdir: Path) -> dict[str, Any]:
-    """The status of a coordinator ``--workdir`` or a ``deploy local`` directory, as JSON-able data."""
+    """Collect the status of a coordinator ``--workdir`` or a ``deploy local`` directory."""
     workdir = Path(workdir).resolve()
     coordinator = _coordinator_dir(workdir)
     sites_root = workdir / "sites"
     if coordinator is None and not sites_root.is_dir():
-        raise FedInferError(f"{workdir} is neither a coordinator --workdir nor a `deploy local` directory")
+        raise FedInferError(
+            f"{workdir} is neither a coordinator --workdir nor a `deploy local` directory"
+        )
     return {
         "coordinator": _coordinator_status(CoordinatorLayout(coordinator)) if coordinator else None,
-        "sites": [_site_status(SiteLayout(d)) for d in sorted(sites_root.iterdir()) if (d / "site.json").exists()]
-        if sites_root.is_dir() else [],
+        "sites": [
+            _site_status(SiteLayout(d))
+            for d in sorted(sites_root.iterdir())
+            if (d / "site.json").exists()
+        ]
+        if sites_root.is_dir()
+        else [],
     }
 
 
@@ -72,7 +79,11 @@ def _coordinator_status(layout: CoordinatorLayout) -> dict[str, Any]:
         "run_status": state.get("status"),
         "rounds_done": len(rounds),
         "rounds_planned": state.get("rounds"),
-        "last_round": {k: rounds[-1].get(k) for k in ("round", "federated", "epsilon", "duration_s")} if rounds else None,
+        "last_round": {
+            k: rounds[-1].get(k) for k in ("round", "federated", "epsilon", "duration_s")
+        }
+        if rounds
+        else None,
         "model_version": results.get("model_version"),
         "deployed": results.get("deployed"),
         "nodes": None,
@@ -81,8 +92,14 @@ def _coordinator_status(layout: CoordinatorLayout) -> dict[str, Any]:
         with contextlib.suppress(FedInferError):
             names = {int(v): k for k, v in state.get("sites", {}).items() if v is not None}
             cli = FlowerCli(layout.flwr_home, state["superlink"], Path(state["ca_cert"]))
-            status["nodes"] = [{"site": names.get(int(n["node-id"]), "?"), "node_id": n["node-id"],
-                                "status": n["status"]} for n in cli.list_nodes()]
+            status["nodes"] = [
+                {
+                    "site": names.get(int(n["node-id"]), "?"),
+                    "node_id": n["node-id"],
+                    "status": n["status"],
+                }
+                for n in cli.list_nodes()
+            ]
     return status
 
 
@@ -134,16 +151,29 @@ def render_status(status: dict[str, Any]) -> str:
     lines = []
     coord = status.get("coordinator")
     if coord:
-        procs = ", ".join(f"{k} {'up' if v else 'down'}" for k, v in coord["processes"].items()) or "not running"
+        procs = (
+            ", ".join(f"{k} {'up' if v else 'down'}" for k, v in coord["processes"].items())
+            or "not running"
+        )
         lines.append(f"coordinator  {coord['workdir']}  [{procs}]  fleet {coord['fleet']}")
-        lines.append(f"  run {coord['flower_run']}: {coord['run_status']}, rounds {coord['rounds_done']}/"
-                     f"{coord['rounds_planned']}, model version {coord['model_version']}, deployed {coord['deployed']}")
+        lines.append(
+            f"  run {coord['flower_run']}: {coord['run_status']}, rounds {coord['rounds_done']}/"
+            f"{coord['rounds_planned']}, model version {coord['model_version']}, "
+            f"deployed {coord['deployed']}"
+        )
         for node in coord.get("nodes") or []:
             lines.append(f"  node {node['site']:<12} {node['status']:<10} id {node['node_id']}")
     for site in status.get("sites", []):
         server = site["server"]
-        serving = f"{server['url']} {'ready' if server['ready'] else 'not ready'}" if server else "no server"
+        serving = (
+            f"{server['url']} {'ready' if server['ready'] else 'not ready'}"
+            if server
+            else "no server"
+        )
         eps = f"{site['epsilon']:.3f}" if site["epsilon"] is not None else "-"
-        lines.append(f"site {site['site']:<12} {'up' if site['running'] else 'down':<5} model v{site['model_version']}  "
-                     f"epsilon {eps}  {serving}")
+        lines.append(
+            f"site {site['site']:<12} {'up' if site['running'] else 'down':<5} "
+            f"model v{site['model_version']}  "
+            f"epsilon {eps}  {serving}"
+        )
     return "\n".join(lines) or "nothing found"

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
@@ -70,7 +70,7 @@ def checkpoint_path(output_dir: Path) -> Path:
 
 
 def _layers(strategy: Strategy) -> Iterator[Strategy]:
-    """The strategy and every strategy it wraps, outermost first."""
+    """Yield the strategy and every strategy it wraps, outermost first."""
     layer: Any = strategy
     while isinstance(layer, Strategy):
         yield layer
@@ -79,13 +79,19 @@ def _layers(strategy: Strategy) -> Iterator[Strategy]:
 
 def _resumable_config(cfg: FedInferConfig) -> dict[str, Any]:
     return {
-        k: v for k, v in sorted(to_run_config(cfg).items())
+        k: v
+        for k, v in sorted(to_run_config(cfg).items())
         if k not in _MAY_CHANGE and not k.startswith(_MAY_CHANGE_GROUPS)
     }
 
 
 def save_checkpoint(
-    output_dir: Path, *, cfg: FedInferConfig, state: FederationState, strategy: Strategy, run_id: str
+    output_dir: Path,
+    *,
+    cfg: FedInferConfig,
+    state: FederationState,
+    strategy: Strategy,
+    run_id: str,
 ) -> Path:
     """Atomically write the checkpoint after a completed round; returns its path."""
     tensors: dict[str, np.ndarray] = {}
@@ -93,7 +99,7 @@ def save_checkpoint(
     for name, value in weights.items():
         tensors[f"arrays/{name}"] = np.ascontiguousarray(value)
     layers = [_save_layer(i, layer, tensors) for i, layer in enumerate(_layers(strategy))]
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     tensors["rng/numpy"] = np.asarray(np_state[1], dtype=np.uint32)
     meta = {
         "format": FORMAT_VERSION,
@@ -106,7 +112,11 @@ def save_checkpoint(
         "array_keys": list(weights),
         "strategy": layers,
         "python_random": _jsonable_random_state(random.getstate()),
-        "numpy_random": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy_random": {
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "config": _resumable_config(cfg),
     }
     path = checkpoint_path(output_dir)
@@ -115,7 +125,12 @@ def save_checkpoint(
 
 
 def _save_layer(index: int, layer: Strategy, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-    saved: dict[str, Any] = {"class": type(layer).__name__, "arrays": {}, "scalars": {}, "randoms": {}}
+    saved: dict[str, Any] = {
+        "class": type(layer).__name__,
+        "arrays": {},
+        "scalars": {},
+        "randoms": {},
+    }
     for attr in _ARRAY_STATE:
         value = getattr(layer, attr, None)
         if isinstance(value, dict):
@@ -135,7 +150,9 @@ def _save_layer(index: int, layer: Strategy, tensors: dict[str, np.ndarray]) -> 
     return saved
 
 
-def load_checkpoint(output_dir: Path, *, cfg: FedInferConfig, strategy: Strategy) -> Checkpoint | None:
+def load_checkpoint(
+    output_dir: Path, *, cfg: FedInferConfig, strategy: Strategy
+) -> Checkpoint | None:
     """Load the checkpoint into a fresh state and restore ``strategy`` and the random generators.
 
     Returns ``None`` when ``output_dir`` has no checkpoint (no round completed yet).
@@ -161,7 +178,9 @@ def load_checkpoint(output_dir: Path, *, cfg: FedInferConfig, strategy: Strategy
         _restore_layer(index, layer, saved, tensors)
     random.setstate(_random_state(meta["python_random"]))
     np_meta = meta["numpy_random"]
-    np.random.set_state(("MT19937", tensors["rng/numpy"], np_meta["pos"], np_meta["has_gauss"], np_meta["cached"]))
+    np.random.set_state(
+        ("MT19937", tensors["rng/numpy"], np_meta["pos"], np_meta["has_gauss"], np_meta["cached"])
+    )
     return Checkpoint(state=_state_of(meta, tensors), run_id=str(meta["run_id"]))
 
 
@@ -174,7 +193,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a fedinfer checkpoint; move it away to start afresh")
     meta: dict[str, Any] = json.loads(raw)
     if meta.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"{path} has checkpoint format {meta.get('format')}; this fedinfer reads {FORMAT_VERSION}")
+        raise ConfigError(
+            f"{path} has checkpoint format {meta.get('format')}; "
+            f"this fedinfer reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -188,10 +210,14 @@ def _check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
         )
 
 
-def _restore_layer(index: int, layer: Strategy, saved: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+def _restore_layer(
+    index: int, layer: Strategy, saved: dict[str, Any], tensors: dict[str, np.ndarray]
+) -> None:
     for attr, spec in saved["arrays"].items():
         if spec["kind"] == "dict":
-            value: Any = {k: tensors[f"strategy/{index}/{attr}/{i}"] for i, k in enumerate(spec["keys"])}
+            value: Any = {
+                k: tensors[f"strategy/{index}/{attr}/{i}"] for i, k in enumerate(spec["keys"])
+            }
         else:
             value = [tensors[f"strategy/{index}/{attr}/{i}"] for i in range(spec["len"])]
         setattr(layer, attr, value)
@@ -208,7 +234,9 @@ def _state_of(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Federatio
         completed_round=int(meta["completed_round"]),
         exhausted_nodes={int(n) for n in meta["exhausted_nodes"]},
         site_names={int(k): str(v) for k, v in meta["site_names"].items()},
-        history=[RoundRecord(**{k: v for k, v in r.items() if k in known}) for r in meta["history"]],
+        history=[
+            RoundRecord(**{k: v for k, v in r.items() if k in known}) for r in meta["history"]
+        ],
         stop_reason=meta["stop_reason"],
     )
 

@@ -61,6 +61,8 @@ class FederationState:
     completed_round: int = 0
     exhausted_nodes: set[int] = field(default_factory=set)
     site_names: dict[int, str] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    """Latest cumulative epsilon each site reported (kept for sites that did not train since)."""
     history: list[RoundRecord] = field(default_factory=list)
     stop_reason: str | None = None
 
@@ -99,7 +101,7 @@ def _record_site_metrics(replies: list[Message], state: FederationState, record:
         metrics = dict(next(iter(msg.content.metric_records.values())))
         record.sites[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         if "epsilon" in metrics:
-            record.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
+            state.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
             record.privacy[site] = {
                 k: float(metrics[k])  # type: ignore[arg-type]
                 for k in ("delta", "noise-multiplier", "sample-rate", "dp-steps") if k in metrics
@@ -138,6 +140,7 @@ def run_rounds(
         messages = strategy.configure_train(server_round, state.arrays, ConfigRecord(dict(train_config)), trainable)
         replies = _split_replies(grid.send_and_receive(messages, timeout=timeout), state, record)
         _record_site_metrics(replies, state, record)
+        record.epsilon = dict(sorted(state.epsilon.items()))
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             state.arrays, record.aggregated = arrays, True

@@ -18,11 +18,15 @@ __all__ = ["planned_noise_multiplier", "private_train"]
 
 
 def planned_noise_multiplier(cfg: FedInferConfig, *, delta: float, sample_rate: float, steps_per_round: int) -> float:
-    """``privacy.noise_multiplier``, or the one that spends ``target_epsilon`` over all planned rounds."""
+    """The noise that spends ``privacy.target_epsilon`` over the planned rounds, if a target is set.
+
+    A target takes precedence over ``privacy.noise_multiplier`` (each site derives its own
+    noise from its own sample rate), so ``privacy.target_epsilon=8`` works on its own.
+    """
     dp = cfg.privacy
-    if dp.noise_multiplier is not None:
+    if dp.target_epsilon is None:
+        assert dp.noise_multiplier is not None  # validate_config guarantees one of them
         return float(dp.noise_multiplier)
-    assert dp.target_epsilon is not None  # validate_config guarantees one of them
     return derive_noise_multiplier(
         target_epsilon=float(dp.target_epsilon),
         delta=delta,
@@ -73,7 +77,8 @@ def private_train(
         # Opacus' hooks on the first layer, whose input needs no gradient: harmless, expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         result = train_epochs(private.model, private.data_loader, private.optimizer,
-                              epochs=cfg.federation.local_epochs, device=device, after_step=after_step)
+                              epochs=cfg.federation.local_epochs, device=device, after_step=after_step,
+                              skip_empty=False)
     entry = ledger.charge(
         server_round=server_round, run_id=run_id, noise_multiplier=private.noise_multiplier,
         sample_rate=private.sample_rate, steps=private.steps,

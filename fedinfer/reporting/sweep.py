@@ -51,6 +51,8 @@ class JobResult:
     max_epsilon: float | None = None
     elapsed_s: float | None = None
     error: str | None = None
+    config: dict[str, Any] | None = None
+    """The job's resolved config (``.hydra/config.yaml``), if Hydra wrote one."""
 
     def accuracy_curve(self) -> list[tuple[int, float]]:
         """``(round, global accuracy)`` for every evaluated round."""
@@ -134,7 +136,17 @@ def _load_job(job_dir: Path, root: Path) -> JobResult:
         max_epsilon=_float(data.get("max_epsilon")),
         elapsed_s=_float(data.get("elapsed_s")),
         error=data.get("error") or data.get("stop_reason") or error,
+        config=_resolved_config(job_dir),
     )
+
+
+def _resolved_config(job_dir: Path) -> dict[str, Any] | None:
+    path = job_dir / ".hydra" / "config.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _float(value: Any) -> float | None:
@@ -154,9 +166,24 @@ def _overrides(job_dir: Path, data: dict[str, Any]) -> dict[str, str]:
 
 
 def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
-    """Override keys whose value differs between jobs, in the order they first appear."""
+    """Override keys whose value differs between jobs, in the order they first appear.
+
+    Values are compared in each job's resolved config (``.hydra/config.yaml``) when
+    every job has one, so ``secagg=off`` given to one job and set by the sweep file
+    for the others is not a swept key; else the override strings are compared.
+    """
     keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
-    return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
+    resolved = all(job.config is not None for job in jobs)
+
+    def value(job: JobResult, key: str) -> str | None:
+        if not resolved:
+            return job.overrides.get(key)
+        node: Any = job.config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return json.dumps(node, sort_keys=True, default=str)
+
+    return [k for k in keys if len({value(job, k) for job in jobs}) > 1]
 
 
 def job_labels(jobs: Sequence[JobResult], keys: Sequence[str]) -> dict[str, str]:
@@ -165,7 +192,7 @@ def job_labels(jobs: Sequence[JobResult], keys: Sequence[str]) -> dict[str, str]
     if len(set(short.values())) < len(short):
         short = {k: k for k in keys}
     return {
-        job.job: ", ".join(f"{short[k]}={job.overrides.get(k, '-')}" for k in keys)
+        job.job: ", ".join(f"{short[k]}={job.overrides[k]}" for k in keys if k in job.overrides)
         or f"job {job.job}"
         for job in jobs
     }

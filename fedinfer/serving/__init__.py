@@ -8,6 +8,7 @@ port). Batch-score files with ``fedinfer predict``.
 __version__ = "0.1.0"
 
 DEFAULT_BACKEND = "onnx"
-"""Chosen by measurement: see bench/results/serving.md (backend table)."""
+"""Chosen by measurement (bench/results/serving.md): ONNX Runtime has the lowest forward
+latency at batch 1 and 64 for both mlp and cnn1d, with accuracy identical to torch."""
 
 __all__ = ["DEFAULT_BACKEND", "__version__"]

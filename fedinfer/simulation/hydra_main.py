@@ -9,6 +9,7 @@ carries on.
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -82,6 +83,12 @@ def _share_cpus(cfg: FedInferConfig) -> None:
     torch.set_num_threads(share)
     if cfg.simulation.num_cpus is None:
         cfg.simulation.num_cpus = share
+
+
+def _quiet_libraries() -> None:
+    """Hydra logs every library's INFO records to the terminal; keep only fedinfer's."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("fedinfer").setLevel(logging.INFO)
 
 
 def hydra_simulate(args: Sequence[str]) -> int:

@@ -75,23 +75,26 @@ def train_epochs(
     epochs: int,
     device: torch.device,
     after_step: Callable[[], None] | None = None,
+    skip_empty: bool = True,
 ) -> TrainResult:
     """Run ``epochs`` passes of SGD over ``loader``.
 
     ``after_step`` runs after every optimizer step (the FedProx proximal step).
-    Empty batches, which Poisson sampling can produce, are skipped without a step.
+    With ``skip_empty`` an empty batch is skipped; DP-SGD passes False, because whether
+    a Poisson batch is empty depends on the data, so its noise-only step must still be
+    taken (and charged) exactly as the accountant assumes.
     """
     criterion = nn.CrossEntropyLoss()
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
         for x, y in loader:
-            if len(y) == 0:
+            if len(y) == 0 and skip_empty:
                 continue
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits, y) if len(y) else logits.sum() * 0.0
             loss.backward()
             optimizer.step()
             steps += 1
