@@ -26,7 +26,7 @@ from fedinfer.artifacts import ModelStore, load_public_key, verify_artifact
 from fedinfer.deploy.certs import init_pki
 from fedinfer.deploy.local import LocalDeployment
 from fedinfer.deploy.process import wait_until
-from fedinfer.deploy.status import collect_status
+from fedinfer.deploy.status import collect_status, render_status
 from fedinfer.fl.checkpoint import checkpoint_path
 from fedinfer.privacy import PrivacyLedger
 
@@ -234,6 +234,9 @@ def test_status_shows_rounds_and_site_servers(resumed: Scenario) -> None:
     assert {s["site"] for s in status["sites"]} >= set(deployment.names)
     serving = [s for s in status["sites"] if s["site"] in deployment.names]
     assert all(s["server"] and s["server"]["ready"] for s in serving)
+    assert all(s["model_version"] == status["coordinator"]["model_version"] for s in serving)
+    text = render_status(status)
+    assert f"rounds {ROUNDS}/{ROUNDS}" in text and "site site-00" in text and " ready" in text
 
 
 def test_sigterm_leaves_no_process_behind(resumed: Scenario) -> None:

@@ -3,7 +3,7 @@
 ``flwr run`` only accepts run-config overrides for keys the app declares, and
 TOML has no ``None``; so instead of overriding the repository's defaults, the
 coordinator writes a small app directory whose ``[tool.flwr.app.config]`` *is*
-:func:`~fedinfer.fl.run_config.to_run_config` of the composed Hydra config.
+:func:`~fedinfer.fl.run_config.to_app_config` of the composed Hydra config.
 The bundle carries no logic: ``server/app.py`` and ``clients/app.py`` import
 fedinfer, which every site has installed itself.
 """
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
 from fedinfer.config.schema import FedInferConfig
-from fedinfer.fl.run_config import to_run_config
+from fedinfer.fl.run_config import to_app_config
 
 __all__ = ["CLIENT_ENTRY", "COMPONENTS", "PUBLISHER", "SERVER_ENTRY", "write_app_bundle"]
 
@@ -43,18 +42,6 @@ from fedinfer.deploy.apps import build_deploy_client_app
 
 app = build_deploy_client_app()
 '''
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: Flower flattens the TOML tables back with dots."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
 
 
 def _version(package: str) -> str:
@@ -83,7 +70,7 @@ def write_app_bundle(directory: Path, cfg: FedInferConfig) -> Path:
                 "app": {
                     "publisher": PUBLISHER,
                     "components": COMPONENTS,
-                    "config": _nested(to_run_config(cfg)),
+                    "config": to_app_config(cfg),
                 }
             }
         },

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from fedinfer.config.schema import FedInferConfig
 
-__all__ = ["NodeConfigKeys", "from_run_config", "to_run_config"]
+__all__ = ["NodeConfigKeys", "from_run_config", "to_app_config", "to_run_config"]
 
 
 class NodeConfigKeys:
@@ -56,6 +56,28 @@ def to_run_config(cfg: FedInferConfig) -> dict[str, bool | int | float | str]:
         else:
             _put(flat, _kebab(group.name), value)
     return flat
+
+
+def to_app_config(cfg: FedInferConfig) -> dict[str, Any]:
+    """``cfg`` as the nested ``[tool.flwr.app.config]`` table of a Flower app's pyproject.toml.
+
+    Flower flattens the TOML tables back with dots, so the run config a ServerApp
+    or ClientApp receives is exactly :func:`to_run_config` of ``cfg``.
+
+    Examples
+    --------
+    >>> from fedinfer.config.schema import FedInferConfig
+    >>> to_app_config(FedInferConfig())["federation"]["num-sites"]
+    10
+    """
+    nested: dict[str, Any] = {}
+    for key, value in to_run_config(cfg).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
 
 
 def _put(flat: dict[str, bool | int | float | str], key: str, value: Any) -> None:

@@ -74,7 +74,10 @@ class SecAggStrategy(Strategy):
         if not missing:
             return
         messages = [Message(RecordDict(), n, MessageTypes.SECAGG_SETUP) for n in missing]
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.secagg.timeout_s):
+        # First contact with a site may include starting its runtime (a Ray actor, a ClientApp
+        # process): give it the round timeout, not the dropout timeout of the unmask exchange.
+        timeout = max(self.cfg.secagg.timeout_s, self.cfg.federation.round_timeout_s)
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
             if reply.has_error():
                 logger.warning("site %s failed secure-aggregation set-up: %s",
                                reply.metadata.src_node_id, reply.error.reason)
