@@ -30,10 +30,8 @@ from fedinfer.deploy.status import collect_status, render_status
 from fedinfer.fl.checkpoint import checkpoint_path
 from fedinfer.privacy import PrivacyLedger
 
-# secagg=on once the lead reports secure aggregation ready in deployment.
 OVERRIDES = [
     "privacy=dpsgd",
-    "secagg=off",
     "model=logreg",
     "dataset.num_samples=1000",
     "federation.local_epochs=1",
@@ -76,11 +74,20 @@ class Scenario:
     killed_pids: list[int] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    workdir = tmp_path_factory.mktemp("deploy") / f"e2e-{os.getpid()}"
+# Secure aggregation adds two message exchanges per round (a minute here): the default run
+# keeps it off until secure aggregation is declared stable; the slow twin runs it all with it on.
+@pytest.fixture(
+    scope="module",
+    params=["secagg=off", pytest.param("secagg=on", marks=pytest.mark.slow)],
+    ids=["dp", "dp-secagg"],
+)
+def scenario(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Scenario]:
+    workdir = tmp_path_factory.mktemp("deploy") / f"e2e-{os.getpid()}-{request.param}"
     os.environ["FEDINFER_E2E_MARKER"] = str(workdir)  # inherited by every child: finds orphans
-    deployment = LocalDeployment(workdir, num_sites=2, rounds=ROUNDS, overrides=OVERRIDES)
+    overrides = [*OVERRIDES, request.param]
+    deployment = LocalDeployment(workdir, num_sites=2, rounds=ROUNDS, overrides=overrides)
     try:
         yield Scenario(deployment, deployment.prepare())
     finally:
@@ -196,6 +203,8 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
     results = deployment.results()
     # Assert
     assert results["status"] == "completed"
+    if "secagg=on" in resumed.overrides:
+        assert all(r["secagg"]["survivors"] == len(deployment.names) for r in results["rounds"])
     assert [r["round"] for r in results["rounds"]] == list(range(1, ROUNDS + 1))
     assert "(resumed)" in coordinator.log_file.read_text()
     version = results["model_version"]
@@ -207,6 +216,7 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
             store.path(version), public_key=load_public_key(deployment.pki.signing_pub)
         )
         assert manifest.server_round == ROUNDS and manifest.privacy["mode"] == "dpsgd"
+        assert manifest.privacy["secure_aggregation"] == ("secagg=on" in resumed.overrides)
         answer = deployment.ask_site(name, expect_version=version)
         assert answer["outputs"][0]["shape"] == [4, 10]
 

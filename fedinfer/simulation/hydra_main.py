@@ -88,7 +88,7 @@ def _share_cpus(cfg: FedInferConfig) -> None:
 def _quiet_libraries() -> None:
     """Hydra logs every library's INFO records to the terminal; keep only fedinfer's."""
     logging.getLogger().setLevel(logging.WARNING)
-    for noisy in ("alembic", "ray", "filelock"):  # Flower's link-state migrations log at INFO
+    for noisy in ("alembic", "ray", "filelock", "httpx"):  # Flower's link-state migrations log at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("fedinfer").setLevel(logging.INFO)
 
