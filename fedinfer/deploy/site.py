@@ -211,13 +211,15 @@ def _start_server(opts: SiteOptions, layout: SiteLayout) -> None:
     port_file = layout.root / "serve.port"
     port_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "fedinfer", "serve", "--model-store", str(layout.models),
-            "--host", opts.serve_host, "--port", str(opts.serve_port), "--port-file", str(port_file),
+            "--host", opts.serve_host, "--port", str(opts.serve_port),
+            "--port-file", str(port_file),
             "--public-key", str(Path(opts.coordinator_public_key).resolve()),
             "--audit-dir", str(layout.audit), *opts.serve_args]
     server = ManagedProcess("serve", argv, log_file=layout.logs / "serve.log").start()
     opts.processes.append(server)
     wait_until(lambda: _read_port(port_file) is not None, timeout_s=120, interval_s=0.1,
-               what=f"the inference server to bind (see {server.log_file})", alive=server.check_alive)
+               what=f"the inference server to bind (see {server.log_file})",
+               alive=server.check_alive)
     print(f"site {opts.name}: inference server on {opts.serve_host}:{_read_port(port_file)}",
           flush=True)
 
