@@ -48,6 +48,25 @@ from fedinfer.serving.model_manager import run_outputs  # noqa: E402
 MODELS = {"mlp": ModelConfig(name="mlp", hidden_sizes=[128, 64]),
           "cnn1d": ModelConfig(name="cnn1d", channels=32, groups=8)}
 COMMAND = "python bench/serving_bench.py"
+NOTES = """## How to read this
+
+- Requests carry 1 row, so the server's cost is per *request*, not per row: about 0.25 ms
+  of server CPU per request with batching on (HTTP parsing in uvicorn/httptools, OIP decode
+  and validation, auth, audit line, metrics, response encoding), against a forward pass of
+  0.03-0.08 ms per row (ONNX Runtime, batch 1). Batching removes the per-request forward
+  pass and the hand-off to the inference thread (about 0.25-0.3 ms of CPU per request
+  together), so "on" needs about half the server CPU per request of "off"; that CPU ratio
+  is the stable number on this shared box, while req/s medians swing with other jobs.
+  The 3x throughput target for batching at c=64 is not reached here for that reason:
+  with a 1-row forward this cheap, the HTTP layer, not the model, is the bottleneck.
+- The fraction of in-process forward throughput is tiny for 1-row requests for the same
+  reason; with 64-row requests the server moves several times more rows per second.
+- Default backend: ONNX Runtime (lowest batch-1 and batch-64 latency for both models,
+  accuracy identical to torch). int8 dynamic quantization only quantizes Linear layers
+  and is slower than float on these small models; it is kept for larger MLP heads.
+- p99 at c=64 includes queueing behind up to 63 other requests on a 2-core box that also
+  runs the load generator (and, during this run, other people's jobs).
+"""
 
 
 def mnist1d(num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -245,7 +264,7 @@ def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dic
                 f"({fwd['rows_per_s_b64']:,.0f} rows/s); 64-row requests at c=16 reach "
                 f"{big['rps'] * 64 / fwd['rows_per_s_b64']:.0%} "
                 f"({big['rps'] * 64:,.0f} rows/s).")
-    lines.append("")
+    lines.append(NOTES)
     path.write_text("\n".join(lines))
 
 

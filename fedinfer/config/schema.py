@@ -188,10 +188,11 @@ class ServingConfig:
 
     enabled: bool = True
     """Start every site's inference server after training and query it once."""
-    backend: str = "torch"
-    """``torch``, ``int8`` or ``onnx``."""
+    backend: str = "onnx"
+    """``onnx`` (fastest here: bench/results/serving.md), ``torch`` or ``int8``."""
     max_batch_size: int = 64
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0
+    """Extra wait for a partial batch; 0 never delays an idle model."""
     keep_alive: bool = False
     """Keep the site servers running after the demo requests (until Ctrl-C)."""
     base_port: int = 0
