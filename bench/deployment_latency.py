@@ -1,25 +1,28 @@
 """Round latency: one federation as a simulation and as a real deployment; where the time goes.
 
-One config, three runtimes:
+The same config on three runtimes:
 
 - ``inprocess``: the simulation's sequential in-process grid (ClientApp objects called directly);
 - ``ray``: Flower's simulation runtime (the default of ``fedinfer simulate``);
 - ``deployment``: ``fedinfer deploy local`` (SuperLink + gateway + one SuperNode and one
   inference server per site, TLS and node authentication, every message a new ClientApp process).
 
-Per round it reports the coordinator's ``duration_s`` from ``results.json``; the breakdown
-for the deployment adds the parts measured separately: the ClientApp process cold start
-(``python`` + importing our ClientApp, timed in a fresh process), the sites' own training
-time (``train-time-s`` each site reports), and Flower's polling (SuperNodes poll the
-SuperLink every 3 s for messages and the ServerApp polls every 3 s for replies, so each
-message exchange waits 0-3 s at each end; 1.5 s each on average).
+Per round it reports the coordinator's ``duration_s`` from ``results.json``. The breakdown of
+a steady-state deployment round (rounds 2..R; round 1 also pays warm-ups) adds parts measured
+separately: the ClientApp process cold start (a fresh ``python`` importing Flower's ClientApp
+runner and ours), the sites' own training time (``train-time-s`` each site reports), and Flower's
+polling (SuperNodes poll the SuperLink every 3 s, the ServerApp polls for replies every 3 s, so
+each exchange waits 1.5 s + 1.5 s on average). On one machine all sites' ClientApps share its
+cores, so the same parts are also added up as CPU seconds over the core count.
 
-    python bench/deployment_latency.py            # writes bench/results/deployment.md
+    python bench/deployment_latency.py               # secagg off and on -> results/deployment.md
+    python bench/deployment_latency.py --report-only # re-render from results/deployment.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -41,40 +44,29 @@ CLIENTAPP_IMPORT = (
     "build_deploy_client_app()"
 )
 POLL_S = 3.0  # flwr/supernode/start_client_internal.py and flwr/superlink/grid/http_grid.py
+RESULTS = Path(__file__).parent / "results"
 
 
 def per_round(results: dict[str, Any]) -> list[dict[str, float]]:
+    """Coordinator time and the slowest site's training time of every round."""
     rows = []
     for record in results["rounds"]:
         trains = [s.get("train-time-s", 0.0) for s in record["sites"].values()]
-        rows.append(
-            {
-                "round": record["round"],
-                "duration_s": record["duration_s"],
-                "site_train_max_s": max(trains, default=0.0),
-            }
-        )
+        rows.append({"round": record["round"], "duration_s": record["duration_s"],
+                     "site_train_max_s": max(trains, default=0.0),
+                     "site_train_sum_s": sum(trains)})
     return rows
 
 
 def simulate(overrides: list[str], runtime: str, workdir: Path) -> list[dict[str, float]]:
-    cfg = load_config(
-        [
-            *overrides,
-            f"simulation.runtime={runtime}",
-            "serving.enabled=false",
-            "simulation.progress=false",
-        ]
-    )
+    cfg = load_config([*overrides, f"simulation.runtime={runtime}", "serving.enabled=false",
+                       "simulation.progress=false"])
     return per_round(run_simulation(cfg, output_dir=workdir / runtime).results)
 
 
-def deploy(
-    overrides: list[str], num_sites: int, rounds: int, workdir: Path
-) -> tuple[list[dict[str, float]], float]:
-    deployment = LocalDeployment(
-        workdir / "deployment", num_sites=num_sites, rounds=rounds, overrides=overrides
-    )
+def deploy(overrides: list[str], sites: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    deployment = LocalDeployment(workdir / "deployment", num_sites=sites, rounds=rounds,
+                                 overrides=overrides)
     try:
         coordinator_overrides = deployment.prepare()
         started = time.perf_counter()
@@ -82,135 +74,151 @@ def deploy(
         for name in deployment.names:
             deployment.start_site(name)
         assert coordinator.process is not None
-        code = coordinator.process.wait(timeout=3600)
-        total = time.perf_counter() - started
-        if code != 0:
+        if coordinator.process.wait(timeout=3600) != 0:
             raise SystemExit(f"deployment failed: {coordinator.tail(20)}")
         version = deployment.results()["model_version"]
         for name in deployment.names:
             deployment.ask_site(name, expect_version=version)
-        return per_round(deployment.results()), total
+        return {"rounds": per_round(deployment.results()), "total_s": time.perf_counter() - started}
     finally:
         deployment.stop()
 
 
 def cold_start(code: str, repeats: int = 5) -> float:
+    """Median wall time of a fresh Python process running ``code``."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", code],
-            check=True,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-        )
+        subprocess.run([sys.executable, "-c", code], check=True)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def report(
-    args: argparse.Namespace,
-    overrides: list[str],
-    runs: dict[str, list[dict[str, float]]],
-    deploy_total: float,
-    cold: dict[str, float],
-    command: str,
-) -> str:
-    exchanges = 4 if "secagg=on" in overrides else 2
-    kinds = "train, evaluate" + (", secagg setup, unmask" if exchanges == 4 else "")
-    medians = {n: statistics.median(r["duration_s"] for r in rs) for n, rs in runs.items() if rs}
-    nan = float("nan")
+def measure(args: argparse.Namespace, secagg: str, workdir: Path) -> dict[str, Any]:
+    overrides = [*args.overrides, f"secagg={secagg}"]
+    sim = [f"federation.num_sites={args.sites}", f"federation.rounds={args.rounds}", *overrides]
+    runs: dict[str, Any] = {"overrides": sim, "load": os.getloadavg()[0]}
+    for runtime in args.runtimes.split(","):
+        print(f"-- secagg={secagg} {runtime}", flush=True)
+        if runtime == "deployment":
+            runs[runtime] = deploy(overrides, args.sites, args.rounds, workdir / secagg)
+        else:
+            runs[runtime] = {"rounds": simulate(sim, runtime, workdir / secagg)}
+    return runs
+
+
+def _steady(rows: list[dict[str, float]], key: str) -> float:
+    later = [r[key] for r in rows if r["round"] > 1] or [r[key] for r in rows]
+    return statistics.median(later)
+
+
+def render(data: dict[str, Any]) -> str:
     lines = [
         "# Round latency: deployment vs simulation",
         "",
-        f"Command: `{command}`",
+        f"Command: `{data['command']}`",
         "",
-        f"Config: {args.sites} sites, {args.rounds} rounds, overrides `{' '.join(overrides)}`.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average at start {args.load:.1f} "
-        "(shared machine: absolute numbers are noisy, ratios less so).",
-        "",
-        "## Per-round coordinator time (`results.json` `duration_s`, seconds)",
-        "",
-        "| round | " + " | ".join(runs) + " |",
-        "|---|" + "---|" * len(runs),
+        f"Machine: {data['machine']}, {data['cores']} CPUs shared with other jobs; absolute "
+        "numbers are noisy, ratios less so. ClientApp cold start (median of 5 fresh processes): "
+        f"{data['cold']['flower']:.1f} s for Flower's `flwr-clientapp` imports alone, "
+        f"{data['cold']['clientapp']:.1f} s with our ClientApp (torch, opacus, fedinfer).",
     ]
-    for i in range(args.rounds):
-        cells = [f"{rows[i]['duration_s']:.1f}" if i < len(rows) else "-" for rows in runs.values()]
-        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    lines.append("| median | " + " | ".join(f"{medians.get(n, nan):.1f}" for n in runs) + " |")
-    dep = runs.get("deployment", [])
-    train = statistics.median(r["site_train_max_s"] for r in dep) if dep else nan
-    per_exchange = POLL_S + cold["clientapp"]  # two polls of 1.5 s on average, one cold start
-    lines += [
-        "",
-        "Deployment wall time, coordinator start to last site serving the model: "
-        f"{deploy_total:.0f} s.",
-        "",
-        "## Where a deployment round goes",
-        "",
-        f"A round is {exchanges} message exchanges ({kinds}). In each, the SuperNode picks",
-        "the message up on its next 3 s poll, starts a fresh ClientApp process, runs the",
-        "handler and pushes the reply; the ServerApp collects it on its next 3 s poll.",
-        "",
-        "| part | seconds | per round |",
-        "|---|---|---|",
-        f"| Flower polling, both ends (1.5 s + 1.5 s on average) | {POLL_S:.1f} "
-        f"| {exchanges * POLL_S:.1f} |",
-        f"| ClientApp cold start: bare `flwr-clientapp` imports | {cold['flower']:.1f} | - |",
-        f"| ClientApp cold start: + our ClientApp (torch, opacus, fedinfer) "
-        f"| {cold['clientapp']:.1f} | {exchanges * cold['clientapp']:.1f} |",
-        f"| site training (slowest site's `train-time-s`, median) | {train:.1f} | {train:.1f} |",
-        f"| **estimate** | | **{exchanges * per_exchange + train:.1f}** |",
-        f"| **measured** (median `duration_s`) | | **{medians.get('deployment', nan):.1f}** |",
-        "",
-        "The simulation pays only the training (and, on Ray, actor scheduling): the ClientApp is",
-        "imported once, and messages are handed over in memory.",
-    ]
+    for secagg, runs in data["configs"].items():
+        lines += _config_section(secagg, runs, data)
     return "\n".join(lines) + "\n"
 
 
+def _config_section(secagg: str, runs: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    runtimes = [r for r in ("inprocess", "ray", "deployment") if r in runs]
+    lines = [
+        "",
+        f"## secagg={secagg}",
+        "",
+        f"Overrides: `{' '.join(runs['overrides'])}` (load average at start {runs['load']:.1f}).",
+        "",
+        "| round | " + " | ".join(runtimes) + " |",
+        "|---|" + "---|" * len(runtimes),
+    ]
+    rounds = len(runs[runtimes[0]]["rounds"])
+    for i in range(rounds):
+        cells = [f"{runs[r]['rounds'][i]['duration_s']:.1f}" for r in runtimes]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    steady = {r: _steady(runs[r]["rounds"], "duration_s") for r in runtimes}
+    cells = " | ".join(f"{steady[r]:.1f}" for r in runtimes)
+    lines.append(f"| steady (median of rounds 2..) | {cells} |")
+    if "deployment" in runs:
+        lines += _breakdown(secagg, runs["deployment"], data, steady["deployment"])
+    return lines
+
+
+def _breakdown(secagg: str, dep: dict[str, Any], data: dict[str, Any],
+               measured: float) -> list[str]:
+    sites, cores, cold = data["sites"], data["cores"], data["cold"]["clientapp"]
+    exchanges = 3 if secagg == "on" else 2  # train, (unmask,) evaluate; set-up is round 1 only
+    train_max = _steady(dep["rounds"], "site_train_max_s")
+    train_sum = _steady(dep["rounds"], "site_train_sum_s")
+    polling = exchanges * POLL_S
+    one_machine_per_site = polling + exchanges * cold + train_max
+    shared = polling + (exchanges * sites * cold + train_sum) / cores
+    return [
+        "",
+        f"Deployment wall time, coordinator start to the last site serving the model: "
+        f"{dep['total_s']:.0f} s.",
+        "",
+        f"A steady-state round is {exchanges} message exchanges "
+        f"({'train, unmask, evaluate' if exchanges == 3 else 'train, evaluate'}); in each, every "
+        "site's SuperNode picks the message up on its next poll, starts a fresh ClientApp process, "
+        "runs the handler and pushes the reply, and the ServerApp collects the replies on its "
+        "next poll.",
+        "",
+        "| part of a steady-state deployment round | seconds |",
+        "|---|---|",
+        f"| Flower polling: {exchanges} exchanges x (1.5 s + 1.5 s) | {polling:.1f} |",
+        f"| ClientApp cold start: {exchanges} exchanges x {cold:.1f} s | {exchanges * cold:.1f} |",
+        f"| site training (slowest site's `train-time-s`) | {train_max:.1f} |",
+        f"| **sum, one machine per site** | **{one_machine_per_site:.1f}** |",
+        f"| here, {sites} sites share {cores} cores: polling + ({exchanges} x {sites} cold starts "
+        f"+ all sites' training) / {cores} | **{shared:.1f}** |",
+        f"| **measured** (median `duration_s`, rounds 2..) | **{measured:.1f}** |",
+        "",
+        "The rest of the measured time is the machine's other load and the per-message work of "
+        "Flower's SuperNode/SuperExec and SuperLink (serialising, object store, HTTPS through the "
+        "gateway). The simulation pays only the training (and, on Ray, actor scheduling): its "
+        "ClientApp is imported once and messages are handed over in memory. The fixed per-round "
+        f"cost of a deployment, about {polling + exchanges * cold:.0f} s here, is what a site's "
+        "compute must be large against; it does not grow with model or data size.",
+    ]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--secagg", default="off,on", help="comma-separated: off, on")
     parser.add_argument("--runtimes", default="inprocess,ray,deployment")
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "deployment.md"
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        default=["secagg=off", "dataset.num_samples=2000", "federation.local_epochs=1"],
-    )
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the saved measurements")
+    parser.add_argument("overrides", nargs="*",
+                        default=["dataset.num_samples=2000", "federation.local_epochs=1"])
     args = parser.parse_args()
-    args.load = os.getloadavg()[0]
-    overrides = [
-        f"federation.num_sites={args.sites}",
-        f"federation.rounds={args.rounds}",
-        *args.overrides,
-    ]
-    workdir = Path(tempfile.mkdtemp(prefix="fedinfer-bench-deploy-"))
-    runs: dict[str, list[dict[str, float]]] = {}
-    deploy_total = float("nan")
-    try:
-        for runtime in args.runtimes.split(","):
-            print(f"-- {runtime}", flush=True)
-            if runtime == "deployment":
-                runs[runtime], deploy_total = deploy(
-                    args.overrides, args.sites, args.rounds, workdir
-                )
-            else:
-                runs[runtime] = simulate(overrides, runtime, workdir)
-        cold = {
-            "flower": cold_start("import flwr.supernode.cli.flwr_clientapp"),
-            "clientapp": cold_start(CLIENTAPP_IMPORT),
-        }
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    command = "python bench/deployment_latency.py " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(args, overrides, runs, deploy_total, cold, command.strip()))
-    print(args.out.read_text())
+    raw = RESULTS / "deployment.json"
+    if args.report_only:
+        data = json.loads(raw.read_text())
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="fedinfer-bench-deploy-"))
+        try:
+            configs = {s: measure(args, s, workdir) for s in args.secagg.split(",")}
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        cold = {"flower": cold_start("import flwr.supernode.cli.flwr_clientapp"),
+                "clientapp": cold_start(CLIENTAPP_IMPORT)}
+        data = {"command": " ".join(["python bench/deployment_latency.py", *sys.argv[1:]]),
+                "machine": platform.machine(), "cores": os.cpu_count(), "sites": args.sites,
+                "cold": cold, "configs": configs}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(data, indent=2))
+    (RESULTS / "deployment.md").write_text(render(data))
+    print((RESULTS / "deployment.md").read_text())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -130,6 +131,19 @@ def test_killing_the_coordinator_takes_its_superlink_and_gateway_down(crashed: S
     while any(_alive(pid) for pid in crashed.killed_pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert crashed.killed_pids and not any(_alive(pid) for pid in crashed.killed_pids)
+
+
+def test_status_lists_the_online_sites_while_the_federation_runs(resumed: Scenario) -> None:
+    """Right after the restart: the sites reconnect to the new SuperLink and show as online."""
+    names = set(resumed.deployment.names)
+    seen: dict[str, Any] = {}
+
+    def all_online() -> bool:
+        seen.update(collect_status(resumed.deployment.workdir)["coordinator"])
+        return {n["site"] for n in seen["nodes"] or [] if n["status"] == "online"} == names
+
+    wait_until(all_online, timeout_s=180, interval_s=2.0, what="both sites online")
+    assert seen["processes"] == {"superlink": True, "gateway": True}
 
 
 def test_a_node_with_an_unregistered_key_is_refused(resumed: Scenario, tmp_path: Path) -> None:

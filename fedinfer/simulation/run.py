@@ -134,9 +134,15 @@ def _run_on_ray(cfg: FedInferConfig, client_app: ClientApp, main: Any) -> None:
     }
     if cfg.simulation.num_cpus is not None:  # a parallel sweep's share of the machine
         backend_config["init_args"]["num_cpus"] = cfg.simulation.num_cpus
-    flwr_run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.federation.num_sites,
-        backend_config=backend_config,
-    )
+    try:
+        flwr_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_sites,
+            backend_config=backend_config,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():  # stop Ray's daemons with the run, not at interpreter exit
+            ray.shutdown()
