@@ -114,8 +114,10 @@ def main() -> None:
     bare_ss, our_ss = statistics.median(bare_rounds[1:]), statistics.median(our_rounds[1:])
     report = {
         "sites": args.sites, "rounds": args.rounds,
-        "bare_flower": {"startup_s": round(bare_start, 2), "median_round_s": round(bare_ss, 3)},
-        "fedinfer": {"startup_and_teardown_s": round(our_start, 2), "median_round_s": round(our_ss, 3)},
+        # Flower starts the ServerApp while Ray is still starting, so Ray's start-up lands in round 1.
+        "bare_flower": {"first_round_s": round(bare_rounds[0], 2), "median_round_s": round(bare_ss, 3)},
+        "fedinfer": {"first_round_s": round(our_rounds[0], 2), "outside_rounds_s": round(our_start, 2),
+                     "median_round_s": round(our_ss, 3)},
         "ratio_round_time": round(our_ss / bare_ss, 3),
         "peak_rss": peak_rss_mb(),
     }
