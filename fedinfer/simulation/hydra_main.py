@@ -85,12 +85,23 @@ def _share_cpus(cfg: FedInferConfig) -> None:
         cfg.simulation.num_cpus = share
 
 
+class _OursOrWarnings(logging.Filter):
+    """Pass fedinfer's records, and other libraries' warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("fedinfer")
+
+
 def _quiet_libraries() -> None:
-    """Hydra logs every library's INFO records to the terminal; keep only fedinfer's."""
-    logging.getLogger().setLevel(logging.WARNING)
-    for noisy in ("alembic", "ray", "filelock", "httpx"):  # Flower's link-state migrations log at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Hydra logs every library's INFO records; keep fedinfer's and everyone's warnings.
+
+    A filter on Hydra's handlers, not logger levels: Ray and Flower's link-state
+    migrations reconfigure logger levels while a simulation starts.
+    """
     logging.getLogger("fedinfer").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OursOrWarnings) for f in handler.filters):
+            handler.addFilter(_OursOrWarnings())
 
 
 def hydra_simulate(args: Sequence[str]) -> int:
