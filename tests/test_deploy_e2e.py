@@ -75,12 +75,12 @@ class Scenario:
     killed_pids: list[int] = field(default_factory=list)
 
 
-# Secure aggregation adds two message exchanges per round (a minute here): the default run
-# keeps it off until secure aggregation is declared stable; the slow twin runs it all with it on.
+# The default run is the product's default: DP-SGD and secure aggregation on. The slow twin
+# runs the same scenario without secure aggregation.
 @pytest.fixture(
     scope="module",
-    params=["secagg=off", pytest.param("secagg=on", marks=pytest.mark.slow)],
-    ids=["dp", "dp-secagg"],
+    params=["secagg=on", pytest.param("secagg=off", marks=pytest.mark.slow)],
+    ids=["dp-secagg", "dp"],
 )
 def scenario(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
