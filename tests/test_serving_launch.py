@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -33,10 +34,11 @@ def test_site_server_subprocess_serves_and_terminates_cleanly(tmp_path: Path) ->
         # a new version published while the subprocess serves is picked up
         store.publish(make_artifact(tmp_path / "v2", key, version=2), public_key=key.public_key())
         with httpx.Client(base_url=server.url) as http:
-            for _ in range(200):
+            for _ in range(600):  # the swap loads and warms (ONNX export) in the background
                 meta = http.get("/v2/models/digits").json()
                 if meta["parameters"]["current_version"] == 2:
                     break
+                time.sleep(0.1)
         process = server.process
     # Assert
     assert server.port > 0 and server.url.startswith("http://127.0.0.1:")
