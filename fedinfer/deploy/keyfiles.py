@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from fedinfer.errors import ConfigError
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = ["write_private", "write_public"]
 
@@ -36,17 +37,7 @@ def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} already exists; refusing to overwrite a private key")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)  # its temporary file is created 0600
 
 
 def write_public(path: Path, data: bytes) -> Path:

@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from fedinfer.errors import ConfigError
 from fedinfer.fl.loop import FederationState, RoundRecord
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.run_config import to_run_config
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
@@ -259,19 +258,4 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_bytes(path, data)

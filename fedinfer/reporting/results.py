@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fedinfer.config.schema import FedInferConfig
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = ["RESULTS_FILE", "ResultsWriter", "plot_accuracy", "software_versions", "write_json_atomic"]
 
@@ -32,17 +31,7 @@ def software_versions() -> dict[str, str]:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=_jsonable)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(data, indent=2, default=_jsonable).encode())
 
 
 def _jsonable(value: Any) -> Any:
