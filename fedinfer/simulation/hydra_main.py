@@ -34,6 +34,7 @@ def simulate_job(cfg: DictConfig) -> float | None:
     from fedinfer.simulation.serve_demo import serve_sites
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    _quiet_libraries()
     typed: object = None
     try:
         typed = OmegaConf.to_object(cfg)

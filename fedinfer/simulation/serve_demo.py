@@ -64,7 +64,10 @@ def serve_sites(
 
     Servers stop afterwards unless ``serving.keep_alive`` (then they run until Ctrl-C).
     """
-    console = console or Console(highlight=False, soft_wrap=True)
+    if console is None:
+        console = Console(highlight=False, soft_wrap=True)
+        if not console.is_terminal:  # pipes and logs default to 80 columns
+            console = Console(highlight=False, soft_wrap=True, width=110)
     data = {s.site_id: s for s in build_federated_data(cfg).sites}
     public_key = output_dir / "coordinator" / "signing.pub"
     servers: dict[str, SiteServer] = {}
