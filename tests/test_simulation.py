@@ -190,3 +190,12 @@ def test_ray_runtime_end_to_end(out_dir: Path) -> None:
     assert all(r["secagg"]["survivors"] == 3 for r in data["rounds"])
     assert set(data["rounds"][-1]["epsilon"]) == {"site-00", "site-01", "site-02"}
     assert result.coordinator.deployed == {"site-00": 1, "site-01": 1, "site-02": 1}
+
+
+def test_central_dp_mode_runs(out_dir: Path) -> None:
+    """privacy=central: Flower's server-side clipping + noise wrapper around FedAvg."""
+    result = run_simulation(tiny_config("privacy=central", "secagg=off"), output_dir=out_dir)
+    data = _results(out_dir)
+    assert data["status"] == "completed" and all(r["aggregated"] for r in data["rounds"])
+    assert data["config"]["privacy"]["mode"] == "central"
+    assert result.final_accuracy is not None
