@@ -76,21 +76,33 @@ def per_round(results: dict[str, Any]) -> list[dict[str, float]]:
     rows = []
     for record in results["rounds"]:
         trains = [s.get("train-time-s", 0.0) for s in record["sites"].values()]
-        rows.append({"round": record["round"], "duration_s": record["duration_s"],
-                     "site_train_max_s": max(trains, default=0.0),
-                     "site_train_sum_s": sum(trains)})
+        rows.append(
+            {
+                "round": record["round"],
+                "duration_s": record["duration_s"],
+                "site_train_max_s": max(trains, default=0.0),
+                "site_train_sum_s": sum(trains),
+            }
+        )
     return rows
 
 
 def simulate(overrides: list[str], runtime: str, workdir: Path) -> list[dict[str, float]]:
-    cfg = load_config([*overrides, f"simulation.runtime={runtime}", "serving.enabled=false",
-                       "simulation.progress=false"])
+    cfg = load_config(
+        [
+            *overrides,
+            f"simulation.runtime={runtime}",
+            "serving.enabled=false",
+            "simulation.progress=false",
+        ]
+    )
     return per_round(run_simulation(cfg, output_dir=workdir / runtime).results)
 
 
 def deploy(overrides: list[str], sites: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    deployment = LocalDeployment(workdir / "deployment", num_sites=sites, rounds=rounds,
-                                 overrides=overrides)
+    deployment = LocalDeployment(
+        workdir / "deployment", num_sites=sites, rounds=rounds, overrides=overrides
+    )
     try:
         coordinator_overrides = deployment.prepare()
         started = time.perf_counter()
@@ -120,8 +132,9 @@ def cold_start(code: str, repeats: int = 5) -> float:
 
 def first_calls() -> list[float]:
     """``local_train`` three times in one fresh process: the first call pays the warm-up."""
-    done = subprocess.run([sys.executable, "-c", FIRST_CALLS], check=True, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALLS], check=True, capture_output=True, text=True
+    )
     times: list[float] = json.loads(done.stdout.strip().splitlines()[-1])
     return times
 
@@ -187,8 +200,9 @@ def _config_section(secagg: str, runs: dict[str, Any], data: dict[str, Any]) -> 
     return lines
 
 
-def _breakdown(secagg: str, dep: dict[str, Any], data: dict[str, Any],
-               measured: float) -> list[str]:
+def _breakdown(
+    secagg: str, dep: dict[str, Any], data: dict[str, Any], measured: float
+) -> list[str]:
     sites, cores, cold = data["sites"], data["cores"], data["cold"]["clientapp"]
     exchanges = 3 if secagg == "on" else 2  # train, (unmask,) evaluate; set-up is round 1 only
     train_max = _steady(dep["rounds"], "site_train_max_s")
@@ -232,10 +246,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--secagg", default="off,on", help="comma-separated: off, on")
     parser.add_argument("--runtimes", default="inprocess,ray,deployment")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the saved measurements")
-    parser.add_argument("overrides", nargs="*",
-                        default=["dataset.num_samples=2000", "federation.local_epochs=1"])
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render the saved measurements"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", default=["dataset.num_samples=2000", "federation.local_epochs=1"]
+    )
     args = parser.parse_args()
     raw = RESULTS / "deployment.json"
     if args.report_only:
@@ -249,11 +265,19 @@ def main() -> None:
             configs = {s: measure(args, s, workdir) for s in args.secagg.split(",")}
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        cold = {"flower": cold_start("import flwr.supernode.cli.flwr_clientapp"),
-                "clientapp": cold_start(CLIENTAPP_IMPORT)}
-        data = {"command": " ".join(["python bench/deployment_latency.py", *sys.argv[1:]]),
-                "machine": platform.machine(), "cores": os.cpu_count(), "sites": args.sites,
-                "cold": cold, "first_calls": first_calls(), "configs": configs}
+        cold = {
+            "flower": cold_start("import flwr.supernode.cli.flwr_clientapp"),
+            "clientapp": cold_start(CLIENTAPP_IMPORT),
+        }
+        data = {
+            "command": " ".join(["python bench/deployment_latency.py", *sys.argv[1:]]),
+            "machine": platform.machine(),
+            "cores": os.cpu_count(),
+            "sites": args.sites,
+            "cold": cold,
+            "first_calls": first_calls(),
+            "configs": configs,
+        }
         RESULTS.mkdir(parents=True, exist_ok=True)
         raw.write_text(json.dumps(data, indent=2))
     (RESULTS / "deployment.md").write_text(render(data))

@@ -59,8 +59,12 @@ def make_step(name: str, variant: str, batch: int) -> tuple[Callable[..., None],
     if variant != "plain":
         data = TensorDataset(torch.zeros(batch * 4, INPUT_DIM), torch.zeros(batch * 4).long())
         private = make_private(
-            model=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=batch),
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+            model=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(data, batch_size=batch),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
             grad_sample_mode=variant,
         )
         forward, optimizer = private.model, private.optimizer
@@ -93,9 +97,13 @@ def per_sample_error(name: str, mode: str) -> float:
         expected.append([p.grad.clone() for p in reference.parameters()])  # type: ignore[union-attr]
     model = fresh_model(name)
     private = make_private(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.0,
-        max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
     )
     F.cross_entropy(private.model(x), y).backward()
     return max(
@@ -119,8 +127,10 @@ def measure(batch_sizes: list[int], steps: int, repeats: int) -> list[dict[str, 
         for batch in batch_sizes:
             g = torch.Generator().manual_seed(0)
             batches = [
-                (torch.randn(batch, INPUT_DIM, generator=g),
-                 torch.randint(0, NUM_CLASSES, (batch,), generator=g))
+                (
+                    torch.randn(batch, INPUT_DIM, generator=g),
+                    torch.randint(0, NUM_CLASSES, (batch,), generator=g),
+                )
                 for _ in range(steps)
             ]
             steppers = {v: make_step(name, v, batch)[0] for v in VARIANTS}
@@ -130,16 +140,25 @@ def measure(batch_sizes: list[int], steps: int, repeats: int) -> list[dict[str, 
             for _ in range(repeats):  # round-robin: background load hits every variant alike
                 for variant, step in steppers.items():
                     times[variant].append(time_steps(step, batches))
-            row: dict[str, object] = {"model": name, "batch": batch,
-                                      "params": count_parameters(fresh_model(name))}
+            row: dict[str, object] = {
+                "model": name,
+                "batch": batch,
+                "params": count_parameters(fresh_model(name)),
+            }
             row.update({v: statistics.median(t) for v, t in times.items()})
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return rows
 
 
-def render(rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[float, bool]],
-           command: str, threads: int, elapsed: float, load: tuple[float, float]) -> str:
+def render(
+    rows: list[dict[str, object]],
+    checks: dict[tuple[str, str], tuple[float, bool]],
+    command: str,
+    threads: int,
+    elapsed: float,
+    load: tuple[float, float],
+) -> str:
     lines = [
         "# DP-SGD step-time overhead (Opacus) vs non-private training",
         "",
@@ -154,17 +173,23 @@ def render(rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[fl
         "backward + SGD(momentum) step; fixed-size batches for every variant; median of the "
         "round-robin repeats. Ratio = DP step time / plain step time.",
         "",
-        "| model | params | batch | plain ms/step | " +
-        " | ".join(f"{m} ms/step (ratio)" for m in GRAD_SAMPLE_MODES) + " | fastest |",
+        "| model | params | batch | plain ms/step | "
+        + " | ".join(f"{m} ms/step (ratio)" for m in GRAD_SAMPLE_MODES)
+        + " | fastest |",
         "|---|---:|---:|---:|" + "---:|" * len(GRAD_SAMPLE_MODES) + "---|",
     ]
     for row in rows:
         plain = float(row["plain"])  # type: ignore[arg-type]
-        cells = [f"{float(row[m]):.3f} ({float(row[m]) / plain:.2f}x)"  # type: ignore[arg-type]
-                 for m in GRAD_SAMPLE_MODES]
+        cells = [
+            f"{float(row[m]):.3f} ({float(row[m]) / plain:.2f}x)"  # type: ignore[arg-type]
+            for m in GRAD_SAMPLE_MODES
+        ]
         fastest = min(GRAD_SAMPLE_MODES, key=lambda m: float(row[m]))  # type: ignore[arg-type]
-        lines.append(f"| {row['model']} | {row['params']} | {row['batch']} | {plain:.3f} | "
-                     + " | ".join(cells) + f" | {fastest} |")
+        lines.append(
+            f"| {row['model']} | {row['params']} | {row['batch']} | {plain:.3f} | "
+            + " | ".join(cells)
+            + f" | {fastest} |"
+        )
     lines += [
         "",
         "## Correctness of each grad-sample mode",
@@ -190,39 +215,52 @@ def geometric_mean_ratio(rows: list[dict[str, object]], mode: str) -> float:
     return float(statistics.geometric_mean(ratios))
 
 
-def summary(rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[float, bool]]
-            ) -> list[str]:
+def summary(
+    rows: list[dict[str, object]], checks: dict[tuple[str, str], tuple[float, bool]]
+) -> list[str]:
     """The choice of the default mode and the cnn1d target, derived from the numbers above."""
-    correct = [m for m in GRAD_SAMPLE_MODES
-               if all(err < 1e-4 and empty_ok for (_, mode), (err, empty_ok) in checks.items()
-                      if mode == m)]
+    correct = [
+        m
+        for m in GRAD_SAMPLE_MODES
+        if all(
+            err < 1e-4 and empty_ok for (_, mode), (err, empty_ok) in checks.items() if mode == m
+        )
+    ]
     means = {m: geometric_mean_ratio(rows, m) for m in GRAD_SAMPLE_MODES}
     best = min(correct, key=means.__getitem__) if correct else "none"
     lines = [
         "## Summary",
         "",
         "Geometric-mean overhead over all rows: "
-        + ", ".join(f"{m} {means[m]:.2f}x" for m in GRAD_SAMPLE_MODES) + ".",
+        + ", ".join(f"{m} {means[m]:.2f}x" for m in GRAD_SAMPLE_MODES)
+        + ".",
         f"Modes correct on every model and on empty batches: {', '.join(correct) or 'none'}; "
         f"the fastest of them is **{best}** "
         f"(fedinfer's `DEFAULT_GRAD_SAMPLE_MODE` is `{DEFAULT_GRAD_SAMPLE_MODE}`"
-        + ("" if best == DEFAULT_GRAD_SAMPLE_MODE else ": UPDATE IT") + ").",
+        + ("" if best == DEFAULT_GRAD_SAMPLE_MODE else ": UPDATE IT")
+        + ").",
     ]
     fastest = min(GRAD_SAMPLE_MODES, key=means.__getitem__)
     if fastest != best:
-        cnn = ", ".join(f"{float(r[fastest]) / float(r['plain']):.2f}x"  # type: ignore[arg-type]
-                        for r in rows if r["model"] == "cnn1d")
+        cnn = ", ".join(
+            f"{float(r[fastest]) / float(r['plain']):.2f}x"  # type: ignore[arg-type]
+            for r in rows
+            if r["model"] == "cnn1d"
+        )
         lines.append(
             f"Ignoring empty batches, **{fastest}** is fastest (cnn1d: {cnn}); but an empty "
             "Poisson batch (probability about exp(-B) per step for an expected batch B) makes "
             "it raise and the site's round fail, and skipping such a step instead would "
-            "leave the analysed mechanism, so it is not the default.")
+            "leave the analysed mechanism, so it is not the default."
+        )
     for row in rows:
         if row["model"] == "cnn1d":
             ratio = float(row[DEFAULT_GRAD_SAMPLE_MODE]) / float(row["plain"])  # type: ignore[arg-type]
             verdict = "meets" if ratio <= 2.0 else "misses"
-            lines.append(f"- cnn1d, batch {row['batch']}: {DEFAULT_GRAD_SAMPLE_MODE} "
-                         f"{ratio:.2f}x ({verdict} the <= 2x target).")
+            lines.append(
+                f"- cnn1d, batch {row['batch']}: {DEFAULT_GRAD_SAMPLE_MODE} "
+                f"{ratio:.2f}x ({verdict} the <= 2x target)."
+            )
     return lines
 
 
@@ -236,12 +274,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start, load_start = time.perf_counter(), os.getloadavg()[0]
-    checks = {(name, mode): (per_sample_error(name, mode), survives_empty_batch(name, mode))
-              for name in MODELS for mode in GRAD_SAMPLE_MODES}
+    checks = {
+        (name, mode): (per_sample_error(name, mode), survives_empty_batch(name, mode))
+        for name in MODELS
+        for mode in GRAD_SAMPLE_MODES
+    }
     rows = measure(args.batch_sizes, args.steps, args.repeats)
     command = "python " + " ".join(sys.argv)
-    report = render(rows, checks, command, args.threads, time.perf_counter() - start,
-                    (load_start, os.getloadavg()[0]))
+    report = render(
+        rows,
+        checks,
+        command,
+        args.threads,
+        time.perf_counter() - start,
+        (load_start, os.getloadavg()[0]),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)

@@ -20,8 +20,16 @@ from fedinfer.simulation import run_simulation
 
 
 def run(secagg: str, rounds: int, runtime: str, out: Path) -> tuple[list[float], float | None]:
-    cfg = load_config([f"secagg={secagg}", "privacy=none", "serving.enabled=false", f"federation.rounds={rounds}",
-                       f"simulation.runtime={runtime}", "simulation.progress=false"])
+    cfg = load_config(
+        [
+            f"secagg={secagg}",
+            "privacy=none",
+            "serving.enabled=false",
+            f"federation.rounds={rounds}",
+            f"simulation.runtime={runtime}",
+            "simulation.progress=false",
+        ]
+    )
     result = run_simulation(cfg, output_dir=out)
     return [r["duration_s"] for r in result.results["rounds"]][1:], result.final_accuracy
 
@@ -41,8 +49,17 @@ def main() -> None:
             times[mode] += rounds
             accuracy[mode] = acc
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    print(json.dumps({"runtime": args.runtime, "median_round_s": {"off": round(off, 3), "on": round(on, 3)},
-                      "ratio_on_over_off": round(on / off, 3), "final_accuracy": accuracy}, indent=2))
+    print(
+        json.dumps(
+            {
+                "runtime": args.runtime,
+                "median_round_s": {"off": round(off, 3), "on": round(on, 3)},
+                "ratio_on_over_off": round(on / off, 3),
+                "final_accuracy": accuracy,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ from fedinfer.serving.backends import build_backend  # noqa: E402
 from fedinfer.serving.launch import SiteServer  # noqa: E402
 from fedinfer.serving.model_manager import run_outputs  # noqa: E402
 
-MODELS = {"mlp": ModelConfig(name="mlp", hidden_sizes=[128, 64]),
-          "cnn1d": ModelConfig(name="cnn1d", channels=32, groups=8)}
+MODELS = {
+    "mlp": ModelConfig(name="mlp", hidden_sizes=[128, 64]),
+    "cnn1d": ModelConfig(name="cnn1d", channels=32, groups=8),
+}
 COMMAND = "python bench/serving_bench.py"
 NOTES = """## How to read this
 
@@ -75,8 +77,12 @@ def mnist1d(num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     args = get_dataset_args()
     args.num_samples = num_samples
     data = make_dataset(args)
-    return (data["x"].astype(np.float32), data["y"].astype(np.int64),
-            data["x_test"].astype(np.float32), data["y_test"].astype(np.int64))
+    return (
+        data["x"].astype(np.float32),
+        data["y"].astype(np.int64),
+        data["x_test"].astype(np.float32),
+        data["y_test"].astype(np.int64),
+    )
 
 
 def train(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, epochs: int) -> torch.nn.Module:
@@ -87,7 +93,7 @@ def train(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, epochs: int) -> torch.
     for _ in range(epochs):
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
@@ -118,9 +124,17 @@ def backend_table(stores: dict[str, ModelStore], x_test, y_test) -> list[dict[st
             forward = functools.partial(run_outputs, backend)
             b1 = time_forward(forward, x_test[:1], 300)
             b64 = time_forward(forward, x_test[:64], 100)
-            rows.append({"model": model_name, "backend": name, "accuracy": acc,
-                         "drop": (float_acc or acc) - acc, "b1_ms": b1 * 1e3,
-                         "b64_ms": b64 * 1e3, "rows_per_s_b64": 64 / b64})
+            rows.append(
+                {
+                    "model": model_name,
+                    "backend": name,
+                    "accuracy": acc,
+                    "drop": (float_acc or acc) - acc,
+                    "b1_ms": b1 * 1e3,
+                    "b64_ms": b64 * 1e3,
+                    "rows_per_s_b64": 64 / b64,
+                }
+            )
     return rows
 
 
@@ -139,14 +153,33 @@ def served_ok(url: str) -> float:
     return 0.0
 
 
-def load_run(server: SiteServer, model: str, concurrency: int, duration: float,
-             rows: int = 1) -> dict:
+def load_run(
+    server: SiteServer, model: str, concurrency: int, duration: float, rows: int = 1
+) -> dict:
     before_cpu, before_n = cpu_seconds(server.pid or 0), served_ok(server.url)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serving_loadgen.py"), "--url", server.url,
-         "--model", model, "--input-dim", "40", "--concurrency", str(concurrency),
-         "--duration", str(duration), "--warmup", "1", "--rows", str(rows)],
-        check=True, capture_output=True, text=True)
+        [
+            sys.executable,
+            str(ROOT / "bench" / "serving_loadgen.py"),
+            "--url",
+            server.url,
+            "--model",
+            model,
+            "--input-dim",
+            "40",
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+            "--warmup",
+            "1",
+            "--rows",
+            str(rows),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     result = json.loads(out.stdout)
     cpu = cpu_seconds(server.pid or 0) - before_cpu
     served = served_ok(server.url) - before_n
@@ -154,8 +187,9 @@ def load_run(server: SiteServer, model: str, concurrency: int, duration: float,
     return result
 
 
-def server_runs(stores: dict[str, ModelStore], duration: float, backends: list[str],
-                reps: int) -> list[dict]:
+def server_runs(
+    stores: dict[str, ModelStore], duration: float, backends: list[str], reps: int
+) -> list[dict]:
     """Median of ``reps`` interleaved runs per configuration.
 
     All servers of one model are up together (an idle one costs ~nothing) and the runs
@@ -164,11 +198,16 @@ def server_runs(stores: dict[str, ModelStore], duration: float, backends: list[s
     """
     results = []
     for model_name, store in stores.items():
-        configs = [(b, on) for b in backends for on in (True, False)
-                   if on or b == DEFAULT_BACKEND]
-        servers = [SiteServer(store.root, backend=b, max_batch_size=64 if on else 1,
-                              log_file=store.root.parent / f"serve-{b}-{on}.log")
-                   for b, on in configs]
+        configs = [(b, on) for b in backends for on in (True, False) if on or b == DEFAULT_BACKEND]
+        servers = [
+            SiteServer(
+                store.root,
+                backend=b,
+                max_batch_size=64 if on else 1,
+                log_file=store.root.parent / f"serve-{b}-{on}.log",
+            )
+            for b, on in configs
+        ]
         for server in servers:
             server.start()
         try:
@@ -184,8 +223,12 @@ def server_runs(stores: dict[str, ModelStore], duration: float, backends: list[s
                     print(json.dumps(r), flush=True)
             # Requests of 64 rows each: how close the server gets to the bare forward pass
             # once per-request HTTP cost is spread over many rows.
-            big = _median_run([load_run(servers[0], store.manifest().name, 16, duration, rows=64)
-                               for _ in range(reps)])
+            big = _median_run(
+                [
+                    load_run(servers[0], store.manifest().name, 16, duration, rows=64)
+                    for _ in range(reps)
+                ]
+            )
             big.update(model=model_name, backend=configs[0][0], batching=True)
             results.append(big)
             print(json.dumps(big), flush=True)
@@ -232,19 +275,27 @@ def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dic
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for b in backends:
-        lines.append(f"| {b['model']} | {b['backend']} | {b['accuracy']:.4f} | "
-                     f"{b['drop']:+.4f} | {b['b1_ms']:.3f} | {b['b64_ms']:.3f} | "
-                     f"{b['rows_per_s_b64']:,.0f} |")
-    lines += ["", "## Server under load", "",
-              "| model | backend | batching | concurrency | rows/req | req/s | p50 ms | p99 ms | "
-              "server CPU ms/req | non-200 | req/s samples |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines.append(
+            f"| {b['model']} | {b['backend']} | {b['accuracy']:.4f} | "
+            f"{b['drop']:+.4f} | {b['b1_ms']:.3f} | {b['b64_ms']:.3f} | "
+            f"{b['rows_per_s_b64']:,.0f} |"
+        )
+    lines += [
+        "",
+        "## Server under load",
+        "",
+        "| model | backend | batching | concurrency | rows/req | req/s | p50 ms | p99 ms | "
+        "server CPU ms/req | non-200 | req/s samples |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in runs:
         bad = sum(v for k, v in r["statuses"].items() if str(k) != "200")
-        lines.append(f"| {r['model']} | {r['backend']} | {'on' if r['batching'] else 'off'} | "
-                     f"{r['concurrency']} | {r['rows']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['cpu_ms_per_req']:.3f} | {bad} | "
-                     f"{', '.join(str(v) for v in r['rps_all'])} |")
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {'on' if r['batching'] else 'off'} | "
+            f"{r['concurrency']} | {r['rows']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['cpu_ms_per_req']:.3f} | {bad} | "
+            f"{', '.join(str(v) for v in r['rps_all'])} |"
+        )
     lines += ["", "## Derived", ""]
     for model in MODELS:
         on = _find(runs, model, DEFAULT_BACKEND, True, 64)
@@ -257,22 +308,34 @@ def write_report(path: Path, *, meta: dict, backends: list[dict], runs: list[dic
                 f"throughput ({on['rps']:,.0f} vs {off['rps']:,.0f} req/s), "
                 f"{off['cpu_ms_per_req'] / on['cpu_ms_per_req']:.1f}x less server CPU per "
                 f"request ({on['cpu_ms_per_req']:.3f} vs {off['cpu_ms_per_req']:.3f} ms), p99 "
-                f"{on['p99_ms']:.1f} vs {off['p99_ms']:.1f} ms.")
+                f"{on['p99_ms']:.1f} vs {off['p99_ms']:.1f} ms."
+            )
             lines.append(
                 f"- {model}: 1-row requests at c=64 reach {on['rps'] / fwd['rows_per_s_b64']:.1%}"
                 f" of in-process batched ({DEFAULT_BACKEND}, batch 64) forward throughput "
                 f"({fwd['rows_per_s_b64']:,.0f} rows/s); 64-row requests at c=16 reach "
                 f"{big['rps'] * 64 / fwd['rows_per_s_b64']:.0%} "
-                f"({big['rps'] * 64:,.0f} rows/s).")
+                f"({big['rps'] * 64:,.0f} rows/s)."
+            )
     lines.append(NOTES)
     path.write_text("\n".join(lines))
 
 
-def _find(runs: list[dict], model: str, backend: str, batching: bool, c: int,
-          rows: int = 1) -> dict | None:
-    return next((r for r in runs if r["model"] == model and r["backend"] == backend
-                 and r["batching"] == batching and r["concurrency"] == c
-                 and r["rows"] == rows), None)
+def _find(
+    runs: list[dict], model: str, backend: str, batching: bool, c: int, rows: int = 1
+) -> dict | None:
+    return next(
+        (
+            r
+            for r in runs
+            if r["model"] == model
+            and r["backend"] == backend
+            and r["batching"] == batching
+            and r["concurrency"] == c
+            and r["rows"] == rows
+        ),
+        None,
+    )
 
 
 def main() -> None:
@@ -281,13 +344,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--also-backend", action="append", default=["torch"],
-                        help="extra server backends measured with batching on")
+    parser.add_argument(
+        "--also-backend",
+        action="append",
+        default=["torch"],
+        help="extra server backends measured with batching on",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the server runs it (`fedinfer serve --threads 1`)
-    meta = {"cpus": os.cpu_count(), "load_start": round(os.getloadavg()[0], 1),
-            "duration": args.duration, "reps": args.reps}
+    meta = {
+        "cpus": os.cpu_count(),
+        "load_start": round(os.getloadavg()[0], 1),
+        "duration": args.duration,
+        "reps": args.reps,
+    }
     x, y, x_test, y_test = mnist1d(args.samples)
     meta.update(train=len(x), test=len(x_test))
     key = generate_signing_key()
@@ -295,10 +366,20 @@ def main() -> None:
     stores = {}
     for name, cfg in MODELS.items():
         model = train(cfg, x, y, args.epochs)
-        art = write_artifact(tmp / "out" / name, weights=weights_from_module(model),
-                             model_cfg=cfg, input_dim=40, num_classes=10, version=1,
-                             server_round=1, metrics={}, privacy={}, run_id="bench",
-                             signing_key=key, name="mnist1d")
+        art = write_artifact(
+            tmp / "out" / name,
+            weights=weights_from_module(model),
+            model_cfg=cfg,
+            input_dim=40,
+            num_classes=10,
+            version=1,
+            server_round=1,
+            metrics={},
+            privacy={},
+            run_id="bench",
+            signing_key=key,
+            name="mnist1d",
+        )
         stores[name] = ModelStore(tmp / name / "models")
         stores[name].publish(art, public_key=key.public_key())
     backends = backend_table(stores, x_test, y_test)

@@ -54,14 +54,16 @@ def serve(mode: str, store_root: str, port_file: str) -> None:
             inner._check_name(name)
             status, extra, body = await inner._infer(ex, await request.body(), None)
             inner._record(ex, status, 0.0)
-            return Response(body, status_code=status,
-                            headers={k.decode(): v.decode() for k, v in extra})
+            return Response(
+                body, status_code=status, headers={k.decode(): v.decode() for k, v in extra}
+            )
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     Path(port_file).write_text(str(sock.getsockname()[1]))
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, ws="none")).run(
-        sockets=[sock])
+        sockets=[sock]
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -72,8 +74,9 @@ def cpu_seconds(pid: int) -> float:
 def measure(mode: str, store_root: Path, concurrency: int, duration: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(store_root),
-                                 str(port_file)])
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", mode, str(store_root), str(port_file)]
+        )
         try:
             while not port_file.exists() or not port_file.read_text():
                 time.sleep(0.1)
@@ -83,9 +86,23 @@ def measure(mode: str, store_root: Path, concurrency: int, duration: float) -> d
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 try:
-                    if httpx.post(f"{url}/v2/models/mnist1d/infer", json={"inputs": [{
-                            "name": "input", "shape": [1, 40], "datatype": "FP32",
-                            "data": [0.0] * 40}]}, trust_env=False).status_code == 200:
+                    if (
+                        httpx.post(
+                            f"{url}/v2/models/mnist1d/infer",
+                            json={
+                                "inputs": [
+                                    {
+                                        "name": "input",
+                                        "shape": [1, 40],
+                                        "datatype": "FP32",
+                                        "data": [0.0] * 40,
+                                    }
+                                ]
+                            },
+                            trust_env=False,
+                        ).status_code
+                        == 200
+                    ):
                         break
                 except httpx.TransportError:
                     pass
@@ -94,13 +111,30 @@ def measure(mode: str, store_root: Path, concurrency: int, duration: float) -> d
                 raise RuntimeError(f"{mode} server never answered 200")
             cpu0 = cpu_seconds(proc.pid)
             out = subprocess.run(
-                [sys.executable, str(ROOT / "bench" / "serving_loadgen.py"), "--url", url,
-                 "--model", "mnist1d", "--input-dim", "40", "--concurrency", str(concurrency),
-                 "--duration", str(duration), "--warmup", "0"],
-                check=True, capture_output=True, text=True)
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "serving_loadgen.py"),
+                    "--url",
+                    url,
+                    "--model",
+                    "mnist1d",
+                    "--input-dim",
+                    "40",
+                    "--concurrency",
+                    str(concurrency),
+                    "--duration",
+                    str(duration),
+                    "--warmup",
+                    "0",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             result = json.loads(out.stdout)
-            result["cpu_ms_per_req"] = 1e3 * (cpu_seconds(proc.pid) - cpu0) / max(
-                result["requests"], 1)
+            result["cpu_ms_per_req"] = (
+                1e3 * (cpu_seconds(proc.pid) - cpu0) / max(result["requests"], 1)
+            )
             result["mode"] = mode
             return result
         finally:
@@ -122,10 +156,20 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="fedinfer-fw-"))
     key, cfg = generate_signing_key(), ModelConfig(name="mlp", hidden_sizes=[128, 64])
-    art = write_artifact(tmp / "a", weights=weights_from_module(
-        build_model(cfg, input_dim=40, num_classes=10)), model_cfg=cfg, input_dim=40,
-        num_classes=10, version=1, server_round=1, metrics={}, privacy={}, run_id="fw",
-        signing_key=key, name="mnist1d")
+    art = write_artifact(
+        tmp / "a",
+        weights=weights_from_module(build_model(cfg, input_dim=40, num_classes=10)),
+        model_cfg=cfg,
+        input_dim=40,
+        num_classes=10,
+        version=1,
+        server_round=1,
+        metrics={},
+        privacy={},
+        run_id="fw",
+        signing_key=key,
+        name="mnist1d",
+    )
     store = ModelStore(tmp / "models")
     store.publish(art, public_key=key.public_key())
     rows = []
@@ -133,16 +177,26 @@ def main() -> None:
         for mode in ("raw", "fastapi"):
             rows.append(measure(mode, store.root, 16, 4.0))
             print(json.dumps(rows[-1]), flush=True)
-    lines = ["", "## Raw ASGI vs FastAPI (same internals, mlp, onnx, c=16, batching on)", "",
-             "Command: `python bench/serving_framework.py` (interleaved A/B runs, 4 s each).", "",
-             "| app | req/s | p50 ms | p99 ms | server CPU ms/req |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Raw ASGI vs FastAPI (same internals, mlp, onnx, c=16, batching on)",
+        "",
+        "Command: `python bench/serving_framework.py` (interleaved A/B runs, 4 s each).",
+        "",
+        "| app | req/s | p50 ms | p99 ms | server CPU ms/req |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['cpu_ms_per_req']:.3f} |")
+        lines.append(
+            f"| {r['mode']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['cpu_ms_per_req']:.3f} |"
+        )
     for mode in ("raw", "fastapi"):
         mine = [r for r in rows if r["mode"] == mode]
-        lines.append(f"\nMean {mode}: {np.mean([r['rps'] for r in mine]):,.0f} req/s, "
-                     f"{np.mean([r['cpu_ms_per_req'] for r in mine]):.3f} CPU ms/req.")
+        lines.append(
+            f"\nMean {mode}: {np.mean([r['rps'] for r in mine]):,.0f} req/s, "
+            f"{np.mean([r['cpu_ms_per_req'] for r in mine]):.3f} CPU ms/req."
+        )
     out = ROOT / "bench" / "results" / "serving.md"
     with open(out, "a") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -22,21 +22,38 @@ import numpy as np
 
 def build_request(host: str, port: int, model: str, input_dim: int, rows: int) -> bytes:
     x = np.random.default_rng(0).normal(size=(rows, input_dim)).astype(np.float32)
-    header = json.dumps({
-        "inputs": [{"name": "input", "shape": [rows, input_dim], "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [rows, input_dim],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     body = header + x.tobytes()
-    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {len(header)}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
-async def worker(host: str, port: int, request: bytes, stop_at: float, record_from: float,
-                 latencies: list[float], statuses: dict[int, int]) -> None:
+async def worker(
+    host: str,
+    port: int,
+    request: bytes,
+    stop_at: float,
+    record_from: float,
+    latencies: list[float],
+    statuses: dict[int, int],
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while True:
@@ -68,13 +85,21 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     start = time.perf_counter()
     record_from = start + args.warmup
     stop_at = record_from + args.duration
-    await asyncio.gather(*[worker(host, port, request, stop_at, record_from, latencies, statuses)
-                           for _ in range(args.concurrency)])
+    await asyncio.gather(
+        *[
+            worker(host, port, request, stop_at, record_from, latencies, statuses)
+            for _ in range(args.concurrency)
+        ]
+    )
     lat = np.array(latencies) * 1000
     ok = statuses.get(200, 0)
     return {
-        "concurrency": args.concurrency, "rows": args.rows, "duration_s": args.duration,
-        "requests": len(latencies), "ok": ok, "statuses": statuses,
+        "concurrency": args.concurrency,
+        "rows": args.rows,
+        "duration_s": args.duration,
+        "requests": len(latencies),
+        "ok": ok,
+        "statuses": statuses,
         "rps": ok / args.duration,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,

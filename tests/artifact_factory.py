@@ -31,8 +31,13 @@ def tiny_cfg(name: str = "mlp") -> ModelConfig:
 
 
 def make_artifact(
-    out_dir: Path, key: Ed25519PrivateKey, *, version: int = 1, model: str = "mlp",
-    seed: int | None = None, name: str = "digits",
+    out_dir: Path,
+    key: Ed25519PrivateKey,
+    *,
+    version: int = 1,
+    model: str = "mlp",
+    seed: int | None = None,
+    name: str = "digits",
 ) -> Path:
     return write_artifact(
         out_dir,

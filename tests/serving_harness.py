@@ -25,7 +25,12 @@ def running_server(options: ServeOptions, *, expect_ready: bool = True) -> Itera
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", loop="asyncio", ws="none",
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        loop="asyncio",
+        ws="none",
         ssl_certfile=str(options.tls_certfile) if options.tls_certfile else None,
         ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
     )
@@ -67,7 +72,11 @@ def _wait_ready(url: str, options: ServeOptions) -> None:
 
 def options_for(store_root: Path, **overrides: object) -> ServeOptions:
     """Test defaults: torch backend (fast to build), quick polling."""
-    base: dict[str, object] = {"model_store": store_root, "backend": "torch",
-                               "poll_interval_s": 0.05, "port": 0}
+    base: dict[str, object] = {
+        "model_store": store_root,
+        "backend": "torch",
+        "poll_interval_s": 0.05,
+        "port": 0,
+    }
     base.update(overrides)
     return ServeOptions(**base)  # type: ignore[arg-type]

@@ -39,9 +39,17 @@ def test_round_trip_gives_the_same_predictions(tmp_path: Path, key) -> None:
     x = torch.randn(5, INPUT_DIM)
     # Execute
     art = write_artifact(
-        tmp_path / "v1", weights=weights, model_cfg=tiny_cfg("cnn1d"), input_dim=INPUT_DIM,
-        num_classes=NUM_CLASSES, version=1, server_round=4, metrics={"accuracy": np.float32(0.75)},
-        privacy={"epsilon": float("inf")}, run_id="r1", signing_key=key,
+        tmp_path / "v1",
+        weights=weights,
+        model_cfg=tiny_cfg("cnn1d"),
+        input_dim=INPUT_DIM,
+        num_classes=NUM_CLASSES,
+        version=1,
+        server_round=4,
+        metrics={"accuracy": np.float32(0.75)},
+        privacy={"epsilon": float("inf")},
+        run_id="r1",
+        signing_key=key,
         class_labels=[str(i) for i in range(NUM_CLASSES)],
     )
     manifest = verify_artifact(art, public_key=key.public_key())
@@ -88,8 +96,16 @@ def _edit_manifest(art: Path, **changes: object) -> None:
         (lambda a: (a / "manifest.json").write_text("{not json"), "not valid JSON"),
         (lambda a: _edit_manifest(a, evil="x"), "unknown manifest fields"),
     ],
-    ids=["weights-byte", "metrics-edit", "version-edit", "unsigned", "bad-b64", "no-weights",
-         "bad-json", "extra-field"],
+    ids=[
+        "weights-byte",
+        "metrics-edit",
+        "version-edit",
+        "unsigned",
+        "bad-b64",
+        "no-weights",
+        "bad-json",
+        "extra-field",
+    ],
 )
 def test_tampered_artifact_is_rejected(tmp_path: Path, key, tamper, reason: str) -> None:
     # Prepare
@@ -133,24 +149,44 @@ def test_weights_that_do_not_fit_the_model_are_never_signed(tmp_path: Path, key)
     # Execute / Assert
     with pytest.raises(ConfigError, match="do not fit"):
         write_artifact(
-            tmp_path / "a", weights=weights, model_cfg=tiny_cfg("mlp"), input_dim=INPUT_DIM,
-            num_classes=NUM_CLASSES, version=1, server_round=1, metrics={}, privacy={},
-            run_id="r", signing_key=key,
+            tmp_path / "a",
+            weights=weights,
+            model_cfg=tiny_cfg("mlp"),
+            input_dim=INPUT_DIM,
+            num_classes=NUM_CLASSES,
+            version=1,
+            server_round=1,
+            metrics={},
+            privacy={},
+            run_id="r",
+            signing_key=key,
         )
     assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"version": 0}, "version"), ({"server_round": -1}, "server_round"),
-     ({"metrics": {"obj": object()}}, "metrics.obj")],
+    [
+        ({"version": 0}, "version"),
+        ({"server_round": -1}, "server_round"),
+        ({"metrics": {"obj": object()}}, "metrics.obj"),
+    ],
     ids=["version-0", "negative-round", "non-json-metric"],
 )
 def test_bad_write_arguments_name_the_argument(tmp_path: Path, key, kwargs, match: str) -> None:
     # Prepare
-    args = {"weights": tiny_weights("mlp"), "model_cfg": tiny_cfg("mlp"), "input_dim": INPUT_DIM,
-            "num_classes": NUM_CLASSES, "version": 1, "server_round": 1, "metrics": {},
-            "privacy": {}, "run_id": "r", "signing_key": key}
+    args = {
+        "weights": tiny_weights("mlp"),
+        "model_cfg": tiny_cfg("mlp"),
+        "input_dim": INPUT_DIM,
+        "num_classes": NUM_CLASSES,
+        "version": 1,
+        "server_round": 1,
+        "metrics": {},
+        "privacy": {},
+        "run_id": "r",
+        "signing_key": key,
+    }
     args.update(kwargs)
     # Execute / Assert
     with pytest.raises(ConfigError, match=match):

@@ -120,8 +120,11 @@ def test_retention_keeps_last_k_plus_current_and_its_predecessor(tmp_path: Path,
     assert store.versions() == [2, 3]
     store.rollback()  # -> 2
     # Execute
-    store.publish(make_artifact(tmp_path / "o4", key, version=4), public_key=key.public_key(),
-                  make_current=False)
+    store.publish(
+        make_artifact(tmp_path / "o4", key, version=4),
+        public_key=key.public_key(),
+        make_current=False,
+    )
     kept_while_rolled_back = store.versions()
     store.publish(make_artifact(tmp_path / "o5", key, version=5), public_key=key.public_key())
     # Assert: newest two, plus current (2) while it is current; then newest two = current + prev
@@ -135,10 +138,16 @@ def test_retention_never_deletes_current_or_rollback_target(tmp_path: Path, key)
     assert store.versions() == [3, 4]
     store.rollback()  # -> 3
     # Execute
-    store.publish(make_artifact(tmp_path / "o5", key, version=5), public_key=key.public_key(),
-                  make_current=False)
-    store.publish(make_artifact(tmp_path / "o6", key, version=6), public_key=key.public_key(),
-                  make_current=False)
+    store.publish(
+        make_artifact(tmp_path / "o5", key, version=5),
+        public_key=key.public_key(),
+        make_current=False,
+    )
+    store.publish(
+        make_artifact(tmp_path / "o6", key, version=6),
+        public_key=key.public_key(),
+        make_current=False,
+    )
     # Assert: newest two {5, 6} + current 3 (its older neighbour is gone already)
     assert store.current_version() == 3 and store.versions() == [3, 5, 6]
 
@@ -205,7 +214,7 @@ def test_current_switch_is_atomic_for_concurrent_readers(tmp_path: Path, key) ->
         import json, sys
         seen = set()
         for _ in range(3000):
-            state = json.loads(open({str(store.root / 'CURRENT')!r}).read())
+            state = json.loads(open({str(store.root / "CURRENT")!r}).read())
             seen.add(state["version"])
         print(sorted(seen))
     """)
@@ -234,14 +243,17 @@ def test_crash_during_publish_leaves_current_intact(tmp_path: Path, key) -> None
             os.kill(os.getpid(), signal.SIGKILL)
         shutil.copyfileobj = dying_copy
         ModelStore({str(store.root)!r}).publish({str(art)!r},
-                   public_key=load_public_key({str(tmp_path / 'k.pub')!r}))
+                   public_key=load_public_key({str(tmp_path / "k.pub")!r}))
     """)
     from fedinfer.artifacts import save_public_key
 
     save_public_key(key, tmp_path / "k.pub")
     # Execute
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     # Assert
     assert proc.returncode == -9
     assert store.current_version() == 1 and store.versions() == [1]

@@ -34,11 +34,25 @@ def test_default_config_is_the_main_job() -> None:
         (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
         (["dataset=csv"], "dataset.path"),
     ],
-    ids=["no-sites", "alpha-zero", "alpha-negative", "fraction", "robust+secagg", "clip-norm",
-         "no-noise-no-target", "bits", "central+secagg", "csv-without-path"],
+    ids=[
+        "no-sites",
+        "alpha-zero",
+        "alpha-negative",
+        "fraction",
+        "robust+secagg",
+        "clip-norm",
+        "no-noise-no-target",
+        "bits",
+        "central+secagg",
+        "csv-without-path",
+    ],
 )
 def test_bad_config_names_the_key(overrides: list[str], key: str) -> None:
-    cfg = load_config(overrides) if overrides[0] != "dataset=csv" else load_config(["dataset=csv", "dataset.path=null"])
+    cfg = (
+        load_config(overrides)
+        if overrides[0] != "dataset=csv"
+        else load_config(["dataset=csv", "dataset.path=null"])
+    )
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
 
@@ -68,8 +82,17 @@ def test_run_config_round_trip() -> None:
 
 def test_cli_reports_bad_config_without_traceback(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fedinfer", "simulate", "federation.num_sites=0", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "fedinfer",
+            "simulate",
+            "federation.num_sites=0",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "federation.num_sites" in proc.stderr

@@ -35,20 +35,35 @@ def test_other_seed_gives_other_partition() -> None:
 def _label_skew(parts: list[np.ndarray]) -> float:
     """Mean total-variation distance between site label histograms and the global one."""
     glob = np.bincount(LABELS, minlength=10) / len(LABELS)
-    return float(np.mean([0.5 * np.abs(np.bincount(LABELS[p], minlength=10) / len(p) - glob).sum() for p in parts]))
+    return float(
+        np.mean(
+            [
+                0.5 * np.abs(np.bincount(LABELS[p], minlength=10) / len(p) - glob).sum()
+                for p in parts
+            ]
+        )
+    )
 
 
 def test_smaller_alpha_is_more_non_iid() -> None:
     skews = [
-        _label_skew(partition_indices(LABELS, num_sites=10, cfg=PartitionConfig(name="dirichlet", alpha=a), seed=0))
+        _label_skew(
+            partition_indices(
+                LABELS, num_sites=10, cfg=PartitionConfig(name="dirichlet", alpha=a), seed=0
+            )
+        )
         for a in (0.1, 1.0, 100.0)
     ]
     assert skews[0] > skews[1] > skews[2]
 
 
 def test_shards_limit_labels_per_site() -> None:
-    parts = partition_indices(LABELS, num_sites=10, cfg=PartitionConfig(name="shards", labels_per_site=2), seed=0)
-    assert max(len(np.unique(LABELS[p])) for p in parts) <= 3  # a shard may straddle one label boundary
+    parts = partition_indices(
+        LABELS, num_sites=10, cfg=PartitionConfig(name="shards", labels_per_site=2), seed=0
+    )
+    assert (
+        max(len(np.unique(LABELS[p])) for p in parts) <= 3
+    )  # a shard may straddle one label boundary
 
 
 def test_more_sites_than_samples_is_a_config_error() -> None:
@@ -94,8 +109,14 @@ def test_user_files_single_and_per_site(tmp_path: Path, suffix: str) -> None:
     site_dir.mkdir()
     for i in range(3):
         _write_table(site_dir / f"site{i}{suffix}", n=100)
-    fed = build_federated_data(tiny_config("dataset=csv", f"dataset.path={site_dir}",
-                                           "dataset.label_column=target", "federation.num_sites=3"))
+    fed = build_federated_data(
+        tiny_config(
+            "dataset=csv",
+            f"dataset.path={site_dir}",
+            "dataset.label_column=target",
+            "federation.num_sites=3",
+        )
+    )
     assert [len(s.train) + len(s.val) + len(s.test) for s in fed.sites] == [100, 100, 100]
 
 
@@ -105,7 +126,9 @@ def test_missing_file_and_label_column_are_data_errors(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     _write_table(path)
     with pytest.raises(DataError, match="label_column"):
-        build_federated_data(tiny_config("dataset=csv", f"dataset.path={path}", "dataset.label_column=nope"))
+        build_federated_data(
+            tiny_config("dataset=csv", f"dataset.path={path}", "dataset.label_column=nope")
+        )
 
 
 def test_sites_get_train_val_test_splits() -> None:

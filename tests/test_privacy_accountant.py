@@ -33,22 +33,33 @@ def golden_ledger(tmp_path: Path, accountant: str) -> PrivacyLedger:
     """The golden history charged as 3 rounds: 7000, 7000 and 62 steps."""
     rounds = [7000, 7000, 62]
     entries = [
-        LedgerEntry(round=r, run_id="golden", time="2025-01-01T00:00:00Z",
-                    noise_multiplier=GOLDEN_SIGMA, sample_rate=GOLDEN_Q, steps=steps,
-                    delta=GOLDEN_DELTA, epsilon_after=None)
+        LedgerEntry(
+            round=r,
+            run_id="golden",
+            time="2025-01-01T00:00:00Z",
+            noise_multiplier=GOLDEN_SIGMA,
+            sample_rate=GOLDEN_Q,
+            steps=steps,
+            delta=GOLDEN_DELTA,
+            epsilon_after=None,
+        )
         for r, steps in enumerate(rounds, start=1)
     ]
-    return PrivacyLedger(path=tmp_path / "ledger.json", accountant=accountant,
-                         delta=GOLDEN_DELTA, entries=entries)
+    return PrivacyLedger(
+        path=tmp_path / "ledger.json", accountant=accountant, delta=GOLDEN_DELTA, entries=entries
+    )
 
 
 def dp_accounting_event(history: list[HistoryEntry]) -> dp_accounting.DpEvent:
     """The ledger history as a dp-accounting composed event, entry by entry (no merging)."""
-    return dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in history
-    ])
+    return dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
+            for sigma, q, steps in history
+        ]
+    )
 
 
 def test_rdp_matches_dp_accounting_on_the_golden_history(tmp_path: Path) -> None:
@@ -126,14 +137,19 @@ def test_rdp_epsilon_grows_with_steps_and_shrinks_with_noise(
 def test_prv_is_monotone(more: HistoryEntry, less: HistoryEntry) -> None:
     # Execute / Assert
     assert epsilon_from_history([more], delta=1e-5, accountant="prv") > epsilon_from_history(
-        [less], delta=1e-5, accountant="prv")
+        [less], delta=1e-5, accountant="prv"
+    )
 
 
 def test_merging_identical_mechanisms_changes_nothing() -> None:
     """Merging all equal (sigma, q) entries, consecutive or not, gives the same epsilon."""
     # Prepare
     history: list[HistoryEntry] = [
-        (1.0, 0.01, 50), (1.5, 0.01, 20), (1.0, 0.01, 50), (1.0, 0.01, 0)]
+        (1.0, 0.01, 50),
+        (1.5, 0.01, 20),
+        (1.0, 0.01, 50),
+        (1.0, 0.01, 0),
+    ]
     # Execute
     merged = merge_history(history)
     # Assert
@@ -142,7 +158,8 @@ def test_merging_identical_mechanisms_changes_nothing() -> None:
         engine = create_accountant(accountant)
         engine.history = [entry for entry in history if entry[2] > 0]  # unmerged reference
         assert epsilon_from_history(history, delta=1e-5, accountant=accountant) == pytest.approx(
-            engine.get_epsilon(delta=1e-5), rel=1e-6)
+            engine.get_epsilon(delta=1e-5), rel=1e-6
+        )
 
 
 def test_empty_history_spends_nothing() -> None:
@@ -153,19 +170,22 @@ def test_empty_history_spends_nothing() -> None:
 def test_derived_noise_spends_about_the_target(accountant: str) -> None:
     """The derived sigma spends at most target_epsilon, and a bit less noise would overspend."""
     # Execute
-    sigma = derive_noise_multiplier(target_epsilon=2.0, delta=1e-5, sample_rate=0.02,
-                                    steps=30 * 50, accountant=accountant)
+    sigma = derive_noise_multiplier(
+        target_epsilon=2.0, delta=1e-5, sample_rate=0.02, steps=30 * 50, accountant=accountant
+    )
     spent = epsilon_from_history([(sigma, 0.02, 1500)], delta=1e-5, accountant=accountant)
     # Assert
     assert 2.0 - 0.05 <= spent <= 2.0
-    assert epsilon_from_history([(0.9 * sigma, 0.02, 1500)], delta=1e-5,
-                                accountant=accountant) > 2.0
+    assert (
+        epsilon_from_history([(0.9 * sigma, 0.02, 1500)], delta=1e-5, accountant=accountant) > 2.0
+    )
 
 
 def test_an_unreachable_target_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="privacy.target_epsilon"):
-        derive_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sample_rate=1.0, steps=10**6,
-                                accountant="rdp")
+        derive_noise_multiplier(
+            target_epsilon=1e-9, delta=1e-5, sample_rate=1.0, steps=10**6, accountant="rdp"
+        )
 
 
 def test_unknown_accountant_names_the_key() -> None:
@@ -210,4 +230,5 @@ def test_prv_at_sample_rate_one_matches_pld() -> None:
     """Full-batch DP-SGD (a site smaller than one batch): q = 1 works, without warnings."""
     history: list[HistoryEntry] = [(1.0, 1.0, 10)]
     assert epsilon_from_history(history, delta=1e-5, accountant="prv") == pytest.approx(
-        pld_epsilon(history, 1e-5), abs=0.02)
+        pld_epsilon(history, 1e-5), abs=0.02
+    )

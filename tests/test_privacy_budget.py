@@ -27,12 +27,24 @@ DPSGD = PrivacyConfig(mode="dpsgd", noise_multiplier=1.0)
         (replace(DPSGD, noise_multiplier=None), "privacy.target_epsilon"),
         (replace(DPSGD, target_epsilon=3.0), "privacy.target_epsilon"),
         (replace(DPSGD, noise_multiplier=None, target_epsilon=0.0), "privacy.target_epsilon"),
-        (PrivacyConfig(mode="central", central_noise_multiplier=-0.1),
-         "privacy.central_noise_multiplier"),
+        (
+            PrivacyConfig(mode="central", central_noise_multiplier=-0.1),
+            "privacy.central_noise_multiplier",
+        ),
     ],
-    ids=["mode", "accountant", "grad-sample-mode", "max-grad-norm", "max-epsilon", "delta",
-         "negative-noise", "neither-noise-nor-target", "both-noise-and-target", "zero-target",
-         "central-noise"],
+    ids=[
+        "mode",
+        "accountant",
+        "grad-sample-mode",
+        "max-grad-norm",
+        "max-epsilon",
+        "delta",
+        "negative-noise",
+        "neither-noise-nor-target",
+        "both-noise-and-target",
+        "zero-target",
+        "central-noise",
+    ],
 )
 def test_a_bad_privacy_config_names_its_key(privacy: PrivacyConfig, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
@@ -41,8 +53,12 @@ def test_a_bad_privacy_config_names_its_key(privacy: PrivacyConfig, key: str) ->
 
 @pytest.mark.parametrize(
     "privacy",
-    [DPSGD, PrivacyConfig(), PrivacyConfig(mode="central"),
-     replace(DPSGD, noise_multiplier=None, target_epsilon=5.0, accountant="prv", delta=1e-6)],
+    [
+        DPSGD,
+        PrivacyConfig(),
+        PrivacyConfig(mode="central"),
+        replace(DPSGD, noise_multiplier=None, target_epsilon=5.0, accountant="prv", delta=1e-6),
+    ],
     ids=["dpsgd", "none", "central", "dpsgd-target"],
 )
 def test_good_privacy_configs_pass(privacy: PrivacyConfig) -> None:
@@ -56,13 +72,20 @@ def test_a_plan_from_target_epsilon_spends_the_target_over_the_planned_rounds(
     # Prepare
     privacy = replace(DPSGD, noise_multiplier=None, target_epsilon=4.0, max_epsilon=4.0)
     # Execute
-    plan = plan_round(privacy=privacy, state_dir=tmp_path, num_samples=2000, steps_per_epoch=63,
-                      local_epochs=2, planned_rounds=20)
+    plan = plan_round(
+        privacy=privacy,
+        state_dir=tmp_path,
+        num_samples=2000,
+        steps_per_epoch=63,
+        local_epochs=2,
+        planned_rounds=20,
+    )
     # Assert
     assert plan.sample_rate == 1 / 63 and plan.steps == 126
     assert plan.delta == pytest.approx(1 / 20000) and plan.spent == 0.0
-    whole_run = epsilon_from_history([(plan.noise_multiplier, 1 / 63, 20 * 126)],
-                                     delta=plan.delta, accountant="rdp")
+    whole_run = epsilon_from_history(
+        [(plan.noise_multiplier, 1 / 63, 20 * 126)], delta=plan.delta, accountant="rdp"
+    )
     assert 4.0 - 0.05 <= whole_run <= 4.0
     assert 0 < plan.projected < whole_run
 
@@ -70,12 +93,24 @@ def test_a_plan_from_target_epsilon_spends_the_target_over_the_planned_rounds(
 def test_planning_a_round_past_the_budget_raises(tmp_path: Path) -> None:
     privacy = replace(DPSGD, noise_multiplier=0.5, max_epsilon=1.0)
     with pytest.raises(PrivacyBudgetExceeded):
-        plan_round(privacy=privacy, state_dir=tmp_path, num_samples=2000, steps_per_epoch=63,
-                   local_epochs=2, planned_rounds=20)
+        plan_round(
+            privacy=privacy,
+            state_dir=tmp_path,
+            num_samples=2000,
+            steps_per_epoch=63,
+            local_epochs=2,
+            planned_rounds=20,
+        )
     assert not (tmp_path / "ledger.json").exists()
 
 
 def test_planning_needs_dpsgd(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="privacy.mode"):
-        plan_round(privacy=PrivacyConfig(), state_dir=tmp_path, num_samples=2000,
-                   steps_per_epoch=63, local_epochs=2, planned_rounds=20)
+        plan_round(
+            privacy=PrivacyConfig(),
+            state_dir=tmp_path,
+            num_samples=2000,
+            steps_per_epoch=63,
+            local_epochs=2,
+            planned_rounds=20,
+        )

@@ -30,7 +30,10 @@ def test_fixed_clipping_wraps_fedavg() -> None:
     assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
     assert strategy.strategy is fedavg
     assert (strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients) == (
-        0.8, 0.5, 7)
+        0.8,
+        0.5,
+        7,
+    )
 
 
 def test_adaptive_clipping_starts_from_max_grad_norm() -> None:
@@ -39,8 +42,9 @@ def test_adaptive_clipping_starts_from_max_grad_norm() -> None:
     from fedinfer.privacy import central_dp_strategy
 
     # Execute
-    strategy = central_dp_strategy(FedAvg(), privacy=replace(CENTRAL, central_adaptive=True),
-                                   num_sampled_clients=7)
+    strategy = central_dp_strategy(
+        FedAvg(), privacy=replace(CENTRAL, central_adaptive=True), num_sampled_clients=7
+    )
     # Assert
     assert isinstance(strategy, DifferentialPrivacyServerSideAdaptiveClipping)
     assert strategy.clipping_norm == 0.5 and strategy.num_sampled_clients == 7
@@ -48,9 +52,11 @@ def test_adaptive_clipping_starts_from_max_grad_norm() -> None:
 
 @pytest.mark.parametrize(
     ("arguments", "key"),
-    [({"noise_multiplier": -1.0}, "privacy.central_noise_multiplier"),
-     ({"clipping_norm": 0.0}, "privacy.max_grad_norm"),
-     ({"num_sampled_clients": 0}, "federation.fraction_train")],
+    [
+        ({"noise_multiplier": -1.0}, "privacy.central_noise_multiplier"),
+        ({"clipping_norm": 0.0}, "privacy.max_grad_norm"),
+        ({"num_sampled_clients": 0}, "federation.fraction_train"),
+    ],
     ids=["negative-noise", "zero-clip", "no-sites"],
 )
 def test_bad_values_are_config_errors(arguments: dict[str, float], key: str) -> None:
@@ -58,8 +64,11 @@ def test_bad_values_are_config_errors(arguments: dict[str, float], key: str) -> 
 
     from fedinfer.privacy import wrap_central_dp
 
-    settings: dict[str, float] = {"noise_multiplier": 1.0, "clipping_norm": 1.0,
-                                  "num_sampled_clients": 5}
+    settings: dict[str, float] = {
+        "noise_multiplier": 1.0,
+        "clipping_norm": 1.0,
+        "num_sampled_clients": 5,
+    }
     settings.update(arguments)
     with pytest.raises(ConfigError, match=key):
         wrap_central_dp(FedAvg(), **settings)  # type: ignore[arg-type]
@@ -81,9 +90,10 @@ def test_adaptive_clipping_keeps_the_total_noise_multiplier_with_few_sites() -> 
     from fedinfer.privacy import wrap_central_dp
 
     # Execute
-    strategy = wrap_central_dp(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0,
-                               num_sampled_clients=3, adaptive=True)
+    strategy = wrap_central_dp(
+        FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=3, adaptive=True
+    )
     # Assert: composing the update noise and the count noise gives back the requested 1.0
     update, count = strategy.noise_multiplier, strategy.clipped_count_stddev
-    assert (update ** -2 + (2 * count) ** -2) ** -0.5 == pytest.approx(1.0)
-    assert update == pytest.approx(2 / 3 ** 0.5)
+    assert (update**-2 + (2 * count) ** -2) ** -0.5 == pytest.approx(1.0)
+    assert update == pytest.approx(2 / 3**0.5)

@@ -39,8 +39,9 @@ def model_named(name: str, seed: int = 0) -> nn.Module:
 
 def synthetic(n: int, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, INPUT_DIM, generator=g),
-                         torch.randint(0, NUM_CLASSES, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, INPUT_DIM, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    )
 
 
 class CountingDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -63,8 +64,11 @@ class CountingDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def batchnorm_model() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(INPUT_DIM, 16), nn.BatchNorm1d(16), nn.ReLU(),
-        nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)), nn.Linear(16, NUM_CLASSES),
+        nn.Linear(INPUT_DIM, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)),
+        nn.Linear(16, NUM_CLASSES),
     )
 
 
@@ -98,16 +102,22 @@ def test_our_models_are_valid_as_they_are(name: str) -> None:
 def test_make_private_refuses_an_unfixed_batchnorm_model() -> None:
     model = batchnorm_model()
     with pytest.raises(ConfigError, match="BatchNorm1d"):
-        make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     data_loader=DataLoader(synthetic(64), batch_size=8), noise_multiplier=1.0,
-                     max_grad_norm=1.0)
+        make_private(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(synthetic(64), batch_size=8),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
 
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [({"noise_multiplier": 0.0}, "privacy.noise_multiplier"),
-     ({"max_grad_norm": -1.0}, "privacy.max_grad_norm"),
-     ({"grad_sample_mode": "ghost"}, "privacy.grad_sample_mode")],
+    [
+        ({"noise_multiplier": 0.0}, "privacy.noise_multiplier"),
+        ({"max_grad_norm": -1.0}, "privacy.max_grad_norm"),
+        ({"grad_sample_mode": "ghost"}, "privacy.grad_sample_mode"),
+    ],
     ids=["zero-noise", "negative-clip", "unsupported-mode"],
 )
 def test_make_private_names_the_bad_key(overrides: dict[str, object], key: str) -> None:
@@ -115,8 +125,12 @@ def test_make_private_names_the_bad_key(overrides: dict[str, object], key: str) 
     arguments: dict[str, object] = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
     arguments.update(overrides)
     with pytest.raises(ConfigError, match=key):
-        make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     data_loader=DataLoader(synthetic(64), batch_size=8), **arguments)  # type: ignore[arg-type]
+        make_private(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(synthetic(64), batch_size=8),
+            **arguments,
+        )  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- per-sample gradients
@@ -135,25 +149,38 @@ def test_per_sample_gradients_match_one_sample_at_a_time(name: str, mode: str) -
         F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]).backward()
         expected.append([p.grad.clone() for p in reference.parameters()])  # type: ignore[union-attr]
     model = model_named(name)
-    private = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                           data_loader=DataLoader(TensorDataset(x, y), batch_size=6),
-                           noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                           grad_sample_mode=mode)
+    private = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=6),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
     # Execute
     F.cross_entropy(private.model(x), y).backward()
     # Assert
     for param, per_sample in zip(model.parameters(), zip(*expected, strict=True), strict=True):
-        torch.testing.assert_close(param.grad_sample, torch.stack(per_sample),  # type: ignore[attr-defined]
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            param.grad_sample,
+            torch.stack(per_sample),  # type: ignore[attr-defined]
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 def test_an_empty_poisson_batch_still_releases_a_noisy_step() -> None:
     """With hooks (the default) an empty batch is a noise-only step, counted like any other."""
     # Prepare
     model = model_named("cnn1d")
-    private = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                           data_loader=DataLoader(synthetic(64), batch_size=8),
-                           noise_multiplier=1.0, max_grad_norm=1.0)
+    private = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(synthetic(64), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
     before = [p.detach().clone() for p in model.parameters()]
     # Execute
     private.optimizer.zero_grad()
@@ -179,9 +206,14 @@ def test_a_real_dpsgd_round_charges_the_steps_and_rate_really_used(tmp_path: Pat
     before = [p.detach().clone() for p in model.parameters()]
     loader = DataLoader(synthetic(372), batch_size=4)
     ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=None, num_samples=372)
-    private = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                           data_loader=loader, noise_multiplier=1.3, max_grad_norm=1.0,
-                           noise_generator=torch.Generator().manual_seed(0))
+    private = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=loader,
+        noise_multiplier=1.3,
+        max_grad_norm=1.0,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
     # Execute
     batch_sizes = []
     for x, y in private.data_loader:
@@ -189,8 +221,13 @@ def test_a_real_dpsgd_round_charges_the_steps_and_rate_really_used(tmp_path: Pat
         F.cross_entropy(private.model(x), y).backward()
         private.optimizer.step()
         batch_sizes.append(len(y))
-    entry = ledger.charge(server_round=1, run_id="run-1", noise_multiplier=private.noise_multiplier,
-                          sample_rate=private.sample_rate, steps=private.steps)
+    entry = ledger.charge(
+        server_round=1,
+        run_id="run-1",
+        noise_multiplier=private.noise_multiplier,
+        sample_rate=private.sample_rate,
+        steps=private.steps,
+    )
     # Assert
     assert len(loader) == 93 and len(batch_sizes) == 92
     assert private.steps == 92 and entry.steps == 92
@@ -198,28 +235,44 @@ def test_a_real_dpsgd_round_charges_the_steps_and_rate_really_used(tmp_path: Pat
     assert entry.sample_rate == 1 / 93 and entry.noise_multiplier == 1.3
     assert len(set(batch_sizes)) > 1, "Poisson sampling: batch sizes vary"
     assert PrivacyLedger.read(tmp_path).epsilon == pytest.approx(
-        epsilon_from_history([(1.3, 1 / 93, 92)], delta=1 / 3720, accountant="rdp"))
+        epsilon_from_history([(1.3, 1 / 93, 92)], delta=1 / 3720, accountant="rdp")
+    )
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def train_round(*, privacy: PrivacyConfig, state_dir: Path, dataset: CountingDataset,
-                server_round: int) -> float:
+def train_round(
+    *, privacy: PrivacyConfig, state_dir: Path, dataset: CountingDataset, server_round: int
+) -> float:
     """What a site's train handler does: plan (budget check), train, charge. Returns epsilon."""
     loader = DataLoader(dataset, batch_size=16)
-    plan = plan_round(privacy=privacy, state_dir=state_dir, num_samples=len(dataset),
-                      steps_per_epoch=len(loader), local_epochs=1, planned_rounds=3)
+    plan = plan_round(
+        privacy=privacy,
+        state_dir=state_dir,
+        num_samples=len(dataset),
+        steps_per_epoch=len(loader),
+        local_epochs=1,
+        planned_rounds=3,
+    )
     model = model_named("logreg")
-    private = make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                           data_loader=loader, noise_multiplier=plan.noise_multiplier,
-                           max_grad_norm=privacy.max_grad_norm)
+    private = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+    )
     for x, y in private.data_loader:
         private.optimizer.zero_grad()
         F.cross_entropy(private.model(x), y).backward()
         private.optimizer.step()
-    entry = plan.ledger.charge(server_round=server_round, run_id="run-1",
-                               noise_multiplier=plan.noise_multiplier,
-                               sample_rate=private.sample_rate, steps=private.steps)
+    entry = plan.ledger.charge(
+        server_round=server_round,
+        run_id="run-1",
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=private.sample_rate,
+        steps=private.steps,
+    )
     assert entry.epsilon_after is not None
     return entry.epsilon_after
 
@@ -228,15 +281,25 @@ def test_a_site_out_of_budget_refuses_before_touching_its_data(tmp_path: Path) -
     """Rounds run until the next would pass max_epsilon; that one is refused, data unread."""
     # Prepare
     privacy = PrivacyConfig(mode="dpsgd", noise_multiplier=1.0, max_epsilon=3.0)
-    spent = [train_round(privacy=privacy, state_dir=tmp_path, dataset=CountingDataset(160),
-                         server_round=r) for r in (1, 2)]
+    spent = [
+        train_round(
+            privacy=privacy, state_dir=tmp_path, dataset=CountingDataset(160), server_round=r
+        )
+        for r in (1, 2)
+    ]
     ledger_before = (tmp_path / LEDGER_FILENAME).read_bytes()
     untouched = CountingDataset(160)
     # Execute
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         for server_round in range(3, 100):
-            spent.append(train_round(privacy=privacy, state_dir=tmp_path, dataset=untouched,
-                                     server_round=server_round))
+            spent.append(
+                train_round(
+                    privacy=privacy,
+                    state_dir=tmp_path,
+                    dataset=untouched,
+                    server_round=server_round,
+                )
+            )
             untouched = CountingDataset(160)
             ledger_before = (tmp_path / LEDGER_FILENAME).read_bytes()
     # Assert

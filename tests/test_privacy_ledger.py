@@ -35,8 +35,14 @@ def charge_rounds(ledger: PrivacyLedger, rounds: range, run_id: str = "run-1") -
 def run_child(script: str, **kwargs: object) -> subprocess.Popen[str]:
     """Start ``python -c script`` with the repository importable; stdout is line-buffered text."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )  # type: ignore[call-overload]
 
 
 def wait_for_line(child: subprocess.Popen[str], expected: str, timeout: float = 120.0) -> list[str]:
@@ -71,8 +77,14 @@ def test_a_new_site_writes_its_ledger_on_the_first_charge(tmp_path: Path) -> Non
     assert document["epsilon"] == pytest.approx(entry.epsilon_after)
     (stored,) = document["entries"]
     assert stored | {"time": None} == {
-        "round": 1, "run_id": "7", "time": None, "noise_multiplier": 1.1, "sample_rate": 0.02,
-        "steps": 100, "delta": document["delta"], "epsilon_after": entry.epsilon_after,
+        "round": 1,
+        "run_id": "7",
+        "time": None,
+        "noise_multiplier": 1.1,
+        "sample_rate": 0.02,
+        "steps": 100,
+        "delta": document["delta"],
+        "epsilon_after": entry.epsilon_after,
     }
     written = datetime.fromisoformat(stored["time"])
     assert written.utcoffset() == UTC.utcoffset(None)
@@ -90,11 +102,13 @@ def test_epsilon_composes_every_entry_across_reloads(tmp_path: Path) -> None:
     mechanism = (ROUND["noise_multiplier"], ROUND["sample_rate"], ROUND["steps"])
     assert ledger.history == [mechanism] * 5
     assert ledger.epsilon == pytest.approx(
-        epsilon_from_history([mechanism] * 5, delta=ledger.delta, accountant="rdp"))
+        epsilon_from_history([mechanism] * 5, delta=ledger.delta, accountant="rdp")
+    )
     epsilons = [entry.epsilon_after for entry in ledger.entries]
     assert epsilons == sorted(epsilons) and len(set(epsilons)) == 5
-    assert ledger.epsilon > epsilon_from_history([mechanism] * 2, delta=ledger.delta,
-                                                 accountant="rdp")
+    assert ledger.epsilon > epsilon_from_history(
+        [mechanism] * 2, delta=ledger.delta, accountant="rdp"
+    )
 
 
 def test_an_unset_delta_reuses_the_ledgers(tmp_path: Path) -> None:
@@ -136,10 +150,24 @@ def test_reading_a_missing_ledger_is_an_error(tmp_path: Path) -> None:
 
 
 def _valid_document() -> dict[str, object]:
-    entry = {"round": 1, "run_id": "1", "time": "2025-01-01T00:00:00Z", "noise_multiplier": 1.0,
-             "sample_rate": 0.01, "steps": 10, "delta": 1e-5, "epsilon_after": 0.1}
-    return {"format": "fedinfer-privacy-ledger", "version": 1, "accountant": "rdp",
-            "delta": 1e-5, "epsilon": 0.1, "entries": [entry]}
+    entry = {
+        "round": 1,
+        "run_id": "1",
+        "time": "2025-01-01T00:00:00Z",
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.01,
+        "steps": 10,
+        "delta": 1e-5,
+        "epsilon_after": 0.1,
+    }
+    return {
+        "format": "fedinfer-privacy-ledger",
+        "version": 1,
+        "accountant": "rdp",
+        "delta": 1e-5,
+        "epsilon": 0.1,
+        "entries": [entry],
+    }
 
 
 def _with(path: tuple[str, ...], value: object) -> str:
@@ -167,9 +195,19 @@ def _with(path: tuple[str, ...], value: object) -> str:
         _with(("entries", "time"), "yesterday"),
         json.dumps({k: v for k, v in _valid_document().items() if k != "entries"}),
     ],
-    ids=["truncated", "not-an-object", "other-format", "future-version", "unknown-accountant",
-         "negative-steps", "string-steps", "zero-noise", "entry-delta-differs", "bad-time",
-         "no-entries"],
+    ids=[
+        "truncated",
+        "not-an-object",
+        "other-format",
+        "future-version",
+        "unknown-accountant",
+        "negative-steps",
+        "string-steps",
+        "zero-noise",
+        "entry-delta-differs",
+        "bad-time",
+        "no-entries",
+    ],
 )
 def test_a_corrupt_ledger_is_an_error_and_is_left_alone(tmp_path: Path, content: str) -> None:
     """Corrupt or unknown-format ledgers raise; the file is never reset or rewritten."""
@@ -307,7 +345,8 @@ def test_a_site_killed_mid_run_continues_from_its_spent_epsilon(tmp_path: Path) 
     assert [e.round for e in restarted.entries] == list(range(1, done + 2))
     mechanism = (ROUND["noise_multiplier"], ROUND["sample_rate"], ROUND["steps"])
     assert spent == pytest.approx(
-        epsilon_from_history([mechanism] * done, delta=restarted.delta, accountant="rdp"))
+        epsilon_from_history([mechanism] * done, delta=restarted.delta, accountant="rdp")
+    )
     assert entry.epsilon_after is not None and entry.epsilon_after > spent
 
 
@@ -328,8 +367,10 @@ def test_concurrent_charges_from_two_processes_are_all_kept(tmp_path: Path) -> N
     """Two processes charging the same site at once lose no entry (flock + re-read)."""
     # Prepare
     script = CHILD_CHARGING_N.replace("sys.argv[1]", repr(str(tmp_path)))
-    children = [run_child(script.replace("sys.argv[2]", repr(name)), stdin=subprocess.PIPE)
-                for name in ("a", "b")]
+    children = [
+        run_child(script.replace("sys.argv[2]", repr(name)), stdin=subprocess.PIPE)
+        for name in ("a", "b")
+    ]
     for child in children:
         wait_for_line(child, "READY")
     # Execute

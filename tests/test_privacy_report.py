@@ -15,8 +15,13 @@ def test_the_table_lists_every_charge_and_the_cumulative_totals(tmp_path: Path) 
     # Prepare
     ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, num_samples=5000)
     for server_round, run_id in [(1, "run-a"), (2, "run-a"), (1, "run-b")]:
-        ledger.charge(server_round=server_round, run_id=run_id, noise_multiplier=1.1,
-                      sample_rate=0.0123, steps=40)
+        ledger.charge(
+            server_round=server_round,
+            run_id=run_id,
+            noise_multiplier=1.1,
+            sample_rate=0.0123,
+            steps=40,
+        )
     # Execute
     text = show_ledger(tmp_path)
     # Assert
@@ -30,7 +35,8 @@ def test_the_table_lists_every_charge_and_the_cumulative_totals(tmp_path: Path) 
 def test_print_ledger_writes_to_the_console(tmp_path: Path) -> None:
     # Prepare
     PrivacyLedger.open(tmp_path, accountant="prv", delta=None, num_samples=100).charge(
-        server_round=1, run_id="r", noise_multiplier=2.0, sample_rate=0.1, steps=10)
+        server_round=1, run_id="r", noise_multiplier=2.0, sample_rate=0.1, steps=10
+    )
     console = Console(record=True, width=150)
     # Execute
     print_ledger(tmp_path, console)

@@ -13,9 +13,18 @@ T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def _record(principal: str, when: datetime, status: int = 200) -> dict[str, object]:
-    return {"ts": when.isoformat(), "request_id": "r", "principal": principal,
-            "endpoint": "infer", "model": "m", "version": 1, "rows": 2, "batch_size": 4,
-            "latency_ms": 1.5, "status": status}
+    return {
+        "ts": when.isoformat(),
+        "request_id": "r",
+        "principal": principal,
+        "endpoint": "infer",
+        "model": "m",
+        "version": 1,
+        "rows": 2,
+        "batch_size": 4,
+        "latency_ms": 1.5,
+        "status": status,
+    }
 
 
 def test_rotation_keeps_every_line_and_bounds_file_size(tmp_path: Path) -> None:

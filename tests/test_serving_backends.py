@@ -16,12 +16,14 @@ from fedinfer.serving.backends import build_backend, check_backend
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
-    return publish_versions(tmp_path_factory.mktemp("site"), generate_signing_key(), [1, 2],
-                            model="cnn1d")
+    return publish_versions(
+        tmp_path_factory.mktemp("site"), generate_signing_key(), [1, 2], model="cnn1d"
+    )
 
 
-@pytest.mark.parametrize(("name", "atol"), [("torch", 0.0), ("onnx", 1e-4), ("int8", 0.5)],
-                         ids=["torch", "onnx", "int8"])
+@pytest.mark.parametrize(
+    ("name", "atol"), [("torch", 0.0), ("onnx", 1e-4), ("int8", 0.5)], ids=["torch", "onnx", "int8"]
+)
 def test_backend_matches_the_float_model(store, name: str, atol: float) -> None:
     # Prepare
     weights, manifest = store.load()
@@ -29,8 +31,9 @@ def test_backend_matches_the_float_model(store, name: str, atol: float) -> None:
     reference = build_backend("torch", weights, manifest)
     # Execute
     backend = build_backend(name, weights, manifest, threads=1)
-    check = check_backend(backend, reference, x, reference.predict(x).argmax(1),
-                          max_accuracy_drop=0.1)
+    check = check_backend(
+        backend, reference, x, reference.predict(x).argmax(1), max_accuracy_drop=0.1
+    )
     # Assert
     assert backend.name == name and check.samples == 64
     assert check.max_abs_logit_diff <= atol
@@ -49,20 +52,27 @@ def test_backend_losing_too_much_accuracy_is_refused(store) -> None:
     degraded = build_backend("onnx", w1, m1)
     # Execute / Assert
     with pytest.raises(ServingError, match="loses .* accuracy"):
-        check_backend(degraded, reference, x, reference.predict(x).argmax(1),
-                      max_accuracy_drop=0.01)
+        check_backend(
+            degraded, reference, x, reference.predict(x).argmax(1), max_accuracy_drop=0.01
+        )
 
 
 @pytest.mark.parametrize("backend", ["onnx", "int8"], ids=["onnx", "int8"])
-def test_server_checks_a_backend_against_validation_data(tmp_path: Path, store,
-                                                          backend: str) -> None:
+def test_server_checks_a_backend_against_validation_data(
+    tmp_path: Path, store, backend: str
+) -> None:
     # Prepare
     weights, manifest = store.load()
     x = np.random.default_rng(2).normal(size=(100, INPUT_DIM)).astype(np.float32)
     y = build_backend("torch", weights, manifest).predict(x).argmax(1)
     np.savez(tmp_path / "val.npz", x=x, y=y)
-    options = options_for(store.root, backend=backend, validation_data=tmp_path / "val.npz",
-                          max_accuracy_drop=0.2, audit_dir=tmp_path / "audit")
+    options = options_for(
+        store.root,
+        backend=backend,
+        validation_data=tmp_path / "val.npz",
+        max_accuracy_drop=0.2,
+        audit_dir=tmp_path / "audit",
+    )
     # Execute / Assert: starts and serves
     import httpx
 

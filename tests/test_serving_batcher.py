@@ -18,10 +18,16 @@ from fedinfer.serving.model_manager import run_outputs
 
 def _manifest() -> ModelManifest:
     return ModelManifest(
-        name="m", version=1, server_round=1, created="", run_id="r", weights_sha256="",
+        name="m",
+        version=1,
+        server_round=1,
+        created="",
+        run_id="r",
+        weights_sha256="",
         model={"name": "cnn1d", "hidden_sizes": [128, 64], "channels": 8, "groups": 4},
         inputs=(TensorSpec("input", (-1, INPUT_DIM), "FP32"),),
-        outputs=(TensorSpec("logits", (-1, 10), "FP32"),))
+        outputs=(TensorSpec("logits", (-1, 10), "FP32"),),
+    )
 
 
 class GatedModel:

@@ -23,14 +23,24 @@ def _logits(store, version: int, x: np.ndarray) -> np.ndarray:
 
 
 def _request(x: np.ndarray) -> dict[str, object]:
-    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}], "outputs": [{"name": "logits"}]}
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "logits"}],
+    }
 
 
 def _wait_for_version(client: httpx.Client, version: int, x: np.ndarray) -> None:
     for _ in range(400):
-        if client.post("/v2/models/digits/infer", json=_request(x)).json()[
-                "model_version"] == str(version):
+        if client.post("/v2/models/digits/infer", json=_request(x)).json()["model_version"] == str(
+            version
+        ):
             return
         time.sleep(0.025)
     raise TimeoutError(f"server never switched to version {version}")
@@ -49,8 +59,11 @@ def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(tmp_path: Pa
             while not stop.is_set():
                 resp = client.post("/v2/models/digits/infer", json=_request(x))
                 body = resp.json()
-                logits = (np.array(body["outputs"][0]["data"], np.float32).reshape(2, -1)
-                          if resp.status_code == 200 else np.empty(0))
+                logits = (
+                    np.array(body["outputs"][0]["data"], np.float32).reshape(2, -1)
+                    if resp.status_code == 200
+                    else np.empty(0)
+                )
                 responses.append((resp.status_code, body.get("model_version", ""), logits))
 
     with running_server(options_for(store.root, max_batch_size=16)) as url:

@@ -24,8 +24,7 @@ def test_site_server_subprocess_serves_and_terminates_cleanly(tmp_path: Path) ->
     save_public_key(key, tmp_path / "coordinator.pub")
     x = np.ones((2, INPUT_DIM), dtype=np.float32)
     # Execute
-    with SiteServer(store.root, public_key=tmp_path / "coordinator.pub",
-                    backend="onnx") as server:
+    with SiteServer(store.root, public_key=tmp_path / "coordinator.pub", backend="onnx") as server:
         client = triton.InferenceServerClient(server.url.removeprefix("http://"))
         inp = triton.InferInput("input", [2, INPUT_DIM], "FP32")
         inp.set_data_from_numpy(x)
@@ -69,21 +68,25 @@ def test_cli_serve_refuses_a_foreign_signature_at_startup(tmp_path: Path) -> Non
     store = publish_versions(tmp_path, generate_signing_key(), [1])
     save_public_key(generate_signing_key(), tmp_path / "other.pub")
     with pytest.raises(ServingError, match="exited"):
-        with SiteServer(ModelStore(store.root).root, public_key=tmp_path / "other.pub",
-                        backend="torch"):
+        with SiteServer(
+            ModelStore(store.root).root, public_key=tmp_path / "other.pub", backend="torch"
+        ):
             pass
     assert "not the trusted key" in (tmp_path / "serve.log").read_text()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--tls-certfile", "c.pem"], "go together"),
-     (["--max-batch-size", "0"], "must be >= 1"),
-     (["--nonfinite", "reject", "--max-body-bytes", "10"], "max-body-bytes")],
+    [
+        (["--tls-certfile", "c.pem"], "go together"),
+        (["--max-batch-size", "0"], "must be >= 1"),
+        (["--nonfinite", "reject", "--max-body-bytes", "10"], "max-body-bytes"),
+    ],
     ids=["tls-half", "batch-0", "tiny-body"],
 )
-def test_serve_rejects_bad_options_with_exit_code_2(tmp_path: Path, capsys, args: list[str],
-                                                    message: str) -> None:
+def test_serve_rejects_bad_options_with_exit_code_2(
+    tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
     from fedinfer.serving.__main__ import main
 
     code = main(["serve", "--model-store", str(tmp_path / "models"), "--port", "0", *args])

@@ -11,17 +11,34 @@ from fedinfer.serving.oip import OipError, encode_infer_response, parse_infer_re
 
 
 def _binary_request(x: np.ndarray, *, declared: int | None = None) -> tuple[bytes, str]:
-    header = json.dumps({"inputs": [{
-        "name": "input", "shape": list(x.shape), "datatype": "FP32",
-        "parameters": {"binary_data_size": declared if declared is not None else x.nbytes}}]})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {
+                        "binary_data_size": declared if declared is not None else x.nbytes
+                    },
+                }
+            ]
+        }
+    )
     return header.encode() + x.tobytes(), str(len(header))
 
 
 def test_json_and_binary_requests_decode_to_the_same_array() -> None:
     # Prepare
     x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
-    json_body = json.dumps({"id": "r1", "inputs": [
-        {"name": "input", "shape": [3, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    json_body = json.dumps(
+        {
+            "id": "r1",
+            "inputs": [
+                {"name": "input", "shape": [3, 4], "datatype": "FP32", "data": x.ravel().tolist()}
+            ],
+        }
+    )
     bin_body, header_len = _binary_request(x)
     # Execute
     from_json = parse_infer_request(json_body.encode(), header_length=None)
@@ -33,10 +50,17 @@ def test_json_and_binary_requests_decode_to_the_same_array() -> None:
 
 
 def test_nested_json_data_is_accepted() -> None:
-    body = json.dumps({"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32",
-                                   "data": [[1, 2], [3, 4]]}]}).encode()
-    assert parse_infer_request(body, header_length=None).inputs[0].array.tolist() == [[1, 2],
-                                                                                     [3, 4]]
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3, 4]]}
+            ]
+        }
+    ).encode()
+    assert parse_infer_request(body, header_length=None).inputs[0].array.tolist() == [
+        [1, 2],
+        [3, 4],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -45,33 +69,74 @@ def test_nested_json_data_is_accepted() -> None:
         (b"{not json", None, "not valid JSON"),
         (b"[1, 2]", None, "JSON object"),
         (b'{"inputs": []}', None, "non-empty 'inputs'"),
-        (b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32"}]}', None,
-         "neither 'data'"),
-        (b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "BYTES", "data": [1, 2]}]}',
-         None, "unsupported datatype"),
-        (b'{"inputs": [{"name": "input", "shape": [1, -2], "datatype": "FP32", "data": [1]}]}',
-         None, "non-negative"),
-        (b'{"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2]}]}',
-         None, "needs 3"),
-        (b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": ["a", 1]}]}',
-         None, "list of numbers"),
-        (b'{"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32",'
-         b' "data": [[1], [2, 3]]}]}', None, "list of numbers"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "9999",
-         "outside the body"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', "abc",
-         "must be an integer"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],'
-         b' "outputs": [{"name": "logits", "parameters": {"classification": 3}}]}', None,
-         "classification"),
+        (
+            b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32"}]}',
+            None,
+            "neither 'data'",
+        ),
+        (
+            b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "BYTES", "data": [1, 2]}]}',
+            None,
+            "unsupported datatype",
+        ),
+        (
+            b'{"inputs": [{"name": "input", "shape": [1, -2], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "non-negative",
+        ),
+        (
+            b'{"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2]}]}',
+            None,
+            "needs 3",
+        ),
+        (
+            b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": ["a", 1]}]}',
+            None,
+            "list of numbers",
+        ),
+        (
+            b'{"inputs": [{"name": "input", "shape": [2, 2], "datatype": "FP32",'
+            b' "data": [[1], [2, 3]]}]}',
+            None,
+            "list of numbers",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            "9999",
+            "outside the body",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            "abc",
+            "must be an integer",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],'
+            b' "outputs": [{"name": "logits", "parameters": {"classification": 3}}]}',
+            None,
+            "classification",
+        ),
         (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply|JSON object|not valid JSON"),
     ],
-    ids=["bad-json", "not-object", "no-inputs", "no-data", "bytes-dtype", "negative-dim",
-         "size-mismatch", "string-data", "ragged", "header-too-long", "header-not-int",
-         "classification", "deep-nesting"],
+    ids=[
+        "bad-json",
+        "not-object",
+        "no-inputs",
+        "no-data",
+        "bytes-dtype",
+        "negative-dim",
+        "size-mismatch",
+        "string-data",
+        "ragged",
+        "header-too-long",
+        "header-not-int",
+        "classification",
+        "deep-nesting",
+    ],
 )
-def test_malformed_requests_raise_oip_error(body: bytes, header_length: str | None,
-                                             match: str) -> None:
+def test_malformed_requests_raise_oip_error(
+    body: bytes, header_length: str | None, match: str
+) -> None:
     with pytest.raises(OipError, match=match) as info:
         parse_infer_request(body, header_length=header_length)
     assert info.value.status == 400
@@ -97,14 +162,22 @@ def test_response_mixes_binary_and_json_outputs() -> None:
     classes = np.array([2, 2], dtype=np.int64)
     # Execute
     body, header_len = encode_infer_response(
-        model_name="m", model_version="4", request_id="abc",
-        outputs=[("logits", logits, True), ("predicted_class", classes, False)])
+        model_name="m",
+        model_version="4",
+        request_id="abc",
+        outputs=[("logits", logits, True), ("predicted_class", classes, False)],
+    )
     # Assert
     assert header_len is not None
     head = json.loads(body[:header_len])
     assert head["model_version"] == "4" and head["id"] == "abc"
     assert head["outputs"][0]["parameters"]["binary_data_size"] == logits.nbytes
-    assert head["outputs"][1] == {"name": "predicted_class", "datatype": "INT64", "shape": [2],
-                                  "data": [2, 2]}
-    np.testing.assert_array_equal(np.frombuffer(body[header_len:], np.float32).reshape(2, 3),
-                                  logits)
+    assert head["outputs"][1] == {
+        "name": "predicted_class",
+        "datatype": "INT64",
+        "shape": [2],
+        "data": [2, 2],
+    }
+    np.testing.assert_array_equal(
+        np.frombuffer(body[header_len:], np.float32).reshape(2, 3), logits
+    )

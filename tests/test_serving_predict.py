@@ -56,15 +56,18 @@ def test_tabular_scoring_keeps_order_ids_and_reports_bad_rows(
     else:
         frame.astype({"f3": str}).to_parquet(src)
     # Execute: chunk size 6 so rows cross chunk boundaries
-    report = predict_file(store, input_path=src, output_path=out, id_column="patient",
-                          chunk_size=6, progress=False)
+    report = predict_file(
+        store, input_path=src, output_path=out, id_column="patient", chunk_size=6, progress=False
+    )
     scored = pd.read_csv(out) if fmt == "csv" else pd.read_parquet(out)
     # Assert
     bad = dict(report.bad_rows)
     if fmt == "csv":
-        assert bad == {4: "non-numeric value in column 'f3'",
-                       10: "missing (NaN) value in column 'f7'",
-                       17: "infinite value in column 'f1'"}
+        assert bad == {
+            4: "non-numeric value in column 'f3'",
+            10: "missing (NaN) value in column 'f7'",
+            17: "infinite value in column 'f1'",
+        }
     else:
         assert set(bad) == {4, 10, 17}
     assert report.rows == 25 and list(scored["patient"]) == list(table["patient"])
@@ -84,8 +87,14 @@ def test_npz_scoring_with_ids_and_a_nan_row(tmp_path: Path, store, table: pd.Dat
     ids = np.arange(100, 125)
     np.savez(tmp_path / "in.npz", x=x, ids=ids)
     # Execute
-    report = predict_file(store, input_path=tmp_path / "in.npz", output_path=tmp_path / "o.npz",
-                          id_column="ids", chunk_size=7, progress=False)
+    report = predict_file(
+        store,
+        input_path=tmp_path / "in.npz",
+        output_path=tmp_path / "o.npz",
+        id_column="ids",
+        chunk_size=7,
+        progress=False,
+    )
     with np.load(tmp_path / "o.npz", allow_pickle=False) as out:
         # Assert
         assert report.bad_rows == [(6, "missing (NaN) value in column 'f0'")]
@@ -101,19 +110,34 @@ def test_strict_mode_stops_at_the_first_bad_row(tmp_path: Path, store, table) ->
     frame.loc[2, "f0"] = np.nan
     frame.to_csv(tmp_path / "in.csv", index=False)
     with pytest.raises(DataError, match=r"row 3: missing \(NaN\) value"):
-        predict_file(store, input_path=tmp_path / "in.csv", output_path=tmp_path / "o.csv",
-                     id_column="patient", strict=True, progress=False)
+        predict_file(
+            store,
+            input_path=tmp_path / "in.csv",
+            output_path=tmp_path / "o.csv",
+            id_column="patient",
+            strict=True,
+            progress=False,
+        )
     assert not (tmp_path / "o.csv").exists()
 
 
-def test_cli_predict_reports_bad_rows_and_wrong_columns(tmp_path: Path, store, table,
-                                                        capsys) -> None:
+def test_cli_predict_reports_bad_rows_and_wrong_columns(
+    tmp_path: Path, store, table, capsys
+) -> None:
     # Prepare
     frame = table.copy()
     frame.loc[0, "f0"] = np.nan
     frame.to_csv(tmp_path / "in.csv", index=False)
-    args = ["predict", "--model-store", str(store.root), "--input", str(tmp_path / "in.csv"),
-            "--output", str(tmp_path / "o.csv"), "--no-progress"]
+    args = [
+        "predict",
+        "--model-store",
+        str(store.root),
+        "--input",
+        str(tmp_path / "in.csv"),
+        "--output",
+        str(tmp_path / "o.csv"),
+        "--no-progress",
+    ]
     # Execute
     ok = cli_main([*args, "--id-column", "patient"])
     ok_io = capsys.readouterr()

@@ -25,8 +25,11 @@ from fedinfer.artifacts import generate_signing_key
 from fedinfer.cli import main as cli_main
 from fedinfer.serving.auth import RateLimiter, TokenFile, add_token, revoke_tokens
 
-BODY = {"inputs": [{"name": "input", "shape": [1, INPUT_DIM], "datatype": "FP32",
-                    "data": [0.0] * INPUT_DIM}]}
+BODY = {
+    "inputs": [
+        {"name": "input", "shape": [1, INPUT_DIM], "datatype": "FP32", "data": [0.0] * INPUT_DIM}
+    ]
+}
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -34,20 +37,29 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
-            ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
     certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return certfile, keyfile
 
 
@@ -91,13 +103,16 @@ def test_missing_or_wrong_token_is_401_and_missing_role_is_403(secured) -> None:
         # Execute
         anonymous = client.post("/v2/models/digits/infer", json=BODY)
         wrong = client.post("/v2/models/digits/infer", json=BODY, headers=_auth("fi_nope"))
-        basic = client.post("/v2/models/digits/infer", json=BODY,
-                            headers={"Authorization": "Basic dXNlcjpwdw=="})
+        basic = client.post(
+            "/v2/models/digits/infer", json=BODY, headers={"Authorization": "Basic dXNlcjpwdw=="}
+        )
         ok = client.post("/v2/models/digits/infer", json=BODY, headers=_auth(tok["infer"]))
-        forbidden = client.post("/v2/repository/models/digits/rollback", json={},
-                                headers=_auth(tok["infer"]))
-        admin = client.post("/v2/repository/models/digits/rollback", json={},
-                            headers=_auth(tok["admin"]))
+        forbidden = client.post(
+            "/v2/repository/models/digits/rollback", json={}, headers=_auth(tok["infer"])
+        )
+        admin = client.post(
+            "/v2/repository/models/digits/rollback", json={}, headers=_auth(tok["admin"])
+        )
         health = client.get("/v2/health/ready")
     # Assert
     assert anonymous.status_code == 401
@@ -126,8 +141,9 @@ def test_tokens_file_holds_only_hashes_and_is_owner_only(tmp_path: Path, capsys)
     # Prepare
     path = tmp_path / "tokens.json"
     # Execute
-    code = cli_main(["tokens", "add", "--file", str(path), "--principal", "lab-1",
-                     "--role", "infer"])
+    code = cli_main(
+        ["tokens", "add", "--file", str(path), "--principal", "lab-1", "--role", "infer"]
+    )
     token = capsys.readouterr().out.strip()
     # Assert
     text = path.read_text()
@@ -154,8 +170,18 @@ def test_new_token_is_accepted_without_restart(secured) -> None:
 
 
 def test_bad_token_arguments_are_config_errors(tmp_path: Path, capsys) -> None:
-    code = cli_main(["tokens", "add", "--file", str(tmp_path / "t.json"), "--principal",
-                     "a b", "--role", "infer"])
+    code = cli_main(
+        [
+            "tokens",
+            "add",
+            "--file",
+            str(tmp_path / "t.json"),
+            "--principal",
+            "a b",
+            "--role",
+            "infer",
+        ]
+    )
     assert code == 2 and "--principal" in capsys.readouterr().err
 
 

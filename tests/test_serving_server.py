@@ -36,8 +36,17 @@ def _reference(store, version: int, x: np.ndarray) -> np.ndarray:
 
 
 def _json_infer(x: np.ndarray, **extra: object) -> dict[str, object]:
-    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}], **extra}
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }
 
 
 def test_health_and_server_metadata(site) -> None:
@@ -58,8 +67,7 @@ def test_model_metadata_lists_all_versions_and_specs(site) -> None:
     # Assert
     assert current["versions"] == ["1", "2"] and current["parameters"]["version"] == 2
     assert current["inputs"] == [{"name": "input", "shape": [-1, INPUT_DIM], "datatype": "FP32"}]
-    assert [o["name"] for o in current["outputs"]] == ["logits", "probabilities",
-                                                       "predicted_class"]
+    assert [o["name"] for o in current["outputs"]] == ["logits", "probabilities", "predicted_class"]
     assert pinned["parameters"]["version"] == 1 and pinned["parameters"]["server_round"] == 1
     assert ready.status_code == 200
 
@@ -70,8 +78,11 @@ def test_json_infer_with_httpx_matches_the_model(site) -> None:
     x = np.random.default_rng(0).normal(size=(4, INPUT_DIM)).astype(np.float32)
     # Execute
     with httpx.Client(base_url=url) as client:
-        resp = client.post("/v2/models/digits/infer", json=_json_infer(x, id="req-7"),
-                           headers={"X-Request-ID": "trace-1"})
+        resp = client.post(
+            "/v2/models/digits/infer",
+            json=_json_infer(x, id="req-7"),
+            headers={"X-Request-ID": "trace-1"},
+        )
     # Assert
     body = resp.json()
     assert resp.status_code == 200 and body["model_version"] == "2" and body["id"] == "req-7"
@@ -91,8 +102,10 @@ def test_tritonclient_infers_current_and_pinned_versions(site, binary: bool) -> 
     client = triton.InferenceServerClient(url.removeprefix("http://"))
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
-    outs = [triton.InferRequestedOutput("logits", binary_data=binary),
-            triton.InferRequestedOutput("predicted_class", binary_data=binary)]
+    outs = [
+        triton.InferRequestedOutput("logits", binary_data=binary),
+        triton.InferRequestedOutput("predicted_class", binary_data=binary),
+    ]
     # Execute
     current = client.infer("digits", [inp], outputs=outs)
     pinned = client.infer("digits", [inp], model_version="1", outputs=outs)
@@ -105,8 +118,9 @@ def test_tritonclient_infers_current_and_pinned_versions(site, binary: bool) -> 
     np.testing.assert_allclose(current.as_numpy("logits"), _reference(store, 2, x), atol=1e-6)
     np.testing.assert_allclose(pinned.as_numpy("logits"), _reference(store, 1, x), atol=1e-6)
     assert pinned.as_numpy("predicted_class").dtype == np.int64
-    np.testing.assert_allclose(default_outputs.as_numpy("probabilities").sum(axis=1), 1.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        default_outputs.as_numpy("probabilities").sum(axis=1), 1.0, rtol=1e-5
+    )
     client.close()
 
 
@@ -122,13 +136,18 @@ def test_large_request_is_decoded_and_encoded_off_the_event_loop(site) -> None:
     result = client.infer("digits", [inp], outputs=[triton.InferRequestedOutput("logits")])
     client.close()
     # Assert
-    np.testing.assert_allclose(result.as_numpy("logits"), _reference(store, 2, x), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), _reference(store, 2, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def _bad(**override: object) -> dict[str, object]:
-    tensor = {"name": "input", "shape": [1, INPUT_DIM], "datatype": "FP32",
-              "data": [0.5] * INPUT_DIM}
+    tensor = {
+        "name": "input",
+        "shape": [1, INPUT_DIM],
+        "datatype": "FP32",
+        "data": [0.5] * INPUT_DIM,
+    }
     tensor.update(override)
     return {"inputs": [tensor]}
 
@@ -142,12 +161,30 @@ BAD_REQUESTS = [
     ("POST", "/v2/models/digits/infer", _bad(data=NAN_ROW), 400, "NaN or infinite"),
     ("POST", "/v2/models/digits/infer", _bad(data=[1e39] * INPUT_DIM), 400, "NaN or infinite"),
     ("POST", "/v2/models/digits/infer", _bad(shape=[0, INPUT_DIM], data=[]), 400, "empty batch"),
-    ("POST", "/v2/models/digits/infer", {"inputs": [_bad()["inputs"][0]] * 2}, 400,  # type: ignore[index]
-     "exactly one input"),
-    ("POST", "/v2/models/digits/infer", {**_bad(), "outputs": [{"name": "secret"}]}, 400,
-     "unknown output"),
-    ("POST", "/v2/models/digits/infer", {"inputs": [_bad()["inputs"][0]],  # type: ignore[index]
-                                         "pad": "x" * 1_100_000}, 413, "exceeds"),
+    (
+        "POST",
+        "/v2/models/digits/infer",
+        {"inputs": [_bad()["inputs"][0]] * 2},
+        400,  # type: ignore[index]
+        "exactly one input",
+    ),
+    (
+        "POST",
+        "/v2/models/digits/infer",
+        {**_bad(), "outputs": [{"name": "secret"}]},
+        400,
+        "unknown output",
+    ),
+    (
+        "POST",
+        "/v2/models/digits/infer",
+        {
+            "inputs": [_bad()["inputs"][0]],  # type: ignore[index]
+            "pad": "x" * 1_100_000,
+        },
+        413,
+        "exceeds",
+    ),
     ("POST", "/v2/models/other/infer", _bad(), 404, "unknown model"),
     ("POST", "/v2/models/digits/versions/9/infer", _bad(), 404, "not in the model store"),
     ("POST", "/v2/models/digits/versions/latest/infer", _bad(), 404, "integers"),
@@ -157,18 +194,36 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "payload", "status", "match"), BAD_REQUESTS,
-    ids=["bad-json", "wrong-name", "wrong-shape", "wrong-dtype", "nan", "overflow-inf",
-         "empty-batch", "two-inputs", "unknown-output", "oversize", "unknown-model",
-         "unknown-version", "non-int-version", "wrong-method", "unknown-route"],
+    ("method", "path", "payload", "status", "match"),
+    BAD_REQUESTS,
+    ids=[
+        "bad-json",
+        "wrong-name",
+        "wrong-shape",
+        "wrong-dtype",
+        "nan",
+        "overflow-inf",
+        "empty-batch",
+        "two-inputs",
+        "unknown-output",
+        "oversize",
+        "unknown-model",
+        "unknown-version",
+        "non-int-version",
+        "wrong-method",
+        "unknown-route",
+    ],
 )
 def test_bad_input_is_a_4xx_with_an_oip_error_body(
     site, method: str, path: str, payload: object, status: int, match: str
 ) -> None:
     # Prepare
     url, _ = site
-    content = payload if isinstance(payload, bytes) else (
-        None if payload is None else json.dumps(payload).encode())
+    content = (
+        payload
+        if isinstance(payload, bytes)
+        else (None if payload is None else json.dumps(payload).encode())
+    )
     # Execute
     with httpx.Client(base_url=url) as client:
         resp = client.request(method, path, content=content)
@@ -210,8 +265,9 @@ def test_audit_lines_record_requests_but_never_inputs(site) -> None:
     secret = 31415.9265
     x = np.full((2, INPUT_DIM), secret, dtype=np.float32)
     with httpx.Client(base_url=url) as client:
-        client.post("/v2/models/digits/infer", json=_json_infer(x),
-                    headers={"X-Request-ID": "audit-me"})
+        client.post(
+            "/v2/models/digits/infer", json=_json_infer(x), headers={"X-Request-ID": "audit-me"}
+        )
     audit_file = store.root.parent / "audit" / "audit.jsonl"
     # Execute: the line is written right after the response is sent, so allow it a moment
     for _ in range(200):
@@ -223,14 +279,31 @@ def test_audit_lines_record_requests_but_never_inputs(site) -> None:
     # Assert
     mine = [r for r in lines if r["request_id"] == "audit-me"]
     assert len(mine) == 1
-    assert {k: mine[0][k] for k in ("principal", "model", "version", "rows", "status",
-                                    "endpoint")} == {
-        "principal": "anonymous", "model": "digits", "version": 2, "rows": 2, "status": 200,
-        "endpoint": "infer"}
+    assert {
+        k: mine[0][k] for k in ("principal", "model", "version", "rows", "status", "endpoint")
+    } == {
+        "principal": "anonymous",
+        "model": "digits",
+        "version": 2,
+        "rows": 2,
+        "status": 200,
+        "endpoint": "infer",
+    }
     assert mine[0]["batch_size"] >= 2 and mine[0]["latency_ms"] > 0
     assert "31415.9" not in text  # no input values, ever (a '.' rules out ids and times)
-    allowed = {"ts", "request_id", "principal", "method", "endpoint", "model", "version", "rows",
-               "batch_size", "latency_ms", "status"}
+    allowed = {
+        "ts",
+        "request_id",
+        "principal",
+        "method",
+        "endpoint",
+        "model",
+        "version",
+        "rows",
+        "batch_size",
+        "latency_ms",
+        "status",
+    }
     assert all(set(r) == allowed for r in lines)
 
 

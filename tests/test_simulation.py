@@ -11,10 +11,10 @@ import torch
 from flwr.app import Message
 
 from fedinfer.artifacts import ModelStore, load_public_key, read_weights, verify_artifact
+from fedinfer.config import ModelConfig
 from fedinfer.fl.grid import InProcessGrid
 from fedinfer.fl.messages import Keys
 from fedinfer.models import build_model
-from fedinfer.config import ModelConfig
 from fedinfer.secagg import quantization_bound
 from fedinfer.simulation import run_simulation
 from fedinfer.training import proximal_step_fn
@@ -26,7 +26,9 @@ def _results(out: Path) -> dict:
 
 
 def test_inprocess_run_writes_every_output(out_dir: Path) -> None:
-    cfg = tiny_config("privacy=none", "secagg=off", "federation.rounds=4", "dataset.num_samples=2000")
+    cfg = tiny_config(
+        "privacy=none", "secagg=off", "federation.rounds=4", "dataset.num_samples=2000"
+    )
     result = run_simulation(cfg, output_dir=out_dir)
     data = _results(out_dir)
     assert data["status"] == "completed"
@@ -40,7 +42,9 @@ def test_inprocess_run_writes_every_output(out_dir: Path) -> None:
     assert data["rounds"][-1]["loss"] < data["rounds"][0]["loss"]
     assert data["config"]["federation"]["num_sites"] == 4 and "flwr" in data["versions"]
     assert (out_dir / "accuracy.png").stat().st_size > 0
-    manifest = verify_artifact(out_dir / "model", public_key=load_public_key(out_dir / "coordinator" / "signing.pub"))
+    manifest = verify_artifact(
+        out_dir / "model", public_key=load_public_key(out_dir / "coordinator" / "signing.pub")
+    )
     assert manifest.version == data["model_version"]
     for site in ("site-00", "site-01", "site-02", "site-03"):
         assert ModelStore(out_dir / "sites" / site / "models").current_version() == manifest.version
@@ -50,19 +54,36 @@ def test_same_seed_same_model(tmp_path: Path) -> None:
     cfg = tiny_config("privacy=none", "secagg=off")
     run_simulation(cfg, output_dir=tmp_path / "a")
     run_simulation(tiny_config("privacy=none", "secagg=off"), output_dir=tmp_path / "b")
-    a = read_weights(tmp_path / "a" / "model", verify_artifact(tmp_path / "a" / "model", public_key=load_public_key(tmp_path / "a" / "coordinator" / "signing.pub")))
-    b = read_weights(tmp_path / "b" / "model", verify_artifact(tmp_path / "b" / "model", public_key=load_public_key(tmp_path / "b" / "coordinator" / "signing.pub")))
+    a = read_weights(
+        tmp_path / "a" / "model",
+        verify_artifact(
+            tmp_path / "a" / "model",
+            public_key=load_public_key(tmp_path / "a" / "coordinator" / "signing.pub"),
+        ),
+    )
+    b = read_weights(
+        tmp_path / "b" / "model",
+        verify_artifact(
+            tmp_path / "b" / "model",
+            public_key=load_public_key(tmp_path / "b" / "coordinator" / "signing.pub"),
+        ),
+    )
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 
 
 def _final_weights(out: Path) -> dict[str, np.ndarray]:
-    manifest = verify_artifact(out / "model", public_key=load_public_key(out / "coordinator" / "signing.pub"))
+    manifest = verify_artifact(
+        out / "model", public_key=load_public_key(out / "coordinator" / "signing.pub")
+    )
     return read_weights(out / "model", manifest)
 
 
-@pytest.mark.parametrize("extra", [[], ["faults.drop_sites=1"], ["faults.drop_sites=1", "faults.drop_stage=after_upload"]],
-                         ids=["all-sites", "drop-after-keys", "drop-after-upload"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["faults.drop_sites=1"], ["faults.drop_sites=1", "faults.drop_stage=after_upload"]],
+    ids=["all-sites", "drop-after-keys", "drop-after-upload"],
+)
 def test_secagg_matches_plain_aggregation(tmp_path: Path, extra: list[str]) -> None:
     """With DP off, one secure round equals the plain FedAvg round over the same survivors."""
     base = ["privacy=none", "federation.rounds=1", "secagg.clip_range=0.5", "secagg.bits=20"]
@@ -96,7 +117,9 @@ def test_too_few_survivors_aborts_round_cleanly(out_dir: Path) -> None:
 
 
 def test_secagg_abort_can_stop_the_federation(out_dir: Path) -> None:
-    cfg = tiny_config("privacy=none", "faults.drop_sites=2", "secagg.threshold=3", "secagg.on_abort=stop")
+    cfg = tiny_config(
+        "privacy=none", "faults.drop_sites=2", "secagg.threshold=3", "secagg.on_abort=stop"
+    )
     run_simulation(cfg, output_dir=out_dir)
     data = _results(out_dir)
     assert data["status"] == "stopped" and "secure aggregation aborted" in data["stop_reason"]
@@ -114,7 +137,9 @@ class RecordingGrid(InProcessGrid):
         return replies
 
 
-def test_coordinator_never_receives_an_individual_update(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_coordinator_never_receives_an_individual_update(
+    out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fedinfer.simulation import run as sim_run
 
     grids: list[RecordingGrid] = []
@@ -125,7 +150,9 @@ def test_coordinator_never_receives_an_individual_update(out_dir: Path, monkeypa
 
     monkeypatch.setattr(sim_run, "InProcessGrid", recording)
     run_simulation(tiny_config("privacy=none", "federation.rounds=1"), output_dir=out_dir)
-    train_replies = [m for m in grids[0].seen if not m.has_error() and "secagg-masked" in m.content.array_records]
+    train_replies = [
+        m for m in grids[0].seen if not m.has_error() and "secagg-masked" in m.content.array_records
+    ]
     assert len(train_replies) == 4
     for reply in train_replies:
         assert Keys.ARRAYS not in reply.content.array_records, "no plain weights travel"
@@ -136,8 +163,12 @@ def test_coordinator_never_receives_an_individual_update(out_dir: Path, monkeypa
 
 
 def test_budget_refusal_ends_the_federation_cleanly(out_dir: Path) -> None:
-    cfg = tiny_config("secagg=off", "federation.rounds=8", "privacy.max_epsilon=4.0",
-                      "privacy.noise_multiplier=1.0")
+    cfg = tiny_config(
+        "secagg=off",
+        "federation.rounds=8",
+        "privacy.max_epsilon=4.0",
+        "privacy.noise_multiplier=1.0",
+    )
     run_simulation(cfg, output_dir=out_dir)
     data = _results(out_dir)
     assert data["status"] == "stopped"
@@ -153,7 +184,9 @@ def test_budget_refusal_ends_the_federation_cleanly(out_dir: Path) -> None:
 
 
 def test_dp_and_secagg_together_report_growing_epsilon(out_dir: Path) -> None:
-    run_simulation(tiny_config("federation.rounds=3", "privacy.max_epsilon=100"), output_dir=out_dir)
+    run_simulation(
+        tiny_config("federation.rounds=3", "privacy.max_epsilon=100"), output_dir=out_dir
+    )
     data = _results(out_dir)
     per_round = [max(r["epsilon"].values()) for r in data["rounds"]]
     assert per_round[0] < per_round[1] < per_round[2], "epsilon composes across rounds"
@@ -162,7 +195,9 @@ def test_dp_and_secagg_together_report_growing_epsilon(out_dir: Path) -> None:
     assert {"delta", "noise-multiplier", "sample-rate"} <= set(site)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "trimmed_mean", "krum"])
+@pytest.mark.parametrize(
+    "strategy", ["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian", "trimmed_mean", "krum"]
+)
 def test_every_strategy_runs(tmp_path: Path, strategy: str) -> None:
     secagg = "secagg=off" if strategy in ("fedmedian", "trimmed_mean", "krum") else "secagg=on"
     cfg = tiny_config("privacy=none", secagg, f"strategy={strategy}", "federation.rounds=1")
@@ -182,8 +217,12 @@ def test_proximal_step_pulls_towards_the_global_model() -> None:
 
 def test_ray_runtime_end_to_end(out_dir: Path) -> None:
     """The real Flower simulation runtime (Ray) with DP-SGD and secure aggregation."""
-    cfg = tiny_config("simulation.runtime=ray", "federation.num_sites=3", "privacy.max_epsilon=100",
-                      "federation.client_cpus=1")
+    cfg = tiny_config(
+        "simulation.runtime=ray",
+        "federation.num_sites=3",
+        "privacy.max_epsilon=100",
+        "federation.client_cpus=1",
+    )
     result = run_simulation(cfg, output_dir=out_dir)
     data = _results(out_dir)
     assert data["status"] == "completed" and len(data["rounds"]) == 2

@@ -138,15 +138,16 @@ def write_artifact(
 
 
 def _check_write_args(
-    version: int, server_round: int, input_dim: int, num_classes: int,
+    version: int,
+    server_round: int,
+    input_dim: int,
+    num_classes: int,
     class_labels: list[str] | None,
 ) -> None:
     if type(version) is not int or version < 1:
         raise ConfigError(f"artifact `version` must be an integer >= 1 (got {version!r})")
     if type(server_round) is not int or server_round < 0:
-        raise ConfigError(
-            f"artifact `server_round` must be an integer >= 0 (got {server_round!r})"
-        )
+        raise ConfigError(f"artifact `server_round` must be an integer >= 0 (got {server_round!r})")
     if input_dim <= 0 or num_classes < 2:
         raise ConfigError(
             f"need input_dim > 0 and num_classes >= 2 (got {input_dim}, {num_classes})"

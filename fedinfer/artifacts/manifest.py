@@ -123,8 +123,10 @@ class ModelManifest:
     def from_dict(cls, data: Any) -> ModelManifest:
         """Parse a manifest dict, raising :class:`ModelIntegrityError` on any malformed field."""
         _require(isinstance(data, dict), "manifest must be a JSON object")
-        _require(data.get("format") == MANIFEST_FORMAT,
-                 f"unknown manifest format {data.get('format')!r} (expected {MANIFEST_FORMAT!r})")
+        _require(
+            data.get("format") == MANIFEST_FORMAT,
+            f"unknown manifest format {data.get('format')!r} (expected {MANIFEST_FORMAT!r})",
+        )
         unknown = set(data) - _FIELDS
         _require(not unknown, f"unknown manifest fields {sorted(unknown)}")
         for key, kind in _TYPES.items():
@@ -133,20 +135,33 @@ class ModelManifest:
         outputs = tuple(TensorSpec.from_dict(t) for t in _list(data.get("outputs"), "outputs"))
         _require(len(inputs) == 1 and len(outputs) == 1, "exactly one input and one output")
         labels = data.get("class_labels")
-        _require(labels is None or (isinstance(labels, list)
-                                    and all(isinstance(x, str) for x in labels)),
-                 "'class_labels' must be null or a list of strings")
+        _require(
+            labels is None
+            or (isinstance(labels, list) and all(isinstance(x, str) for x in labels)),
+            "'class_labels' must be null or a list of strings",
+        )
         sig = data.get("signature")
-        _require(sig is None or (isinstance(sig, dict)
-                                 and all(isinstance(v, str) for v in sig.values())),
-                 "'signature' must be null or an object of strings")
+        _require(
+            sig is None
+            or (isinstance(sig, dict) and all(isinstance(v, str) for v in sig.values())),
+            "'signature' must be null or an object of strings",
+        )
         return cls(
-            name=data["name"], version=data["version"], server_round=data["server_round"],
-            created=data["created"], model=data["model"], inputs=inputs, outputs=outputs,
-            weights_sha256=data["weights_sha256"], run_id=data["run_id"],
-            metrics=data["metrics"], privacy=data["privacy"],
+            name=data["name"],
+            version=data["version"],
+            server_round=data["server_round"],
+            created=data["created"],
+            model=data["model"],
+            inputs=inputs,
+            outputs=outputs,
+            weights_sha256=data["weights_sha256"],
+            run_id=data["run_id"],
+            metrics=data["metrics"],
+            privacy=data["privacy"],
             class_labels=tuple(labels) if labels is not None else None,
-            weights_file=data["weights_file"], format=data["format"], signature=sig,
+            weights_file=data["weights_file"],
+            format=data["format"],
+            signature=sig,
         )
 
     @classmethod
@@ -156,8 +171,16 @@ class ModelManifest:
 
 
 _TYPES: dict[str, type] = {
-    "name": str, "version": int, "server_round": int, "created": str, "model": dict,
-    "weights_file": str, "weights_sha256": str, "metrics": dict, "privacy": dict, "run_id": str,
+    "name": str,
+    "version": int,
+    "server_round": int,
+    "created": str,
+    "model": dict,
+    "weights_file": str,
+    "weights_sha256": str,
+    "metrics": dict,
+    "privacy": dict,
+    "run_id": str,
 }
 _FIELDS = set(_TYPES) | {"format", "inputs", "outputs", "class_labels", "signature"}
 

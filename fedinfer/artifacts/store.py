@@ -289,10 +289,14 @@ class ModelStore:
 
     def _republish(self, manifest: ModelManifest) -> int:
         stored = self.manifest(manifest.version)
-        if (stored.weights_sha256, stored.signature) != (manifest.weights_sha256,
-                                                         manifest.signature):
-            self._reject(self.path(manifest.version),
-                         f"version {manifest.version} is already stored with different content")
+        if (stored.weights_sha256, stored.signature) != (
+            manifest.weights_sha256,
+            manifest.signature,
+        ):
+            self._reject(
+                self.path(manifest.version),
+                f"version {manifest.version} is already stored with different content",
+            )
         if self.current_version() is None:
             self._switch(manifest.version)
         return manifest.version
@@ -302,12 +306,18 @@ class ModelStore:
         if stored:
             held = self.manifest(stored[-1]).name
             if held != manifest.name:
-                self._reject(self.root, f"artifact is model {manifest.name!r} but the store "
-                                        f"holds {held!r}; use one store per model")
+                self._reject(
+                    self.root,
+                    f"artifact is model {manifest.name!r} but the store "
+                    f"holds {held!r}; use one store per model",
+                )
         current = self.current_version()
         if current is not None and manifest.version < current:
-            self._reject(self.root, f"version {manifest.version} is older than current "
-                                    f"{current} (a replay?); use rollback to serve old versions")
+            self._reject(
+                self.root,
+                f"version {manifest.version} is older than current "
+                f"{current} (a replay?); use rollback to serve old versions",
+            )
 
     def _switch(self, version: int) -> None:
         previous = self.current_version()
@@ -337,7 +347,7 @@ class ModelStore:
     def _prune(self) -> list[int]:
         stored = self.versions()
         current = self.current_version()
-        protected = set(stored[-self.keep:]) | {current, self._rollback_target(current)}
+        protected = set(stored[-self.keep :]) | {current, self._rollback_target(current)}
         doomed = [v for v in stored if v not in protected]
         if doomed:
             (self.root / ".staging").mkdir(exist_ok=True)

@@ -34,7 +34,8 @@ def load_torch_model(weights: Mapping[str, np.ndarray], manifest: ModelManifest)
     """
     try:
         model = build_model(
-            model_config_of(manifest), input_dim=manifest.input_dim,
+            model_config_of(manifest),
+            input_dim=manifest.input_dim,
             num_classes=manifest.num_classes,
         )
     except ConfigError as exc:
@@ -44,8 +45,9 @@ def load_torch_model(weights: Mapping[str, np.ndarray], manifest: ModelManifest)
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ModelIntegrityError(f"weights do not fit model {manifest.model.get('name')!r}: "
-                                  f"{' '.join(first[:3])}") from None
+        raise ModelIntegrityError(
+            f"weights do not fit model {manifest.model.get('name')!r}: {' '.join(first[:3])}"
+        ) from None
     return model.eval()
 
 

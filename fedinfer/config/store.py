@@ -51,6 +51,8 @@ def load_config(overrides: Sequence[str] = (), *, config_name: str = "config") -
             composed = compose(config_name=config_name, overrides=list(overrides))
             result = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"cannot compose the config with overrides {list(overrides)}: {exc}") from exc
+        raise ConfigError(
+            f"cannot compose the config with overrides {list(overrides)}: {exc}"
+        ) from exc
     assert isinstance(result, FedInferConfig)
     return result

@@ -69,12 +69,16 @@ def _check_data(cfg: FedInferConfig, problems: list[str]) -> None:
     if cfg.dataset.name == "mnist1d" and cfg.dataset.num_samples < 10:
         problems.append(f"`dataset.num_samples` must be >= 10 (got {cfg.dataset.num_samples})")
     if cfg.dataset.name == "csv" and not cfg.dataset.path:
-        problems.append("`dataset.path` is required for dataset=csv (a file, or a directory of site files)")
+        problems.append(
+            "`dataset.path` is required for dataset=csv (a file, or a directory of site files)"
+        )
     _one_of(problems, "partition.name", cfg.partition.name, PARTITIONS)
     if cfg.partition.name == "dirichlet":
         _positive(problems, "partition.alpha", cfg.partition.alpha)
     if cfg.partition.labels_per_site < 1:
-        problems.append(f"`partition.labels_per_site` must be >= 1 (got {cfg.partition.labels_per_site})")
+        problems.append(
+            f"`partition.labels_per_site` must be >= 1 (got {cfg.partition.labels_per_site})"
+        )
     split = cfg.partition.val_fraction + cfg.partition.test_fraction
     if cfg.partition.val_fraction < 0 or cfg.partition.test_fraction < 0 or split >= 1:
         problems.append(
@@ -133,7 +137,9 @@ def _check_secagg(cfg: FedInferConfig, problems: list[str]) -> None:
     sa = cfg.secagg
     if not sa.enabled:
         if cfg.faults.drop_sites:
-            problems.append("`faults.drop_sites` needs secagg=on (dropouts are a secure-aggregation study)")
+            problems.append(
+                "`faults.drop_sites` needs secagg=on (dropouts are a secure-aggregation study)"
+            )
         return
     if cfg.strategy.name in ROBUST_STRATEGIES:
         problems.append(

@@ -156,7 +156,9 @@ def read_table(path: Path, *, label_column: str) -> ArrayDataset:
     array per column.
     """
     if not path.exists():
-        raise DataError(f"`dataset.path` {str(path)!r} does not exist; point it at a CSV/Parquet/NPZ file")
+        raise DataError(
+            f"`dataset.path` {str(path)!r} does not exist; point it at a CSV/Parquet/NPZ file"
+        )
     suffix = path.suffix.lower()
     if suffix not in _TABLE_SUFFIXES:
         raise DataError(
@@ -184,7 +186,9 @@ def _read_frame(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     features = frame.drop(columns=[label_column])
     non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
-        raise DataError(f"{str(path)!r}: feature columns must be numeric; not numeric: {non_numeric[:10]}")
+        raise DataError(
+            f"{str(path)!r}: feature columns must be numeric; not numeric: {non_numeric[:10]}"
+        )
     return features.to_numpy(dtype=np.float32), frame[label_column].to_numpy()
 
 
@@ -216,7 +220,9 @@ def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
     if x.shape[0] == 0:
         raise DataError(f"{str(path)!r} has no rows")
     if not np.isfinite(x).all():
-        raise DataError(f"{str(path)!r} contains NaN or infinite feature values; clean or impute them")
+        raise DataError(
+            f"{str(path)!r} contains NaN or infinite feature values; clean or impute them"
+        )
     if np.issubdtype(y.dtype, np.number) and np.all(np.mod(y, 1) == 0) and y.min() >= 0:
         labels = y.astype(np.int64)
         num_classes = int(labels.max()) + 1

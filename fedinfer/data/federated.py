@@ -70,9 +70,7 @@ def site_name(index: int) -> str:
     return f"site-{index:02d}"
 
 
-def split_site(
-    data: ArrayDataset, *, site_id: str, cfg: PartitionConfig, seed: int
-) -> SiteData:
+def split_site(data: ArrayDataset, *, site_id: str, cfg: PartitionConfig, seed: int) -> SiteData:
     """Shuffle one site's samples and cut them into train / validation / test."""
     n = len(data)
     rng = np.random.default_rng([seed, _stable_hash(site_id)])
@@ -139,7 +137,9 @@ def _site_files(cfg: DatasetConfig) -> list[Path] | None:
     if cfg.name != "csv" or cfg.path is None or not Path(cfg.path).is_dir():
         return None
     files = sorted(
-        p for p in Path(cfg.path).iterdir() if p.suffix.lower() in (".csv", ".parquet", ".pq", ".npz")
+        p
+        for p in Path(cfg.path).iterdir()
+        if p.suffix.lower() in (".csv", ".parquet", ".pq", ".npz")
     )
     if not files:
         raise ConfigError(f"`dataset.path` directory {cfg.path!r} holds no CSV/Parquet/NPZ files")
@@ -147,7 +147,12 @@ def _site_files(cfg: DatasetConfig) -> list[Path] | None:
 
 
 def load_site_file(
-    path: Path, *, site_id: str, label_column: str, partition: PartitionConfig, seed: int,
+    path: Path,
+    *,
+    site_id: str,
+    label_column: str,
+    partition: PartitionConfig,
+    seed: int,
     num_classes: int | None = None,
 ) -> SiteData:
     """Load a deployed site's own data file and split it locally."""

@@ -14,7 +14,9 @@ __all__ = ["PARTITION_NAMES", "partition_indices"]
 _MAX_DIRICHLET_TRIES = 100
 
 
-def _iid(labels: np.ndarray, num_sites: int, cfg: PartitionConfig, rng: np.random.Generator) -> list[np.ndarray]:
+def _iid(
+    labels: np.ndarray, num_sites: int, cfg: PartitionConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     return list(np.array_split(rng.permutation(len(labels)), num_sites))
 
 
@@ -44,19 +46,27 @@ def _dirichlet(
     )
 
 
-def _shards(labels: np.ndarray, num_sites: int, cfg: PartitionConfig, rng: np.random.Generator) -> list[np.ndarray]:
+def _shards(
+    labels: np.ndarray, num_sites: int, cfg: PartitionConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Pathological non-IID split: sort by label, cut into shards, deal each site a few shards."""
     num_shards = num_sites * cfg.labels_per_site
-    order = np.argsort(labels + rng.random(len(labels)) * 0.5, kind="stable")  # shuffle within a label
+    order = np.argsort(
+        labels + rng.random(len(labels)) * 0.5, kind="stable"
+    )  # shuffle within a label
     shards = np.array_split(order, num_shards)
     dealt = rng.permutation(num_shards)
     return [
-        np.concatenate([shards[s] for s in dealt[i * cfg.labels_per_site : (i + 1) * cfg.labels_per_site]])
+        np.concatenate(
+            [shards[s] for s in dealt[i * cfg.labels_per_site : (i + 1) * cfg.labels_per_site]]
+        )
         for i in range(num_sites)
     ]
 
 
-_PARTITIONERS: dict[str, Callable[[np.ndarray, int, PartitionConfig, np.random.Generator], list[np.ndarray]]] = {
+_PARTITIONERS: dict[
+    str, Callable[[np.ndarray, int, PartitionConfig, np.random.Generator], list[np.ndarray]]
+] = {
     "dirichlet": _dirichlet,
     "iid": _iid,
     "shards": _shards,

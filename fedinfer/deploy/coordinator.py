@@ -180,34 +180,63 @@ def _start_link(opts: CoordinatorOptions, layout: CoordinatorLayout, pki: Pki) -
     """Start the SuperLink (loopback) and the gateway (public); wait until both answer."""
     link_port = opts.link_port or free_port()
     env = flower_env(layout.flwr_home, {COORDINATOR_DIR_ENV: str(layout.root)})
-    argv = superlink_argv(ca_cert=pki.ca_cert, cert=pki.server_cert, key=pki.server_key,
-                          host="127.0.0.1", port=link_port, database=layout.database)
+    argv = superlink_argv(
+        ca_cert=pki.ca_cert,
+        cert=pki.server_cert,
+        key=pki.server_key,
+        host="127.0.0.1",
+        port=link_port,
+        database=layout.database,
+    )
     link = ManagedProcess("superlink", argv, log_file=layout.logs / "superlink.log", env=env)
     opts.processes.append(link.start())
-    gateway = ManagedProcess("gateway", _gateway_argv(opts, pki, link_port),
-                             log_file=layout.logs / "gateway.log", env=env)
+    gateway = ManagedProcess(
+        "gateway",
+        _gateway_argv(opts, pki, link_port),
+        log_file=layout.logs / "gateway.log",
+        env=env,
+    )
     opts.processes.append(gateway.start())
     probe = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host  # noqa: S104
     _wait_healthy(link, f"https://127.0.0.1:{link_port}/health", pki.ca_cert)
     _wait_healthy(gateway, f"https://{_hostport(probe, opts.port)}/health", pki.ca_cert)
     cli = FlowerCli(layout.flwr_home, f"127.0.0.1:{link_port}", pki.ca_cert)
     cli.write_config()
-    _write_state(layout, {
-        "pid": os.getpid(), "superlink": f"127.0.0.1:{link_port}",
-        "fleet": _hostport(opts.host, opts.port), "status": "starting",
-        "pids": {p.name: p.pid for p in opts.processes}, "ca_cert": str(pki.ca_cert),
-    })
-    print(f"SuperLink up (loopback :{link_port}); sites connect to "
-          f"{_hostport(opts.host, opts.port)}", flush=True)
+    _write_state(
+        layout,
+        {
+            "pid": os.getpid(),
+            "superlink": f"127.0.0.1:{link_port}",
+            "fleet": _hostport(opts.host, opts.port),
+            "status": "starting",
+            "pids": {p.name: p.pid for p in opts.processes},
+            "ca_cert": str(pki.ca_cert),
+        },
+    )
+    print(
+        f"SuperLink up (loopback :{link_port}); sites connect to {_hostport(opts.host, opts.port)}",
+        flush=True,
+    )
     return cli
 
 
 def _gateway_argv(opts: CoordinatorOptions, pki: Pki, link_port: int) -> list[str]:
     return [
-        sys.executable, "-m", "fedinfer.deploy.gateway", "--host", opts.host,
-        "--port", str(opts.port), "--upstream", f"https://127.0.0.1:{link_port}",
-        "--ca-cert", str(pki.ca_cert), "--certfile", str(pki.server_cert),
-        "--keyfile", str(pki.server_key),
+        sys.executable,
+        "-m",
+        "fedinfer.deploy.gateway",
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--upstream",
+        f"https://127.0.0.1:{link_port}",
+        "--ca-cert",
+        str(pki.ca_cert),
+        "--certfile",
+        str(pki.server_cert),
+        "--keyfile",
+        str(pki.server_key),
     ]
 
 
@@ -257,24 +286,42 @@ def _stop_stale_runs(cli: FlowerCli) -> None:
                 cli.stop_run(int(run["run-id"]))
 
 
-def _launch(opts: CoordinatorOptions, layout: CoordinatorLayout, pki: Pki, cli: FlowerCli,
-            nodes: dict[str, int | None]) -> int:
+def _launch(
+    opts: CoordinatorOptions,
+    layout: CoordinatorLayout,
+    pki: Pki,
+    cli: FlowerCli,
+    nodes: dict[str, int | None],
+) -> int:
     """Leave the ServerApp its settings, write the app with the run config, ``flwr run`` it."""
     cfg = opts.cfg
     cfg.output_dir = str(layout.output_dir)
     layout.output_dir.mkdir(parents=True, exist_ok=True)
     CoordinatorRuntime(
-        output_dir=str(layout.output_dir), signing_key=str(pki.signing_key),
-        run_id=uuid.uuid4().hex[:12], resume=opts.resume,
-        rounds_log=str(layout.logs / "rounds.log"), coordinator_pid=os.getpid(),
+        output_dir=str(layout.output_dir),
+        signing_key=str(pki.signing_key),
+        run_id=uuid.uuid4().hex[:12],
+        resume=opts.resume,
+        rounds_log=str(layout.logs / "rounds.log"),
+        coordinator_pid=os.getpid(),
     ).save(layout.root)
     write_app_bundle(layout.app_dir, cfg)
     run_id = cli.run(layout.app_dir)
-    _update_state(layout, status="running", flower_run_id=run_id, sites=nodes, started=time.time(),
-                  resume=opts.resume, rounds=cfg.federation.rounds)
+    _update_state(
+        layout,
+        status="running",
+        flower_run_id=run_id,
+        sites=nodes,
+        started=time.time(),
+        resume=opts.resume,
+        rounds=cfg.federation.rounds,
+    )
     resumed = " (resumed)" if opts.resume else ""
-    print(f"federation started: Flower run {run_id}, {cfg.federation.rounds} rounds, "
-          f"{len(nodes)} registered sites{resumed}", flush=True)
+    print(
+        f"federation started: Flower run {run_id}, {cfg.federation.rounds} rounds, "
+        f"{len(nodes)} registered sites{resumed}",
+        flush=True,
+    )
     return run_id
 
 

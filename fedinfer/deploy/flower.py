@@ -66,32 +66,50 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def superlink_argv(*, ca_cert: Path, cert: Path, key: Path, host: str, port: int,
-                   database: Path) -> list[str]:
+def superlink_argv(
+    *, ca_cert: Path, cert: Path, key: Path, host: str, port: int, database: Path
+) -> list[str]:
     """``flower-superlink`` with TLS and node authentication on ``host:port``."""
     return [
         flower_bin("flower-superlink"),
-        "--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+        "--ssl-ca-certfile",
+        str(ca_cert),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
         "--enable-supernode-auth",
-        "--host", host, "--port", str(port),
-        "--database", str(database),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
         "--disable-runtime-dependency-installation",
     ]
 
 
-def supernode_argv(*, superlink: str, ca_cert: Path, node_key: Path, node_config: Path,
-                   runtime_port: int) -> list[str]:
+def supernode_argv(
+    *, superlink: str, ca_cert: Path, node_key: Path, node_config: Path, runtime_port: int
+) -> list[str]:
     """``flower-supernode`` connecting to ``superlink`` over TLS with node authentication.
 
     ``runtime_port`` is the SuperNode's local API for its ClientApp processes (loopback).
     """
     return [
         flower_bin("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(ca_cert),
-        "--auth-supernode-private-key", str(node_key),
-        "--node-config", str(node_config),
-        "--host", "127.0.0.1", "--port", str(runtime_port),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca_cert),
+        "--auth-supernode-private-key",
+        str(node_key),
+        "--node-config",
+        str(node_config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
     ]
 
 

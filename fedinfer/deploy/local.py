@@ -42,8 +42,12 @@ __all__ = ["LocalDeployment", "deploy_local", "infer"]
 
 def infer(url: str, *, model_name: str, x: np.ndarray, timeout_s: float = 30.0) -> dict[str, Any]:
     """Send one KServe v2 inference request (JSON tensors); return the decoded response."""
-    tensor = {"name": INPUT_NAME, "shape": list(x.shape), "datatype": "FP32",
-              "data": x.astype(np.float32).ravel().tolist()}
+    tensor = {
+        "name": INPUT_NAME,
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "data": x.astype(np.float32).ravel().tolist(),
+    }
     with httpx.Client(timeout=timeout_s, trust_env=False) as client:
         response = client.post(f"{url}/v2/models/{model_name}/infer", json={"inputs": [tensor]})
     if response.status_code != 200:
@@ -111,12 +115,26 @@ class LocalDeployment:
             "deployment.connect_timeout_s=300",
         ]
 
-    def start_coordinator(self, overrides: Sequence[str], *,
-                          resume: bool = False) -> ManagedProcess:
+    def start_coordinator(
+        self, overrides: Sequence[str], *, resume: bool = False
+    ) -> ManagedProcess:
         """``fedinfer coordinator`` on loopback; waits until the sites' keys are registered."""
-        argv = [sys.executable, "-m", "fedinfer", "coordinator", "--pki", str(self.pki.root),
-                "--workdir", str(self.coordinator_dir), "--host", "127.0.0.1",
-                "--port", str(self.port), *(["--resume"] if resume else []), *overrides]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedinfer",
+            "coordinator",
+            "--pki",
+            str(self.pki.root),
+            "--workdir",
+            str(self.coordinator_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *(["--resume"] if resume else []),
+            *overrides,
+        ]
         log_file = self.workdir / "logs" / "coordinator.log"
         self.coordinator = ManagedProcess("coordinator", argv, log_file=log_file).start()
         state_file, started = self.coordinator_dir / "coordinator.json", time.time()
@@ -125,12 +143,18 @@ class LocalDeployment:
             state = json.loads(state_file.read_text()) if state_file.exists() else {}
             return bool(state.get("started", 0) >= started)
 
-        wait_until(launched, timeout_s=300, what="the coordinator to register the sites",
-                   interval_s=0.5, alive=self.coordinator.check_alive)
+        wait_until(
+            launched,
+            timeout_s=300,
+            what="the coordinator to register the sites",
+            interval_s=0.5,
+            alive=self.coordinator.check_alive,
+        )
         return self.coordinator
 
-    def start_site(self, name: str, *, extra: Sequence[str] = (),
-                   label: str | None = None) -> ManagedProcess:
+    def start_site(
+        self, name: str, *, extra: Sequence[str] = (), label: str | None = None
+    ) -> ManagedProcess:
         """``fedinfer site`` for ``name`` with a free inference port; ``extra`` options override.
 
         ``label`` names the process (default: ``name``), e.g. for a second, misconfigured copy.
@@ -138,11 +162,27 @@ class LocalDeployment:
         if label is None:  # a restart: no stale port for ask_site
             SiteLayout(self.site_dir(name)).state_file.unlink(missing_ok=True)
         label = label or name
-        argv = [sys.executable, "-m", "fedinfer", "site", "--name", name,
-                "--data", str(self.workdir / "data" / f"{name}.npz"),
-                "--state-dir", str(self.site_dir(name)), "--coordinator", f"127.0.0.1:{self.port}",
-                "--ca", str(self.pki.ca_cert), "--key", str(self.pki.node_key(name)),
-                "--serve-port", "0", *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedinfer",
+            "site",
+            "--name",
+            name,
+            "--data",
+            str(self.workdir / "data" / f"{name}.npz"),
+            "--state-dir",
+            str(self.site_dir(name)),
+            "--coordinator",
+            f"127.0.0.1:{self.port}",
+            "--ca",
+            str(self.pki.ca_cert),
+            "--key",
+            str(self.pki.node_key(name)),
+            "--serve-port",
+            "0",
+            *extra,
+        ]
         log_file = self.workdir / "logs" / f"{label}.log"
         self.sites[label] = ManagedProcess(label, argv, log_file=log_file).start()
         return self.sites[label]
@@ -154,12 +194,16 @@ class LocalDeployment:
         )
         return data
 
-    def ask_site(self, name: str, *, expect_version: int,
-                 timeout_s: float = 120.0) -> dict[str, Any]:
+    def ask_site(
+        self, name: str, *, expect_version: int, timeout_s: float = 120.0
+    ) -> dict[str, Any]:
         """Wait until ``name``'s server serves ``expect_version``; return its answer for 4 rows."""
         layout = SiteLayout(self.site_dir(name))
-        wait_until(lambda: layout.read_state().get("serve", {}).get("port") is not None,
-                   timeout_s=timeout_s, what=f"{name}'s inference server")
+        wait_until(
+            lambda: layout.read_state().get("serve", {}).get("port") is not None,
+            timeout_s=timeout_s,
+            what=f"{name}'s inference server",
+        )
         url = f"http://127.0.0.1:{layout.read_state()['serve']['port']}"
         model_name = ModelStore(layout.models).manifest(expect_version).name
         x = np.load(self.workdir / "data" / f"{name}.npz")["x"][:4]
@@ -170,8 +214,12 @@ class LocalDeployment:
                 answer.update(infer(url, model_name=model_name, x=x))
             return str(answer.get("model_version")) == str(expect_version)
 
-        wait_until(serves_expected, timeout_s=timeout_s, interval_s=0.5,
-                   what=f"{name} to serve version {expect_version}")
+        wait_until(
+            serves_expected,
+            timeout_s=timeout_s,
+            interval_s=0.5,
+            what=f"{name} to serve version {expect_version}",
+        )
         return {"site": name, "url": url, **answer}
 
     def stop(self) -> None:
@@ -180,23 +228,35 @@ class LocalDeployment:
             proc.stop(timeout_s=30)
 
 
-def deploy_local(*, workdir: Path, num_sites: int, rounds: int, overrides: Sequence[str],
-                 port: int = 0, keep_alive: bool = False) -> int:
+def deploy_local(
+    *,
+    workdir: Path,
+    num_sites: int,
+    rounds: int,
+    overrides: Sequence[str],
+    port: int = 0,
+    keep_alive: bool = False,
+) -> int:
     """Run :class:`LocalDeployment` end to end and print what every site's server answered."""
-    deployment = LocalDeployment(workdir, num_sites=num_sites, rounds=rounds, overrides=overrides,
-                                 port=port)
+    deployment = LocalDeployment(
+        workdir, num_sites=num_sites, rounds=rounds, overrides=overrides, port=port
+    )
     with signals_raise_shutdown():
         try:
             coordinator_overrides = deployment.prepare()
-            print(f"deployment in {deployment.workdir}: logs in {deployment.workdir / 'logs'}",
-                  flush=True)
+            print(
+                f"deployment in {deployment.workdir}: logs in {deployment.workdir / 'logs'}",
+                flush=True,
+            )
             coordinator = deployment.start_coordinator(coordinator_overrides)
             for name in deployment.names:
                 deployment.start_site(name)
             code = _follow_coordinator(coordinator)
             if code != 0:
-                print(f"the coordinator failed (exit {code}); see {coordinator.log_file}",
-                      file=sys.stderr)
+                print(
+                    f"the coordinator failed (exit {code}); see {coordinator.log_file}",
+                    file=sys.stderr,
+                )
                 return 1
             _ask_every_site(deployment, version=int(deployment.results()["model_version"]))
             if keep_alive:
@@ -215,8 +275,11 @@ def _ask_every_site(deployment: LocalDeployment, *, version: int) -> None:
         answer = deployment.ask_site(name, expect_version=version)
         output = answer["outputs"][0]
         predicted = np.asarray(output["data"]).reshape(output["shape"]).argmax(axis=1).tolist()
-        print(f"{name}: {answer['url']} model {answer['model_name']} v{answer['model_version']} "
-              f"predicts {predicted}", flush=True)
+        print(
+            f"{name}: {answer['url']} model {answer['model_name']} v{answer['model_version']} "
+            f"predicts {predicted}",
+            flush=True,
+        )
 
 
 def _follow_coordinator(coordinator: ManagedProcess) -> int:

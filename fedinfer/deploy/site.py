@@ -199,29 +199,54 @@ def run_site(opts: SiteOptions) -> int:
 
 
 def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
-    argv = supernode_argv(superlink=opts.coordinator, ca_cert=Path(opts.ca_cert).resolve(),
-                          node_key=Path(opts.node_key).resolve(), node_config=layout.node_config,
-                          runtime_port=free_port())
-    supernode = ManagedProcess("supernode", argv, log_file=layout.logs / "supernode.log",
-                               env=flower_env(layout.flwr_home))
+    argv = supernode_argv(
+        superlink=opts.coordinator,
+        ca_cert=Path(opts.ca_cert).resolve(),
+        node_key=Path(opts.node_key).resolve(),
+        node_config=layout.node_config,
+        runtime_port=free_port(),
+    )
+    supernode = ManagedProcess(
+        "supernode", argv, log_file=layout.logs / "supernode.log", env=flower_env(layout.flwr_home)
+    )
     opts.processes.append(supernode.start())
 
 
 def _start_server(opts: SiteOptions, layout: SiteLayout) -> None:
     port_file = layout.root / "serve.port"
     port_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "fedinfer", "serve", "--model-store", str(layout.models),
-            "--host", opts.serve_host, "--port", str(opts.serve_port),
-            "--port-file", str(port_file),
-            "--public-key", str(Path(opts.coordinator_public_key).resolve()),
-            "--audit-dir", str(layout.audit), *opts.serve_args]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedinfer",
+        "serve",
+        "--model-store",
+        str(layout.models),
+        "--host",
+        opts.serve_host,
+        "--port",
+        str(opts.serve_port),
+        "--port-file",
+        str(port_file),
+        "--public-key",
+        str(Path(opts.coordinator_public_key).resolve()),
+        "--audit-dir",
+        str(layout.audit),
+        *opts.serve_args,
+    ]
     server = ManagedProcess("serve", argv, log_file=layout.logs / "serve.log").start()
     opts.processes.append(server)
-    wait_until(lambda: _read_port(port_file) is not None, timeout_s=120, interval_s=0.1,
-               what=f"the inference server to bind (see {server.log_file})",
-               alive=server.check_alive)
-    print(f"site {opts.name}: inference server on {opts.serve_host}:{_read_port(port_file)}",
-          flush=True)
+    wait_until(
+        lambda: _read_port(port_file) is not None,
+        timeout_s=120,
+        interval_s=0.1,
+        what=f"the inference server to bind (see {server.log_file})",
+        alive=server.check_alive,
+    )
+    print(
+        f"site {opts.name}: inference server on {opts.serve_host}:{_read_port(port_file)}",
+        flush=True,
+    )
 
 
 def _read_port(port_file: Path) -> int | None:
@@ -235,10 +260,17 @@ def _read_port(port_file: Path) -> int | None:
 def _write_state(opts: SiteOptions, layout: SiteLayout) -> None:
     tls = any(arg.startswith("--tls-certfile") for arg in opts.serve_args)
     serve = {"host": opts.serve_host, "port": _read_port(layout.root / "serve.port"), "tls": tls}
-    write_json_atomic(layout.state_file, {
-        "name": opts.name, "pid": os.getpid(), "coordinator": opts.coordinator,
-        "started": time.time(), "pids": {p.name: p.pid for p in opts.processes}, "serve": serve,
-    })
+    write_json_atomic(
+        layout.state_file,
+        {
+            "name": opts.name,
+            "pid": os.getpid(),
+            "coordinator": opts.coordinator,
+            "started": time.time(),
+            "pids": {p.name: p.pid for p in opts.processes},
+            "serve": serve,
+        },
+    )
 
 
 def _supervise(opts: SiteOptions) -> int:

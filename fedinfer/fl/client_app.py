@@ -83,21 +83,36 @@ def build_client_app(
         if cfg.secagg.enabled:
             from fedinfer.fl.secagg_site import secagg_train
 
-            return secagg_train(cfg=cfg, env=env, msg=msg, context=context,
-                                global_weights=global_weights, server_round=server_round)
-        outcome = local_train(cfg=cfg, env=env, global_weights=global_weights,
-                              server_round=server_round, run_id=str(context.run_id))
-        return RecordDict({
-            Keys.ARRAYS: weights_to_arrays(outcome.weights),
-            Keys.METRICS: MetricRecord(outcome.metrics),
-            Keys.SITE: _site_record(env),
-        })
+            return secagg_train(
+                cfg=cfg,
+                env=env,
+                msg=msg,
+                context=context,
+                global_weights=global_weights,
+                server_round=server_round,
+            )
+        outcome = local_train(
+            cfg=cfg,
+            env=env,
+            global_weights=global_weights,
+            server_round=server_round,
+            run_id=str(context.run_id),
+        )
+        return RecordDict(
+            {
+                Keys.ARRAYS: weights_to_arrays(outcome.weights),
+                Keys.METRICS: MetricRecord(outcome.metrics),
+                Keys.SITE: _site_record(env),
+            }
+        )
 
     @app.evaluate()
     @_guarded
     def evaluate(msg: Message, context: Context) -> RecordDict:
         cfg, env = env_of(context)
-        metrics = local_evaluate(cfg=cfg, env=env, global_weights=arrays_to_weights(msg.content[Keys.ARRAYS]))
+        metrics = local_evaluate(
+            cfg=cfg, env=env, global_weights=arrays_to_weights(msg.content[Keys.ARRAYS])
+        )
         return RecordDict({Keys.METRICS: MetricRecord(metrics), Keys.SITE: _site_record(env)})
 
     @app.query(MessageTypes.DEPLOY.split(".")[1])
@@ -105,9 +120,12 @@ def build_client_app(
     def deploy(msg: Message, context: Context) -> RecordDict:
         _, env = env_of(context)
         version = accept_artifact(env, msg.content[Keys.ARTIFACT])
-        return RecordDict({
-            Keys.METRICS: MetricRecord({"version": version}), Keys.SITE: _site_record(env),
-        })
+        return RecordDict(
+            {
+                Keys.METRICS: MetricRecord({"version": version}),
+                Keys.SITE: _site_record(env),
+            }
+        )
 
     @app.query(MessageTypes.SECAGG_SETUP.split(".")[1])
     @_guarded

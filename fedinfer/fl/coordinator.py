@@ -67,7 +67,9 @@ def initial_arrays(cfg: FedInferConfig, shape: ModelShape) -> ArrayRecord:
 def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDataset):  # type: ignore[no-untyped-def]
     """Evaluate the global model on a held-out split at the coordinator (simulation only)."""
     device = select_device(cfg.simulation.device)
-    model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes).to(device)
+    model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes).to(
+        device
+    )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         set_weights(model, arrays_to_weights(arrays))
@@ -108,11 +110,16 @@ def run_coordinator(
     num_sites = len(list(grid.get_node_ids())) or cfg.federation.num_sites
     strategy = wrap_secure_aggregation(build_strategy(cfg, num_sites=num_sites), cfg, grid)
     state = FederationState(arrays=initial_arrays(cfg, shape))
-    if resume and (checkpoint := load_checkpoint(output_dir, cfg=cfg, strategy=strategy)) is not None:
+    if (
+        resume
+        and (checkpoint := load_checkpoint(output_dir, cfg=cfg, strategy=strategy)) is not None
+    ):
         state, run_id = checkpoint.state, checkpoint.run_id
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
     writer.data["rounds"] = [r.to_json() for r in state.history]
-    printer = printer or RoundPrinter(num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress)
+    printer = printer or RoundPrinter(
+        num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress
+    )
     started = time.perf_counter()
     tracking.start_run(cfg, run_id=run_id)
 
@@ -130,7 +137,9 @@ def run_coordinator(
         min_sites=min(cfg.federation.min_sites, num_sites),
         timeout=cfg.federation.round_timeout_s,
         train_config=ConfigRecord({Keys.RUN_ID: run_id}),
-        evaluate_fn=central_evaluate_fn(cfg, shape, central_test) if central_test is not None else None,
+        evaluate_fn=central_evaluate_fn(cfg, shape, central_test)
+        if central_test is not None
+        else None,
         on_round_end=on_round_end,
     )
     if state.stop_reason:
@@ -138,7 +147,9 @@ def run_coordinator(
     model_dir, deployed, version = None, {}, None
     if state.completed_round > 0 and any(r.aggregated for r in state.history):
         version = next_model_version(output_dir / "coordinator")
-        model_dir = _write_final_artifact(cfg, shape, state, output_dir, run_id, signing_key, version)
+        model_dir = _write_final_artifact(
+            cfg, shape, state, output_dir, run_id, signing_key, version
+        )
         deployed = publish_to_sites(grid, model_dir, state, timeout=cfg.federation.round_timeout_s)
     writer.finish(
         status="stopped" if state.stop_reason else "completed",
@@ -147,17 +158,29 @@ def run_coordinator(
         deployed=deployed,
     )
     plot_accuracy(writer.data, output_dir / "accuracy.png")
-    tracking.finish_run(cfg, status=writer.data["status"], output_dir=output_dir, results=writer.data)
-    return CoordinatorResult(state=state, results=writer.data, model_dir=model_dir, deployed=deployed)
+    tracking.finish_run(
+        cfg, status=writer.data["status"], output_dir=output_dir, results=writer.data
+    )
+    return CoordinatorResult(
+        state=state, results=writer.data, model_dir=model_dir, deployed=deployed
+    )
 
 
 def _write_final_artifact(
-    cfg: FedInferConfig, shape: ModelShape, state: FederationState, output_dir: Path, run_id: str,
+    cfg: FedInferConfig,
+    shape: ModelShape,
+    state: FederationState,
+    output_dir: Path,
+    run_id: str,
     signing_key: Ed25519PrivateKey,
     version: int,
 ) -> Path:
     last = state.history[-1]
-    metrics = {"accuracy": last.accuracy, "loss": last.loss, **{f"federated-{k}": v for k, v in last.federated.items()}}
+    metrics = {
+        "accuracy": last.accuracy,
+        "loss": last.loss,
+        **{f"federated-{k}": v for k, v in last.federated.items()},
+    }
     epsilons = [e for r in state.history for e in r.epsilon.values()]
     privacy = {
         "mode": cfg.privacy.mode,
@@ -197,14 +220,20 @@ def next_model_version(coordinator_dir: Path) -> int:
     return last + 1
 
 
-def publish_to_sites(grid: Grid, model_dir: Path, state: FederationState, *, timeout: float) -> dict[str, int]:
+def publish_to_sites(
+    grid: Grid, model_dir: Path, state: FederationState, *, timeout: float
+) -> dict[str, int]:
     """Send the signed artifact to every site (``query.deploy``); returns site -> stored version."""
-    content = RecordDict({
-        Keys.ARTIFACT: ConfigRecord({
-            Keys.MANIFEST: (model_dir / MANIFEST_FILE).read_bytes(),
-            Keys.WEIGHTS: (model_dir / WEIGHTS_FILE).read_bytes(),
-        })
-    })
+    content = RecordDict(
+        {
+            Keys.ARTIFACT: ConfigRecord(
+                {
+                    Keys.MANIFEST: (model_dir / MANIFEST_FILE).read_bytes(),
+                    Keys.WEIGHTS: (model_dir / WEIGHTS_FILE).read_bytes(),
+                }
+            )
+        }
+    )
     messages = [Message(content, node_id, MessageTypes.DEPLOY) for node_id in grid.get_node_ids()]
     deployed: dict[str, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):

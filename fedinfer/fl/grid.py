@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.serverapp import Grid
 
 __all__ = ["ExcludingGrid", "InProcessGrid"]
 
@@ -40,7 +40,11 @@ class ExcludingGrid(Grid):
         return self._grid.run
 
     def create_message(  # noqa: D102
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
@@ -68,16 +72,22 @@ class InProcessGrid(Grid):
     ) -> None:
         rng = random.Random(seed)
         # Messages take their run id from the process's task identity, as in Flower's runtimes.
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
+            1,
+            run_id,
+            SUPERLINK_NODE_ID,
+        )
         self._app = client_app
         self._run = Run.create_empty(run_id)
         self._contexts: dict[int, Context] = {}
         for partition in range(num_nodes):
             node_id = rng.getrandbits(63)
             self._contexts[node_id] = Context(
-                run_id=run_id, node_id=node_id,
+                run_id=run_id,
+                node_id=node_id,
                 node_config={"partition-id": partition, "num-partitions": num_nodes},
-                state=RecordDict(), run_config={},
+                state=RecordDict(),
+                run_config={},
             )
         self._replies: dict[str, Message] = {}
 
@@ -89,7 +99,11 @@ class InProcessGrid(Grid):
         return self._run
 
     def create_message(  # noqa: D102
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)

@@ -93,7 +93,9 @@ def _split_replies(
     return replies
 
 
-def _record_site_metrics(replies: list[Message], state: FederationState, record: RoundRecord) -> None:
+def _record_site_metrics(
+    replies: list[Message], state: FederationState, record: RoundRecord
+) -> None:
     for msg in replies:
         if msg.has_error():
             continue
@@ -104,7 +106,8 @@ def _record_site_metrics(replies: list[Message], state: FederationState, record:
             state.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
             record.privacy[site] = {
                 k: float(metrics[k])  # type: ignore[arg-type]
-                for k in ("delta", "noise-multiplier", "sample-rate", "dp-steps") if k in metrics
+                for k in ("delta", "noise-multiplier", "sample-rate", "dp-steps")
+                if k in metrics
             }
 
 
@@ -137,7 +140,9 @@ def run_rounds(
             break
 
         # --- TRAINING (sites) -------------------------------------------------------------
-        messages = strategy.configure_train(server_round, state.arrays, ConfigRecord(dict(train_config)), trainable)
+        messages = strategy.configure_train(
+            server_round, state.arrays, ConfigRecord(dict(train_config)), trainable
+        )
         replies = _split_replies(grid.send_and_receive(messages, timeout=timeout), state, record)
         _record_site_metrics(replies, state, record)
         record.epsilon = dict(sorted(state.epsilon.items()))
@@ -149,7 +154,9 @@ def run_rounds(
 
         # --- EVALUATION (sites) -----------------------------------------------------------
         messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
-        eval_replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
+        eval_replies = [
+            m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()
+        ]
         record.federated = _floats(strategy.aggregate_evaluate(server_round, eval_replies))
 
         # --- EVALUATION (coordinator) -----------------------------------------------------

@@ -44,7 +44,12 @@ def wire_to_records(wire: Mapping[str, Any]) -> tuple[ConfigRecord, ArrayRecord 
             arrays[key] = Array(value)
         elif _is_int(value) and value > _I64_MAX:
             config[key], unsigned = _signed(value), [*unsigned, key]
-        elif isinstance(value, list) and value and all(_is_int(v) for v in value) and max(value) > _I64_MAX:
+        elif (
+            isinstance(value, list)
+            and value
+            and all(_is_int(v) for v in value)
+            and max(value) > _I64_MAX
+        ):
             config[key], unsigned = [_signed(v) for v in value], [*unsigned, key]
         else:
             config[key] = value
@@ -61,7 +66,9 @@ def config_to_wire(config: ConfigRecord, arrays: ArrayRecord | None = None) -> d
         if key == _U64_KEYS:
             continue
         if key in unsigned:
-            wire[key] = [_unsigned(v) for v in value] if isinstance(value, list) else _unsigned(int(value))  # type: ignore[arg-type]
+            wire[key] = (
+                [_unsigned(v) for v in value] if isinstance(value, list) else _unsigned(int(value))
+            )  # type: ignore[arg-type]
         else:
             wire[key] = value
     if arrays is not None:

@@ -21,7 +21,6 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -79,8 +78,11 @@ class SecAggStrategy(Strategy):
         timeout = max(self.cfg.secagg.timeout_s, self.cfg.federation.round_timeout_s)
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             if reply.has_error():
-                logger.warning("site %s failed secure-aggregation set-up: %s",
-                               reply.metadata.src_node_id, reply.error.reason)
+                logger.warning(
+                    "site %s failed secure-aggregation set-up: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
             setup = SetupReply.from_wire(config_to_wire(reply.content.config_records[Keys.SECAGG]))
             if setup.site_id != reply.metadata.src_node_id:
@@ -104,14 +106,20 @@ class SecAggStrategy(Strategy):
         node_ids = [m.metadata.dst_node_id for m in messages]
         drops = self._drop_plan(node_ids)
         self._ensure_keys([n for n in node_ids if drops.get(n) != "before_keys"])
-        participants = {n: self.directory[n] for n in node_ids if n in self.directory and drops.get(n) != "before_keys"}
+        participants = {
+            n: self.directory[n]
+            for n in node_ids
+            if n in self.directory and drops.get(n) != "before_keys"
+        }
         vector, _ = flatten_arrays(arrays_to_weights(arrays))
         try:
             self._round = ServerSecAgg(
                 run_id=int(str(config.get(Keys.RUN_ID, "0")), 16) % (1 << 63),
                 server_round=server_round,
                 participants=participants,
-                threshold=resolve_threshold(self.cfg.secagg.threshold, num_sites=max(len(participants), 1)),
+                threshold=resolve_threshold(
+                    self.cfg.secagg.threshold, num_sites=max(len(participants), 1)
+                ),
                 dim=vector.size,
                 clip_range=self.cfg.secagg.clip_range,
                 bits=self.cfg.secagg.bits,
@@ -120,18 +128,28 @@ class SecAggStrategy(Strategy):
             self._abort(str(exc))
             return []
         round_record, _ = wire_to_records(self._round.config.to_wire())
-        self.last_round_info = {"participants": len(participants), "threshold": self._round.config.threshold,
-                                "dropped_by_fault": len(drops)}
-        return [self._train_message(m, round_record, drops.get(m.metadata.dst_node_id)) for m in messages]
+        self.last_round_info = {
+            "participants": len(participants),
+            "threshold": self._round.config.threshold,
+            "dropped_by_fault": len(drops),
+        }
+        return [
+            self._train_message(m, round_record, drops.get(m.metadata.dst_node_id))
+            for m in messages
+        ]
 
     @staticmethod
     def _train_message(template: Message, round_record: ConfigRecord, fault: str | None) -> Message:
         config = ConfigRecord(dict(template.content[Keys.CONFIG]))
         if fault:
             config[Keys.FAULT_DROP] = fault
-        content = RecordDict({
-            Keys.ARRAYS: template.content[Keys.ARRAYS], Keys.CONFIG: config, Keys.SECAGG: round_record,
-        })
+        content = RecordDict(
+            {
+                Keys.ARRAYS: template.content[Keys.ARRAYS],
+                Keys.CONFIG: config,
+                Keys.SECAGG: round_record,
+            }
+        )
         return Message(content, template.metadata.dst_node_id, MessageType.TRAIN)
 
     # --- exchange 2 and aggregation ---------------------------------------------------------
@@ -142,13 +160,19 @@ class SecAggStrategy(Strategy):
         """Unmask the sum of the survivors' uploads and let the inner strategy aggregate it."""
         if self._round is None or self._global is None:
             return None, None
-        uploads = [r for r in replies if not r.has_error() and UPLOAD_ARRAYS in r.content.array_records]
+        uploads = [
+            r for r in replies if not r.has_error() and UPLOAD_ARRAYS in r.content.array_records
+        ]
         try:
             for reply in uploads:
-                wire = config_to_wire(reply.content.config_records[Keys.SECAGG], reply.content[UPLOAD_ARRAYS])
+                wire = config_to_wire(
+                    reply.content.config_records[Keys.SECAGG], reply.content[UPLOAD_ARRAYS]
+                )
                 upload = MaskedUpload.from_wire(wire)
                 if upload.site_id != reply.metadata.src_node_id:
-                    raise SecAggAbort(f"an upload from node {reply.metadata.src_node_id} claims to be {upload.site_id}")
+                    raise SecAggAbort(
+                        f"an upload from node {reply.metadata.src_node_id} claims to be {upload.site_id}"
+                    )
                 self._round.receive_upload(upload)
             result = self._unmask()
         except SecAggAbort as exc:
@@ -156,8 +180,11 @@ class SecAggStrategy(Strategy):
             return None, None
         finally:
             self._round = None
-        self.last_round_info.update(survivors=len(result.survivors), dropped=len(result.dropped),
-                                    responders=len(result.responders))
+        self.last_round_info.update(
+            survivors=len(result.survivors),
+            dropped=len(result.dropped),
+            responders=len(result.responders),
+        )
         return self.inner.aggregate_train(server_round, [self._sum_reply(result, uploads)])
 
     def _unmask(self) -> Any:
@@ -166,11 +193,15 @@ class SecAggStrategy(Strategy):
         messages = []
         for node_id, request in requests.items():
             record, _ = wire_to_records(request.to_wire())
-            messages.append(Message(RecordDict({Keys.SECAGG: record}), node_id, MessageTypes.SECAGG_UNMASK))
+            messages.append(
+                Message(RecordDict({Keys.SECAGG: record}), node_id, MessageTypes.SECAGG_UNMASK)
+            )
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.secagg.timeout_s):
             if reply.has_error():
                 continue
-            unmask = UnmaskReply.from_wire(config_to_wire(reply.content.config_records[Keys.SECAGG]))
+            unmask = UnmaskReply.from_wire(
+                config_to_wire(reply.content.config_records[Keys.SECAGG])
+            )
             if unmask.site_id == reply.metadata.src_node_id:
                 self._round.receive_unmask_reply(unmask)
         return self._round.finalize()

@@ -35,7 +35,9 @@ def _site_record(env: SiteEnv) -> ConfigRecord:
 
 def _load(context: Context) -> SiteSecAgg:
     if _STATE not in context.state.config_records:
-        raise SecAggAbort("this site has no secure-aggregation keys for the run; the set-up was missed")
+        raise SecAggAbort(
+            "this site has no secure-aggregation keys for the run; the set-up was missed"
+        )
     return SiteSecAgg.from_state(config_to_wire(context.state.config_records[_STATE]))
 
 
@@ -64,11 +66,18 @@ def secagg_train(
     """Train, then reply with the masked, quantized, sample-weighted update (never the update itself)."""
     fault = str(msg.content[Keys.CONFIG].get(Keys.FAULT_DROP, ""))
     if fault in ("before_keys", "after_keys"):
-        raise SimulatedDropout(f"site {env.site_id} drops out ({fault}) as `faults.drop_stage` asks")
+        raise SimulatedDropout(
+            f"site {env.site_id} drops out ({fault}) as `faults.drop_stage` asks"
+        )
     site = _load(context)
     round_config = RoundConfig.from_wire(config_to_wire(msg.content.config_records[Keys.SECAGG]))
-    outcome = local_train(cfg=cfg, env=env, global_weights=global_weights,
-                          server_round=server_round, run_id=str(context.run_id))
+    outcome = local_train(
+        cfg=cfg,
+        env=env,
+        global_weights=global_weights,
+        server_round=server_round,
+        run_id=str(context.run_id),
+    )
     new_vector, _ = flatten_arrays(outcome.weights)
     old_vector, _ = flatten_arrays(global_weights)
     upload = site.mask_update(round_config, new_vector - old_vector, weight=len(env.data.train))
@@ -77,12 +86,14 @@ def secagg_train(
         context.state[_FAULTS] = ConfigRecord({"drop-unmask-round": server_round})
     config, arrays = wire_to_records(upload.to_wire())
     assert arrays is not None
-    return RecordDict({
-        Keys.SECAGG: config,
-        UPLOAD_ARRAYS: arrays,
-        Keys.METRICS: MetricRecord(outcome.metrics),
-        Keys.SITE: _site_record(env),
-    })
+    return RecordDict(
+        {
+            Keys.SECAGG: config,
+            UPLOAD_ARRAYS: arrays,
+            Keys.METRICS: MetricRecord(outcome.metrics),
+            Keys.SITE: _site_record(env),
+        }
+    )
 
 
 def secagg_unmask(*, env: SiteEnv, msg: Message, context: Context) -> RecordDict:
@@ -90,7 +101,9 @@ def secagg_unmask(*, env: SiteEnv, msg: Message, context: Context) -> RecordDict
     request = UnmaskRequest.from_wire(config_to_wire(msg.content.config_records[Keys.SECAGG]))
     faults = context.state.config_records.get(_FAULTS)
     if faults is not None and int(faults.get("drop-unmask-round", -1)) == request.server_round:
-        raise SimulatedDropout(f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks")
+        raise SimulatedDropout(
+            f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
+        )
     site = _load(context)
     reply = site.unmask(request)
     _save(context, site)

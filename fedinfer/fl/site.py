@@ -95,7 +95,9 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
             num_classes=num_classes,
         )
         key = node.get(NodeConfigKeys.COORDINATOR_PUBLIC_KEY)
-        return SiteEnv(name, Path(str(node[NodeConfigKeys.STATE_DIR])), data, Path(str(key)) if key else None)
+        return SiteEnv(
+            name, Path(str(node[NodeConfigKeys.STATE_DIR])), data, Path(str(key)) if key else None
+        )
 
     return resolve
 
@@ -140,8 +142,12 @@ def local_train(
     set_weights(model, global_weights)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=fed.lr, momentum=fed.momentum)
-    loader = make_loader(env.data.train, batch_size=fed.batch_size, shuffle=True,
-                         seed=round_seed(cfg.seed, env.site_id, server_round))
+    loader = make_loader(
+        env.data.train,
+        batch_size=fed.batch_size,
+        shuffle=True,
+        seed=round_seed(cfg.seed, env.site_id, server_round),
+    )
     after_step = None
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0:
         anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -151,12 +157,20 @@ def local_train(
         from fedinfer.fl.site_privacy import private_train
 
         result, privacy_metrics = private_train(
-            cfg=cfg, env=env, model=model, optimizer=optimizer, loader=loader, device=device,
-            after_step=after_step, server_round=server_round, run_id=run_id,
+            cfg=cfg,
+            env=env,
+            model=model,
+            optimizer=optimizer,
+            loader=loader,
+            device=device,
+            after_step=after_step,
+            server_round=server_round,
+            run_id=run_id,
         )
     else:
-        result = train_epochs(model, loader, optimizer, epochs=fed.local_epochs, device=device,
-                              after_step=after_step)
+        result = train_epochs(
+            model, loader, optimizer, epochs=fed.local_epochs, device=device, after_step=after_step
+        )
     metrics = {
         "num-examples": float(len(env.data.train)),
         "train-loss": result.loss,

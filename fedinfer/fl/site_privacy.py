@@ -17,7 +17,9 @@ from fedinfer.training import TrainResult, train_epochs
 __all__ = ["planned_noise_multiplier", "private_train"]
 
 
-def planned_noise_multiplier(cfg: FedInferConfig, *, delta: float, sample_rate: float, steps_per_round: int) -> float:
+def planned_noise_multiplier(
+    cfg: FedInferConfig, *, delta: float, sample_rate: float, steps_per_round: int
+) -> float:
     """The noise that spends ``privacy.target_epsilon`` over the planned rounds, if a target is set.
 
     A target takes precedence over ``privacy.noise_multiplier`` (each site derives its own
@@ -65,26 +67,45 @@ def private_train(
         cfg, delta=ledger.delta, sample_rate=sample_rate, steps_per_round=planned_steps
     )
     ledger.check_budget(
-        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=planned_steps,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=planned_steps,
         max_epsilon=dp.max_epsilon,
     )
     private = make_private(
-        model=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=dp.max_grad_norm, poisson_sampling=dp.poisson_sampling,
+        model=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=dp.poisson_sampling,
         grad_sample_mode=dp.grad_sample_mode,
     )
     with warnings.catch_warnings():
         # Opacus' hooks on the first layer, whose input needs no gradient: harmless, expected.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        result = train_epochs(private.model, private.data_loader, private.optimizer,
-                              epochs=cfg.federation.local_epochs, device=device, after_step=after_step,
-                              skip_empty=False)
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing", category=UserWarning
+        )
+        result = train_epochs(
+            private.model,
+            private.data_loader,
+            private.optimizer,
+            epochs=cfg.federation.local_epochs,
+            device=device,
+            after_step=after_step,
+            skip_empty=False,
+        )
     entry = ledger.charge(
-        server_round=server_round, run_id=run_id, noise_multiplier=private.noise_multiplier,
-        sample_rate=private.sample_rate, steps=private.steps,
+        server_round=server_round,
+        run_id=run_id,
+        noise_multiplier=private.noise_multiplier,
+        sample_rate=private.sample_rate,
+        steps=private.steps,
     )
     return result, {
-        "epsilon": float(entry.epsilon_after if entry.epsilon_after is not None else ledger.epsilon),
+        "epsilon": float(
+            entry.epsilon_after if entry.epsilon_after is not None else ledger.epsilon
+        ),
         "delta": ledger.delta,
         "noise-multiplier": private.noise_multiplier,
         "sample-rate": private.sample_rate,

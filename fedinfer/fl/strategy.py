@@ -24,7 +24,9 @@ __all__ = ["build_strategy", "sampled_per_round"]
 
 def sampled_per_round(cfg: FedInferConfig, num_sites: int) -> int:
     """How many sites Flower samples for training each round."""
-    return max(int(num_sites * cfg.federation.fraction_train), min(cfg.federation.min_sites, num_sites), 1)
+    return max(
+        int(num_sites * cfg.federation.fraction_train), min(cfg.federation.min_sites, num_sites), 1
+    )
 
 
 def build_strategy(cfg: FedInferConfig, *, num_sites: int) -> Strategy:
@@ -52,16 +54,20 @@ def build_strategy(cfg: FedInferConfig, *, num_sites: int) -> Strategy:
     builders: dict[str, Any] = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(**common, proximal_mu=st.proximal_mu),
-        "fedadam": lambda: FedAdam(**common, eta=st.server_lr, eta_l=fed.lr, beta_1=st.beta_1,
-                                   beta_2=st.beta_2, tau=st.tau),
-        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=st.server_lr,
-                                   server_momentum=st.server_momentum),
+        "fedadam": lambda: FedAdam(
+            **common, eta=st.server_lr, eta_l=fed.lr, beta_1=st.beta_1, beta_2=st.beta_2, tau=st.tau
+        ),
+        "fedavgm": lambda: FedAvgM(
+            **common, server_learning_rate=st.server_lr, server_momentum=st.server_momentum
+        ),
         "fedmedian": lambda: FedMedian(**common),
         "trimmed_mean": lambda: FedTrimmedAvg(**common, beta=st.trim_beta),
         "krum": lambda: Krum(**common, num_malicious_nodes=st.num_malicious),
     }
     if st.name not in builders:
-        raise ConfigError(f"`strategy.name` is {st.name!r}; choose one of {', '.join(sorted(builders))}")
+        raise ConfigError(
+            f"`strategy.name` is {st.name!r}; choose one of {', '.join(sorted(builders))}"
+        )
     strategy: Strategy = builders[st.name]()
     if cfg.privacy.mode == "central":
         from fedinfer.privacy.central import wrap_central_dp

@@ -14,7 +14,9 @@ __all__ = ["RoundPrinter"]
 class RoundPrinter:
     """Prints a header, then one aligned line per round with accuracy and elapsed time."""
 
-    def __init__(self, *, num_rounds: int, console: Console | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, *, num_rounds: int, console: Console | None = None, enabled: bool = True
+    ) -> None:
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.num_rounds = num_rounds
         self.enabled = enabled

@@ -11,7 +11,13 @@ from typing import Any
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.fsutil import atomic_write_bytes
 
-__all__ = ["RESULTS_FILE", "ResultsWriter", "plot_accuracy", "software_versions", "write_json_atomic"]
+__all__ = [
+    "RESULTS_FILE",
+    "ResultsWriter",
+    "plot_accuracy",
+    "software_versions",
+    "write_json_atomic",
+]
 
 RESULTS_FILE = "results.json"
 
@@ -21,7 +27,16 @@ def software_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for package in ("fedinfer", "flwr", "torch", "opacus", "numpy", "mnist1d", "ray", "cryptography"):
+    for package in (
+        "fedinfer",
+        "flwr",
+        "torch",
+        "opacus",
+        "numpy",
+        "mnist1d",
+        "ray",
+        "cryptography",
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

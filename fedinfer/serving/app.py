@@ -58,7 +58,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "predicted_class")
 _MODEL_ROUTE = re.compile(
-    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$"
+)
 _ROLLBACK_ROUTE = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/rollback/?$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Above these sizes, decoding / encoding runs in a thread so the event loop keeps serving.
@@ -160,8 +161,9 @@ class InferenceApp:
         except HttpError as exc:
             status, resp_headers, body = exc.status, exc.headers, _error_body(str(exc))
         except Exception:  # a bug: answer 500, log it, keep serving
-            logger.exception("unhandled error on %s %s (request %s)", ex.method, ex.path,
-                             ex.request_id)
+            logger.exception(
+                "unhandled error on %s %s (request %s)", ex.method, ex.path, ex.request_id
+            )
             status, resp_headers, body = 500, [], _error_body("internal server error")
         await _respond(send, status, resp_headers + ex.extra_headers, body, ex.request_id)
         self._record(ex, status, time.perf_counter() - started)
@@ -190,13 +192,21 @@ class InferenceApp:
             self.metrics.infer_latency.observe(seconds)
         self.metrics.queue_depth.set(self.manager.queue_depth)
         if self.audit is not None and ex.audited:
-            self.audit.write({
-                "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
-                "request_id": ex.request_id, "principal": ex.principal,
-                "method": ex.method, "endpoint": ex.endpoint, "model": ex.model,
-                "version": ex.version, "rows": ex.rows, "batch_size": ex.batch_size,
-                "latency_ms": round(seconds * 1000.0, 3), "status": status,
-            })
+            self.audit.write(
+                {
+                    "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    "request_id": ex.request_id,
+                    "principal": ex.principal,
+                    "method": ex.method,
+                    "endpoint": ex.endpoint,
+                    "model": ex.model,
+                    "version": ex.version,
+                    "rows": ex.rows,
+                    "batch_size": ex.batch_size,
+                    "latency_ms": round(seconds * 1000.0, 3),
+                    "status": status,
+                }
+            )
 
     # ------------------------------------------------------------------- routing
     async def _dispatch(
@@ -210,8 +220,7 @@ class InferenceApp:
             return self._open_endpoint(path)
         match = _MODEL_ROUTE.match(path)
         if match is not None:
-            ex.endpoint = {None: "metadata", "/ready": "ready", "/infer": "infer"}[
-                match["action"]]
+            ex.endpoint = {None: "metadata", "/ready": "ready", "/infer": "infer"}[match["action"]]
             _require_method(ex, "POST" if ex.endpoint == "infer" else "GET")
             self._authorize(ex, "infer")
             version = _parse_version(match["version"])
@@ -243,8 +252,13 @@ class InferenceApp:
             return (200 if ready else 503), [], _json_body({"ready": ready})
         from fedinfer.serving import __version__
 
-        return 200, [], _json_body({"name": "fedinfer", "version": __version__,
-                                    "extensions": ["binary_tensor_data"]})
+        return (
+            200,
+            [],
+            _json_body(
+                {"name": "fedinfer", "version": __version__, "extensions": ["binary_tensor_data"]}
+            ),
+        )
 
     def _authorize(self, ex: _Exchange, role: str) -> Principal:
         principal = ANONYMOUS if self.tokens is None else self._authenticate(ex)
@@ -254,8 +268,9 @@ class InferenceApp:
         if self.rate_limiter is not None:
             wait = self.rate_limiter.acquire(principal)
             if wait > 0:
-                raise HttpError(429, "rate limit exceeded",
-                                [(b"retry-after", str(math.ceil(wait)).encode())])
+                raise HttpError(
+                    429, "rate limit exceeded", [(b"retry-after", str(math.ceil(wait)).encode())]
+                )
         return principal
 
     def _authenticate(self, ex: _Exchange) -> Principal:
@@ -264,8 +279,9 @@ class InferenceApp:
         scheme, _, token = header.partition(" ")
         challenge = [(b"www-authenticate", b'Bearer realm="fedinfer"')]
         if scheme.lower() != "bearer" or not token.strip():
-            raise HttpError(401, "missing bearer token (send 'Authorization: Bearer <token>')",
-                            challenge)
+            raise HttpError(
+                401, "missing bearer token (send 'Authorization: Bearer <token>')", challenge
+            )
         principal = self.tokens.authenticate(token.strip())
         if principal is None:
             raise HttpError(401, "invalid bearer token", challenge)
@@ -303,8 +319,9 @@ class InferenceApp:
         header_length = _header(ex.headers, HEADER_LENGTH.encode())
         try:
             if len(body) > _INLINE_BYTES:  # parsing megabytes of JSON would stall the loop
-                request = await asyncio.to_thread(parse_infer_request, body,
-                                                  header_length=header_length)
+                request = await asyncio.to_thread(
+                    parse_infer_request, body, header_length=header_length
+                )
             else:
                 request = parse_infer_request(body, header_length=header_length)
         except OipError as exc:
@@ -316,18 +333,27 @@ class InferenceApp:
         outputs, batch_size, model = await self._submit(x, model, version)
         ex.version, ex.batch_size = model.version, batch_size
         encode = functools.partial(
-            encode_infer_response, model_name=model.manifest.name,
-            model_version=str(model.version), request_id=request.id,
-            outputs=[(name, outputs[name], binary) for name, binary in wanted])
-        body_out, header_len = (await asyncio.to_thread(encode) if len(x) > _INLINE_ROWS
-                                else encode())
+            encode_infer_response,
+            model_name=model.manifest.name,
+            model_version=str(model.version),
+            request_id=request.id,
+            outputs=[(name, outputs[name], binary) for name, binary in wanted],
+        )
+        body_out, header_len = (
+            await asyncio.to_thread(encode) if len(x) > _INLINE_ROWS else encode()
+        )
         headers = [(b"x-model-version", str(model.version).encode())]
         if header_len is None:
             return 200, headers, body_out
-        return 200, headers + [
-            (b"content-type", b"application/octet-stream"),
-            (b"inference-header-content-length", str(header_len).encode()),
-        ], body_out
+        return (
+            200,
+            headers
+            + [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(header_len).encode()),
+            ],
+            body_out,
+        )
 
     async def _resolve(self, version: int | None) -> LoadedModel:
         try:
@@ -347,8 +373,9 @@ class InferenceApp:
             except BatcherClosed:
                 model = await self._resolve(version)
             except Overloaded as exc:
-                raise HttpError(503, str(exc), [
-                    (b"retry-after", str(math.ceil(exc.retry_after_s)).encode())]) from None
+                raise HttpError(
+                    503, str(exc), [(b"retry-after", str(math.ceil(exc.retry_after_s)).encode())]
+                ) from None
         raise HttpError(503, "model version changed repeatedly; retry", [(b"retry-after", b"1")])
 
     def _validate_input(self, inputs: tuple[Any, ...], model: LoadedModel) -> np.ndarray:
@@ -359,12 +386,14 @@ class InferenceApp:
         if tensor.name != spec.name:
             raise HttpError(400, f"unknown input {tensor.name!r}; expected {spec.name!r}")
         if tensor.datatype != spec.datatype:
-            raise HttpError(400, f"input {spec.name!r} must be {spec.datatype}, "
-                                 f"got {tensor.datatype}")
+            raise HttpError(
+                400, f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}"
+            )
         d = model.manifest.input_dim
         if len(tensor.shape) != 2 or tensor.shape[1] != d:
-            raise HttpError(400, f"input {spec.name!r} must have shape [batch, {d}], "
-                                 f"got {list(tensor.shape)}")
+            raise HttpError(
+                400, f"input {spec.name!r} must have shape [batch, {d}], got {list(tensor.shape)}"
+            )
         if tensor.shape[0] == 0:
             raise HttpError(400, f"input {spec.name!r} is an empty batch")
         x: np.ndarray = tensor.array
@@ -372,8 +401,11 @@ class InferenceApp:
             bad = ~np.isfinite(x).all(axis=1)
             if bad.any():
                 rows = np.flatnonzero(bad)[:10].tolist()
-                raise HttpError(400, f"input {spec.name!r} has NaN or infinite values in rows "
-                                     f"{rows}{' ...' if bad.sum() > 10 else ''}")
+                raise HttpError(
+                    400,
+                    f"input {spec.name!r} has NaN or infinite values in rows "
+                    f"{rows}{' ...' if bad.sum() > 10 else ''}",
+                )
         return x
 
     async def _model_ready(
@@ -395,33 +427,44 @@ class InferenceApp:
                 raise HttpError(404, f"version {version} is not in the model store")
             current = self.manager.current
             assert current is not None
-            manifest = current.manifest if version in (None, current.version) else (
-                await asyncio.to_thread(store.manifest, version))
+            manifest = (
+                current.manifest
+                if version in (None, current.version)
+                else (await asyncio.to_thread(store.manifest, version))
+            )
         except ModelIntegrityError as exc:
             raise HttpError(404, str(exc)) from None
         spec = manifest.inputs[0].to_dict()
         classes = manifest.num_classes
-        return 200, [], _json_body({
-            "name": manifest.name,
-            "versions": [str(v) for v in versions],
-            "platform": f"fedinfer_{self.manager.backend_name}",
-            "inputs": [spec],
-            "outputs": [
-                {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-                {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
-            ],
-            "parameters": {
-                "version": manifest.version,
-                "current_version": current.version,
-                "server_round": manifest.server_round,
-                "created": manifest.created,
-                "run_id": manifest.run_id,
-                "metrics": manifest.metrics,
-                "privacy": manifest.privacy,
-                "class_labels": list(manifest.class_labels) if manifest.class_labels else None,
-            },
-        })
+        return (
+            200,
+            [],
+            _json_body(
+                {
+                    "name": manifest.name,
+                    "versions": [str(v) for v in versions],
+                    "platform": f"fedinfer_{self.manager.backend_name}",
+                    "inputs": [spec],
+                    "outputs": [
+                        {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
+                    ],
+                    "parameters": {
+                        "version": manifest.version,
+                        "current_version": current.version,
+                        "server_round": manifest.server_round,
+                        "created": manifest.created,
+                        "run_id": manifest.run_id,
+                        "metrics": manifest.metrics,
+                        "privacy": manifest.privacy,
+                        "class_labels": list(manifest.class_labels)
+                        if manifest.class_labels
+                        else None,
+                    },
+                }
+            ),
+        )
 
     async def _rollback(
         self, ex: _Exchange, body: bytes
@@ -429,7 +472,7 @@ class InferenceApp:
         try:
             doc = json.loads(body) if body.strip() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HttpError(400, "rollback body must be JSON like {\"version\": 3}") from None
+            raise HttpError(400, 'rollback body must be JSON like {"version": 3}') from None
         target = doc.get("version") if isinstance(doc, dict) else None
         if target is not None and type(target) is not int:
             raise HttpError(400, "'version' must be an integer or null")
@@ -447,8 +490,11 @@ class InferenceApp:
 
 def _require_method(ex: _Exchange, method: str) -> None:
     if ex.method != method:
-        raise HttpError(405, f"{ex.method} not allowed on {ex.path}; use {method}",
-                        [(b"allow", method.encode())])
+        raise HttpError(
+            405,
+            f"{ex.method} not allowed on {ex.path}; use {method}",
+            [(b"allow", method.encode())],
+        )
 
 
 def _parse_version(raw: str | None) -> int | None:
@@ -495,8 +541,7 @@ async def _respond(
     full = list(headers)
     if b"content-type" not in names:
         full.append((b"content-type", b"application/json"))
-    full += [(b"content-length", str(len(body)).encode()),
-             (b"x-request-id", request_id.encode())]
+    full += [(b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]
     try:
         await send({"type": "http.response.start", "status": status, "headers": full})
         await send({"type": "http.response.body", "body": body})

@@ -121,19 +121,27 @@ class PrincipalUsage:
         """JSON-ready summary (without the raw latency list)."""
         lat = sorted(self.latencies_ms)
         return {
-            "principal": self.principal, "requests": self.requests, "rows": self.rows,
+            "principal": self.principal,
+            "requests": self.requests,
+            "rows": self.rows,
             "errors": sum(n for s, n in self.statuses.items() if s >= 400),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "p50_ms": lat[len(lat) // 2] if lat else None,
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-            "baseline_per_window": self.baseline, "peak_per_window": self.peak,
-            "peak_start": self.peak_start, "flagged": self.flagged,
+            "baseline_per_window": self.baseline,
+            "peak_per_window": self.peak,
+            "peak_start": self.peak_start,
+            "flagged": self.flagged,
         }
 
 
 def summarize_audit(
-    directory: Path, *, window_s: float = 60.0, spike_factor: float = 10.0,
-    min_requests: int = 20, min_windows: int = 3,
+    directory: Path,
+    *,
+    window_s: float = 60.0,
+    spike_factor: float = 10.0,
+    min_requests: int = 20,
+    min_windows: int = 3,
 ) -> list[PrincipalUsage]:
     """Usage per principal, flagging request-rate spikes far above the principal's baseline.
 
@@ -190,8 +198,9 @@ def _timestamp(value: Any) -> float | None:
         return None
 
 
-def _flag(u: PrincipalUsage, window_s: float, factor: float, min_requests: int,
-          min_windows: int) -> None:
+def _flag(
+    u: PrincipalUsage, window_s: float, factor: float, min_requests: int, min_windows: int
+) -> None:
     if not u.windows:
         return
     peak_window, u.peak = max(u.windows.items(), key=lambda kv: kv[1])

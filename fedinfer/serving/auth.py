@@ -114,8 +114,10 @@ class TokenFile:
                 principal = Principal(str(item["principal"]), roles, item.get("rate_limit"))
                 entries.append((str(item["sha256"]), principal))
             except (KeyError, TypeError):
-                raise ConfigError(f"{self.path}: token entry {i} is malformed; recreate it with "
-                                  "`fedinfer tokens add`") from None
+                raise ConfigError(
+                    f"{self.path}: token entry {i} is malformed; recreate it with "
+                    "`fedinfer tokens add`"
+                ) from None
         self._entries = entries
         self._mtime = self.path.stat().st_mtime_ns
 
@@ -167,19 +169,22 @@ def add_token(
     if bad or not roles:
         raise ConfigError(f"`--role` must be one of {', '.join(ROLES)} (got {roles})")
     if not principal or not principal.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"`--principal` must be letters, digits, '-', '_' or '.' "
-                          f"(got {principal!r})")
+        raise ConfigError(
+            f"`--principal` must be letters, digits, '-', '_' or '.' (got {principal!r})"
+        )
     if rate_limit is not None and rate_limit <= 0:
         raise ConfigError(f"`--rate-limit` must be > 0 requests/s (got {rate_limit})")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     data = _read(path, missing_ok=True)
-    data["tokens"].append({
-        "principal": principal,
-        "roles": sorted(set(roles)),
-        "sha256": hashlib.sha256(token.encode("utf-8")).hexdigest(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rate_limit": rate_limit,
-    })
+    data["tokens"].append(
+        {
+            "principal": principal,
+            "roles": sorted(set(roles)),
+            "sha256": hashlib.sha256(token.encode("utf-8")).hexdigest(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "rate_limit": rate_limit,
+        }
+    )
     _write(path, data)
     return token
 
@@ -207,8 +212,9 @@ class RateLimiter:
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         if rate < 0 or (burst is not None and burst < 1):
-            raise ConfigError(f"`--rate-limit` must be >= 0 and `--rate-burst` >= 1 "
-                              f"(got {rate}, {burst})")
+            raise ConfigError(
+                f"`--rate-limit` must be >= 0 and `--rate-burst` >= 1 (got {rate}, {burst})"
+            )
         self.rate = rate
         self.burst = burst
         self._buckets: dict[str, tuple[float, float]] = {}

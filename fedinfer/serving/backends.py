@@ -70,7 +70,8 @@ class Int8Backend(TorchBackend):
         # (torch 2.13); the op works and is tested. A targeted, process-wide filter: the
         # forward runs in a worker thread, where catch_warnings() would race.
         warnings.filterwarnings(
-            "ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+            "ignore", message=r"torch\.quantize_per_tensor", category=UserWarning
+        )
         with warnings.catch_warnings():
             # torch.ao.quantization is deprecated in favour of torchao, which we do not
             # depend on; quantize_dynamic still works in torch 2.13 and is tested here.
@@ -116,16 +117,23 @@ def export_onnx(model: nn.Module, *, input_dim: int) -> bytes:
         # Its tracer also emits TracerWarnings about Python control flow it constant-folds.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.eval(), (torch.zeros(2, input_dim),), buffer,  # type: ignore[arg-type]
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model.eval(),
+            (torch.zeros(2, input_dim),),
+            buffer,  # type: ignore[arg-type]
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=17, dynamo=False,
+            opset_version=17,
+            dynamo=False,
         )
     return buffer.getvalue()
 
 
 def build_backend(
-    name: str, weights: Mapping[str, np.ndarray], manifest: ModelManifest, *,
+    name: str,
+    weights: Mapping[str, np.ndarray],
+    manifest: ModelManifest,
+    *,
     threads: int | None = None,
 ) -> Backend:
     """Build backend ``name`` (``torch``, ``int8`` or ``onnx``) for verified weights.
@@ -167,7 +175,11 @@ class BackendCheck:
 
 
 def check_backend(
-    backend: Backend, reference: Backend, x: np.ndarray, y: np.ndarray | None = None, *,
+    backend: Backend,
+    reference: Backend,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
     max_accuracy_drop: float = 0.01,
 ) -> BackendCheck:
     """Compare ``backend`` with the float ``reference``; raise if it loses too much.
@@ -191,7 +203,8 @@ def check_backend(
     ours, ref = backend.predict(x), reference.predict(x)
     pred, ref_pred = ours.argmax(axis=1), ref.argmax(axis=1)
     check = BackendCheck(
-        backend=backend.name, samples=len(x),
+        backend=backend.name,
+        samples=len(x),
         agreement=float((pred == ref_pred).mean()),
         max_abs_logit_diff=float(np.abs(ours - ref).max()),
         float_accuracy=None if y is None else float((ref_pred == y).mean()),

@@ -82,8 +82,9 @@ class DynamicBatcher:
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
-            raise ServingError("max_batch_size and max_queue_size must be >= 1, "
-                               "max_queue_delay_ms >= 0")
+            raise ServingError(
+                "max_batch_size and max_queue_size must be >= 1, max_queue_delay_ms >= 0"
+            )
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -129,10 +130,12 @@ class DynamicBatcher:
         if self._closed:
             raise BatcherClosed
         if len(self._queue) >= self.max_queue_size:
-            raise Overloaded(f"inference queue full ({self.max_queue_size} requests)",
-                             retry_after_s=1.0)
+            raise Overloaded(
+                f"inference queue full ({self.max_queue_size} requests)", retry_after_s=1.0
+            )
         future: asyncio.Future[tuple[dict[str, np.ndarray], int]] = (
-            asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().create_future()
+        )
         self._queue.append(_Pending(x, future))
         self._wakeup.set()
         return await future
@@ -187,7 +190,8 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, x)
+                self._executor, self._run_batch, x
+            )
         except Exception as exc:  # a failed forward pass fails its requests, not the server
             for p in live:
                 if not p.future.done():

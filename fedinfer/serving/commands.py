@@ -30,45 +30,88 @@ def _add_serve(subparsers: Any) -> None:
     from fedinfer.serving import DEFAULT_BACKEND
 
     p = subparsers.add_parser(
-        "serve", help="serve a site's model store over the Open Inference Protocol (KServe v2)",
-        description="Serve the current version of a ModelStore; hot-swaps new versions.")
+        "serve",
+        help="serve a site's model store over the Open Inference Protocol (KServe v2)",
+        description="Serve the current version of a ModelStore; hot-swaps new versions.",
+    )
     p.add_argument("--model-store", type=Path, required=True, help="the site's ModelStore")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default: 8080)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--tls-certfile", type=Path, help="PEM certificate (enables HTTPS)")
     p.add_argument("--tls-keyfile", type=Path, help="PEM private key of the certificate")
-    p.add_argument("--auth-tokens", type=Path,
-                   help="tokens file (fedinfer tokens add); without it there is no auth")
-    p.add_argument("--public-key", type=Path,
-                   help="coordinator public key: re-verify signatures on every load")
-    p.add_argument("--backend", choices=("torch", "int8", "onnx"), default=DEFAULT_BACKEND,
-                   help=f"inference backend (default: {DEFAULT_BACKEND}, fastest measured)")
+    p.add_argument(
+        "--auth-tokens",
+        type=Path,
+        help="tokens file (fedinfer tokens add); without it there is no auth",
+    )
+    p.add_argument(
+        "--public-key", type=Path, help="coordinator public key: re-verify signatures on every load"
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "int8", "onnx"),
+        default=DEFAULT_BACKEND,
+        help=f"inference backend (default: {DEFAULT_BACKEND}, fastest measured)",
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="rows per forward pass")
     p.add_argument("--no-batching", action="store_true", help="same as --max-batch-size 1")
-    p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
-                   help="under load, cap on waiting to fill a partial batch (default: 0)")
-    p.add_argument("--max-queue-size", type=int, default=1024,
-                   help="queued requests before 503 + Retry-After (default: 1024)")
-    p.add_argument("--rate-limit", type=float, default=0.0,
-                   help="requests/s per principal, token bucket; 0 = off (default: 0)")
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=0.0,
+        help="under load, cap on waiting to fill a partial batch (default: 0)",
+    )
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=1024,
+        help="queued requests before 503 + Retry-After (default: 1024)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        help="requests/s per principal, token bucket; 0 = off (default: 0)",
+    )
     p.add_argument("--rate-burst", type=float, help="token bucket size (default: the rate)")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20,
-                   help="largest request body (default: 8 MiB)")
-    p.add_argument("--nonfinite", choices=("reject", "allow"), default="reject",
-                   help="NaN/inf inputs: 400 (reject, default) or pass through (allow)")
-    p.add_argument("--audit-dir", type=Path,
-                   help="audit log directory (default: <model-store>/../audit)")
-    p.add_argument("--poll-interval", type=float, default=0.5,
-                   help="seconds between checks of the store's CURRENT (default: 0.5)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads of the inference worker (default: 1; the event loop "
-                        "needs a core of its own; raise on bigger machines)")
-    p.add_argument("--validation-data", type=Path,
-                   help="labelled CSV/Parquet/NPZ split: refuse a backend that loses accuracy")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=8 << 20, help="largest request body (default: 8 MiB)"
+    )
+    p.add_argument(
+        "--nonfinite",
+        choices=("reject", "allow"),
+        default="reject",
+        help="NaN/inf inputs: 400 (reject, default) or pass through (allow)",
+    )
+    p.add_argument(
+        "--audit-dir", type=Path, help="audit log directory (default: <model-store>/../audit)"
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        help="seconds between checks of the store's CURRENT (default: 0.5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of the inference worker (default: 1; the event loop "
+        "needs a core of its own; raise on bigger machines)",
+    )
+    p.add_argument(
+        "--validation-data",
+        type=Path,
+        help="labelled CSV/Parquet/NPZ split: refuse a backend that loses accuracy",
+    )
     p.add_argument("--label-column", default="label", help="label column of --validation-data")
-    p.add_argument("--max-accuracy-drop", type=float, default=0.01,
-                   help="tolerated accuracy drop of int8/onnx vs float (default: 0.01)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.01,
+        help="tolerated accuracy drop of int8/onnx vs float (default: 0.01)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_serve)
 
@@ -77,15 +120,29 @@ def _serve(ns: argparse.Namespace) -> int:
     from fedinfer.serving.server import ServeOptions, serve
 
     options = ServeOptions(
-        model_store=ns.model_store, host=ns.host, port=ns.port, port_file=ns.port_file,
-        tls_certfile=ns.tls_certfile, tls_keyfile=ns.tls_keyfile, auth_tokens=ns.auth_tokens,
-        public_key=ns.public_key, backend=ns.backend,
+        model_store=ns.model_store,
+        host=ns.host,
+        port=ns.port,
+        port_file=ns.port_file,
+        tls_certfile=ns.tls_certfile,
+        tls_keyfile=ns.tls_keyfile,
+        auth_tokens=ns.auth_tokens,
+        public_key=ns.public_key,
+        backend=ns.backend,
         max_batch_size=1 if ns.no_batching else ns.max_batch_size,
-        max_queue_delay_ms=ns.max_queue_delay_ms, max_queue_size=ns.max_queue_size,
-        rate_limit=ns.rate_limit, rate_burst=ns.rate_burst, max_body_bytes=ns.max_body_bytes,
-        nonfinite=ns.nonfinite, audit_dir=ns.audit_dir, poll_interval_s=ns.poll_interval,
-        threads=ns.threads, validation_data=ns.validation_data, label_column=ns.label_column,
-        max_accuracy_drop=ns.max_accuracy_drop, log_level=ns.log_level,
+        max_queue_delay_ms=ns.max_queue_delay_ms,
+        max_queue_size=ns.max_queue_size,
+        rate_limit=ns.rate_limit,
+        rate_burst=ns.rate_burst,
+        max_body_bytes=ns.max_body_bytes,
+        nonfinite=ns.nonfinite,
+        audit_dir=ns.audit_dir,
+        poll_interval_s=ns.poll_interval,
+        threads=ns.threads,
+        validation_data=ns.validation_data,
+        label_column=ns.label_column,
+        max_accuracy_drop=ns.max_accuracy_drop,
+        log_level=ns.log_level,
     )
     serve(options)
     return 0
@@ -94,17 +151,24 @@ def _serve(ns: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- predict
 def _add_predict(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "predict", help="score a CSV / Parquet / NPZ file with the store's current model")
+        "predict", help="score a CSV / Parquet / NPZ file with the store's current model"
+    )
     p.add_argument("--model-store", type=Path, required=True)
     p.add_argument("--input", type=Path, required=True, help=".csv, .parquet or .npz")
     p.add_argument("--output", type=Path, required=True, help=".csv, .parquet or .npz")
     p.add_argument("--id-column", help="column (NPZ: array) that identifies rows")
-    p.add_argument("--label-column", default="label",
-                   help="column skipped as a feature if present (default: label)")
+    p.add_argument(
+        "--label-column",
+        default="label",
+        help="column skipped as a feature if present (default: label)",
+    )
     p.add_argument("--version", type=int, help="score with this stored version (default: current)")
     p.add_argument("--backend", choices=("torch", "int8", "onnx"), default="torch")
-    p.add_argument("--public-key", type=Path,
-                   help="coordinator public key: re-verify the model's signature first")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        help="coordinator public key: re-verify the model's signature first",
+    )
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--no-progress", action="store_true")
@@ -118,18 +182,29 @@ def _predict(ns: argparse.Namespace) -> int:
     if ns.chunk_size < 1:
         raise ConfigError("`--chunk-size` must be >= 1")
     report = predict_file(
-        ModelStore(ns.model_store), input_path=ns.input, output_path=ns.output,
-        id_column=ns.id_column, label_column=ns.label_column, chunk_size=ns.chunk_size,
-        strict=ns.strict, backend=ns.backend, version=ns.version, progress=not ns.no_progress,
+        ModelStore(ns.model_store),
+        input_path=ns.input,
+        output_path=ns.output,
+        id_column=ns.id_column,
+        label_column=ns.label_column,
+        chunk_size=ns.chunk_size,
+        strict=ns.strict,
+        backend=ns.backend,
+        version=ns.version,
+        progress=not ns.no_progress,
         public_key=load_public_key(ns.public_key) if ns.public_key else None,
     )
     for row, reason in report.bad_rows[:20]:
         print(f"row {row}: {reason}", file=sys.stderr)
     if len(report.bad_rows) > 20:
-        print(f"... and {len(report.bad_rows) - 20} more bad rows (see the 'error' column)",
-              file=sys.stderr)
-    print(f"scored {report.rows - len(report.bad_rows)} of {report.rows} rows with version "
-          f"{report.model_version} -> {report.output}")
+        print(
+            f"... and {len(report.bad_rows) - 20} more bad rows (see the 'error' column)",
+            file=sys.stderr,
+        )
+    print(
+        f"scored {report.rows - len(report.bad_rows)} of {report.rows} rows with version "
+        f"{report.model_version} -> {report.output}"
+    )
     return 0
 
 
@@ -154,8 +229,10 @@ def _models_list(ns: argparse.Namespace) -> int:
     for version in store.versions():
         m = store.manifest(version)
         mark = "*" if version == current else " "
-        print(f"{mark} v{version}  round {m.server_round}  {m.created}  {m.name}  "
-              f"metrics {json.dumps(m.metrics)}  privacy {json.dumps(m.privacy)}")
+        print(
+            f"{mark} v{version}  round {m.server_round}  {m.created}  {m.name}  "
+            f"metrics {json.dumps(m.metrics)}  privacy {json.dumps(m.privacy)}"
+        )
     if current is None:
         print("(no current version)")
     return 0
@@ -178,8 +255,9 @@ def _add_tokens(subparsers: Any) -> None:
     add = sub.add_parser("add", help="create a token (printed once; only its hash is stored)")
     add.add_argument("--file", type=Path, required=True)
     add.add_argument("--principal", required=True)
-    add.add_argument("--role", action="append", choices=("infer", "admin"), required=True,
-                     help="repeatable")
+    add.add_argument(
+        "--role", action="append", choices=("infer", "admin"), required=True, help="repeatable"
+    )
     add.add_argument("--rate-limit", type=float, help="requests/s for this principal")
     add.set_defaults(func=_tokens_add)
     rev = sub.add_parser("revoke", help="delete every token of a principal")
@@ -193,8 +271,11 @@ def _tokens_add(ns: argparse.Namespace) -> int:
 
     token = add_token(ns.file, principal=ns.principal, roles=ns.role, rate_limit=ns.rate_limit)
     print(token)
-    print(f"(token for {ns.principal!r}, roles {sorted(set(ns.role))}; it is not stored and "
-          "will not be shown again)", file=sys.stderr)
+    print(
+        f"(token for {ns.principal!r}, roles {sorted(set(ns.role))}; it is not stored and "
+        "will not be shown again)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -212,10 +293,18 @@ def _add_audit(subparsers: Any) -> None:
     s = sub.add_parser("summary", help="usage per principal; flag request-rate spikes")
     s.add_argument("dir", type=Path, help="the audit directory")
     s.add_argument("--window", type=float, default=60.0, help="seconds per rate window")
-    s.add_argument("--spike-factor", type=float, default=10.0,
-                   help="flag a window above this multiple of the baseline (default: 10)")
-    s.add_argument("--min-requests", type=int, default=20,
-                   help="never flag a window with fewer requests (default: 20)")
+    s.add_argument(
+        "--spike-factor",
+        type=float,
+        default=10.0,
+        help="flag a window above this multiple of the baseline (default: 10)",
+    )
+    s.add_argument(
+        "--min-requests",
+        type=int,
+        default=20,
+        help="never flag a window with fewer requests (default: 20)",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_audit_summary)
 
@@ -223,19 +312,24 @@ def _add_audit(subparsers: Any) -> None:
 def _audit_summary(ns: argparse.Namespace) -> int:
     from fedinfer.serving.audit import summarize_audit
 
-    usage = summarize_audit(ns.dir, window_s=ns.window, spike_factor=ns.spike_factor,
-                            min_requests=ns.min_requests)
+    usage = summarize_audit(
+        ns.dir, window_s=ns.window, spike_factor=ns.spike_factor, min_requests=ns.min_requests
+    )
     if ns.json:
         print(json.dumps([u.to_dict() for u in usage], indent=2))
         return 0
-    print(f"{'principal':<20} {'requests':>9} {'rows':>9} {'errors':>7} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'baseline/w':>10} {'peak/w':>7}  flag")
+    print(
+        f"{'principal':<20} {'requests':>9} {'rows':>9} {'errors':>7} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'baseline/w':>10} {'peak/w':>7}  flag"
+    )
     for u in usage:
         d = u.to_dict()
         base = "-" if d["baseline_per_window"] is None else f"{d['baseline_per_window']:.1f}"
-        print(f"{u.principal:<20} {d['requests']:>9} {d['rows']:>9} {d['errors']:>7} "
-              f"{_ms(d['p50_ms']):>8} {_ms(d['p99_ms']):>8} {base:>10} {d['peak_per_window']:>7}"
-              f"  {'SPIKE at ' + str(d['peak_start']) if u.flagged else ''}")
+        print(
+            f"{u.principal:<20} {d['requests']:>9} {d['rows']:>9} {d['errors']:>7} "
+            f"{_ms(d['p50_ms']):>8} {_ms(d['p99_ms']):>8} {base:>10} {d['peak_per_window']:>7}"
+            f"  {'SPIKE at ' + str(d['peak_start']) if u.flagged else ''}"
+        )
     return 0
 
 

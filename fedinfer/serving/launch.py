@@ -74,12 +74,24 @@ class SiteServer:
         self.tls = tls_certfile is not None
         self.startup_timeout_s = startup_timeout_s
         self.log_file = log_file or self.model_store.resolve().parent / "serve.log"
-        self._args = ["--model-store", str(self.model_store), "--host", host,
-                      "--max-batch-size", str(max_batch_size),
-                      "--max-queue-delay-ms", str(max_queue_delay_ms)]
-        for flag, value in [("--backend", backend), ("--auth-tokens", auth_tokens),
-                            ("--public-key", public_key), ("--audit-dir", audit_dir),
-                            ("--tls-certfile", tls_certfile), ("--tls-keyfile", tls_keyfile)]:
+        self._args = [
+            "--model-store",
+            str(self.model_store),
+            "--host",
+            host,
+            "--max-batch-size",
+            str(max_batch_size),
+            "--max-queue-delay-ms",
+            str(max_queue_delay_ms),
+        ]
+        for flag, value in [
+            ("--backend", backend),
+            ("--auth-tokens", auth_tokens),
+            ("--public-key", public_key),
+            ("--audit-dir", audit_dir),
+            ("--tls-certfile", tls_certfile),
+            ("--tls-keyfile", tls_keyfile),
+        ]:
             if value is not None:
                 self._args += [flag, str(value)]
         self._args += list(extra_args or [])
@@ -94,8 +106,12 @@ class SiteServer:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -104,12 +120,22 @@ class SiteServer:
             port_file = Path(tmp) / "port"
             # fedinfer.serving's entry point: the `fedinfer serve` command without importing
             # the simulation side of the CLI (Flower, Ray, Opacus), so it starts faster.
-            cmd = [sys.executable, "-m", "fedinfer.serving", "serve", *self._args,
-                   "--port", str(self.port), "--port-file", str(port_file)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedinfer.serving",
+                "serve",
+                *self._args,
+                "--port",
+                str(self.port),
+                "--port-file",
+                str(port_file),
+            ]
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_file, "ab") as log:
-                self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+                self.process = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
             try:
                 self.port = self._wait_for_port(port_file)
                 self._wait_ready()
@@ -124,8 +150,9 @@ class SiteServer:
             if port_file.exists():
                 return int(port_file.read_text())
             time.sleep(0.05)
-        raise ServingError(f"site server did not bind within {self.startup_timeout_s:.0f}s; "
-                           f"see {self.log_file}")
+        raise ServingError(
+            f"site server did not bind within {self.startup_timeout_s:.0f}s; see {self.log_file}"
+        )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -139,14 +166,17 @@ class SiteServer:
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-        raise ServingError(f"site server on {self.url} not ready within "
-                           f"{self.startup_timeout_s:.0f}s; see {self.log_file}")
+        raise ServingError(
+            f"site server on {self.url} not ready within "
+            f"{self.startup_timeout_s:.0f}s; see {self.log_file}"
+        )
 
     def _check_alive(self) -> None:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise ServingError(f"site server exited with code {self.process.returncode}; "
-                               f"see {self.log_file}")
+            raise ServingError(
+                f"site server exited with code {self.process.returncode}; see {self.log_file}"
+            )
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Terminate (SIGTERM: graceful drain), then kill if it does not exit in time."""
@@ -163,4 +193,3 @@ class SiteServer:
     def pid(self) -> int | None:
         """Process id of the server (None before start)."""
         return self.process.pid if self.process else None
-

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 __all__ = ["ServingMetrics"]
 
-_LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1.0, 2.0, 5.0)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -16,28 +16,45 @@ class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "fedinfer_requests", "Requests by endpoint and HTTP status.",
-            ["endpoint", "status"], registry=self.registry)
+            "fedinfer_requests",
+            "Requests by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "fedinfer_request_latency_seconds", "Request latency (inference endpoints).",
-            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+            "fedinfer_request_latency_seconds",
+            "Request latency (inference endpoints).",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.infer_latency = self.latency.labels("infer")
         self.batch_size = Histogram(
-            "fedinfer_batch_size", "Rows per forward pass.", buckets=_BATCH_BUCKETS,
-            registry=self.registry)
+            "fedinfer_batch_size",
+            "Rows per forward pass.",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_latency = Histogram(
-            "fedinfer_batch_seconds", "Seconds per forward pass.", buckets=_LATENCY_BUCKETS,
-            registry=self.registry)
+            "fedinfer_batch_seconds",
+            "Seconds per forward pass.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
-            "fedinfer_queue_depth", "Requests waiting for a forward pass.", registry=self.registry)
+            "fedinfer_queue_depth", "Requests waiting for a forward pass.", registry=self.registry
+        )
         self.model_version = Gauge(
-            "fedinfer_model_version", "Version currently served.", ["model"],
-            registry=self.registry)
+            "fedinfer_model_version", "Version currently served.", ["model"], registry=self.registry
+        )
         self.swaps = Counter(
-            "fedinfer_model_swaps", "Hot swaps of the served version.", registry=self.registry)
+            "fedinfer_model_swaps", "Hot swaps of the served version.", registry=self.registry
+        )
         self.load_failures = Counter(
-            "fedinfer_model_load_failures", "Versions that failed to load or verify.",
-            registry=self.registry)
+            "fedinfer_model_load_failures",
+            "Versions that failed to load or verify.",
+            registry=self.registry,
+        )
 
         self._request_children: dict[tuple[str, int], Counter] = {}
 

@@ -26,8 +26,14 @@ from fedinfer.serving.backends import Backend, build_backend, check_backend
 from fedinfer.serving.batcher import DynamicBatcher
 from fedinfer.serving.metrics import ServingMetrics
 
-__all__ = ["BatchingOptions", "LoadedModel", "ModelManager", "ModelNotFound", "ModelNotReady",
-           "run_outputs"]
+__all__ = [
+    "BatchingOptions",
+    "LoadedModel",
+    "ModelManager",
+    "ModelNotFound",
+    "ModelNotReady",
+    "run_outputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +187,12 @@ class ModelManager:
             except FedInferError as exc:
                 self._failed = target
                 self.metrics.load_failures.inc()
-                logger.error("cannot serve model version %d, keeping %s: %s", target,
-                             self.current.version if self.current else "none", exc)
+                logger.error(
+                    "cannot serve model version %d, keeping %s: %s",
+                    target,
+                    self.current.version if self.current else "none",
+                    exc,
+                )
                 if raise_errors:
                     raise
                 return False
@@ -197,13 +207,18 @@ class ModelManager:
         self.metrics.model_version.labels(model.manifest.name).set(model.version)
         if previous is not None:
             self.metrics.swaps.inc()
-        logger.info("serving %r version %d (was %s)", model.manifest.name, model.version,
-                    previous.version if previous else "none")
+        logger.info(
+            "serving %r version %d (was %s)",
+            model.manifest.name,
+            model.version,
+            previous.version if previous else "none",
+        )
 
     def _evict(self) -> None:
         while len(self._loaded) > self.max_loaded:
-            victim = next(v for v in self._loaded if self.current is None
-                          or v != self.current.version)
+            victim = next(
+                v for v in self._loaded if self.current is None or v != self.current.version
+            )
             self._loaded.pop(victim).batcher.close()  # queued requests still complete
 
     async def get(self, version: int | None = None) -> LoadedModel:
@@ -265,8 +280,13 @@ class ModelManager:
         backend = build_backend(self.backend_name, weights, manifest, threads=self.threads)
         if self.validation is not None and backend.name != "torch":
             x, y = self.validation
-            check = check_backend(backend, build_backend("torch", weights, manifest), x, y,
-                                  max_accuracy_drop=self.max_accuracy_drop)
+            check = check_backend(
+                backend,
+                build_backend("torch", weights, manifest),
+                x,
+                y,
+                max_accuracy_drop=self.max_accuracy_drop,
+            )
             logger.info("backend check v%d: %s", version, check)
         for rows in sorted({1, self.batching.max_batch_size}):  # warm both code paths
             run_outputs(backend, np.zeros((rows, manifest.input_dim), dtype=np.float32))

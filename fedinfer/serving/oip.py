@@ -37,10 +37,18 @@ HEADER_LENGTH = "inference-header-content-length"
 
 # OIP datatype -> little-endian numpy dtype. BYTES (variable length) is not supported.
 _DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
 _OIP_NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -152,9 +160,7 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _parse_input(
-    raw: Any, index: int, binary: memoryview, offset: int
-) -> tuple[InputTensor, int]:
+def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
     raw = _dict(raw, f"inputs[{index}]")
     name, shape, datatype = raw.get("name"), raw.get("shape"), raw.get("datatype")
     if not isinstance(name, str) or not name:
@@ -169,16 +175,19 @@ def _parse_input(
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size != count * dtype.itemsize:
-            raise OipError(f"input {name!r}: binary_data_size {size!r} does not match "
-                           f"shape {shape} of {datatype} ({count * dtype.itemsize} bytes)")
+            raise OipError(
+                f"input {name!r}: binary_data_size {size!r} does not match "
+                f"shape {shape} of {datatype} ({count * dtype.itemsize} bytes)"
+            )
         if offset + size > len(binary):
             raise OipError(f"input {name!r}: binary section is shorter than its binary_data_size")
-        array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+        array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
         return InputTensor(name, datatype, tuple(shape), array), offset + size
     if "data" not in raw:
         raise OipError(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
-    return InputTensor(name, datatype, tuple(shape), _json_array(raw["data"], name, dtype,
-                                                                   shape)), offset
+    return InputTensor(
+        name, datatype, tuple(shape), _json_array(raw["data"], name, dtype, shape)
+    ), offset
 
 
 def _json_array(data: Any, name: str, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
@@ -188,11 +197,15 @@ def _json_array(data: Any, name: str, dtype: np.dtype[Any], shape: list[int]) ->
         with np.errstate(over="ignore", invalid="ignore"):  # 1e39 -> inf, caught by NaN policy
             array = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError):
-        raise OipError(f"input {name!r}: 'data' must be a (nested) list of numbers "
-                       f"of one shape for datatype {_OIP_NAMES[dtype]}") from None
+        raise OipError(
+            f"input {name!r}: 'data' must be a (nested) list of numbers "
+            f"of one shape for datatype {_OIP_NAMES[dtype]}"
+        ) from None
     if array.size != math.prod(shape):
-        raise OipError(f"input {name!r}: 'data' has {array.size} elements but shape {shape} "
-                       f"needs {math.prod(shape)}")
+        raise OipError(
+            f"input {name!r}: 'data' has {array.size} elements but shape {shape} "
+            f"needs {math.prod(shape)}"
+        )
     return array.reshape(shape)
 
 
@@ -209,8 +222,10 @@ def _parse_outputs(raw: Any) -> tuple[RequestedOutput, ...] | None:
             raise OipError(f"outputs[{i}] needs a string 'name'")
         params = _dict(item.get("parameters", {}), f"output {name!r} parameters")
         if params.get("classification"):
-            raise OipError("the classification extension is not supported; request "
-                           "'predicted_class' and 'probabilities' instead")
+            raise OipError(
+                "the classification extension is not supported; request "
+                "'predicted_class' and 'probabilities' instead"
+            )
         outputs.append(RequestedOutput(name, bool(params.get("binary_data", False))))
     return tuple(outputs)
 
@@ -242,7 +257,9 @@ def encode_infer_response(
     tensors, blobs = [], []
     for name, array, binary in outputs:
         entry: dict[str, Any] = {
-            "name": name, "datatype": _OIP_NAMES[array.dtype], "shape": list(array.shape),
+            "name": name,
+            "datatype": _OIP_NAMES[array.dtype],
+            "shape": list(array.shape),
         }
         if binary:
             blob = np.ascontiguousarray(array).tobytes()
@@ -251,8 +268,11 @@ def encode_infer_response(
         else:
             entry["data"] = array.ravel().tolist()
         tensors.append(entry)
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
-                           "outputs": tensors}
+    doc: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": tensors,
+    }
     if request_id is not None:
         doc["id"] = request_id
     header = json.dumps(doc, separators=(",", ":")).encode("utf-8")

@@ -104,8 +104,9 @@ def predict_file(
     try:
         with _progress_bar(progress, _count_rows(Path(input_path), in_kind)) as advance:
             for start, ids, features in chunks:
-                frame = _score_chunk(model, manifest, start, ids, features, id_column,
-                                     label_column, report, strict)
+                frame = _score_chunk(
+                    model, manifest, start, ids, features, id_column, label_column, report, strict
+                )
                 writer.write(frame)
                 report.rows += len(frame)
                 advance(len(frame))
@@ -123,16 +124,19 @@ def _read_chunks(
         ids = None
         if id_column is not None:
             if id_column not in frame.columns:
-                raise DataError(f"--id-column {id_column!r} is not in {path} "
-                                f"(columns: {list(frame.columns)[:10]})")
+                raise DataError(
+                    f"--id-column {id_column!r} is not in {path} "
+                    f"(columns: {list(frame.columns)[:10]})"
+                )
             ids = frame[id_column].reset_index(drop=True)
             frame = frame.drop(columns=[id_column])
         yield start, ids, frame.reset_index(drop=True)
         start += len(frame)
 
 
-def _read_frames(path: Path, kind: str, chunk_size: int,
-                 id_column: str | None) -> Iterator[pd.DataFrame]:
+def _read_frames(
+    path: Path, kind: str, chunk_size: int, id_column: str | None
+) -> Iterator[pd.DataFrame]:
     try:
         if kind == "csv":
             dtype = {id_column: str} if id_column else None
@@ -151,8 +155,9 @@ def _read_frames(path: Path, kind: str, chunk_size: int,
 def _npz_frames(path: Path, chunk_size: int, id_column: str | None) -> Iterator[pd.DataFrame]:
     with np.load(path, allow_pickle=False) as npz:
         if "x" not in npz.files:
-            raise DataError(f"{path}: NPZ input needs the features in an array named 'x' "
-                            f"(found {npz.files})")
+            raise DataError(
+                f"{path}: NPZ input needs the features in an array named 'x' (found {npz.files})"
+            )
         x = npz["x"]
         if x.ndim != 2:
             raise DataError(f"{path}: 'x' must be 2-D (rows, features), got shape {x.shape}")
@@ -160,10 +165,11 @@ def _npz_frames(path: Path, chunk_size: int, id_column: str | None) -> Iterator[
         if id_column and ids is None:
             raise DataError(f"--id-column {id_column!r} is not an array in {path} ({npz.files})")
         for start in range(0, len(x), chunk_size):
-            frame = pd.DataFrame(x[start:start + chunk_size],
-                                 columns=[f"f{i}" for i in range(x.shape[1])])
+            frame = pd.DataFrame(
+                x[start : start + chunk_size], columns=[f"f{i}" for i in range(x.shape[1])]
+            )
             if ids is not None:
-                frame.insert(0, str(id_column), ids[start:start + chunk_size])
+                frame.insert(0, str(id_column), ids[start : start + chunk_size])
             yield frame
 
 
@@ -179,16 +185,24 @@ def _count_rows(path: Path, kind: str) -> int | None:
 
 
 def _score_chunk(
-    model: Backend, manifest: ModelManifest, start: int, ids: pd.Series | None,
-    features: pd.DataFrame, id_column: str | None, label_column: str | None,
-    report: PredictReport, strict: bool,
+    model: Backend,
+    manifest: ModelManifest,
+    start: int,
+    ids: pd.Series | None,
+    features: pd.DataFrame,
+    id_column: str | None,
+    label_column: str | None,
+    report: PredictReport,
+    strict: bool,
 ) -> pd.DataFrame:
     if label_column is not None and label_column in features.columns:
         features = features.drop(columns=[label_column])
     if features.shape[1] != manifest.input_dim:
-        raise DataError(f"input has {features.shape[1]} feature columns but model "
-                        f"{manifest.name!r} v{manifest.version} expects {manifest.input_dim}; "
-                        "use --id-column / --label-column to exclude non-features")
+        raise DataError(
+            f"input has {features.shape[1]} feature columns but model "
+            f"{manifest.name!r} v{manifest.version} expects {manifest.input_dim}; "
+            "use --id-column / --label-column to exclude non-features"
+        )
     x, reasons = _coerce(features)
     for offset, reason in reasons.items():
         if strict:
@@ -223,8 +237,13 @@ def _coerce(features: pd.DataFrame) -> tuple[np.ndarray, dict[int, str]]:
 
 
 def _result_frame(
-    model: Backend, manifest: ModelManifest, x: np.ndarray, good: np.ndarray,
-    reasons: dict[int, str], ids: pd.Series | None, id_column: str | None,
+    model: Backend,
+    manifest: ModelManifest,
+    x: np.ndarray,
+    good: np.ndarray,
+    reasons: dict[int, str],
+    ids: pd.Series | None,
+    id_column: str | None,
 ) -> pd.DataFrame:
     n, classes = len(x), manifest.num_classes
     probs = np.full((n, classes), np.nan, dtype=np.float32)
@@ -258,8 +277,9 @@ class _Writer:
 
     def write(self, frame: pd.DataFrame) -> None:
         if self.kind == "csv":
-            frame.to_csv(self.tmp, mode="w" if self._first else "a", header=self._first,
-                         index=False)
+            frame.to_csv(
+                self.tmp, mode="w" if self._first else "a", header=self._first, index=False
+            )
         elif self.kind == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq

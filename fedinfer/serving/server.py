@@ -26,7 +26,6 @@ __all__ = ["DEFAULT_BACKEND", "ServeOptions", "build_app", "serve"]
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ServeOptions:
     """Everything ``fedinfer serve`` accepts (see ``fedinfer serve --help`` for each)."""
@@ -62,8 +61,9 @@ class ServeOptions:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad option."""
         if self.backend not in BACKEND_NAMES:
-            raise ConfigError(f"`--backend` is {self.backend!r}; choose one of "
-                              f"{', '.join(BACKEND_NAMES)}")
+            raise ConfigError(
+                f"`--backend` is {self.backend!r}; choose one of {', '.join(BACKEND_NAMES)}"
+            )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ConfigError("`--tls-certfile` and `--tls-keyfile` go together; pass both")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
@@ -83,8 +83,9 @@ def build_app(options: ServeOptions) -> InferenceApp:
         ModelStore(options.model_store),
         backend=options.backend,
         public_key=public_key,
-        batching=BatchingOptions(options.max_batch_size, options.max_queue_delay_ms,
-                                 options.max_queue_size),
+        batching=BatchingOptions(
+            options.max_batch_size, options.max_queue_delay_ms, options.max_queue_size
+        ),
         metrics=metrics,
         poll_interval_s=options.poll_interval_s,
         threads=options.threads,
@@ -137,8 +138,11 @@ def serve(options: ServeOptions) -> None:
     )
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier
-    logging.basicConfig(level=options.log_level.upper(), force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if options.port_file is not None:
         _write_port_file(options.port_file, sock.getsockname()[1])
     import torch
@@ -147,8 +151,10 @@ def serve(options: ServeOptions) -> None:
         torch.set_num_threads(options.threads)
     server.run(sockets=[sock])
     if not server.started:
-        raise ConfigError("the server did not start (see the log above): check --model-store, "
-                          "--backend and --public-key")
+        raise ConfigError(
+            "the server did not start (see the log above): check --model-store, "
+            "--backend and --public-key"
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -159,8 +165,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot bind {host}:{port} ({exc.strerror}); pick another --port "
-                          "or 0 for a free one") from None
+        raise ConfigError(
+            f"cannot bind {host}:{port} ({exc.strerror}); pick another --port or 0 for a free one"
+        ) from None
     sock.set_inheritable(True)
     return sock
 
@@ -184,8 +191,14 @@ def _warn_if_exposed(options: ServeOptions) -> None:
     if _is_loopback(options.host):
         return
     if options.tls_certfile is None:
-        logger.warning("serving on %s WITHOUT TLS: requests and bearer tokens travel in clear "
-                       "text; pass --tls-certfile/--tls-keyfile", options.host)
+        logger.warning(
+            "serving on %s WITHOUT TLS: requests and bearer tokens travel in clear "
+            "text; pass --tls-certfile/--tls-keyfile",
+            options.host,
+        )
     if options.auth_tokens is None:
-        logger.warning("serving on %s WITHOUT authentication: anyone who can reach it can query "
-                       "the model; pass --auth-tokens", options.host)
+        logger.warning(
+            "serving on %s WITHOUT authentication: anyone who can reach it can query "
+            "the model; pass --auth-tokens",
+            options.host,
+        )

@@ -52,13 +52,16 @@ def simulate_job(cfg: DictConfig) -> float | None:
             from fedinfer.reporting.tracking import finish_run
 
             finish_run(typed, status="failed")
-        write_json_atomic(output_dir / RESULTS_FILE, {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "overrides": list(HydraConfig.get().overrides.task),
-            "rounds": [],
-            "final_accuracy": None,
-        })
+        write_json_atomic(
+            output_dir / RESULTS_FILE,
+            {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "overrides": list(HydraConfig.get().overrides.task),
+                "rounds": [],
+                "final_accuracy": None,
+            },
+        )
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"fedinfer simulate: job failed: {exc}", file=sys.stderr)
             if not is_user_error:

@@ -77,7 +77,9 @@ def run_simulation(
     signing_key, public_key = _coordinator_keys(output_dir)
     client_app = build_client_app(
         config_fn=lambda context: cfg,
-        resolver_fn=lambda c: simulation_resolver(c, output_dir=output_dir, coordinator_public_key=public_key),
+        resolver_fn=lambda c: simulation_resolver(
+            c, output_dir=output_dir, coordinator_public_key=public_key
+        ),
     )
     run_id = uuid.uuid4().hex[:12]
     outcome: dict[str, Any] = {}
@@ -85,16 +87,27 @@ def run_simulation(
     def main(grid: Grid, context: Context) -> None:
         try:
             outcome["result"] = run_coordinator(
-                grid, cfg=cfg, shape=ModelShape(data.input_dim, data.num_classes), output_dir=output_dir,
-                run_id=run_id, signing_key=signing_key, central_test=data.pooled_test, printer=printer,
+                grid,
+                cfg=cfg,
+                shape=ModelShape(data.input_dim, data.num_classes),
+                output_dir=output_dir,
+                run_id=run_id,
+                signing_key=signing_key,
+                central_test=data.pooled_test,
+                printer=printer,
             )
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome["error"] = exc
 
     with _quiet_flower(not cfg.simulation.flower_logs):
         if cfg.simulation.runtime == "inprocess":
-            grid = InProcessGrid(client_app, num_nodes=cfg.federation.num_sites, run_id=1, seed=cfg.seed)
-            main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+            grid = InProcessGrid(
+                client_app, num_nodes=cfg.federation.num_sites, run_id=1, seed=cfg.seed
+            )
+            main(
+                grid,
+                Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            )
         else:
             _run_on_ray(cfg, client_app, main)
     if "error" in outcome:

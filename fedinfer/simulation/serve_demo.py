@@ -43,8 +43,16 @@ class SiteAnswer:
 
 def query_site(url: str, model_name: str, x: np.ndarray, y: np.ndarray, site_id: str) -> SiteAnswer:
     """Send ``x`` to a site's server (OIP JSON) and score the answer against ``y``."""
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
     started = time.perf_counter()
     with httpx.Client(timeout=30.0, trust_env=False) as client:
         response = client.post(f"{url}/v2/models/{model_name}/infer", json=body)
@@ -53,8 +61,14 @@ def query_site(url: str, model_name: str, x: np.ndarray, y: np.ndarray, site_id:
         raise ServingError(f"site {site_id} answered {response.status_code}: {response.text[:300]}")
     doc = response.json()
     logits = np.asarray(doc["outputs"][0]["data"], dtype=np.float32).reshape(len(y), -1)
-    return SiteAnswer(site_id, url, str(doc.get("model_version")), len(y),
-                      float((logits.argmax(1) == y).mean()), latency)
+    return SiteAnswer(
+        site_id,
+        url,
+        str(doc.get("model_version")),
+        len(y),
+        float((logits.argmax(1) == y).mean()),
+        latency,
+    )
 
 
 def serve_sites(
@@ -76,17 +90,27 @@ def serve_sites(
         if ModelStore(store).current_version() is None:
             console.print(f"[yellow]site {site_id} holds no model; it does not serve[/]")
             continue
-        servers[site_id] = SiteServer(store, backend=cfg.serving.backend, public_key=public_key,
-                                      max_batch_size=cfg.serving.max_batch_size,
-                                      max_queue_delay_ms=cfg.serving.max_queue_delay_ms,
-                                      port=cfg.serving.base_port + len(servers) if cfg.serving.base_port else 0)
+        servers[site_id] = SiteServer(
+            store,
+            backend=cfg.serving.backend,
+            public_key=public_key,
+            max_batch_size=cfg.serving.max_batch_size,
+            max_queue_delay_ms=cfg.serving.max_queue_delay_ms,
+            port=cfg.serving.base_port + len(servers) if cfg.serving.base_port else 0,
+        )
     console.print(f"Starting {len(servers)} site inference servers ...")
     with contextlib.ExitStack() as stack:
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda s: stack.enter_context(s), servers.values()))
         model_name = cfg.model.name
         answers = [
-            query_site(server.url, model_name, data[site].test.x[:_DEMO_ROWS], data[site].test.y[:_DEMO_ROWS], site)
+            query_site(
+                server.url,
+                model_name,
+                data[site].test.x[:_DEMO_ROWS],
+                data[site].test.y[:_DEMO_ROWS],
+                site,
+            )
             for site, server in servers.items()
         ]
         _print_answers(console, answers)
@@ -103,5 +127,12 @@ def _print_answers(console: Console, answers: list[SiteAnswer]) -> None:
     for column in ("site", "endpoint", "model version", "rows", "accuracy", "latency ms"):
         table.add_column(column, no_wrap=True)
     for a in answers:
-        table.add_row(a.site_id, a.url, a.model_version, str(a.rows), f"{a.accuracy:.3f}", f"{a.latency_ms:.1f}")
+        table.add_row(
+            a.site_id,
+            a.url,
+            a.model_version,
+            str(a.rows),
+            f"{a.accuracy:.3f}",
+            f"{a.latency_ms:.1f}",
+        )
     console.print(table)

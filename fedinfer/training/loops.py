@@ -104,7 +104,10 @@ def train_epochs(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     return TrainResult(
-        loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps, num_examples=seen
+        loss=total_loss / max(seen, 1),
+        accuracy=correct / max(seen, 1),
+        steps=steps,
+        num_examples=seen,
     )
 
 
@@ -129,7 +132,9 @@ def proximal_step_fn(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, *, device: torch.device, batch_size: int = 1024) -> EvalResult:
+def evaluate(
+    model: nn.Module, data: ArrayDataset, *, device: torch.device, batch_size: int = 1024
+) -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` on ``data``."""
     if len(data) == 0:
         return EvalResult(loss=0.0, accuracy=0.0, num_examples=0)
@@ -142,4 +147,6 @@ def evaluate(model: nn.Module, data: ArrayDataset, *, device: torch.device, batc
         logits = model(x)
         total_loss += float(criterion(logits, y))
         correct += int((logits.argmax(1) == y).sum())
-    return EvalResult(loss=total_loss / len(data), accuracy=correct / len(data), num_examples=len(data))
+    return EvalResult(
+        loss=total_loss / len(data), accuracy=correct / len(data), num_examples=len(data)
+    )
