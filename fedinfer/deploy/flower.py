@@ -53,6 +53,10 @@ def flower_bin(name: str) -> str:
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return a Flower process's environment: its own FLWR_HOME, no installs, no phoning home."""
     env = dict(os.environ)
+    # Flower's SuperLink and SuperNode spawn `flower-superexec` by name: make this venv's
+    # scripts findable even when the venv is not activated (CI, cron, systemd units).
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if env.get("PATH") else scripts
     env.update(
         {
             "FLWR_HOME": str(flwr_home),
