@@ -21,18 +21,18 @@ from fedinfer.errors import FedInferError
 
 __all__ = ["main"]
 
-# Modules that contribute sub-commands through `register(subparsers)`.
-# Imported lazily so `fedinfer --help` stays fast and a missing optional part
-# does not break the others.
-_COMMAND_MODULES: tuple[str, ...] = (
-    "fedinfer.privacy.commands",
-    "fedinfer.serving.commands",
-    "fedinfer.reporting.commands",
-    "fedinfer.deploy.commands",
-)
+# Modules that contribute sub-commands through `register(subparsers)`, by command.
+# Only the module owning the command being run is imported (the privacy module
+# alone pulls in torch and Opacus: seconds), all of them only for `fedinfer --help`.
+_COMMAND_MODULES: dict[str, str] = {
+    "privacy": "fedinfer.privacy.commands",
+    **dict.fromkeys(("serve", "predict", "models", "tokens", "audit"), "fedinfer.serving.commands"),
+    **dict.fromkeys(("report", "sweep"), "fedinfer.reporting.commands"),
+    **dict.fromkeys(("certs", "coordinator", "site", "deploy", "status"), "fedinfer.deploy.commands"),
+}
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedinfer",
         description="Federated learning and federated inference with DP and secure aggregation.",
@@ -43,7 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a federation in Flower's simulation runtime (Hydra overrides follow)",
         add_help=False,
     )
-    for module_name in _COMMAND_MODULES:
+    wanted = _COMMAND_MODULES.get(command or "")
+    modules = [wanted] if wanted else list(dict.fromkeys(_COMMAND_MODULES.values()))
+    for module_name in modules:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedinfer.simulation.hydra_main import hydra_simulate
 
         return hydra_simulate(args[1:])
-    parser = _build_parser()
+    parser = _build_parser(args[0] if args else None)
     namespace = parser.parse_args(args)
     if namespace.command is None:
         parser.print_help()
