@@ -11,6 +11,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -77,9 +78,9 @@ def build_client_app(
     @_guarded
     def train(msg: Message, context: Context) -> RecordDict:
         cfg, env = env_of(context)
-        config = msg.content[Keys.CONFIG]
-        server_round = int(config[Keys.SERVER_ROUND])
-        global_weights = arrays_to_weights(msg.content[Keys.ARRAYS])
+        config = msg.content.config_records[Keys.CONFIG]
+        server_round = int(cast(int, config[Keys.SERVER_ROUND]))
+        global_weights = arrays_to_weights(msg.content.array_records[Keys.ARRAYS])
         if cfg.secagg.enabled:
             from fedinfer.fl.secagg_site import secagg_train
 
@@ -101,7 +102,7 @@ def build_client_app(
         return RecordDict(
             {
                 Keys.ARRAYS: weights_to_arrays(outcome.weights),
-                Keys.METRICS: MetricRecord(outcome.metrics),
+                Keys.METRICS: MetricRecord(dict(outcome.metrics)),
                 Keys.SITE: _site_record(env),
             }
         )
@@ -111,15 +112,17 @@ def build_client_app(
     def evaluate(msg: Message, context: Context) -> RecordDict:
         cfg, env = env_of(context)
         metrics = local_evaluate(
-            cfg=cfg, env=env, global_weights=arrays_to_weights(msg.content[Keys.ARRAYS])
+            cfg=cfg,
+            env=env,
+            global_weights=arrays_to_weights(msg.content.array_records[Keys.ARRAYS]),
         )
-        return RecordDict({Keys.METRICS: MetricRecord(metrics), Keys.SITE: _site_record(env)})
+        return RecordDict({Keys.METRICS: MetricRecord(dict(metrics)), Keys.SITE: _site_record(env)})
 
     @app.query(MessageTypes.DEPLOY.split(".")[1])
     @_guarded
     def deploy(msg: Message, context: Context) -> RecordDict:
         _, env = env_of(context)
-        version = accept_artifact(env, msg.content[Keys.ARTIFACT])
+        version = accept_artifact(env, msg.content.config_records[Keys.ARTIFACT])
         return RecordDict(
             {
                 Keys.METRICS: MetricRecord({"version": version}),

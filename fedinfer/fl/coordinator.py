@@ -24,7 +24,7 @@ from fedinfer.artifacts import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.data.datasets import ArrayDataset
 from fedinfer.fl.checkpoint import load_checkpoint, save_checkpoint
-from fedinfer.fl.loop import FederationState, RoundRecord, run_rounds, site_of
+from fedinfer.fl.loop import EvaluateFn, FederationState, RoundRecord, run_rounds, site_of
 from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.strategy import build_strategy
@@ -64,7 +64,7 @@ def initial_arrays(cfg: FedInferConfig, shape: ModelShape) -> ArrayRecord:
     return weights_to_arrays(get_weights(model))
 
 
-def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDataset):  # type: ignore[no-untyped-def]
+def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDataset) -> EvaluateFn:
     """Evaluate the global model on a held-out split at the coordinator (simulation only)."""
     device = select_device(cfg.simulation.device)
     model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes).to(

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedinfer.fl.grid import ExcludingGrid
 from fedinfer.fl.messages import ErrorCodes, Keys
 
-__all__ = ["FederationState", "RoundRecord", "run_rounds", "site_of"]
+__all__ = ["EvaluateFn", "FederationState", "RoundRecord", "run_rounds", "site_of"]
 
 logger = logging.getLogger(__name__)
 
