@@ -8,6 +8,7 @@ generation parameters, since generation costs about half a millisecond a sample.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 
 from fedinfer.config.schema import DatasetConfig
 from fedinfer.errors import ConfigError, DataError
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = [
     "DATASET_NAMES",
@@ -130,10 +132,9 @@ class _ObjectView:
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _sklearn(name: str) -> ArrayDataset:

@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -241,5 +242,6 @@ def publish_to_sites(
         if reply.has_error():
             logger.warning("site %s did not accept the model: %s", site, reply.error.reason)
             continue
-        deployed[site] = int(next(iter(reply.content.metric_records.values()))["version"])
+        version = next(iter(reply.content.metric_records.values()))["version"]
+        deployed[site] = int(cast(int, version))
     return deployed

@@ -8,7 +8,7 @@ complement. The one numpy array of an upload travels in an ArrayRecord.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -67,8 +67,10 @@ def config_to_wire(config: ConfigRecord, arrays: ArrayRecord | None = None) -> d
             continue
         if key in unsigned:
             wire[key] = (
-                [_unsigned(v) for v in value] if isinstance(value, list) else _unsigned(int(value))
-            )  # type: ignore[arg-type]
+                [_unsigned(int(v)) for v in value]
+                if isinstance(value, list)
+                else _unsigned(int(cast(int, value)))
+            )
         else:
             wire[key] = value
     if arrays is not None:

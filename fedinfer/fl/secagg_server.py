@@ -140,7 +140,7 @@ class SecAggStrategy(Strategy):
 
     @staticmethod
     def _train_message(template: Message, round_record: ConfigRecord, fault: str | None) -> Message:
-        config = ConfigRecord(dict(template.content[Keys.CONFIG]))
+        config = ConfigRecord(dict(template.content.config_records[Keys.CONFIG]))
         if fault:
             config[Keys.FAULT_DROP] = fault
         content = RecordDict(
@@ -166,7 +166,8 @@ class SecAggStrategy(Strategy):
         try:
             for reply in uploads:
                 wire = config_to_wire(
-                    reply.content.config_records[Keys.SECAGG], reply.content[UPLOAD_ARRAYS]
+                    reply.content.config_records[Keys.SECAGG],
+                    reply.content.array_records[UPLOAD_ARRAYS],
                 )
                 upload = MaskedUpload.from_wire(wire)
                 if upload.site_id != reply.metadata.src_node_id:

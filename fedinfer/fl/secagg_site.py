@@ -6,6 +6,8 @@ site's own SuperNode for the run and never sends anywhere.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -90,7 +92,7 @@ def secagg_train(
         {
             Keys.SECAGG: config,
             UPLOAD_ARRAYS: arrays,
-            Keys.METRICS: MetricRecord(outcome.metrics),
+            Keys.METRICS: MetricRecord(dict(outcome.metrics)),
             Keys.SITE: _site_record(env),
         }
     )
@@ -100,7 +102,10 @@ def secagg_unmask(*, env: SiteEnv, msg: Message, context: Context) -> RecordDict
     """Reveal shares of surviving sites' self-mask seeds and seeds shared with dropped sites."""
     request = UnmaskRequest.from_wire(config_to_wire(msg.content.config_records[Keys.SECAGG]))
     faults = context.state.config_records.get(_FAULTS)
-    if faults is not None and int(faults.get("drop-unmask-round", -1)) == request.server_round:
+    if (
+        faults is not None
+        and int(cast(int, faults.get("drop-unmask-round", -1))) == request.server_round
+    ):
         raise SimulatedDropout(
             f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
         )

@@ -44,7 +44,7 @@ def private_train(
     env: SiteEnv,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
     device: torch.device,
     after_step: Callable[[], None] | None,
     server_round: int,

@@ -49,7 +49,8 @@ class Cnn1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits for a ``(batch, input_dim)`` float tensor."""
         h = self.features(x.unsqueeze(1))
-        return self.head(h.flatten(1))
+        logits: torch.Tensor = self.head(h.flatten(1))
+        return logits
 
 
 def _conv_out(length: int) -> int:

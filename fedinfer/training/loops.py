@@ -60,7 +60,9 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(target.state_dict())
 
 
-def make_loader(data: ArrayDataset, *, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(
+    data: ArrayDataset, *, batch_size: int, shuffle: bool, seed: int
+) -> DataLoader[tuple[torch.Tensor, ...]]:
     """A DataLoader over in-memory arrays with a seeded shuffle."""
     dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
     generator = torch.Generator().manual_seed(seed)
@@ -69,7 +71,7 @@ def make_loader(data: ArrayDataset, *, batch_size: int, shuffle: bool, seed: int
 
 def train_epochs(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
     optimizer: torch.optim.Optimizer,
     *,
     epochs: int,
