@@ -28,7 +28,9 @@ _COMMAND_MODULES: dict[str, str] = {
     "privacy": "fedinfer.privacy.commands",
     **dict.fromkeys(("serve", "predict", "models", "tokens", "audit"), "fedinfer.serving.commands"),
     **dict.fromkeys(("report", "sweep"), "fedinfer.reporting.commands"),
-    **dict.fromkeys(("certs", "coordinator", "site", "deploy", "status"), "fedinfer.deploy.commands"),
+    **dict.fromkeys(
+        ("certs", "coordinator", "site", "deploy", "status"), "fedinfer.deploy.commands"
+    ),
 }
 
 

@@ -25,8 +25,11 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> Path:
     """Replace ``path`` with ``data`` atomically and durably; creates the parent directory.
+
+    The file is 0600 unless ``mode`` says otherwise (e.g. 0o644 for a public key); the
+    mode is set before the rename, so the file never appears with other permissions.
 
     Examples
     --------
@@ -38,6 +41,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -44,6 +44,7 @@ from fedinfer.artifacts.artifact import (
 )
 from fedinfer.artifacts.manifest import ModelManifest
 from fedinfer.errors import ConfigError, ModelIntegrityError
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = ["ModelStore"]
 
@@ -326,18 +327,7 @@ class ModelStore:
             "previous": previous,
             "switched_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=self.root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.root / CURRENT_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(self.root)
+        atomic_write_bytes(self.root / CURRENT_FILE, json.dumps(state).encode(), mode=0o644)
         logger.info("model store %s: current version %s -> %d", self.root, previous, version)
 
     def _rollback_target(self, current: int | None) -> int | None:

@@ -6,8 +6,6 @@ for a moment; ``os.open(..., 0o600)`` under ``O_EXCL`` closes that window.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from fedinfer.errors import ConfigError
@@ -42,15 +40,4 @@ def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> Path:
 
 def write_public(path: Path, data: bytes) -> Path:
     """Write a certificate or public key (0644), replacing any previous file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(Path(path), data, mode=0o644)

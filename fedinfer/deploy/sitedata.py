@@ -8,8 +8,7 @@ simulation of one config train on identical data.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.data import load_dataset, partition_indices
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = ["SiteFiles", "write_site_files"]
 
@@ -54,12 +54,6 @@ def write_site_files(cfg: FedInferConfig, directory: Path, *, names: Sequence[st
 
 
 def _save_npz(path: Path, *, x: np.ndarray, y: np.ndarray) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, x=x, y=y)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -47,7 +47,7 @@ class ExcludingGrid(Grid):
         group_id: str,
         ttl: float | None = None,
     ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return [n for n in self._grid.get_node_ids() if n not in self.excluded]

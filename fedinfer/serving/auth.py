@@ -18,9 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedinfer.errors import ConfigError
+from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = [
     "ROLES",
@@ -140,18 +139,7 @@ def _read(path: Path, *, missing_ok: bool) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), json.dumps(data, indent=2).encode("utf-8"))  # 0600
 
 
 def add_token(
