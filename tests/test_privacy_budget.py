@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedinfer.config.schema import PrivacyConfig
+from fedinfer.config.validate import validate_privacy
 from fedinfer.errors import ConfigError, PrivacyBudgetExceeded
-from fedinfer.privacy import check_privacy_config, epsilon_from_history, plan_round
+from fedinfer.privacy import PrivacyLedger, epsilon_from_history, plan_round
 
 DPSGD = PrivacyConfig(mode="dpsgd", noise_multiplier=1.0)
 
@@ -24,8 +25,8 @@ DPSGD = PrivacyConfig(mode="dpsgd", noise_multiplier=1.0)
         (replace(DPSGD, max_epsilon=-1.0), "privacy.max_epsilon"),
         (replace(DPSGD, delta=1.5), "privacy.delta"),
         (replace(DPSGD, noise_multiplier=-1.0), "privacy.noise_multiplier"),
+        (replace(DPSGD, noise_multiplier=float("nan")), "privacy.noise_multiplier"),
         (replace(DPSGD, noise_multiplier=None), "privacy.target_epsilon"),
-        (replace(DPSGD, target_epsilon=3.0), "privacy.target_epsilon"),
         (replace(DPSGD, noise_multiplier=None, target_epsilon=0.0), "privacy.target_epsilon"),
         (
             PrivacyConfig(mode="central", central_noise_multiplier=-0.1),
@@ -40,15 +41,15 @@ DPSGD = PrivacyConfig(mode="dpsgd", noise_multiplier=1.0)
         "max-epsilon",
         "delta",
         "negative-noise",
+        "nan-noise",
         "neither-noise-nor-target",
-        "both-noise-and-target",
         "zero-target",
         "central-noise",
     ],
 )
 def test_a_bad_privacy_config_names_its_key(privacy: PrivacyConfig, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        check_privacy_config(privacy)
+        validate_privacy(privacy)
 
 
 @pytest.mark.parametrize(
@@ -58,11 +59,37 @@ def test_a_bad_privacy_config_names_its_key(privacy: PrivacyConfig, key: str) ->
         PrivacyConfig(),
         PrivacyConfig(mode="central"),
         replace(DPSGD, noise_multiplier=None, target_epsilon=5.0, accountant="prv", delta=1e-6),
+        replace(DPSGD, target_epsilon=3.0),
     ],
-    ids=["dpsgd", "none", "central", "dpsgd-target"],
+    ids=["dpsgd", "none", "central", "dpsgd-target", "noise-and-target"],
 )
 def test_good_privacy_configs_pass(privacy: PrivacyConfig) -> None:
-    check_privacy_config(privacy)
+    validate_privacy(privacy)
+
+
+def open_ledger(state_dir: Path, privacy: PrivacyConfig, num_samples: int = 2000) -> PrivacyLedger:
+    return PrivacyLedger.open(
+        state_dir, accountant=privacy.accountant, delta=privacy.delta, num_samples=num_samples
+    )
+
+
+def test_a_target_epsilon_wins_over_a_noise_multiplier(tmp_path: Path) -> None:
+    """Both set (a noise default plus a target on the command line): the target decides."""
+    with_noise = replace(DPSGD, noise_multiplier=1.2, max_epsilon=50.0)
+    with_target = replace(with_noise, target_epsilon=4.0)
+    kwargs = {"steps_per_epoch": 63, "local_epochs": 2, "planned_rounds": 20}
+    noise_plan = plan_round(privacy=with_noise, ledger=open_ledger(tmp_path, with_noise), **kwargs)
+    target_plan = plan_round(
+        privacy=with_target, ledger=open_ledger(tmp_path, with_target), **kwargs
+    )
+    assert noise_plan.noise_multiplier == 1.2
+    assert target_plan.noise_multiplier != 1.2
+    whole_run = epsilon_from_history(
+        [(target_plan.noise_multiplier, 1 / 63, 20 * 126)],
+        delta=target_plan.delta,
+        accountant="rdp",
+    )
+    assert 4.0 - 0.05 <= whole_run <= 4.0
 
 
 def test_a_plan_from_target_epsilon_spends_the_target_over_the_planned_rounds(
@@ -74,8 +101,7 @@ def test_a_plan_from_target_epsilon_spends_the_target_over_the_planned_rounds(
     # Execute
     plan = plan_round(
         privacy=privacy,
-        state_dir=tmp_path,
-        num_samples=2000,
+        ledger=open_ledger(tmp_path, privacy),
         steps_per_epoch=63,
         local_epochs=2,
         planned_rounds=20,
@@ -95,8 +121,7 @@ def test_planning_a_round_past_the_budget_raises(tmp_path: Path) -> None:
     with pytest.raises(PrivacyBudgetExceeded):
         plan_round(
             privacy=privacy,
-            state_dir=tmp_path,
-            num_samples=2000,
+            ledger=open_ledger(tmp_path, privacy),
             steps_per_epoch=63,
             local_epochs=2,
             planned_rounds=20,
@@ -108,8 +133,7 @@ def test_planning_needs_dpsgd(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="privacy.mode"):
         plan_round(
             privacy=PrivacyConfig(),
-            state_dir=tmp_path,
-            num_samples=2000,
+            ledger=open_ledger(tmp_path, DPSGD),
             steps_per_epoch=63,
             local_epochs=2,
             planned_rounds=20,

@@ -246,10 +246,12 @@ def train_round(
 ) -> float:
     """What a site's train handler does: plan (budget check), train, charge. Returns epsilon."""
     loader = DataLoader(dataset, batch_size=16)
+    ledger = PrivacyLedger.open(
+        state_dir, accountant=privacy.accountant, delta=privacy.delta, num_samples=len(dataset)
+    )
     plan = plan_round(
         privacy=privacy,
-        state_dir=state_dir,
-        num_samples=len(dataset),
+        ledger=ledger,
         steps_per_epoch=len(loader),
         local_epochs=1,
         planned_rounds=3,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fedinfer.config.schema import FedInferConfig
+import math
+
+from fedinfer.config.schema import FedInferConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "PRIVACY_MODES",
     "ROBUST_STRATEGIES",
     "validate_config",
+    "validate_privacy",
 ]
 
 DATASETS = ("breast_cancer", "csv", "digits", "mnist1d")
@@ -32,7 +35,7 @@ def _one_of(problems: list[str], key: str, value: str, allowed: tuple[str, ...])
 
 
 def _positive(problems: list[str], key: str, value: float, *, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
+    if math.isnan(value) or ((value <= 0) if strict else (value < 0)):
         rule = "> 0" if strict else ">= 0"
         problems.append(f"`{key}` must be {rule} (got {value})")
 
@@ -57,7 +60,7 @@ def validate_config(cfg: FedInferConfig) -> None:
     problems: list[str] = []
     _check_data(cfg, problems)
     _check_federation(cfg, problems)
-    _check_privacy(cfg, problems)
+    _check_privacy(cfg.privacy, problems)
     _check_secagg(cfg, problems)
     _check_serving(cfg, problems)
     if problems:
@@ -111,10 +114,30 @@ def _check_federation(cfg: FedInferConfig, problems: list[str]) -> None:
     _one_of(problems, "simulation.runtime", cfg.simulation.runtime, ("inprocess", "ray"))
 
 
-def _check_privacy(cfg: FedInferConfig, problems: list[str]) -> None:
-    dp = cfg.privacy
+def validate_privacy(privacy: PrivacyConfig) -> None:
+    """Check the ``privacy`` group alone (what a site needs before it plans a DP round).
+
+    Exactly the privacy rules of :func:`validate_config`: at least one of
+    ``noise_multiplier`` and ``target_epsilon`` for ``mode=dpsgd``; when both are set the
+    target wins (each site derives its own noise from it).
+
+    Examples
+    --------
+    >>> validate_privacy(PrivacyConfig(mode="dpsgd", noise_multiplier=1.0))
+    """
+    problems: list[str] = []
+    _check_privacy(privacy, problems)
+    if problems:
+        raise ConfigError("; ".join(problems) + f" ({_FIX})")
+
+
+def _check_privacy(dp: PrivacyConfig, problems: list[str]) -> None:
     _one_of(problems, "privacy.mode", dp.mode, PRIVACY_MODES)
     _positive(problems, "privacy.max_grad_norm", dp.max_grad_norm)
+    if dp.mode == "central":
+        _positive(
+            problems, "privacy.central_noise_multiplier", dp.central_noise_multiplier, strict=False
+        )
     if dp.mode != "dpsgd":
         return
     if dp.noise_multiplier is None and dp.target_epsilon is None:

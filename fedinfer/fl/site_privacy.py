@@ -11,31 +11,10 @@ from torch.utils.data import DataLoader
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.fl.site import SiteEnv
-from fedinfer.privacy import PrivacyLedger, derive_noise_multiplier, make_private
+from fedinfer.privacy import PrivacyLedger, make_private, plan_round
 from fedinfer.training import TrainResult, train_epochs
 
-__all__ = ["planned_noise_multiplier", "private_train"]
-
-
-def planned_noise_multiplier(
-    cfg: FedInferConfig, *, delta: float, sample_rate: float, steps_per_round: int
-) -> float:
-    """The noise that spends ``privacy.target_epsilon`` over the planned rounds, if a target is set.
-
-    A target takes precedence over ``privacy.noise_multiplier`` (each site derives its own
-    noise from its own sample rate), so ``privacy.target_epsilon=8`` works on its own.
-    """
-    dp = cfg.privacy
-    if dp.target_epsilon is None:
-        assert dp.noise_multiplier is not None  # validate_config guarantees one of them
-        return float(dp.noise_multiplier)
-    return derive_noise_multiplier(
-        target_epsilon=float(dp.target_epsilon),
-        delta=delta,
-        sample_rate=sample_rate,
-        steps=steps_per_round * cfg.federation.rounds,
-        accountant=dp.accountant,
-    )
+__all__ = ["private_train"]
 
 
 def private_train(
@@ -61,22 +40,18 @@ def private_train(
     ledger = PrivacyLedger.open(
         env.state_dir, accountant=dp.accountant, delta=dp.delta, num_samples=len(env.data.train)
     )
-    sample_rate = 1 / len(loader)
-    planned_steps = cfg.federation.local_epochs * len(loader)
-    noise_multiplier = planned_noise_multiplier(
-        cfg, delta=ledger.delta, sample_rate=sample_rate, steps_per_round=planned_steps
-    )
-    ledger.check_budget(
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps=planned_steps,
-        max_epsilon=dp.max_epsilon,
+    plan = plan_round(
+        privacy=dp,
+        ledger=ledger,
+        steps_per_epoch=len(loader),
+        local_epochs=cfg.federation.local_epochs,
+        planned_rounds=cfg.federation.rounds,
     )
     private = make_private(
         model=model,
         optimizer=optimizer,
         data_loader=loader,
-        noise_multiplier=noise_multiplier,
+        noise_multiplier=plan.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=dp.poisson_sampling,
         grad_sample_mode=dp.grad_sample_mode,

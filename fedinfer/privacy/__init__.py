@@ -2,7 +2,7 @@
 
 - :mod:`~fedinfer.privacy.accountant`: accountant registry and pure epsilon functions.
 - :mod:`~fedinfer.privacy.ledger`: the site's persistent, cumulative ``ledger.json``.
-- :mod:`~fedinfer.privacy.budget`: config checks, noise derivation, per-round budget check.
+- :mod:`~fedinfer.privacy.budget`: noise derivation and the per-round budget check.
 - :mod:`~fedinfer.privacy.dpsgd`: model validation and the ``make_private`` façade.
 - :mod:`~fedinfer.privacy.central`: Flower's server-side DP strategy wrappers (imported
   lazily, so a site or ``fedinfer privacy show`` does not pay for importing Flower).
@@ -26,7 +26,6 @@ from fedinfer.privacy.accountant import (
 from fedinfer.privacy.budget import (
     PRIVACY_MODES,
     RoundPlan,
-    check_privacy_config,
     plan_round,
     resolve_noise_multiplier,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "PrivateTraining",
     "RoundPlan",
     "central_dp_strategy",
-    "check_privacy_config",
     "create_accountant",
     "default_delta",
     "derive_noise_multiplier",

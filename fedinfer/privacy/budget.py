@@ -1,4 +1,4 @@
-"""From the ``privacy`` config to a checked DP-SGD round: validation, noise, budget.
+"""From the ``privacy`` config to a checked DP-SGD round: noise and budget.
 
 A site's train handler calls :func:`plan_round` before it touches its data, trains
 with :func:`~fedinfer.privacy.dpsgd.make_private` using the plan's noise multiplier,
@@ -7,25 +7,20 @@ then charges ``plan.ledger`` with the steps really taken.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from fedinfer.config.schema import PrivacyConfig
+from fedinfer.config.validate import PRIVACY_MODES, validate_privacy
 from fedinfer.errors import ConfigError
-from fedinfer.privacy.accountant import ACCOUNTANTS, derive_noise_multiplier
-from fedinfer.privacy.dpsgd import GRAD_SAMPLE_MODES
+from fedinfer.privacy.accountant import derive_noise_multiplier
 from fedinfer.privacy.ledger import PrivacyLedger
 
 __all__ = [
     "PRIVACY_MODES",
     "RoundPlan",
-    "check_privacy_config",
     "plan_round",
     "resolve_noise_multiplier",
 ]
-
-PRIVACY_MODES: tuple[str, ...] = ("central", "dpsgd", "none")
 
 
 @dataclass(frozen=True)
@@ -45,73 +40,21 @@ class RoundPlan:
     ledger: PrivacyLedger
 
 
-def check_privacy_config(privacy: PrivacyConfig) -> None:
-    """Raise a :class:`ConfigError` naming the first bad ``privacy.*`` key, if any.
-
-    Examples
-    --------
-    >>> check_privacy_config(PrivacyConfig(mode="dpsgd", noise_multiplier=1.0))
-    """
-    _require(privacy.mode in PRIVACY_MODES, "mode", privacy.mode, f"one of {PRIVACY_MODES}")
-    _require(privacy.max_grad_norm > 0, "max_grad_norm", privacy.max_grad_norm, "> 0")
-    if privacy.mode == "central":
-        _require(
-            privacy.central_noise_multiplier >= 0,
-            "central_noise_multiplier",
-            privacy.central_noise_multiplier,
-            ">= 0",
-        )
-    if privacy.mode != "dpsgd":
-        return
-    _require(
-        privacy.accountant in ACCOUNTANTS,
-        "accountant",
-        privacy.accountant,
-        f"one of {tuple(sorted(ACCOUNTANTS))}",
-    )
-    _require(
-        privacy.grad_sample_mode in GRAD_SAMPLE_MODES,
-        "grad_sample_mode",
-        privacy.grad_sample_mode,
-        f"one of {GRAD_SAMPLE_MODES}",
-    )
-    _require(privacy.max_epsilon > 0, "max_epsilon", privacy.max_epsilon, "> 0")
-    if privacy.delta is not None:
-        _require(0 < privacy.delta < 1, "delta", privacy.delta, "in (0, 1), or null")
-    if (privacy.noise_multiplier is None) == (privacy.target_epsilon is None):
-        raise ConfigError(
-            "privacy.mode=dpsgd needs exactly one of `privacy.noise_multiplier` and "
-            f"`privacy.target_epsilon` (got {privacy.noise_multiplier} and "
-            f"{privacy.target_epsilon}); set the other to null"
-        )
-    if privacy.noise_multiplier is not None:
-        _require(privacy.noise_multiplier > 0, "noise_multiplier", privacy.noise_multiplier, "> 0")
-    if privacy.target_epsilon is not None:
-        _require(privacy.target_epsilon > 0, "target_epsilon", privacy.target_epsilon, "> 0")
-
-
-def _require(ok: bool, key: str, value: object, rule: str) -> None:
-    if not ok or (isinstance(value, float) and math.isnan(value)):
-        raise ConfigError(
-            f"`privacy.{key}` must be {rule} (got {value!r}); set it in conf/privacy/*.yaml "
-            f"or on the command line (privacy.{key}=...)"
-        )
-
-
 def resolve_noise_multiplier(
     privacy: PrivacyConfig, *, delta: float, sample_rate: float, planned_steps: int
 ) -> float:
-    """``privacy.noise_multiplier``, or the one that spends ``privacy.target_epsilon``.
+    """The noise that spends ``privacy.target_epsilon`` over the plan, else ``noise_multiplier``.
 
-    With ``target_epsilon`` the noise is derived (with ``privacy.accountant``) so that
-    ``planned_steps`` steps at ``sample_rate`` spend at most ``target_epsilon`` at
-    ``delta``: the budget of this run's plan. Earlier runs already in the ledger are
-    capped separately by ``privacy.max_epsilon``.
+    A target takes precedence over ``privacy.noise_multiplier``: the noise is derived
+    (with ``privacy.accountant``) so that ``planned_steps`` steps at ``sample_rate`` spend at
+    most ``target_epsilon`` at ``delta``, so each site derives its own noise from its own
+    sample rate and ``privacy.target_epsilon=8`` works on its own. Earlier runs already in
+    the ledger are capped separately by ``privacy.max_epsilon``.
 
     Parameters
     ----------
     privacy : PrivacyConfig
-        The ``privacy`` config group (``mode=dpsgd``).
+        The ``privacy`` config group (``mode=dpsgd``, checked by ``validate_privacy``).
     delta : float
         The ledger's delta.
     sample_rate : float
@@ -119,10 +62,9 @@ def resolve_noise_multiplier(
     planned_steps : int
         Planned rounds x local epochs x steps per epoch.
     """
-    check_privacy_config(privacy)
-    if privacy.noise_multiplier is not None:
+    if privacy.target_epsilon is None:
+        assert privacy.noise_multiplier is not None  # validate_privacy guarantees one is set
         return float(privacy.noise_multiplier)
-    assert privacy.target_epsilon is not None  # check_privacy_config guarantees one is set
     return derive_noise_multiplier(
         target_epsilon=float(privacy.target_epsilon),
         delta=delta,
@@ -135,25 +77,23 @@ def resolve_noise_multiplier(
 def plan_round(
     *,
     privacy: PrivacyConfig,
-    state_dir: Path,
-    num_samples: int,
+    ledger: PrivacyLedger,
     steps_per_epoch: int,
     local_epochs: int,
     planned_rounds: int,
 ) -> RoundPlan:
-    """Open the site's ledger and check the coming round against ``privacy.max_epsilon``.
+    """Check the coming round against the site's ledger and ``privacy.max_epsilon``.
 
-    Call it before touching the training data: it needs only the sample count and
-    the plain training loader's length.
+    Call it before touching the training data: it needs only the site's ledger and the
+    plain training loader's length. Nothing is charged: the caller charges
+    ``plan.ledger`` with the steps really taken after training.
 
     Parameters
     ----------
     privacy : PrivacyConfig
         The ``privacy`` config group; ``mode`` must be ``dpsgd``.
-    state_dir : Path
-        The site's state directory (holds ``ledger.json``).
-    num_samples : int
-        Local training samples (sets the default delta of a new ledger).
+    ledger : PrivacyLedger
+        The site's open ledger (:meth:`PrivacyLedger.open`).
     steps_per_epoch : int
         ``len(train_loader)`` of the ordinary (non-private) loader.
     local_epochs : int
@@ -170,8 +110,9 @@ def plan_round(
 
     Examples
     --------
-    >>> plan = plan_round(privacy=cfg.privacy, state_dir=site_dir, num_samples=len(train_set),
-    ...                   steps_per_epoch=len(loader), local_epochs=2, planned_rounds=30)
+    >>> ledger = PrivacyLedger.open(site_dir, accountant="rdp", delta=None, num_samples=2000)
+    >>> plan = plan_round(privacy=cfg.privacy, ledger=ledger, steps_per_epoch=len(loader),
+    ...                   local_epochs=2, planned_rounds=30)
     >>> private = make_private(..., noise_multiplier=plan.noise_multiplier, ...)
     >>> # ... train ...
     >>> plan.ledger.charge(server_round=r, run_id=run_id, noise_multiplier=plan.noise_multiplier,
@@ -185,10 +126,7 @@ def plan_round(
             f"{steps_per_epoch} steps; check federation.rounds / federation.local_epochs "
             "and that the site has training data"
         )
-    check_privacy_config(privacy)
-    ledger = PrivacyLedger.open(
-        state_dir, accountant=privacy.accountant, delta=privacy.delta, num_samples=num_samples
-    )
+    validate_privacy(privacy)
     sample_rate = 1 / steps_per_epoch
     steps = local_epochs * steps_per_epoch
     noise_multiplier = resolve_noise_multiplier(
