@@ -146,9 +146,6 @@ class PrivacyConfig:
     """dpsgd: Opacus per-sample gradient mode (``hooks``, ``functorch``, ``ew``)."""
     poisson_sampling: bool = True
     """dpsgd: Poisson sampling of batches (needed for the accountant's guarantee)."""
-    fix_model: bool = False
-    """dpsgd: replace layers Opacus cannot train (BatchNorm...) via ModuleValidator.fix instead of
-    refusing; apply where the model is built, on coordinator and sites alike."""
     central_noise_multiplier: float = 1.0
     """central: noise multiplier of Flower's server-side DP wrapper."""
     central_adaptive: bool = False

@@ -79,8 +79,8 @@ def validate_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
         raise ConfigError(
             f"the model has layers DP-SGD cannot train (per-sample gradients): "
             f"{'; '.join(problems)}. Use privacy-safe layers (GroupNorm/LayerNorm instead of "
-            "BatchNorm), or set `privacy.fix_model=true` to replace them with "
-            "opacus.validators.ModuleValidator.fix"
+            "BatchNorm), or build the model through validate_model(model, fix=True), which "
+            "replaces them with opacus.validators.ModuleValidator.fix"
         )
     return model
 
