@@ -1,7 +1,8 @@
-"""Inference backends: torch eager, int8 dynamic quantization, ONNX Runtime.
+"""Inference backends: torch eager, int8 dynamic quantization, ONNX Runtime; optional pruning.
 
 A backend maps a float32 ``(batch, input_dim)`` array to float32 logits
-``(batch, num_classes)``. Backends other than ``torch`` approximate the float
+``(batch, num_classes)``. Backends other than ``torch``, and any backend built
+from magnitude-pruned weights (:func:`prune_model`), approximate the float
 model, so :func:`check_backend` measures them against it (accuracy on a
 labelled split when one is given, and argmax agreement) and refuses one that
 loses more than a tolerance.
@@ -28,6 +29,7 @@ __all__ = [
     "BackendCheck",
     "build_backend",
     "check_backend",
+    "prune_model",
 ]
 
 BACKEND_NAMES: tuple[str, ...] = ("int8", "onnx", "torch")
@@ -129,28 +131,70 @@ def export_onnx(model: nn.Module, *, input_dim: int) -> bytes:
     return buffer.getvalue()
 
 
+def prune_model(model: nn.Module, amount: float) -> nn.Module:
+    """Zero the ``amount`` share of smallest-magnitude weights, globally, in place.
+
+    Global L1 unstructured pruning (``torch.nn.utils.prune``) over the weights of every
+    Linear and Conv layer, made permanent, so the result is a plain module of the same
+    shape that every backend can export. Biases and normalisation layers are kept.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The float model (modified and returned).
+    amount : float
+        Share of prunable weights set to zero, in ``[0, 1)``; 0 returns ``model`` untouched.
+
+    Examples
+    --------
+    >>> m = prune_model(nn.Sequential(nn.Linear(10, 10)), 0.5)
+    >>> int((m[0].weight == 0).sum())
+    50
+    """
+    if not 0 <= amount < 1:
+        raise ConfigError(f"`--prune-amount` must be in [0, 1) (got {amount})")
+    if amount == 0:
+        return model
+    from torch.nn.utils import prune
+
+    targets = [
+        (module, "weight")
+        for module in model.modules()
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d)
+    ]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    for module, param in targets:
+        prune.remove(module, param)  # type: ignore[no-untyped-call]
+    return model
+
+
 def build_backend(
     name: str,
     weights: Mapping[str, np.ndarray],
     manifest: ModelManifest,
     *,
     threads: int | None = None,
+    prune_amount: float = 0.0,
 ) -> Backend:
     """Build backend ``name`` (``torch``, ``int8`` or ``onnx``) for verified weights.
+
+    ``prune_amount`` > 0 first zeroes that share of the smallest weights
+    (:func:`prune_model`); check the result against the unpruned float model with
+    :func:`check_backend`.
 
     Examples
     --------
     >>> weights, manifest = store.load()  # doctest: +SKIP
     >>> logits = build_backend("onnx", weights, manifest).predict(x)  # doctest: +SKIP
     """
-    model = load_torch_model(weights, manifest)
+    if name not in BACKEND_NAMES:
+        raise ConfigError(f"`--backend` is {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    model = prune_model(load_torch_model(weights, manifest), prune_amount)
     if name == "torch":
         return TorchBackend(model)
     if name == "int8":
         return Int8Backend(model)
-    if name == "onnx":
-        return OnnxBackend(model, input_dim=manifest.input_dim, threads=threads)
-    raise ConfigError(f"`--backend` is {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    return OnnxBackend(model, input_dim=manifest.input_dim, threads=threads)
 
 
 @dataclass(frozen=True)
@@ -214,6 +258,6 @@ def check_backend(
         raise ServingError(
             f"backend {backend.name!r} loses {check.accuracy_drop:.2%} accuracy against the float "
             f"model on {check.samples} samples (tolerance {max_accuracy_drop:.2%}); use "
-            "--backend torch or raise --max-accuracy-drop"
+            "--backend torch, lower --prune-amount, or raise --max-accuracy-drop"
         )
     return check

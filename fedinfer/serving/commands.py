@@ -110,10 +110,22 @@ def _add_serve(subparsers: Any) -> None:
         "--max-accuracy-drop",
         type=float,
         default=0.01,
-        help="tolerated accuracy drop of int8/onnx vs float (default: 0.01)",
+        help="tolerated accuracy drop of int8/onnx/pruned vs float (default: 0.01)",
     )
+    _add_prune_amount(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_serve)
+
+
+def _add_prune_amount(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prune-amount",
+        type=float,
+        default=0.0,
+        help="zero this share of the smallest weights before building the backend "
+        "(global magnitude pruning, 0 = off; no speed-up on dense CPU kernels, "
+        "see bench/results/serving.md)",
+    )
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -142,6 +154,7 @@ def _serve(ns: argparse.Namespace) -> int:
         validation_data=ns.validation_data,
         label_column=ns.label_column,
         max_accuracy_drop=ns.max_accuracy_drop,
+        prune_amount=ns.prune_amount,
         log_level=ns.log_level,
     )
     serve(options)
@@ -164,6 +177,7 @@ def _add_predict(subparsers: Any) -> None:
     )
     p.add_argument("--version", type=int, help="score with this stored version (default: current)")
     p.add_argument("--backend", choices=("torch", "int8", "onnx"), default="torch")
+    _add_prune_amount(p)
     p.add_argument(
         "--public-key",
         type=Path,
@@ -190,6 +204,7 @@ def _predict(ns: argparse.Namespace) -> int:
         chunk_size=ns.chunk_size,
         strict=ns.strict,
         backend=ns.backend,
+        prune_amount=ns.prune_amount,
         version=ns.version,
         progress=not ns.no_progress,
         public_key=load_public_key(ns.public_key) if ns.public_key else None,

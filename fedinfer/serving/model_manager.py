@@ -102,6 +102,9 @@ class ModelManager:
         A labelled split to check non-float backends against the float model.
     max_accuracy_drop : float
         Tolerance of that check (default: 0.01).
+    prune_amount : float
+        Share of smallest weights zeroed before the backend is built (default: 0); a
+        pruned model is checked against the unpruned float model like int8/onnx.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class ModelManager:
         threads: int | None = None,
         validation: tuple[np.ndarray, np.ndarray | None] | None = None,
         max_accuracy_drop: float = 0.01,
+        prune_amount: float = 0.0,
     ) -> None:
         self.store = store
         self.backend_name = backend
@@ -128,6 +132,7 @@ class ModelManager:
         self.threads = threads
         self.validation = validation
         self.max_accuracy_drop = max_accuracy_drop
+        self.prune_amount = prune_amount
         self.current: LoadedModel | None = None
         self._loaded: OrderedDict[int, LoadedModel] = OrderedDict()
         self._loading: dict[int, asyncio.Future[LoadedModel]] = {}
@@ -277,8 +282,15 @@ class ModelManager:
 
     def _load_sync(self, version: int) -> tuple[Backend, ModelManifest]:
         weights, manifest = self.store.load(version, public_key=self.public_key)
-        backend = build_backend(self.backend_name, weights, manifest, threads=self.threads)
-        if self.validation is not None and backend.name != "torch":
+        backend = build_backend(
+            self.backend_name,
+            weights,
+            manifest,
+            threads=self.threads,
+            prune_amount=self.prune_amount,
+        )
+        approximate = backend.name != "torch" or self.prune_amount > 0
+        if self.validation is not None and approximate:
             x, y = self.validation
             check = check_backend(
                 backend,

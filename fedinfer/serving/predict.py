@@ -58,6 +58,7 @@ def predict_file(
     chunk_size: int = 8192,
     strict: bool = False,
     backend: str = "torch",
+    prune_amount: float = 0.0,
     version: int | None = None,
     progress: bool = True,
     public_key: Ed25519PublicKey | None = None,
@@ -80,6 +81,8 @@ def predict_file(
         Stop at the first bad row with :class:`DataError` (default: False).
     backend : str
         ``torch``, ``int8`` or ``onnx`` (default: ``torch``).
+    prune_amount : float
+        Share of smallest weights zeroed first (default: 0, see ``prune_model``).
     progress : bool
         Show a rich progress bar on stderr (default: True).
     public_key : Ed25519PublicKey or None
@@ -97,7 +100,7 @@ def predict_file(
     if not Path(input_path).is_file():
         raise DataError(f"--input {input_path} does not exist")
     weights, manifest = store.load(version, public_key=public_key)
-    model = build_backend(backend, weights, manifest)
+    model = build_backend(backend, weights, manifest, prune_amount=prune_amount)
     report = PredictReport(Path(output_path), model_version=manifest.version)
     chunks = _read_chunks(Path(input_path), in_kind, chunk_size, id_column)
     writer = _Writer(Path(output_path), out_kind)

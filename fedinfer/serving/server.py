@@ -51,6 +51,7 @@ class ServeOptions:
     validation_data: Path | None = None
     label_column: str = "label"
     max_accuracy_drop: float = 0.01
+    prune_amount: float = 0.0
     port_file: Path | None = None
     log_level: str = "info"
 
@@ -70,6 +71,8 @@ class ServeOptions:
             raise ConfigError("`--max-batch-size` and `--max-queue-size` must be >= 1")
         if self.max_queue_delay_ms < 0:
             raise ConfigError("`--max-queue-delay-ms` must be >= 0")
+        if not 0 <= self.prune_amount < 1:
+            raise ConfigError(f"`--prune-amount` must be in [0, 1) (got {self.prune_amount})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"`--port` must be in 0..65535 (got {self.port})")
 
@@ -91,6 +94,7 @@ def build_app(options: ServeOptions) -> InferenceApp:
         threads=options.threads,
         validation=_validation_split(options),
         max_accuracy_drop=options.max_accuracy_drop,
+        prune_amount=options.prune_amount,
     )
     rate = options.rate_limit
     return InferenceApp(
