@@ -13,7 +13,8 @@ traceback. Anything else reaching the CLI is a bug in fedinfer.
     ├── PrivacyLedgerError       a site's privacy ledger is missing, corrupt or inconsistent
     ├── SecAggAbort              a secure-aggregation round cannot complete (too few survivors ...)
     ├── ModelIntegrityError      an artifact's hash or signature does not verify
-    └── ServingError             the inference server cannot start or serve as asked
+    ├── ServingError             the inference server cannot start or serve as asked
+    └── StateKeyError            encrypted state: the site key is missing, wrong or unsafe
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "PrivacyLedgerError",
     "SecAggAbort",
     "ServingError",
+    "StateKeyError",
 ]
 
 
@@ -69,3 +71,11 @@ class ModelIntegrityError(FedInferError):
 
 class ServingError(FedInferError):
     """The inference server cannot start or serve as configured."""
+
+
+class StateKeyError(FedInferError):
+    """A site's state is encrypted at rest and its key is missing, wrong or unsafe.
+
+    Also raised for a plaintext state file where an encrypted one is expected (and the
+    reverse): the fix is always about the key (``--state-key``) or a migration.
+    """

@@ -230,18 +230,16 @@ def test_current_switch_is_atomic_for_concurrent_readers(tmp_path: Path, key) ->
 
 
 def test_crash_during_publish_leaves_current_intact(tmp_path: Path, key) -> None:
-    """A publisher killed mid-copy (SIGKILL) leaves only staging debris, cleaned next time."""
+    """A publisher killed while staging (SIGKILL) leaves only staging debris, cleaned next time."""
     # Prepare
     store = publish_versions(tmp_path, key, [1])
     art = make_artifact(tmp_path / "o2", key, version=2)
     script = textwrap.dedent(f"""
-        import os, shutil, signal
+        import os, signal
         from fedinfer.artifacts import ModelStore, load_public_key
-        real = shutil.copyfileobj
-        def dying_copy(fin, fout, *a):
-            fout.write(fin.read(10)); fout.flush()
+        def dying_fsync(fd):
             os.kill(os.getpid(), signal.SIGKILL)
-        shutil.copyfileobj = dying_copy
+        os.fsync = dying_fsync  # the first fsync is the first staged file's
         ModelStore({str(store.root)!r}).publish({str(art)!r},
                    public_key=load_public_key({str(tmp_path / "k.pub")!r}))
     """)

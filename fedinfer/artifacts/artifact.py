@@ -41,9 +41,12 @@ __all__ = [
     "MANIFEST_FILE",
     "OUTPUT_NAME",
     "WEIGHTS_FILE",
+    "check_weights_sha256",
     "read_manifest",
     "read_weights",
     "verify_artifact",
+    "verify_artifact_bytes",
+    "weights_from_bytes",
     "write_artifact",
 ]
 
@@ -218,12 +221,7 @@ def fsync_dir(path: Path) -> None:
 
 def read_manifest(artifact_dir: Path) -> ModelManifest:
     """Parse ``manifest.json`` WITHOUT verifying it (for display; never for serving)."""
-    path = Path(artifact_dir) / MANIFEST_FILE
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ModelIntegrityError(f"cannot read {path}: {exc.strerror}") from None
-    return ModelManifest.from_json(raw)
+    return ModelManifest.from_json(_read_file(Path(artifact_dir) / MANIFEST_FILE))
 
 
 def verify_artifact(artifact_dir: Path, *, public_key: Ed25519PublicKey) -> ModelManifest:
@@ -238,6 +236,16 @@ def verify_artifact(artifact_dir: Path, *, public_key: Ed25519PublicKey) -> Mode
     manifest = read_manifest(artifact_dir)
     verify_manifest_signature(manifest, public_key=public_key)
     _read_verified_blob(Path(artifact_dir), manifest)
+    return manifest
+
+
+def verify_artifact_bytes(
+    manifest_raw: bytes, weights_raw: bytes, *, public_key: Ed25519PublicKey
+) -> ModelManifest:
+    """:func:`verify_artifact` on an artifact held in memory (e.g. just decrypted)."""
+    manifest = ModelManifest.from_json(manifest_raw)
+    verify_manifest_signature(manifest, public_key=public_key)
+    check_weights_sha256(weights_raw, manifest)
     return manifest
 
 
@@ -264,25 +272,38 @@ def verify_manifest_signature(manifest: ModelManifest, *, public_key: Ed25519Pub
 
 
 def _read_verified_blob(artifact_dir: Path, manifest: ModelManifest) -> bytes:
-    if manifest.weights_file != WEIGHTS_FILE:
-        raise ModelIntegrityError(f"unexpected weights file name {manifest.weights_file!r}")
-    path = artifact_dir / WEIGHTS_FILE
+    blob = _read_file(artifact_dir / WEIGHTS_FILE)
+    check_weights_sha256(blob, manifest)
+    return blob
+
+
+def _read_file(path: Path) -> bytes:
     try:
-        blob = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ModelIntegrityError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def check_weights_sha256(blob: bytes, manifest: ModelManifest) -> None:
+    """Raise :class:`ModelIntegrityError` unless ``blob`` hashes to the signed SHA-256."""
+    if manifest.weights_file != WEIGHTS_FILE:
+        raise ModelIntegrityError(f"unexpected weights file name {manifest.weights_file!r}")
     digest = hashlib.sha256(blob).hexdigest()
     if digest != manifest.weights_sha256:
         raise ModelIntegrityError(
             f"weights of model {manifest.name!r} v{manifest.version} do not match the signed "
             f"sha256 (expected {manifest.weights_sha256[:16]}..., got {digest[:16]}...)"
         )
-    return blob
 
 
 def read_weights(artifact_dir: Path, manifest: ModelManifest) -> dict[str, np.ndarray]:
     """Read the weights after re-checking their SHA-256 against ``manifest``."""
-    blob = _read_verified_blob(Path(artifact_dir), manifest)
+    return weights_from_bytes(_read_file(Path(artifact_dir) / WEIGHTS_FILE), manifest)
+
+
+def weights_from_bytes(blob: bytes, manifest: ModelManifest) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes (in memory) after re-checking their SHA-256 against ``manifest``."""
+    check_weights_sha256(blob, manifest)
     try:
         return dict(st_load(blob))
     except (SafetensorError, ValueError) as exc:

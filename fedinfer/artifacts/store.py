@@ -8,12 +8,22 @@ Layout::
       .staging/     in-progress publishes (never read; cleaned by the next publish)
       .lock         flock() serialising writers (publish / rollback / prune)
 
-Crash safety: a publish copies into ``.staging``, fsyncs, verifies the *copy*
-(signature, then SHA-256), renames it into ``versions/`` and only then replaces
-``CURRENT`` (tempfile + fsync + ``os.replace``). A crash at any point leaves
-``CURRENT`` naming a complete, verified version (or none yet). Readers such as
-the inference server never take the lock: they read ``CURRENT`` (always whole)
-and the immutable version directories.
+Crash safety: a publish reads the artifact into memory once, verifies those
+bytes (signature, then SHA-256), writes exactly them into ``.staging``, fsyncs,
+renames the directory into ``versions/`` and only then replaces ``CURRENT``
+(tempfile + fsync + ``os.replace``). A crash at any point leaves ``CURRENT``
+naming a complete, verified version (or none yet). Readers such as the
+inference server never take the lock: they read ``CURRENT`` (always whole) and
+the immutable version directories.
+
+Encryption at rest (``key=``, a :class:`~fedinfer.crypto.StateKey`): the
+manifest, the weights and ``CURRENT`` are sealed (ChaCha20-Poly1305), each bound
+to its logical name (``model-store/versions/7/weights.safetensors``), so a file
+swapped between versions fails authentication. Staging files are sealed before
+they are written: no plaintext byte of a model ever reaches the disk. Signature
+and SHA-256 cover the plaintext, as without encryption, and are checked after
+decryption, in memory (safetensors loads from bytes). Directory names (the
+version numbers) stay visible.
 """
 
 from __future__ import annotations
@@ -37,12 +47,12 @@ from fedinfer.artifacts.artifact import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     fsync_dir,
-    read_manifest,
-    read_weights,
-    verify_artifact,
+    verify_artifact_bytes,
     verify_manifest_signature,
+    weights_from_bytes,
 )
 from fedinfer.artifacts.manifest import ModelManifest
+from fedinfer.crypto.at_rest import StateKey, open_state, seal_state
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.fsutil import atomic_write_bytes
 
@@ -64,6 +74,10 @@ class ModelStore:
         Retention: how many newest versions to keep (default: 5). The current
         version and the rollback target (newest version older than current)
         are never deleted, whatever ``keep`` says.
+    key : StateKey or None
+        Seal everything the store writes and open everything it reads with this site
+        key (default: None, plaintext). A store is all sealed or all plaintext: the
+        wrong mode, or another key, raises :class:`~fedinfer.errors.StateKeyError`.
 
     Examples
     --------
@@ -73,16 +87,18 @@ class ModelStore:
     >>> weights, manifest = store.load()  # doctest: +SKIP
     """
 
-    def __init__(self, root: Path, *, keep: int = 5) -> None:
+    def __init__(self, root: Path, *, keep: int = 5, key: StateKey | None = None) -> None:
         if keep < 2:
             raise ConfigError(
                 f"ModelStore `keep` must be >= 2 so rollback stays possible (got {keep})"
             )
         self.root = Path(root)
         self.keep = keep
+        self.key = key
 
     def __repr__(self) -> str:
-        return f"ModelStore({str(self.root)!r}, keep={self.keep})"
+        sealed = f", key={self.key.key_id!r}" if self.key else ""
+        return f"ModelStore({str(self.root)!r}, keep={self.keep}{sealed})"
 
     # ------------------------------------------------------------------ read side
     @property
@@ -108,7 +124,7 @@ class ModelStore:
 
     def manifest(self, version: int | None = None) -> ModelManifest:
         """Manifest of ``version`` (default: current). Verified at publish; parsed only here."""
-        return read_manifest(self.path(self._resolve(version)))
+        return ModelManifest.from_json(self._read(self._resolve(version), MANIFEST_FILE))
 
     def load(
         self, version: int | None = None, *, public_key: Ed25519PublicKey | None = None
@@ -123,14 +139,29 @@ class ModelStore:
             The stored files were altered since publication, or no such version.
         """
         resolved = self._resolve(version)
-        manifest = read_manifest(self.path(resolved))
+        manifest = ModelManifest.from_json(self._read(resolved, MANIFEST_FILE))
         if manifest.version != resolved:
             raise ModelIntegrityError(
                 f"{self.path(resolved)} holds version {manifest.version}, not {resolved}"
             )
         if public_key is not None:
             verify_manifest_signature(manifest, public_key=public_key)
-        return read_weights(self.path(resolved), manifest), manifest
+        return weights_from_bytes(self._read(resolved, WEIGHTS_FILE), manifest), manifest
+
+    def _read(self, version: int, file_name: str) -> bytes:
+        """Plaintext of one stored file, decrypted in memory when the store is sealed."""
+        path = self.path(version) / file_name
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise ModelIntegrityError(f"cannot read {path}: {exc.strerror}") from None
+        return open_state(
+            blob,
+            key=self.key,
+            name=_sealed_name(f"versions/{int(version)}/{file_name}"),
+            source=path,
+            tampered=ModelIntegrityError,
+        )
 
     def _resolve(self, version: int | None) -> int:
         if version is None:
@@ -145,10 +176,18 @@ class ModelStore:
         return int(version)
 
     def _read_current(self) -> dict[str, Any] | None:
+        path = self.root / CURRENT_FILE
         try:
-            raw = (self.root / CURRENT_FILE).read_text(encoding="utf-8")
+            blob = path.read_bytes()
         except FileNotFoundError:
             return None
+        raw = open_state(
+            blob,
+            key=self.key,
+            name=_sealed_name(CURRENT_FILE),
+            source=path,
+            tampered=ModelIntegrityError,
+        ).decode("utf-8", errors="replace")
         try:
             state = json.loads(raw)
             int(state["version"])
@@ -186,14 +225,44 @@ class ModelStore:
             name than the store holds, a conflicting re-publish of a stored
             version, or a downgrade below the current version (use rollback).
         """
+        artifact_dir = Path(artifact_dir)
+        files = {
+            name: self._read_source(artifact_dir, name) for name in (MANIFEST_FILE, WEIGHTS_FILE)
+        }
+        return self.publish_bytes(
+            files[MANIFEST_FILE],
+            files[WEIGHTS_FILE],
+            public_key=public_key,
+            make_current=make_current,
+            source=str(artifact_dir),
+        )
+
+    def publish_bytes(
+        self,
+        manifest_raw: bytes,
+        weights_raw: bytes,
+        *,
+        public_key: Ed25519PublicKey,
+        make_current: bool = True,
+        source: str = "published artifact",
+    ) -> int:
+        """:meth:`publish` an artifact held in memory; ``source`` names it in messages.
+
+        A site receiving a model over the network stores it this way, so the
+        artifact never touches its disk in plaintext.
+        """
         with self._locked():
             self._clean_staging()
-            staging = self._stage_copy(Path(artifact_dir))
+            # Verify the bytes that will be stored, not a file that may change after we read it.
             try:
-                manifest = self._verify_staged(staging, artifact_dir, public_key)
-                if (self.path(manifest.version) / MANIFEST_FILE).is_file():
-                    return self._republish(manifest)
-                self._check_acceptable(manifest)
+                manifest = verify_artifact_bytes(manifest_raw, weights_raw, public_key=public_key)
+            except ModelIntegrityError as exc:
+                self._reject(source, str(exc))
+            if (self.path(manifest.version) / MANIFEST_FILE).is_file():
+                return self._republish(manifest)
+            self._check_acceptable(manifest)
+            staging = self._stage(manifest.version, manifest_raw, weights_raw)
+            try:
                 os.rename(staging, self.path(manifest.version))
                 fsync_dir(self.versions_dir)
             finally:
@@ -259,32 +328,33 @@ class ModelStore:
             for leftover in staging_root.iterdir():  # from a publish that crashed
                 shutil.rmtree(leftover, ignore_errors=True)
 
-    def _stage_copy(self, artifact_dir: Path) -> Path:
+    def _read_source(self, artifact_dir: Path, name: str) -> bytes:
+        try:
+            return (artifact_dir / name).read_bytes()
+        except OSError:
+            self._reject(artifact_dir, f"missing {name}")
+
+    def _stage(self, version: int, manifest_raw: bytes, weights_raw: bytes) -> Path:
+        """Write the (sealed, when keyed) files of ``version`` into a fresh staging directory."""
         staging_root = self.root / ".staging"
         staging_root.mkdir(exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=staging_root))
-        for name in (WEIGHTS_FILE, MANIFEST_FILE):
-            src = artifact_dir / name
-            if not src.is_file():
-                shutil.rmtree(staging, ignore_errors=True)
-                self._reject(artifact_dir, f"missing {name}")
-            with open(src, "rb") as fin, open(staging / name, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.chmod(staging, 0o755)
+        try:
+            for name, data in ((WEIGHTS_FILE, weights_raw), (MANIFEST_FILE, manifest_raw)):
+                sealed = seal_state(
+                    data, key=self.key, name=_sealed_name(f"versions/{version}/{name}")
+                )
+                with open(staging / name, "wb") as fout:
+                    fout.write(sealed)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+            os.chmod(staging, 0o700 if self.key else 0o755)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return staging
 
-    def _verify_staged(
-        self, staging: Path, artifact_dir: Path, public_key: Ed25519PublicKey
-    ) -> ModelManifest:
-        # Verify the copy, not the source: the source may change after we read it.
-        try:
-            return verify_artifact(staging, public_key=public_key)
-        except ModelIntegrityError as exc:
-            self._reject(artifact_dir, str(exc))
-
-    def _reject(self, artifact_dir: Path, reason: str) -> NoReturn:
+    def _reject(self, artifact_dir: Path | str, reason: str) -> NoReturn:
         logger.error("rejected model artifact %s: %s", artifact_dir, reason)
         raise ModelIntegrityError(f"rejected artifact {artifact_dir}: {reason}")
 
@@ -327,7 +397,8 @@ class ModelStore:
             "previous": previous,
             "switched_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
-        atomic_write_bytes(self.root / CURRENT_FILE, json.dumps(state).encode(), mode=0o644)
+        data = seal_state(json.dumps(state).encode(), key=self.key, name=_sealed_name(CURRENT_FILE))
+        atomic_write_bytes(self.root / CURRENT_FILE, data, mode=0o600 if self.key else 0o644)
         logger.info("model store %s: current version %s -> %d", self.root, previous, version)
 
     def _rollback_target(self, current: int | None) -> int | None:
@@ -348,3 +419,8 @@ class ModelStore:
             shutil.rmtree(trash, ignore_errors=True)
             logger.info("model store %s: pruned version %d", self.root, version)
         return doomed
+
+
+def _sealed_name(relative: str) -> str:
+    """The logical name a stored file is sealed for (its path inside the store)."""
+    return f"model-store/{relative}"

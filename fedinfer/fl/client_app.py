@@ -8,15 +8,13 @@ and carries on with the other sites.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import cast
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedinfer.artifacts import MANIFEST_FILE, WEIGHTS_FILE, ModelStore, load_public_key
+from fedinfer.artifacts import ModelStore, load_public_key
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.errors import FedInferError, ModelIntegrityError, PrivacyBudgetExceeded, SecAggAbort
 from fedinfer.fl.messages import ErrorCodes, Keys, MessageTypes
@@ -152,6 +150,9 @@ def build_client_app(
 def accept_artifact(env: SiteEnv, record: ConfigRecord) -> int:
     """Verify a published artifact and store it in the site's ModelStore.
 
+    The artifact goes from the message to the store in memory: with a state key it
+    reaches the disk only sealed.
+
     Raises
     ------
     ModelIntegrityError
@@ -159,18 +160,18 @@ def accept_artifact(env: SiteEnv, record: ConfigRecord) -> int:
     """
     if env.coordinator_public_key is None:
         raise ModelIntegrityError(
-            f"site {env.site_id} has no coordinator public key configured; it refuses unsigned models"
+            f"site {env.site_id} has no coordinator public key configured; "
+            "it refuses unsigned models"
         )
     public_key = load_public_key(env.coordinator_public_key)
-    store = ModelStore(env.state_dir / "models")
-    env.state_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=env.state_dir, prefix=".incoming-") as tmp:
-        incoming = Path(tmp) / "artifact"
-        incoming.mkdir()
-        (incoming / MANIFEST_FILE).write_bytes(bytes(record[Keys.MANIFEST]))  # type: ignore[arg-type]
-        (incoming / WEIGHTS_FILE).write_bytes(bytes(record[Keys.WEIGHTS]))  # type: ignore[arg-type]
-        try:
-            return store.publish(incoming, public_key=public_key)
-        except ModelIntegrityError as exc:
-            logger.warning("site %s rejected a published model: %s", env.site_id, exc)
-            raise
+    store = ModelStore(env.state_dir / "models", key=env.state_key)
+    try:
+        return store.publish_bytes(
+            bytes(cast(bytes, record[Keys.MANIFEST])),
+            bytes(cast(bytes, record[Keys.WEIGHTS])),
+            public_key=public_key,
+            source=f"model published to {env.site_id}",
+        )
+    except ModelIntegrityError as exc:
+        logger.warning("site %s rejected a published model: %s", env.site_id, exc)
+        raise

@@ -27,6 +27,7 @@ class NodeConfigKeys:
     DATA_PATH = "data-path"
     STATE_DIR = "state-dir"
     COORDINATOR_PUBLIC_KEY = "coordinator-public-key"
+    STATE_KEY_FILE = "state-key-file"  # the site's at-rest key (a path; never the key)
 
 
 def _kebab(name: str) -> str:

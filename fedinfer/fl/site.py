@@ -19,6 +19,7 @@ import torch
 from flwr.app import Context
 
 from fedinfer.config.schema import FedInferConfig
+from fedinfer.crypto.at_rest import StateKey, resolve_state_key
 from fedinfer.data import SiteData, build_federated_data, load_site_file, site_name
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
@@ -52,6 +53,8 @@ class SiteEnv:
     state_dir: Path
     data: SiteData
     coordinator_public_key: Path | None
+    state_key: StateKey | None = None
+    """Seals the site's state at rest (model store, ledger); None: plaintext."""
 
 
 SiteResolver = Callable[[Context], SiteEnv]
@@ -95,9 +98,12 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
             num_classes=num_classes,
         )
         key = node.get(NodeConfigKeys.COORDINATOR_PUBLIC_KEY)
-        return SiteEnv(
-            name, Path(str(node[NodeConfigKeys.STATE_DIR])), data, Path(str(key)) if key else None
+        state_dir = Path(str(node[NodeConfigKeys.STATE_DIR]))
+        state_key_file = node.get(NodeConfigKeys.STATE_KEY_FILE)
+        state_key = resolve_state_key(
+            Path(str(state_key_file)) if state_key_file else None, protects=[state_dir]
         )
+        return SiteEnv(name, state_dir, data, Path(str(key)) if key else None, state_key)
 
     return resolve
 

@@ -34,6 +34,11 @@ Rules:
   processes charging the same site never lose an entry.
 - **No silent reset.** A missing file is a new site; an unreadable, corrupt or
   unknown-format file is a :class:`~fedinfer.errors.PrivacyLedgerError`.
+- **Encryption at rest.** With a site key (``key=``, or ``$FEDINFER_STATE_KEY_FILE``
+  when no key is passed) the whole file is sealed (:mod:`fedinfer.crypto.at_rest`,
+  logical name ``privacy-ledger``), through the same locked, atomic writes; a
+  tampered or swapped file is a :class:`~fedinfer.errors.PrivacyLedgerError`, a
+  missing or wrong key a :class:`~fedinfer.errors.StateKeyError`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedinfer.crypto.at_rest import (
+    StateKey,
+    check_state_dir,
+    open_state,
+    resolve_state_key,
+    seal_state,
+)
 from fedinfer.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedinfer.privacy.accountant import (
     HistoryEntry,
@@ -65,6 +77,7 @@ _FORMAT = "fedinfer-privacy-ledger"
 _VERSION = 1
 _TMP_PREFIX = f".{LEDGER_FILENAME}."
 _TMP_SUFFIX = ".tmp"
+_SEALED_NAME = "privacy-ledger"
 
 
 @dataclass(frozen=True)
@@ -104,10 +117,17 @@ class PrivacyLedger:
     """
 
     def __init__(
-        self, *, path: Path, accountant: str, delta: float, entries: Sequence[LedgerEntry] = ()
+        self,
+        *,
+        path: Path,
+        accountant: str,
+        delta: float,
+        entries: Sequence[LedgerEntry] = (),
+        key: StateKey | None = None,
     ) -> None:
         create_accountant(accountant)  # validates the name
         self.path = Path(path)
+        self.key = key
         self.accountant = accountant
         self.delta = float(delta)
         self._entries: list[LedgerEntry] = list(entries)
@@ -116,26 +136,38 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def read(cls, state_dir: Path) -> PrivacyLedger:
+    def read(cls, state_dir: Path, *, key: StateKey | None = None) -> PrivacyLedger:
         """Load the ledger of ``state_dir``; it must exist.
+
+        ``key`` is the site's state key (default: None, ``$FEDINFER_STATE_KEY_FILE`` if
+        set, else a plaintext ledger).
 
         Raises
         ------
         PrivacyLedgerError
             If the file is missing, unreadable, corrupt or of an unknown format.
+        StateKeyError
+            If the ledger is encrypted and the key is missing or wrong (or the reverse).
         """
         path = Path(state_dir) / LEDGER_FILENAME
+        key = _state_key(Path(state_dir), key)
         if not path.is_file():
             raise PrivacyLedgerError(
                 f"no privacy ledger at {path}; a site writes it on its first DP-SGD round "
                 "(check the site's state directory)"
             )
-        accountant, delta, entries = _load(path)
-        return cls(path=path, accountant=accountant, delta=delta, entries=entries)
+        accountant, delta, entries = _load(path, key)
+        return cls(path=path, accountant=accountant, delta=delta, entries=entries, key=key)
 
     @classmethod
     def open(
-        cls, state_dir: Path, *, accountant: str, delta: float | None, num_samples: int
+        cls,
+        state_dir: Path,
+        *,
+        accountant: str,
+        delta: float | None,
+        num_samples: int,
+        key: StateKey | None = None,
     ) -> PrivacyLedger:
         """Load the ledger of ``state_dir``, or start a new one if the site has none yet.
 
@@ -150,6 +182,9 @@ class PrivacyLedger:
             ledger takes :func:`~fedinfer.privacy.accountant.default_delta` of ``num_samples``.
         num_samples : int
             The site's local training sample count.
+        key : StateKey or None
+            The site's state key (default: None, ``$FEDINFER_STATE_KEY_FILE`` if set,
+            else a plaintext ledger).
 
         Raises
         ------
@@ -162,12 +197,13 @@ class PrivacyLedger:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / LEDGER_FILENAME
+        key = _state_key(state_dir, key)
         if delta is not None:
             _check_delta(delta, num_samples)
         if not path.exists():
             chosen = default_delta(num_samples) if delta is None else delta
-            return cls(path=path, accountant=accountant, delta=chosen)
-        ledger = cls.read(state_dir)
+            return cls(path=path, accountant=accountant, delta=chosen, key=key)
+        ledger = cls.read(state_dir, key=key)
         ledger._require_settings(accountant=accountant, delta=delta)
         return ledger
 
@@ -176,7 +212,7 @@ class PrivacyLedger:
     def refresh(self) -> None:
         """Re-read the entries from disk (another process may have charged since)."""
         if self.path.exists():
-            accountant, delta, entries = _load(self.path)
+            accountant, delta, entries = _load(self.path, self.key)
             self._require_same_settings(accountant, delta)
             self._entries, self._epsilon = entries, None
 
@@ -273,7 +309,7 @@ class PrivacyLedger:
         with _exclusive_lock(self.path):
             entries = self._entries
             if self.path.exists():
-                accountant, delta, entries = _load(self.path)
+                accountant, delta, entries = _load(self.path, self.key)
                 self._require_same_settings(accountant, delta)
             history = [*(e.mechanism for e in entries), mechanism]
             epsilon_after = self._epsilon_of(history)
@@ -331,6 +367,7 @@ class PrivacyLedger:
             "entries": [asdict(entry) for entry in entries],
         }
         payload = json.dumps(document, indent=2, allow_nan=False).encode() + b"\n"
+        payload = seal_state(payload, key=self.key, name=_SEALED_NAME)
         fd, tmp_name = tempfile.mkstemp(
             prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=self.path.parent
         )
@@ -372,12 +409,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _load(path: Path) -> tuple[str, float, list[LedgerEntry]]:
+def _state_key(state_dir: Path, key: StateKey | None) -> StateKey | None:
+    """``key``, else the one ``$FEDINFER_STATE_KEY_FILE`` names, checked against the marker.
+
+    A state dir marked as encrypted refuses another key, and refuses no key at all.
+    """
+    if key is None:
+        key = resolve_state_key(None, protects=[state_dir])
+    check_state_dir(state_dir, key)
+    return key
+
+
+def _load(path: Path, key: StateKey | None) -> tuple[str, float, list[LedgerEntry]]:
     """Parse and validate a ledger file; any problem is a PrivacyLedgerError."""
     fix = "restore it from a backup; never delete it, that would reset the site's privacy budget"
     try:
-        raw = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise PrivacyLedgerError(f"cannot read the privacy ledger {path} ({err}); {fix}") from err
+    plain = open_state(blob, key=key, name=_SEALED_NAME, source=path, tampered=PrivacyLedgerError)
+    try:
+        raw = json.loads(plain)
+    except ValueError as err:
         raise PrivacyLedgerError(f"cannot read the privacy ledger {path} ({err}); {fix}") from err
     try:
         return _parse(raw)
