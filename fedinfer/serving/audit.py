@@ -5,25 +5,127 @@ model, version, rows, batch size, latency, status. Never inputs or outputs.
 The file is opened ``O_APPEND`` (each line is one ``write``), and rotated by
 size: ``audit.jsonl`` is renamed to ``audit-<UTC time>.jsonl`` and a new one
 started; only the oldest rotated files beyond ``max_files`` are deleted.
+
+Encrypted at rest (``key=``, a :class:`~fedinfer.crypto.StateKey`), every line
+is base64 of a ciphertext and each file starts with a sealed header::
+
+    line 0   sealed with the site key (name "audit-header"):
+             {"format": "fedinfer-audit", "version": 1, "file_id": <16 random bytes, hex>,
+              "created": ..., "prev": {"file_id": ..., "lines": N} | null}
+    line i   ChaCha20-Poly1305 under HKDF(site key, salt=file_id), nonce = i,
+             associated data = file_id || i: the record of line i
+
+A deleted, reordered, truncated or edited line fails authentication at its
+position; ``prev`` chains each file to the one before it, so a deleted or
+shortened rotated file is detected too. What stays undetectable: dropping the
+newest lines of the active file, or the whole active file. A writer starts a
+fresh file (new ``file_id``, so a fresh sub-key and nonces) every time it opens
+the directory, and holds a lock: one server per audit directory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import fcntl
 import json
 import os
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedinfer.errors import DataError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from fedinfer.crypto.at_rest import KEY_ENV_VAR, StateKey, is_sealed, sealed_key_id
+from fedinfer.errors import DataError, ServingError, StateKeyError
 
 __all__ = ["AuditLog", "PrincipalUsage", "summarize_audit"]
 
 ACTIVE_NAME = "audit.jsonl"
+_HEADER_NAME = "audit-header"
+_HEADER_FORMAT = "fedinfer-audit"
+_LINE_CONTEXT = b"fedinfer-audit-line/v1"
+
+
+class _SealedFile:
+    """The cipher state of one encrypted audit file: its id, sub-key and line count."""
+
+    def __init__(self, key: StateKey, file_id: bytes, lines: int = 0) -> None:
+        self.file_id = file_id
+        self.lines = lines  # lines written so far, header included: the next line's number
+        self._aead = ChaCha20Poly1305(key.derive(salt=file_id, info=b"fedinfer audit log v1"))
+
+    def _nonce_aad(self, number: int) -> tuple[bytes, bytes]:
+        return number.to_bytes(12, "big"), _LINE_CONTEXT + self.file_id + number.to_bytes(8, "big")
+
+    def seal_lines(self, records: list[bytes]) -> bytes:
+        """Encrypted lines for ``records``, numbered from :attr:`lines` (not advanced)."""
+        out = []
+        for number, record in enumerate(records, start=self.lines):
+            nonce, aad = self._nonce_aad(number)
+            out.append(base64.b64encode(self._aead.encrypt(nonce, record, aad)) + b"\n")
+        return b"".join(out)
+
+    def open_line(self, line: bytes, number: int) -> bytes:
+        """Plaintext of line ``number``; raises ``InvalidTag`` / ``binascii.Error`` if bad."""
+        nonce, aad = self._nonce_aad(number)
+        return self._aead.decrypt(nonce, base64.b64decode(line, validate=True), aad)
+
+
+def _header_line(key: StateKey, file_id: bytes, prev: dict[str, Any] | None) -> bytes:
+    header = {
+        "format": _HEADER_FORMAT,
+        "version": 1,
+        "file_id": file_id.hex(),
+        "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "prev": prev,
+    }
+    sealed = key.seal(json.dumps(header).encode(), name=_HEADER_NAME)
+    return base64.b64encode(sealed) + b"\n"
+
+
+def _open_header(key: StateKey, line: bytes, path: Path) -> dict[str, Any]:
+    try:
+        blob = base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError(f"{path} line 1 is not an encrypted audit header (tampered?)") from None
+    header = json.loads(
+        key.open(blob, name=_HEADER_NAME, source=f"{path} line 1", tampered=DataError)
+    )
+    if not isinstance(header, dict) or header.get("format") != _HEADER_FORMAT:
+        raise DataError(f"{path} line 1 is not a fedinfer audit header")
+    return header
+
+
+def _check_mode(path: Path, first_line: bytes, key: StateKey | None) -> None:
+    """Refuse a plaintext audit file where an encrypted one is expected, and the reverse."""
+    sealed = not first_line.startswith(b"{")
+    if sealed and key is None:
+        try:
+            blob = base64.b64decode(first_line[:64], validate=True)
+        except (binascii.Error, ValueError):
+            blob = b""
+        key_id = f" (state key id {sealed_key_id(blob)})" if is_sealed(blob) else ""
+        raise StateKeyError(
+            f"{path} is encrypted at rest{key_id}; pass --state-key FILE (or set {KEY_ENV_VAR})"
+        )
+    if not sealed and key is not None:
+        raise StateKeyError(
+            f"{path} holds plaintext audit records, but the state is encrypted with "
+            f"{key.label}; encrypt it with `fedinfer keys encrypt-state DIR --state-key FILE`"
+        )
+
+
+def _complete_lines(path: Path) -> list[bytes]:
+    """The newline-terminated lines of ``path``; a torn last line (a crash) is left out."""
+    data = path.read_bytes()
+    return data.split(b"\n")[:-1]
 
 
 class AuditLog:
@@ -37,19 +139,78 @@ class AuditLog:
         Rotate when the active file would exceed this (default: 10 MiB).
     max_files : int
         Rotated files kept (default: 50).
+    key : StateKey or None
+        Encrypt every line with the site key (default: None, plaintext JSON lines).
+
+    Raises
+    ------
+    StateKeyError
+        The directory's active file is plaintext and ``key`` is given, or the reverse.
+    ServingError
+        ``key`` is given and another process writes this encrypted audit directory.
     """
 
-    def __init__(self, directory: Path, *, max_bytes: int = 10 << 20, max_files: int = 50) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = 10 << 20,
+        max_files: int = 50,
+        key: StateKey | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes = max_bytes
         self.max_files = max_files
+        self.key = key
+        self._pending: list[bytes] = []
+        self._sealed: _SealedFile | None = None
+        self._lock_fd = self._lock() if key is not None else -1
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
-        self._pending: list[bytes] = []
+        if self._size:
+            self._continue_existing()
+        if key is not None and self._sealed is None:
+            self._start_sealed(prev=None)
 
     def _open(self) -> int:
         return os.open(self.directory / ACTIVE_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def _lock(self) -> int:
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ServingError(
+                f"another process writes the encrypted audit log in {self.directory}; "
+                "give each server its own --audit-dir"
+            ) from None
+        return fd
+
+    def _continue_existing(self) -> None:
+        """Append to a plaintext file; rotate a sealed one away and chain a fresh file to it."""
+        path = self.directory / ACTIVE_NAME
+        lines = _complete_lines(path)
+        _check_mode(path, lines[0] if lines else path.read_bytes(), self.key)
+        if self.key is None:
+            return
+        prev = None
+        if lines:  # else only a torn header: nothing to chain to
+            header = _open_header(self.key, lines[0], path)
+            prev = {"file_id": header["file_id"], "lines": len(lines)}
+        self._start_sealed(prev=prev, rotate=True)
+
+    def _start_sealed(self, *, prev: dict[str, Any] | None, rotate: bool = False) -> None:
+        assert self.key is not None
+        if rotate:
+            self._rotate_file()
+        sealed = _SealedFile(self.key, os.urandom(16))
+        header = _header_line(self.key, sealed.file_id, prev)
+        os.write(self._fd, header)
+        self._size += len(header)
+        sealed.lines = 1
+        self._sealed = sealed
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a dict of JSON scalars) as a line.
@@ -75,13 +236,31 @@ class AuditLog:
             self._append(lines)
 
     def _append(self, lines: list[bytes]) -> None:
-        data = b"".join(lines)
-        if self._size + len(data) > self.max_bytes and self._size > 0:
+        data = self._encode(lines)
+        if self._size + len(data) > self.max_bytes and self._has_records():
             self._rotate()
+            data = self._encode(lines)
         os.write(self._fd, data)
         self._size += len(data)
+        if self._sealed is not None:
+            self._sealed.lines += len(lines)
+
+    def _encode(self, lines: list[bytes]) -> bytes:
+        if self._sealed is None:
+            return b"".join(lines)
+        return self._sealed.seal_lines([line.rstrip(b"\n") for line in lines])
+
+    def _has_records(self) -> bool:
+        return self._size > 0 if self._sealed is None else self._sealed.lines > 1
 
     def _rotate(self) -> None:
+        if self._sealed is None:
+            self._rotate_file()
+            return
+        prev = {"file_id": self._sealed.file_id.hex(), "lines": self._sealed.lines}
+        self._start_sealed(prev=prev, rotate=True)
+
+    def _rotate_file(self) -> None:
         os.close(self._fd)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         os.rename(self.directory / ACTIVE_NAME, self.directory / f"audit-{stamp}.jsonl")
@@ -98,6 +277,9 @@ class AuditLog:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 @dataclass
@@ -138,6 +320,7 @@ class PrincipalUsage:
 def summarize_audit(
     directory: Path,
     *,
+    key: StateKey | None = None,
     window_s: float = 60.0,
     spike_factor: float = 10.0,
     min_requests: int = 20,
@@ -148,6 +331,9 @@ def summarize_audit(
     A principal is flagged when its busiest ``window_s`` window holds at least
     ``min_requests`` requests and more than ``spike_factor`` times its baseline
     (the median of its other active windows; needs ``min_windows`` of them).
+    An encrypted log needs its site ``key``; any line or file that fails
+    authentication (deleted, reordered, truncated, edited) raises a
+    :class:`~fedinfer.errors.DataError` naming it.
 
     Examples
     --------
@@ -155,7 +341,7 @@ def summarize_audit(
     ...     print(usage.principal, usage.requests, usage.flagged)
     """
     usage: dict[str, PrincipalUsage] = {}
-    for record in _records(Path(directory)):
+    for record in _records(Path(directory), key):
         name = str(record.get("principal") or "-")
         u = usage.setdefault(name, PrincipalUsage(name))
         u.requests += 1
@@ -171,22 +357,56 @@ def summarize_audit(
     return sorted(usage.values(), key=lambda u: (-u.requests, u.principal))
 
 
-def _records(directory: Path) -> list[dict[str, Any]]:
+def _records(directory: Path, key: StateKey | None) -> list[dict[str, Any]]:
     if not directory.is_dir():
         raise DataError(f"audit directory {directory} does not exist")
     files = sorted(directory.glob("audit-*.jsonl")) + [directory / ACTIVE_NAME]
     records = []
+    chain: dict[str, Any] | None = None  # (file id, lines) of the previous sealed file
     for path in files:
         if not path.is_file():
             continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        lines = _complete_lines(path)  # a torn last line (a crash mid-write) is skipped
+        if not lines:
+            continue
+        _check_mode(path, lines[0], key)
+        if key is None:
+            raw: Iterator[bytes] = iter(lines)
+        else:
+            raw, chain = _open_sealed_file(key, path, lines, chain)
+        for line in raw:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a torn last line after a crash
+                continue  # plaintext: a line torn by a crash and then appended to
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def _open_sealed_file(
+    key: StateKey, path: Path, lines: list[bytes], chain: dict[str, Any] | None
+) -> tuple[Iterator[bytes], dict[str, Any]]:
+    """Decrypt one file's lines, checking its place in the chain of files."""
+    header = _open_header(key, lines[0], path)
+    if chain is not None and header.get("prev") != chain:
+        raise DataError(
+            f"{path} does not follow the audit file before it (expected {chain}, its header "
+            f"says {header.get('prev')}): a rotated file was deleted, shortened or replaced"
+        )
+    sealed = _SealedFile(key, bytes.fromhex(str(header["file_id"])))
+
+    def plaintexts() -> Iterator[bytes]:
+        for number, line in enumerate(lines[1:], start=1):
+            try:
+                yield sealed.open_line(line, number)
+            except (InvalidTag, binascii.Error, ValueError):
+                raise DataError(
+                    f"{path} line {number + 1} fails authentication: a line was deleted, "
+                    "reordered, truncated or edited; the audit log is not trustworthy from here"
+                ) from None
+
+    return plaintexts(), {"file_id": header["file_id"], "lines": len(lines)}
 
 
 def _timestamp(value: Any) -> float | None:
