@@ -26,6 +26,7 @@ __all__ = ["main"]
 # alone pulls in torch and Opacus: seconds), all of them only for `fedinfer --help`.
 _COMMAND_MODULES: dict[str, str] = {
     "privacy": "fedinfer.privacy.commands",
+    "keys": "fedinfer.crypto.commands",
     **dict.fromkeys(("serve", "predict", "models", "tokens", "audit"), "fedinfer.serving.commands"),
     **dict.fromkeys(("report", "sweep"), "fedinfer.reporting.commands"),
     **dict.fromkeys(

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from at_rest_helpers import plaintext_hits
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedinfer.artifacts import ModelStore, load_public_key, verify_artifact
+from fedinfer.artifacts import ModelStore, load_public_key
 from fedinfer.deploy.certs import init_pki
 from fedinfer.deploy.local import LocalDeployment
 from fedinfer.deploy.process import wait_until
 from fedinfer.deploy.status import collect_status, render_status
+from fedinfer.errors import StateKeyError
 from fedinfer.fl.checkpoint import checkpoint_path
 from fedinfer.privacy import PrivacyLedger
 
@@ -224,11 +226,9 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
     version = results["model_version"]
     assert results["deployed"] == dict.fromkeys(deployment.names, version)
     for name in deployment.names:
-        store = ModelStore(deployment.site_dir(name) / "models")
+        store = ModelStore(deployment.site_dir(name) / "models", key=deployment.state_key(name))
         assert store.current_version() == version
-        manifest = verify_artifact(
-            store.path(version), public_key=load_public_key(deployment.pki.signing_pub)
-        )
+        _, manifest = store.load(version, public_key=load_public_key(deployment.pki.signing_pub))
         assert manifest.server_round == ROUNDS and manifest.privacy["mode"] == "dpsgd"
         assert manifest.privacy["secure_aggregation"] == ("secagg=on" in resumed.overrides)
         answer = deployment.ask_site(name, expect_version=version)
@@ -239,15 +239,27 @@ def test_sites_spent_privacy_and_keep_ledger_and_models_across_a_restart(resumed
     # Prepare
     deployment = resumed.deployment
     name = deployment.names[0]
-    epsilon = PrivacyLedger.read(deployment.site_dir(name)).epsilon
-    version = ModelStore(deployment.site_dir(name) / "models").current_version()
+    key = deployment.state_key(name)
+    epsilon = PrivacyLedger.read(deployment.site_dir(name), key=key).epsilon
+    version = ModelStore(deployment.site_dir(name) / "models", key=key).current_version()
     # Execute
     deployment.sites[name].stop()
     deployment.start_site(name)
     # Assert
     assert epsilon > 0
-    assert PrivacyLedger.read(deployment.site_dir(name)).epsilon == epsilon
+    assert PrivacyLedger.read(deployment.site_dir(name), key=key).epsilon == epsilon
     assert deployment.ask_site(name, expect_version=version)["model_version"] == str(version)
+
+
+def test_site_state_is_encrypted_at_rest(resumed: Scenario) -> None:
+    """After training, publication, serving and a restart: no plaintext state on disk."""
+    for name in resumed.deployment.names:
+        state = resumed.deployment.site_dir(name)
+        # Assert: models, ledger and audit log (which now holds requests) are all sealed
+        assert (state / "audit" / "audit.jsonl").stat().st_size > 0
+        assert plaintext_hits(state, skip=("logs", "flwr")) == []
+        with pytest.raises(StateKeyError, match="encrypted at rest"):
+            PrivacyLedger.read(state, key=None)
 
 
 def test_status_shows_rounds_and_site_servers(resumed: Scenario) -> None:

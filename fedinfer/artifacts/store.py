@@ -52,7 +52,7 @@ from fedinfer.artifacts.artifact import (
     weights_from_bytes,
 )
 from fedinfer.artifacts.manifest import ModelManifest
-from fedinfer.crypto.at_rest import StateKey, open_state, seal_state
+from fedinfer.crypto.at_rest import StateKey, open_state, reseal_file, seal_state
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.fsutil import atomic_write_bytes
 
@@ -310,6 +310,37 @@ class ModelStore:
         """Apply the retention policy now; return the versions deleted."""
         with self._locked():
             return self._prune()
+
+    def reseal(self, new_key: StateKey) -> int:
+        """Re-encrypt every stored file from :attr:`key` (None: plaintext) to ``new_key``.
+
+        Each file is replaced atomically and a file already sealed with ``new_key`` is
+        skipped, so an interrupted run is finished by running it again. Leftover
+        staging debris (possibly plaintext, from a crashed publish) is deleted.
+        Returns the number of files rewritten; afterwards the store uses ``new_key``.
+        """
+        with self._locked():
+            self._clean_staging()
+            files = [(self.root / CURRENT_FILE, CURRENT_FILE)] if self._has_current() else []
+            for version in self.versions():
+                for name in (MANIFEST_FILE, WEIGHTS_FILE):
+                    files.append((self.path(version) / name, f"versions/{version}/{name}"))
+            rewritten = 0
+            for path, relative in files:
+                rewritten += reseal_file(
+                    path,
+                    name=_sealed_name(relative),
+                    old=self.key,
+                    new=new_key,
+                    tampered=ModelIntegrityError,
+                )
+            for version in self.versions():
+                os.chmod(self.path(version), 0o700)
+            self.key = new_key
+            return rewritten
+
+    def _has_current(self) -> bool:
+        return (self.root / CURRENT_FILE).is_file()
 
     # ------------------------------------------------------------------ internals
     @contextmanager

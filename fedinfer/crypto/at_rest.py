@@ -55,6 +55,7 @@ __all__ = [
     "mark_state_dir",
     "open_state",
     "read_marker",
+    "reseal_file",
     "resolve_state_key",
     "seal_state",
     "sealed_key_id",
@@ -283,6 +284,28 @@ def open_state(
     return blob
 
 
+def reseal_file(
+    path: Path,
+    *,
+    name: str,
+    old: StateKey | None,
+    new: StateKey,
+    tampered: type[FedInferError] = FedInferError,
+) -> bool:
+    """Re-encrypt one file from ``old`` (None: plaintext) to ``new``, atomically, in place.
+
+    Idempotent, so an interrupted migration can simply be run again: a file already
+    sealed with ``new`` is only authenticated. Returns whether the file was rewritten.
+    """
+    blob = Path(path).read_bytes()
+    if is_sealed(blob) and sealed_key_id(blob) == new.key_id:
+        new.open(blob, name=name, source=path, tampered=tampered)
+        return False
+    plain = open_state(blob, key=old, name=name, source=path, tampered=tampered)
+    atomic_write_bytes(Path(path), new.seal(plain, name=name), mode=0o600)
+    return True
+
+
 # -------------------------------------------------------------------- key lookup
 def resolve_state_key(
     path: Path | None = None, *, protects: Sequence[Path] = ()
@@ -366,8 +389,9 @@ def check_state_dir(state_dir: Path, key: StateKey | None) -> None:
     where = Path(state_dir) / MARKER_FILE
     if marker.get("rekey_from"):
         raise StateKeyError(
-            f"{where}: a rekey from key id {marker['rekey_from']} to {marker.get('key_id')} "
-            "was interrupted; rerun `fedinfer keys rekey` with both keys to finish it"
+            f"{where}: re-encrypting this state from {marker['rekey_from']} to key id "
+            f"{marker.get('key_id')} was interrupted; rerun the same `fedinfer keys "
+            "encrypt-state` / `fedinfer keys rekey` command to finish it"
         )
     if key is None:
         raise StateKeyError(

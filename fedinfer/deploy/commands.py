@@ -200,6 +200,14 @@ def _add_site(subparsers: Any) -> None:
         default=0,
         help="give up after N failed connection attempts in a row (default: 0, never)",
     )
+    p.add_argument(
+        "--state-key",
+        type=Path,
+        metavar="FILE",
+        help="encrypt models, ledger and audit log at rest with this key "
+        "(fedinfer keys init-site-key; keep it outside --state-dir; "
+        "default: $FEDINFER_STATE_KEY_FILE, else plaintext)",
+    )
     p.set_defaults(func=_site)
 
 
@@ -221,6 +229,7 @@ def _site(ns: argparse.Namespace) -> int:
             serve_port=ns.serve_port,
             serve_args=ns.serve_arg,
             connect_attempts=ns.connect_attempts,
+            state_key=ns.state_key,
         )
     )
 
@@ -244,6 +253,12 @@ def _add_deploy(subparsers: Any) -> None:
     local.add_argument(
         "--keep-alive", action="store_true", help="keep the sites serving until Ctrl-C"
     )
+    local.add_argument(
+        "--no-state-encryption",
+        action="store_true",
+        help="keep the sites' state in plaintext (default: encrypted at rest, "
+        "one key per site in <workdir>/keys/)",
+    )
     local.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. secagg=off privacy=none")
     local.set_defaults(func=_deploy_local)
 
@@ -262,6 +277,7 @@ def _deploy_local(ns: argparse.Namespace) -> int:
         overrides=ns.overrides,
         port=ns.port,
         keep_alive=ns.keep_alive,
+        encrypt_state=not ns.no_state_encryption,
     )
 
 

@@ -6,6 +6,10 @@ site cut from the configured dataset (``data/``), ``fedinfer coordinator``
 ``fedinfer site`` per site (SuperNode + inference server), each a separate
 process with its own log in ``logs/``. It ends by asking every site's server
 for a prediction and checking that it answers with the newly published version.
+
+Every site's state is encrypted at rest by default, with its own key in
+``keys/<site>.state.key`` (outside the state directories, as in a real
+deployment, where it would live on another volume or in a secrets store).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from fedinfer.artifacts import INPUT_NAME, ModelStore
 from fedinfer.config import load_config
+from fedinfer.crypto.at_rest import StateKey
 from fedinfer.data import site_name
 from fedinfer.deploy.certs import Pki, init_pki
 from fedinfer.deploy.process import (
@@ -69,6 +74,8 @@ class LocalDeployment:
         Hydra overrides (the default config: DP-SGD and secure aggregation on).
     port : int
         Fleet gateway port (0: a free one).
+    encrypt_state : bool
+        Encrypt each site's state at rest with its own key (default: True).
     """
 
     def __init__(
@@ -79,8 +86,10 @@ class LocalDeployment:
         rounds: int,
         overrides: Sequence[str] = (),
         port: int = 0,
+        encrypt_state: bool = True,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.encrypt_state = encrypt_state
         self.names = [site_name(i) for i in range(num_sites)]
         self.overrides = [
             f"federation.num_sites={num_sites}",
@@ -99,6 +108,14 @@ class LocalDeployment:
     def site_dir(self, name: str) -> Path:  # noqa: D102
         return self.workdir / "sites" / name
 
+    def state_key_file(self, name: str) -> Path:
+        """Where ``name``'s state key lives: outside its state directory."""
+        return self.workdir / "keys" / f"{name}.state.key"
+
+    def state_key(self, name: str) -> StateKey | None:
+        """``name``'s state key (None when the deployment keeps state in plaintext)."""
+        return StateKey.load(self.state_key_file(name)) if self.encrypt_state else None
+
     def prepare(self) -> list[str]:
         """Keys and data; returns the coordinator's overrides including the model shape."""
         if self.coordinator_dir.exists():
@@ -108,6 +125,9 @@ class LocalDeployment:
         cfg = load_config(self.overrides)
         files = write_site_files(cfg, self.workdir / "data", names=self.names)
         init_pki(self.pki.root, hosts=["127.0.0.1", "localhost"], sites=self.names)
+        if self.encrypt_state:
+            for name in self.names:
+                StateKey.generate().save(self.state_key_file(name))
         return [
             *self.overrides,
             f"deployment.input_dim={files.input_dim}",
@@ -181,6 +201,7 @@ class LocalDeployment:
             str(self.pki.node_key(name)),
             "--serve-port",
             "0",
+            *(["--state-key", str(self.state_key_file(name))] if self.encrypt_state else []),
             *extra,
         ]
         log_file = self.workdir / "logs" / f"{label}.log"
@@ -205,7 +226,9 @@ class LocalDeployment:
             what=f"{name}'s inference server",
         )
         url = f"http://127.0.0.1:{layout.read_state()['serve']['port']}"
-        model_name = ModelStore(layout.models).manifest(expect_version).name
+        model_name = (
+            ModelStore(layout.models, key=self.state_key(name)).manifest(expect_version).name
+        )
         x = np.load(self.workdir / "data" / f"{name}.npz")["x"][:4]
         answer: dict[str, Any] = {}
 
@@ -236,10 +259,16 @@ def deploy_local(
     overrides: Sequence[str],
     port: int = 0,
     keep_alive: bool = False,
+    encrypt_state: bool = True,
 ) -> int:
     """Run :class:`LocalDeployment` end to end and print what every site's server answered."""
     deployment = LocalDeployment(
-        workdir, num_sites=num_sites, rounds=rounds, overrides=overrides, port=port
+        workdir,
+        num_sites=num_sites,
+        rounds=rounds,
+        overrides=overrides,
+        port=port,
+        encrypt_state=encrypt_state,
     )
     with signals_raise_shutdown():
         try:

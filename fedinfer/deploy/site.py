@@ -13,10 +13,17 @@ State directory (everything the site knows; survives restarts)::
       models/            ModelStore: verified, signed versions; CURRENT switched atomically
       ledger.json        the site's privacy ledger (cumulative epsilon)
       audit/             the inference server's audit log
-      node-config.toml   what the ClientApp learns about this site (name, data, state, key)
+      at-rest.json       with --state-key: which key encrypts the three above (no secret)
+      node-config.toml   what the ClientApp learns about this site (name, data, state, keys)
       site.json          pids and ports, for `fedinfer status`
       flwr/              the SuperNode's FLWR_HOME (unpacked app bundles)
       logs/              supernode.log, serve.log
+
+With ``--state-key FILE`` (a key from ``fedinfer keys init-site-key``, kept outside
+the state directory) the model store, the ledger and the audit log are encrypted
+at rest: the ClientApp (through the node config, and ``$FEDINFER_STATE_KEY_FILE``
+in its environment) and ``fedinfer serve`` (``--state-key``) both get the key's
+*path*, never the key itself.
 """
 
 from __future__ import annotations
@@ -31,6 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedinfer.crypto.at_rest import (
+    KEY_ENV_VAR,
+    StateKey,
+    check_state_dir,
+    is_sealed,
+    mark_state_dir,
+    resolve_state_key,
+)
 from fedinfer.deploy.flower import flower_env, supernode_argv
 from fedinfer.deploy.process import (
     ManagedProcess,
@@ -39,7 +54,7 @@ from fedinfer.deploy.process import (
     signals_raise_shutdown,
     wait_until,
 )
-from fedinfer.errors import ConfigError, FedInferError
+from fedinfer.errors import ConfigError, FedInferError, StateKeyError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.reporting.results import write_json_atomic
 
@@ -108,6 +123,9 @@ class SiteOptions:
         More ``fedinfer serve`` options (``--auth-tokens``, ``--tls-certfile`` ...).
     connect_attempts : int
         Give up after this many failed SuperNode starts in a row (default: 0, never).
+    state_key : Path or None
+        The site's state key file: encrypt models, ledger and audit log at rest
+        (default: None, ``$FEDINFER_STATE_KEY_FILE`` if set, else plaintext).
     """
 
     name: str
@@ -122,6 +140,7 @@ class SiteOptions:
     serve_port: int = 8080
     serve_args: list[str] = field(default_factory=list)
     connect_attempts: int = 0
+    state_key: Path | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
 
 
@@ -142,6 +161,8 @@ def node_config_toml(opts: SiteOptions) -> str:
         NodeConfigKeys.STATE_DIR: str(Path(opts.state_dir).resolve()),
         NodeConfigKeys.COORDINATOR_PUBLIC_KEY: str(Path(opts.coordinator_public_key).resolve()),
     }
+    if opts.state_key is not None:
+        entries[NodeConfigKeys.STATE_KEY_FILE] = str(Path(opts.state_key).resolve())
     return "".join(f'"{key}" = {_toml_string(value)}\n' for key, value in entries.items())
 
 
@@ -176,9 +197,12 @@ def run_site(opts: SiteOptions) -> int:
     """
     _check(opts)
     layout = SiteLayout(Path(opts.state_dir).resolve())
+    key = _state_key(opts, layout)
     for directory in (layout.root, layout.models, layout.audit, layout.logs):
         directory.mkdir(parents=True, exist_ok=True)
     os.chmod(layout.root, 0o700)
+    if key is not None:
+        mark_state_dir(layout.root, key)
     layout.node_config.write_text(node_config_toml(opts))
     with signals_raise_shutdown():
         try:
@@ -198,6 +222,32 @@ def run_site(opts: SiteOptions) -> int:
                 proc.stop()
 
 
+def _state_key(opts: SiteOptions, layout: SiteLayout) -> StateKey | None:
+    """Load ``--state-key`` and check it fits the state directory (before starting anything)."""
+    key = resolve_state_key(opts.state_key, protects=[layout.root])
+    check_state_dir(layout.root, key)
+    if key is None:
+        return None
+    opts.state_key = key.path  # the ClientApp and the server get this path, never the key
+    plaintext = [str(p) for p in _plaintext_state(layout)]
+    if plaintext:
+        raise StateKeyError(
+            f"--state-key given, but {', '.join(plaintext)} is plaintext; encrypt the state "
+            f"first: `fedinfer keys encrypt-state {layout.root} --state-key {key.path}`"
+        )
+    return key
+
+
+def _plaintext_state(layout: SiteLayout) -> list[Path]:
+    """The parts of a state directory written in plaintext (before encryption was turned on)."""
+    candidates = [layout.root / "ledger.json", layout.models / "CURRENT"]
+    found = [p for p in candidates if p.is_file() and not is_sealed(p.read_bytes())]
+    active_audit = layout.audit / "audit.jsonl"
+    if active_audit.is_file() and active_audit.read_bytes()[:1] == b"{":
+        found.append(active_audit)
+    return found
+
+
 def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
     argv = supernode_argv(
         superlink=opts.coordinator,
@@ -206,9 +256,11 @@ def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
         node_config=layout.node_config,
         runtime_port=free_port(),
     )
-    supernode = ManagedProcess(
-        "supernode", argv, log_file=layout.logs / "supernode.log", env=flower_env(layout.flwr_home)
-    )
+    # The key's path also in the environment: whatever a ClientApp opens by state
+    # directory alone (the privacy ledger) finds it there.
+    extra = {KEY_ENV_VAR: str(opts.state_key)} if opts.state_key else {}
+    env = flower_env(layout.flwr_home, extra)
+    supernode = ManagedProcess("supernode", argv, log_file=layout.logs / "supernode.log", env=env)
     opts.processes.append(supernode.start())
 
 
@@ -232,6 +284,7 @@ def _start_server(opts: SiteOptions, layout: SiteLayout) -> None:
         str(Path(opts.coordinator_public_key).resolve()),
         "--audit-dir",
         str(layout.audit),
+        *(["--state-key", str(opts.state_key)] if opts.state_key else []),
         *opts.serve_args,
     ]
     server = ManagedProcess("serve", argv, log_file=layout.logs / "serve.log").start()
@@ -269,6 +322,7 @@ def _write_state(opts: SiteOptions, layout: SiteLayout) -> None:
             "started": time.time(),
             "pids": {p.name: p.pid for p in opts.processes},
             "serve": serve,
+            "state_key": str(opts.state_key) if opts.state_key else None,
         },
     )
 

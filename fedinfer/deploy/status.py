@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from fedinfer.crypto.at_rest import StateKey
 from fedinfer.deploy.coordinator import CoordinatorLayout
 from fedinfer.deploy.flower import FlowerCli
 from fedinfer.deploy.site import SiteLayout
@@ -121,11 +122,17 @@ def _site_status(layout: SiteLayout) -> dict[str, Any]:
     return status
 
 
+def _state_key(layout: SiteLayout) -> StateKey | None:
+    """The key ``fedinfer site`` recorded (its path) in site.json, if this user may read it."""
+    path = layout.read_state().get("state_key")
+    return StateKey.load(Path(path)) if path else None
+
+
 def _current_version(layout: SiteLayout) -> int | None:
     from fedinfer.artifacts import ModelStore
 
     with contextlib.suppress(Exception):
-        return ModelStore(layout.models).current_version()
+        return ModelStore(layout.models, key=_state_key(layout)).current_version()
     return None
 
 
@@ -133,7 +140,7 @@ def _epsilon(layout: SiteLayout) -> float | None:
     from fedinfer.privacy import PrivacyLedger
 
     with contextlib.suppress(Exception):
-        return float(PrivacyLedger.read(layout.root).epsilon)
+        return float(PrivacyLedger.read(layout.root, key=_state_key(layout)).epsilon)
     return None
 
 

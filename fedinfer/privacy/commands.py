@@ -14,7 +14,11 @@ __all__ = ["register"]
 
 
 def _show(namespace: argparse.Namespace) -> int:
-    print_ledger(Path(namespace.state_dir), Console(highlight=False, soft_wrap=True))
+    from fedinfer.crypto.at_rest import resolve_state_key
+
+    state_dir = Path(namespace.state_dir)
+    key = resolve_state_key(namespace.state_key, protects=[state_dir])
+    print_ledger(state_dir, Console(highlight=False, soft_wrap=True), key=key)
     return 0
 
 
@@ -27,5 +31,12 @@ def register(subparsers: Any) -> None:
     )
     show.add_argument(
         "state_dir", metavar="SITE_STATE_DIR", help="the site's state directory (holds ledger.json)"
+    )
+    show.add_argument(
+        "--state-key",
+        type=Path,
+        metavar="FILE",
+        help="the site's state key, if its state is encrypted at rest "
+        "(default: $FEDINFER_STATE_KEY_FILE)",
     )
     show.set_defaults(func=_show)

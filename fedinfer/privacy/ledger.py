@@ -59,6 +59,7 @@ from fedinfer.crypto.at_rest import (
     StateKey,
     check_state_dir,
     open_state,
+    reseal_file,
     resolve_state_key,
     seal_state,
 )
@@ -70,7 +71,7 @@ from fedinfer.privacy.accountant import (
     epsilon_from_history,
 )
 
-__all__ = ["LEDGER_FILENAME", "LedgerEntry", "PrivacyLedger"]
+__all__ = ["LEDGER_FILENAME", "LedgerEntry", "PrivacyLedger", "reseal_ledger"]
 
 LEDGER_FILENAME = "ledger.json"
 _FORMAT = "fedinfer-privacy-ledger"
@@ -382,6 +383,20 @@ class PrivacyLedger:
                 os.unlink(tmp_name)
             raise
         _fsync_dir(self.path.parent)
+
+
+def reseal_ledger(state_dir: Path, *, old: StateKey | None, new: StateKey) -> bool:
+    """Re-encrypt ``<state_dir>/ledger.json`` from ``old`` (None: plaintext) to ``new``.
+
+    Under the ledger's lock and atomic like a charge; a ledger already sealed with
+    ``new`` is left as is. Returns whether the file was rewritten (False: no ledger
+    or nothing to do).
+    """
+    path = Path(state_dir) / LEDGER_FILENAME
+    if not path.is_file():
+        return False
+    with _exclusive_lock(path):
+        return reseal_file(path, name=_SEALED_NAME, old=old, new=new, tampered=PrivacyLedgerError)
 
 
 # ---------------------------------------------------------------------- file helpers

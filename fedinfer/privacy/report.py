@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedinfer.crypto.at_rest import StateKey
 from fedinfer.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
 
 __all__ = ["ledger_table", "print_ledger", "show_ledger"]
@@ -42,15 +43,18 @@ def _totals(ledger: PrivacyLedger) -> str:
     )
 
 
-def print_ledger(state_dir: Path, console: Console) -> None:
+def print_ledger(state_dir: Path, console: Console, *, key: StateKey | None = None) -> None:
     """Print the ledger of ``state_dir`` (or of a ``ledger.json`` path) to ``console``.
+
+    ``key`` opens a ledger encrypted at rest (see :meth:`PrivacyLedger.read`).
 
     Raises
     ------
     PrivacyLedgerError
         If the ledger is missing, unreadable or corrupt.
     """
-    console.print(ledger_table(PrivacyLedger.read(_state_dir_of(Path(state_dir)))))
+    ledger = PrivacyLedger.read(_state_dir_of(Path(state_dir)), key=key)
+    console.print(ledger_table(ledger))
 
 
 def show_ledger(path: Path) -> str:

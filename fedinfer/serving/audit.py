@@ -34,6 +34,7 @@ import os
 import statistics
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,8 +45,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedinfer.crypto.at_rest import KEY_ENV_VAR, StateKey, is_sealed, sealed_key_id
 from fedinfer.errors import DataError, ServingError, StateKeyError
+from fedinfer.fsutil import atomic_write_bytes
 
-__all__ = ["AuditLog", "PrincipalUsage", "summarize_audit"]
+__all__ = ["AuditLog", "PrincipalUsage", "locked_audit_dir", "reseal_audit", "summarize_audit"]
 
 ACTIVE_NAME = "audit.jsonl"
 _HEADER_NAME = "audit-header"
@@ -107,11 +109,8 @@ def _check_mode(path: Path, first_line: bytes, key: StateKey | None) -> None:
     """Refuse a plaintext audit file where an encrypted one is expected, and the reverse."""
     sealed = not first_line.startswith(b"{")
     if sealed and key is None:
-        try:
-            blob = base64.b64decode(first_line[:64], validate=True)
-        except (binascii.Error, ValueError):
-            blob = b""
-        key_id = f" (state key id {sealed_key_id(blob)})" if is_sealed(blob) else ""
+        found = _b64_key_id(first_line)
+        key_id = f" (state key id {found})" if found else ""
         raise StateKeyError(
             f"{path} is encrypted at rest{key_id}; pass --state-key FILE (or set {KEY_ENV_VAR})"
         )
@@ -120,6 +119,29 @@ def _check_mode(path: Path, first_line: bytes, key: StateKey | None) -> None:
             f"{path} holds plaintext audit records, but the state is encrypted with "
             f"{key.label}; encrypt it with `fedinfer keys encrypt-state DIR --state-key FILE`"
         )
+
+
+def _lock_dir(directory: Path) -> int:
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ServingError(
+            f"another process (a running server?) writes the encrypted audit log in "
+            f"{directory}; stop it, or give each server its own --audit-dir"
+        ) from None
+    return fd
+
+
+@contextmanager
+def locked_audit_dir(directory: Path) -> Iterator[None]:
+    """Hold the lock a server with an encrypted audit log holds (raise if one does)."""
+    fd = _lock_dir(Path(directory))
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _complete_lines(path: Path) -> list[bytes]:
@@ -177,16 +199,7 @@ class AuditLog:
         return os.open(self.directory / ACTIVE_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def _lock(self) -> int:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ServingError(
-                f"another process writes the encrypted audit log in {self.directory}; "
-                "give each server its own --audit-dir"
-            ) from None
-        return fd
+        return _lock_dir(self.directory)
 
     def _continue_existing(self) -> None:
         """Append to a plaintext file; rotate a sealed one away and chain a fresh file to it."""
@@ -280,6 +293,67 @@ class AuditLog:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def reseal_audit(directory: Path, *, old: StateKey | None, new: StateKey) -> int:
+    """Re-encrypt every audit file of ``directory`` from ``old`` (None: plaintext) to ``new``.
+
+    Files are rewritten atomically, oldest first, keeping the chain (a sealed file keeps
+    its id; plaintext files get ids and are chained in order); a file already sealed
+    with ``new`` is only authenticated, so an interrupted run is finished by running it
+    again. Stop the server first: it holds the directory's lock. Returns files rewritten.
+    """
+    directory = Path(directory)
+    files = sorted(directory.glob("audit-*.jsonl")) + [directory / ACTIVE_NAME]
+    chain: dict[str, Any] | None = None
+    rewritten = 0
+    for path in (p for p in files if p.is_file()):
+        lines = _complete_lines(path)
+        if not lines:
+            continue
+        if not lines[0].startswith(b"{") and _b64_key_id(lines[0]) == new.key_id:
+            _, chain = _open_sealed_file(new, path, lines, chain)  # done by an earlier run
+            continue
+        chain = _reseal_one(path, lines, old=old, new=new, prev=chain)
+        rewritten += 1
+    return rewritten
+
+
+def _reseal_one(
+    path: Path,
+    lines: list[bytes],
+    *,
+    old: StateKey | None,
+    new: StateKey,
+    prev: dict[str, Any] | None,
+) -> dict[str, Any]:
+    _check_mode(path, lines[0], old)
+    if old is None:
+        records = [ln for ln in lines if _is_json_object(ln)]
+        file_id = os.urandom(16)
+    else:
+        header = _open_header(old, lines[0], path)
+        plain, _ = _open_sealed_file(old, path, lines, None)
+        records, file_id, prev = list(plain), bytes.fromhex(header["file_id"]), header["prev"]
+    sealed = _SealedFile(new, file_id, lines=1)
+    data = _header_line(new, file_id, prev) + sealed.seal_lines(records)
+    atomic_write_bytes(path, data, mode=0o600)
+    return {"file_id": file_id.hex(), "lines": 1 + len(records)}
+
+
+def _b64_key_id(line: bytes) -> str | None:
+    try:
+        blob = base64.b64decode(line[:64], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return sealed_key_id(blob) if is_sealed(blob) else None
+
+
+def _is_json_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 @dataclass

@@ -9,11 +9,32 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedinfer.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedinfer.artifacts import ModelStore
+
 __all__ = ["register"]
+
+_STATE_KEY_HELP = (
+    "the site's state key (fedinfer keys init-site-key): the state is encrypted at rest "
+    "(default: $FEDINFER_STATE_KEY_FILE, else plaintext)"
+)
+
+
+def _add_state_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-key", type=Path, metavar="FILE", help=_STATE_KEY_HELP)
+
+
+def _store(ns: argparse.Namespace) -> ModelStore:
+    """The ``--model-store`` ModelStore, opened with ``--state-key`` if any."""
+    from fedinfer.artifacts import ModelStore
+    from fedinfer.crypto.at_rest import resolve_state_key
+
+    key = resolve_state_key(ns.state_key, protects=[ns.model_store])
+    return ModelStore(ns.model_store, key=key)
 
 
 def register(subparsers: Any) -> None:
@@ -114,6 +135,7 @@ def _add_serve(subparsers: Any) -> None:
     )
     _add_prune_amount(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_state_key(p)
     p.set_defaults(func=_serve)
 
 
@@ -156,6 +178,7 @@ def _serve(ns: argparse.Namespace) -> int:
         max_accuracy_drop=ns.max_accuracy_drop,
         prune_amount=ns.prune_amount,
         log_level=ns.log_level,
+        state_key=ns.state_key,
     )
     serve(options)
     return 0
@@ -186,17 +209,18 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--no-progress", action="store_true")
+    _add_state_key(p)
     p.set_defaults(func=_predict)
 
 
 def _predict(ns: argparse.Namespace) -> int:
-    from fedinfer.artifacts import ModelStore, load_public_key
+    from fedinfer.artifacts import load_public_key
     from fedinfer.serving.predict import predict_file
 
     if ns.chunk_size < 1:
         raise ConfigError("`--chunk-size` must be >= 1")
     report = predict_file(
-        ModelStore(ns.model_store),
+        _store(ns),
         input_path=ns.input,
         output_path=ns.output,
         id_column=ns.id_column,
@@ -229,17 +253,17 @@ def _add_models(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="stored versions and which one is current")
     ls.add_argument("--model-store", type=Path, required=True)
+    _add_state_key(ls)
     ls.set_defaults(func=_models_list)
     rb = sub.add_parser("rollback", help="serve an older version again (servers follow)")
     rb.add_argument("--model-store", type=Path, required=True)
     rb.add_argument("--to", type=int, help="version (default: the newest older than current)")
+    _add_state_key(rb)
     rb.set_defaults(func=_models_rollback)
 
 
 def _models_list(ns: argparse.Namespace) -> int:
-    from fedinfer.artifacts import ModelStore
-
-    store = ModelStore(ns.model_store)
+    store = _store(ns)
     current = store.current_version()
     for version in store.versions():
         m = store.manifest(version)
@@ -254,9 +278,7 @@ def _models_list(ns: argparse.Namespace) -> int:
 
 
 def _models_rollback(ns: argparse.Namespace) -> int:
-    from fedinfer.artifacts import ModelStore
-
-    store = ModelStore(ns.model_store)
+    store = _store(ns)
     before = store.current_version()
     version = store.rollback(ns.to)
     print(f"current version {before} -> {version}")
@@ -321,14 +343,20 @@ def _add_audit(subparsers: Any) -> None:
         help="never flag a window with fewer requests (default: 20)",
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_state_key(s)
     s.set_defaults(func=_audit_summary)
 
 
 def _audit_summary(ns: argparse.Namespace) -> int:
+    from fedinfer.crypto.at_rest import resolve_state_key
     from fedinfer.serving.audit import summarize_audit
 
     usage = summarize_audit(
-        ns.dir, window_s=ns.window, spike_factor=ns.spike_factor, min_requests=ns.min_requests
+        ns.dir,
+        key=resolve_state_key(ns.state_key, protects=[ns.dir]),
+        window_s=ns.window,
+        spike_factor=ns.spike_factor,
+        min_requests=ns.min_requests,
     )
     if ns.json:
         print(json.dumps([u.to_dict() for u in usage], indent=2))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fedinfer.artifacts import ModelStore, load_public_key
+from fedinfer.crypto.at_rest import resolve_state_key
 from fedinfer.errors import ConfigError, DataError
 from fedinfer.serving import DEFAULT_BACKEND
 from fedinfer.serving.app import AppLimits, InferenceApp
@@ -54,6 +55,7 @@ class ServeOptions:
     prune_amount: float = 0.0
     port_file: Path | None = None
     log_level: str = "info"
+    state_key: Path | None = None
 
     def resolved_audit_dir(self) -> Path:
         """``--audit-dir``, or ``<model-store>/../audit`` (the site state directory's)."""
@@ -82,8 +84,10 @@ def build_app(options: ServeOptions) -> InferenceApp:
     options.validate()
     metrics = ServingMetrics()
     public_key = load_public_key(options.public_key) if options.public_key else None
+    audit_dir = options.resolved_audit_dir()
+    state_key = resolve_state_key(options.state_key, protects=[options.model_store, audit_dir])
     manager = ModelManager(
-        ModelStore(options.model_store),
+        ModelStore(options.model_store, key=state_key),
         backend=options.backend,
         public_key=public_key,
         batching=BatchingOptions(
@@ -102,7 +106,7 @@ def build_app(options: ServeOptions) -> InferenceApp:
         metrics=metrics,
         tokens=TokenFile(options.auth_tokens) if options.auth_tokens else None,
         rate_limiter=RateLimiter(rate, options.rate_burst) if options.auth_tokens or rate else None,
-        audit=AuditLog(options.resolved_audit_dir()),
+        audit=AuditLog(audit_dir, key=state_key),
         limits=AppLimits(max_body_bytes=options.max_body_bytes, nonfinite=options.nonfinite),
     )
 
