@@ -29,7 +29,10 @@ def test_default_config_is_the_main_job() -> None:
         (["federation.fraction_train=1.5"], "federation.fraction_train"),
         (["strategy=krum"], "strategy.name"),  # krum + secagg=on is refused
         (["privacy.max_grad_norm=0"], "privacy.max_grad_norm"),
-        (["privacy.noise_multiplier=null"], "privacy.noise_multiplier"),  # neither set
+        (
+            ["privacy.noise_multiplier=null", "privacy.target_epsilon=null"],
+            "privacy.noise_multiplier",
+        ),  # neither set
         (["secagg.bits=40"], "secagg.bits"),
         (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
         (["dataset=csv"], "dataset.path"),

@@ -167,6 +167,7 @@ def test_budget_refusal_ends_the_federation_cleanly(out_dir: Path) -> None:
         "secagg=off",
         "federation.rounds=8",
         "privacy.max_epsilon=4.0",
+        "privacy.target_epsilon=null",
         "privacy.noise_multiplier=1.0",
     )
     run_simulation(cfg, output_dir=out_dir)
