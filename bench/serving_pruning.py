@@ -16,7 +16,6 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -50,7 +49,8 @@ def main() -> None:
             model = prune_model(trained, amount)
             zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if "weight" in n)
             total = sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
-            for backend in (TorchBackend(model), OnnxBackend(model, input_dim=x.shape[1], threads=1)):
+            onnx = OnnxBackend(model, input_dim=x.shape[1], threads=1)
+            for backend in (TorchBackend(model), onnx):
                 acc = float((backend.predict(x_test).argmax(1) == y_test).mean())
                 rows.append(
                     {

@@ -153,7 +153,8 @@ def main() -> None:
     report = {
         "sites": args.sites,
         "rounds": args.rounds,
-        # Flower starts the ServerApp while Ray is still starting, so Ray's start-up lands in round 1.
+        # Flower starts the ServerApp while Ray is still starting, so Ray's start-up lands in
+        # round 1.
         "bare_flower": {
             "first_round_s": round(bare_rounds[0], 2),
             "median_round_s": round(bare_ss, 3),

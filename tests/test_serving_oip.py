@@ -75,7 +75,8 @@ def test_nested_json_data_is_accepted() -> None:
             "neither 'data'",
         ),
         (
-            b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "BYTES", "data": [1, 2]}]}',
+            b'{"inputs": [{"name": "input", "shape": [1, 2], '
+            b'"datatype": "BYTES", "data": [1, 2]}]}',
             None,
             "unsupported datatype",
         ),
@@ -90,7 +91,8 @@ def test_nested_json_data_is_accepted() -> None:
             "needs 3",
         ),
         (
-            b'{"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": ["a", 1]}]}',
+            b'{"inputs": [{"name": "input", "shape": [1, 2], '
+            b'"datatype": "FP32", "data": ["a", 1]}]}',
             None,
             "list of numbers",
         ),

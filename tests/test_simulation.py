@@ -1,4 +1,4 @@
-"""End-to-end federations: the real ServerApp/ClientApp code, in-process and on Flower's Ray runtime."""
+"""End-to-end federations: the real ServerApp/ClientApp code, in-process and on Flower's Ray."""
 
 from __future__ import annotations
 
@@ -158,7 +158,8 @@ def test_coordinator_never_receives_an_individual_update(
         assert Keys.ARRAYS not in reply.content.array_records, "no plain weights travel"
         masked = reply.content["secagg-masked"]["masked"].numpy()
         assert masked.dtype == np.uint64
-        # Masked coordinates look uniform over 2**64: their mean is near 2**63, unlike a quantized update.
+        # Masked coordinates look uniform over 2**64: their mean is near 2**63, unlike a
+        # quantized update.
         assert abs(float(masked.astype(np.float64).mean()) / 2**63 - 1) < 0.2
 
 

@@ -81,7 +81,8 @@ class StrategyConfig:
     """Server aggregation (group ``strategy``); Flower's Message-API strategies."""
 
     name: str = MISSING
-    """``fedavg``, ``fedprox``, ``fedadam``, ``fedavgm``, ``fedmedian``, ``trimmed_mean``, ``krum``."""
+    """``fedavg``, ``fedprox``, ``fedadam``, ``fedavgm``, ``fedmedian``, ``trimmed_mean`` or
+    ``krum``."""
     proximal_mu: float = 0.0
     """fedprox: weight of the proximal term (applied in local training)."""
     server_lr: float = 1.0
@@ -158,7 +159,8 @@ class SecAggConfig:
 
     enabled: bool = False
     threshold: float = 0.6
-    """Fewest surviving sites: a fraction of the round's sampled sites if <= 1, else an absolute count."""
+    """Fewest surviving sites: a fraction of the round's sampled sites if <= 1, else an absolute
+    count."""
     clip_range: float = 1.0
     """Updates are clipped to [-clip_range, clip_range] before quantization."""
     bits: int = 16
@@ -201,7 +203,8 @@ class SimulationConfig:
     """How the simulation executes (key ``simulation``)."""
 
     runtime: str = "ray"
-    """``ray`` (Flower's simulation runtime) or ``inprocess`` (sequential, for tests and debugging)."""
+    """``ray`` (Flower's simulation runtime) or ``inprocess`` (sequential, for tests and
+    debugging)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     progress: bool = True
@@ -209,12 +212,16 @@ class SimulationConfig:
     flower_logs: bool = False
     """Also show Flower's per-message INFO logs (debugging)."""
     num_cpus: int | None = None
-    """CPUs this run's Ray instance may use (None: all); a parallel sweep gives each job its share."""
+    """CPUs this run's Ray instance may use (None: all); a parallel sweep gives each job its
+    share."""
 
 
 @dataclass
 class TrackingConfig:
-    """Optional experiment tracking (group ``tracking``); needs ``pip install 'fedinfer[tracking]'``."""
+    """Optional experiment tracking (group ``tracking``).
+
+    Needs ``pip install 'fedinfer[tracking]'``.
+    """
 
     mlflow: bool = False
     """Log every round's metrics, the config and the run's artifacts to MLflow."""
@@ -231,7 +238,8 @@ class DeploymentConfig:
     """A real deployment (key ``deployment``): what a coordinator without data must be told."""
 
     input_dim: int | None = None
-    """Features per sample; the coordinator builds the model from it (``fedinfer coordinator`` needs it)."""
+    """Features per sample; the coordinator builds the model from it (``fedinfer coordinator``
+    needs it)."""
     num_classes: int | None = None
     """Classes of the federation; sites check their labels against it."""
     connect_timeout_s: float = 600.0

@@ -181,7 +181,8 @@ def _check_secagg(cfg: FedInferConfig, problems: list[str]) -> None:
     _positive(problems, "secagg.timeout_s", sa.timeout_s)
     if sa.threshold <= 0 or (sa.threshold > 1 and sa.threshold != int(sa.threshold)):
         problems.append(
-            f"`secagg.threshold` must be a fraction in (0, 1] or a whole count >= 2 (got {sa.threshold})"
+            "`secagg.threshold` must be a fraction in (0, 1] or a whole count >= 2 "
+            f"(got {sa.threshold})"
         )
     _one_of(problems, "secagg.on_abort", sa.on_abort, ("skip", "stop"))
     _one_of(problems, "faults.drop_stage", cfg.faults.drop_stage, DROP_STAGES)

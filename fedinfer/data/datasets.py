@@ -64,7 +64,10 @@ class ArrayDataset:
 
 
 def cache_dir(cfg: DatasetConfig) -> Path:
-    """Where generated datasets are cached (``dataset.cache_dir``, ``$FEDINFER_CACHE``, ~/.cache)."""
+    """Where generated datasets are cached.
+
+    ``dataset.cache_dir``, else ``$FEDINFER_CACHE``, else ``~/.cache/fedinfer``.
+    """
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
     env = os.environ.get("FEDINFER_CACHE")
@@ -163,7 +166,8 @@ def read_table(path: Path, *, label_column: str) -> ArrayDataset:
     suffix = path.suffix.lower()
     if suffix not in _TABLE_SUFFIXES:
         raise DataError(
-            f"`dataset.path` {str(path)!r} has suffix {suffix!r}; use one of {', '.join(_TABLE_SUFFIXES)}"
+            f"`dataset.path` {str(path)!r} has suffix {suffix!r}; "
+            f"use one of {', '.join(_TABLE_SUFFIXES)}"
         )
     if suffix == ".npz":
         x, y = _read_npz(path, label_column)

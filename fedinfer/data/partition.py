@@ -42,7 +42,8 @@ def _dirichlet(
     raise DataError(
         f"`partition.alpha`={cfg.alpha} with {num_sites} sites leaves some site with fewer than "
         f"`partition.min_samples_per_site`={cfg.min_samples_per_site} samples after "
-        f"{_MAX_DIRICHLET_TRIES} draws; raise partition.alpha, lower the site count, or use more samples"
+        f"{_MAX_DIRICHLET_TRIES} draws; raise partition.alpha, lower the site count, "
+        "or use more samples"
     )
 
 

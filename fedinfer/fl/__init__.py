@@ -1,1 +1,1 @@
-"""Flower touchpoints: ServerApp/ClientApp factories, strategies, the round loop, secure aggregation."""
+"""Flower touchpoints: ServerApp/ClientApp factories, strategies, round loop, secure aggregation."""

@@ -123,7 +123,7 @@ def run_rounds(
     evaluate_fn: EvaluateFn | None = None,
     on_round_end: Callable[[RoundRecord, FederationState], None] | None = None,
 ) -> FederationState:
-    """Run rounds ``state.completed_round + 1 .. num_rounds``; stop early when too few sites can train.
+    """Run rounds ``state.completed_round + 1 .. num_rounds``; stop early when too few can train.
 
     Returns the final state; ``state.stop_reason`` says why it ended early, if it did.
     """
@@ -134,7 +134,8 @@ def run_rounds(
         available = len(list(trainable.get_node_ids()))
         if available < min_sites:
             state.stop_reason = (
-                f"only {available} site(s) can still train (others exhausted their privacy budget); "
+                f"only {available} site(s) can still train "
+                "(others exhausted their privacy budget); "
                 f"`federation.min_sites`={min_sites}"
             )
             break

@@ -172,7 +172,8 @@ class SecAggStrategy(Strategy):
                 upload = MaskedUpload.from_wire(wire)
                 if upload.site_id != reply.metadata.src_node_id:
                     raise SecAggAbort(
-                        f"an upload from node {reply.metadata.src_node_id} claims to be {upload.site_id}"
+                        f"an upload from node {reply.metadata.src_node_id} "
+                        f"claims to be {upload.site_id}"
                     )
                 self._round.receive_upload(upload)
             result = self._unmask()

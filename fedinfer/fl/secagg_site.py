@@ -65,7 +65,7 @@ def secagg_train(
     global_weights: dict[str, np.ndarray],
     server_round: int,
 ) -> RecordDict:
-    """Train, then reply with the masked, quantized, sample-weighted update (never the update itself)."""
+    """Train, then reply with the masked, quantized, sample-weighted update (never the update)."""
     fault = str(msg.content[Keys.CONFIG].get(Keys.FAULT_DROP, ""))
     if fault in ("before_keys", "after_keys"):
         raise SimulatedDropout(

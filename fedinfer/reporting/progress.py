@@ -29,7 +29,8 @@ class RoundPrinter:
             return
         if not self._header_done:
             self.console.print(
-                "[bold]round    acc      loss     fed-acc  max-eps  ok/refused/failed  round-s  elapsed-s[/]"
+                "[bold]round    acc      loss     fed-acc  max-eps  "
+                "ok/refused/failed  round-s  elapsed-s[/]"
             )
             self._header_done = True
         accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "   -  "
@@ -40,7 +41,8 @@ class RoundPrinter:
         eps_txt = f"{eps:7.3f}" if eps is not None else "     - "
         sites = f"{len(record.sites)}/{len(record.refused)}/{len(record.failed)}"
         self.console.print(
-            f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>8}   {loss:>7}  {fed_txt:>7}  {eps_txt}  "
+            f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>8}   {loss:>7}  {fed_txt:>7}  "
+            f"{eps_txt}  "
             f"{sites:^17}  {record.duration_s:7.2f}  {time.perf_counter() - self.started:9.1f}"
         )
 
