@@ -488,3 +488,24 @@ def test_migration_refuses_a_state_a_running_server_writes(tmp_path: Path, state
     finally:
         log.close()
     assert os.listdir(tmp_path / "site") == ["audit"]
+
+
+# --------------------------------------------------------------------------- simulation
+def test_a_simulation_encrypts_its_sites_when_the_environment_names_a_key(
+    tmp_path: Path, state_key, monkeypatch
+) -> None:
+    from conftest import tiny_config
+
+    from fedinfer.simulation import run_simulation
+
+    # Prepare
+    monkeypatch.setenv("FEDINFER_STATE_KEY_FILE", str(state_key.path))
+    # Execute
+    run_simulation(tiny_config("privacy=dpsgd", "federation.rounds=1"), output_dir=tmp_path / "run")
+    # Assert
+    sites = sorted((tmp_path / "run" / "sites").iterdir())
+    assert len(sites) == 4
+    for site in sites:
+        assert ModelStore(site / "models", key=state_key).current_version() is not None
+        assert PrivacyLedger.read(site, key=state_key).epsilon > 0
+        assert plaintext_hits(site) == []

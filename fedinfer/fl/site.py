@@ -63,16 +63,22 @@ SiteResolver = Callable[[Context], SiteEnv]
 def simulation_resolver(
     cfg: FedInferConfig, *, output_dir: Path, coordinator_public_key: Path | None
 ) -> SiteResolver:
-    """Sites of a simulation: partition ``i`` is ``site-0i`` with state in ``sites/<id>/``."""
+    """Sites of a simulation: partition ``i`` is ``site-0i`` with state in ``sites/<id>/``.
+
+    Their state is plaintext unless ``$FEDINFER_STATE_KEY_FILE`` names a state key, which
+    then encrypts every simulated site's state (one key for all: they share a machine).
+    """
 
     def resolve(context: Context) -> SiteEnv:
         index = int(context.node_config[NodeConfigKeys.PARTITION_ID])
         data = build_federated_data(cfg).sites[index]
+        state_dir = output_dir / "sites" / data.site_id
         return SiteEnv(
             site_id=data.site_id,
-            state_dir=output_dir / "sites" / data.site_id,
+            state_dir=state_dir,
             data=data,
             coordinator_public_key=coordinator_public_key,
+            state_key=resolve_state_key(None, protects=[state_dir]),
         )
 
     return resolve

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fedinfer.artifacts import ModelStore
 from fedinfer.config.schema import FedInferConfig
+from fedinfer.crypto.at_rest import resolve_state_key
 from fedinfer.data import build_federated_data
 from fedinfer.errors import ServingError
 from fedinfer.serving.launch import SiteServer
@@ -87,7 +88,8 @@ def serve_sites(
     servers: dict[str, SiteServer] = {}
     for site_id in sorted(data):
         store = output_dir / "sites" / site_id / "models"
-        if ModelStore(store).current_version() is None:
+        key = resolve_state_key(None, protects=[store])  # $FEDINFER_STATE_KEY_FILE, as the sites
+        if ModelStore(store, key=key).current_version() is None:
             console.print(f"[yellow]site {site_id} holds no model; it does not serve[/]")
             continue
         servers[site_id] = SiteServer(
