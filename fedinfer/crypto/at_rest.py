@@ -203,7 +203,8 @@ class StateKey:
                 f"{source} uses at-rest format {blob[len(MAGIC)]}; this fedinfer reads "
                 f"{FORMAT_VERSION}: upgrade fedinfer"
             )
-        header, body = blob[:HEADER_BYTES], blob[HEADER_BYTES:]
+        header = blob[:HEADER_BYTES]
+        body = memoryview(blob)[HEADER_BYTES:]  # no copy of a large file's ciphertext
         try:
             return self._aead.decrypt(header[-NONCE_BYTES:], body, _aad(header, name))
         except InvalidTag:
