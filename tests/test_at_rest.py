@@ -509,3 +509,29 @@ def test_a_simulation_encrypts_its_sites_when_the_environment_names_a_key(
         assert ModelStore(site / "models", key=state_key).current_version() is not None
         assert PrivacyLedger.read(site, key=state_key).epsilon > 0
         assert plaintext_hits(site) == []
+
+
+def test_fedinfer_site_refuses_a_bad_key_before_starting_anything(
+    tmp_path: Path, state_key, capsys
+) -> None:
+    # Prepare: the files `fedinfer site` checks, and a state that is still plaintext
+    for name in ("data.npz", "ca.crt", "coordinator.pub", "node.key"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "node.key").chmod(0o600)
+    state = tmp_path / "state"
+    _charge(state, None)
+    StateKey.generate().save(state / "inside.key")
+    base = ["site", "--name", "a", "--data", str(tmp_path / "data.npz"), "--state-dir",
+            str(state), "--coordinator", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "node.key")]  # fmt: skip
+    cases = {
+        str(state / "inside.key"): "lies inside",
+        str(state_key.path): "is plaintext; encrypt the state first: `fedinfer keys encrypt-state",
+    }
+    for key_file, message in cases.items():
+        # Execute
+        code = cli_main([*base, "--state-key", key_file])
+        err = capsys.readouterr().err.strip().splitlines()
+        # Assert
+        assert code == 2 and len(err) == 2 and message in err[0], err
+    assert not (state / "logs").exists() and not (state / "at-rest.json").exists()
