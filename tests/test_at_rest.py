@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from artifact_factory import INPUT_DIM, make_artifact, tiny_weights
@@ -313,10 +314,10 @@ def test_encrypted_site_serves_over_a_socket_and_leaves_no_plaintext(
 
     # Prepare
     state = tmp_path / "site"
-    store = _publish(ModelStore(state / "models", key=state_key), tmp_path / "o", signing_key, 1)
+    store = _publish(ModelStore(state / "models", key=state_key), tmp_path / "o", signing_key, 1, 2)
     _charge(state, state_key)
     x = np.random.default_rng(0).normal(size=(3, INPUT_DIM)).astype(np.float32)
-    # Execute
+    # Execute: the current version, then a pinned one whose manifest was replaced in plaintext
     with SiteServer(
         store.root,
         audit_dir=state / "audit",
@@ -324,8 +325,17 @@ def test_encrypted_site_serves_over_a_socket_and_leaves_no_plaintext(
         extra_args=["--state-key", str(state_key.path)],
     ) as server:
         answer = infer(server.url, model_name="digits", x=x)
+        shutil.copy(tmp_path / "o" / "v1" / MANIFEST_FILE, store.path(1) / MANIFEST_FILE)
+        with httpx.Client(trust_env=False, timeout=30) as client:
+            planted = client.post(
+                f"{server.url}/v2/models/digits/versions/1/infer",
+                json={"inputs": [{"name": "input", "shape": [1, INPUT_DIM], "datatype": "FP32",
+                                  "data": [0.0] * INPUT_DIM}]},
+            )  # fmt: skip
+        (store.path(1) / MANIFEST_FILE).unlink()  # the planted plaintext, for the scan below
     # Assert
-    assert answer["model_version"] == "1" and answer["outputs"][0]["shape"][0] == 3
+    assert answer["model_version"] == "2" and answer["outputs"][0]["shape"][0] == 3
+    assert planted.status_code == 503 and "is not encrypted" in planted.text, planted.text
     assert summarize_audit(state / "audit", key=state_key)[0].requests >= 1
     assert plaintext_hits(state) == []
 

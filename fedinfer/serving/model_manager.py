@@ -21,7 +21,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedinfer.artifacts import ModelManifest, ModelStore
-from fedinfer.errors import FedInferError, ModelIntegrityError, ServingError
+from fedinfer.errors import FedInferError, ModelIntegrityError, ServingError, StateKeyError
 from fedinfer.serving.backends import Backend, build_backend, check_backend
 from fedinfer.serving.batcher import DynamicBatcher
 from fedinfer.serving.metrics import ServingMetrics
@@ -249,7 +249,7 @@ class ModelManager:
             raise ModelNotFound(f"version {version} is not in the model store")
         try:
             model = await self._get_or_load(version)
-        except ModelIntegrityError as exc:
+        except (ModelIntegrityError, StateKeyError) as exc:  # tampered, or sealed otherwise
             raise ModelNotReady(f"version {version} cannot be served: {exc}") from None
         self._evict()
         return model
