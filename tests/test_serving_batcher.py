@@ -153,3 +153,37 @@ def test_a_failing_forward_fails_its_requests_not_the_batcher() -> None:
         pool.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["executor", "inline"])
+def test_fast_forward_passes_move_onto_the_event_loop_only_when_enabled(inline: bool) -> None:
+    """The first pass always runs in the executor; with ``inline_below_s`` set above the
+    measured pass time, later passes run on the event loop's thread, with the same answers."""
+    backend = build_backend("torch", tiny_weights("cnn1d"), _manifest())
+    threads: list[int] = []
+
+    def model(x: np.ndarray) -> dict[str, np.ndarray]:
+        threads.append(threading.get_ident())
+        return run_outputs(backend, x)
+
+    async def scenario() -> tuple[int, list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(
+                model,
+                executor=pool,
+                max_batch_size=1,
+                inline_below_s=3600.0 if inline else 0.0,
+            )
+            batcher.start()
+            xs = [np.full((1, INPUT_DIM), i, dtype=np.float32) for i in range(4)]
+            outs = [(await batcher.submit(x))[0]["logits"] for x in xs]
+            batcher.close()
+            await batcher.wait_closed()
+            return threading.get_ident(), outs
+
+    loop_thread, outs = asyncio.run(scenario())
+    assert threads[0] != loop_thread
+    assert all((t == loop_thread) == inline for t in threads[1:])
+    for i, out in enumerate(outs):
+        expected = run_outputs(backend, np.full((1, INPUT_DIM), i, dtype=np.float32))["logits"]
+        np.testing.assert_allclose(out, expected, rtol=1e-6)

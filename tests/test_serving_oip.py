@@ -183,3 +183,62 @@ def test_response_mixes_binary_and_json_outputs() -> None:
     np.testing.assert_array_equal(
         np.frombuffer(body[header_len:], np.float32).reshape(2, 3), logits
     )
+
+
+def test_repeated_binary_header_binds_each_body_to_its_own_values() -> None:
+    """Plans of identical JSON headers are cached: every body still decodes to its own
+    tensor, and a cached plan still rejects a body whose binary section is too short."""
+    # Prepare
+    first = np.arange(6, dtype=np.float32).reshape(2, 3)
+    second = -first
+    body1, header_len = _binary_request(first)
+    body2, header_len2 = _binary_request(second)
+    assert header_len == header_len2 and body1[: int(header_len)] == body2[: int(header_len)]
+    # Execute
+    got1 = parse_infer_request(body1, header_length=header_len).inputs[0].array
+    got2 = parse_infer_request(body2, header_length=header_len).inputs[0].array
+    # Assert
+    np.testing.assert_array_equal(got1, first)
+    np.testing.assert_array_equal(got2, second)
+    with pytest.raises(OipError, match="shorter"):
+        parse_infer_request(body2[:-4], header_length=header_len)
+
+
+@pytest.mark.parametrize("request_id", [None, "abc"], ids=["cached-header", "with-id"])
+def test_all_binary_reply_has_the_documented_header(request_id: str | None) -> None:
+    """The cached all-binary reply header is byte-for-byte the general encoding's."""
+    # Prepare
+    probs = np.full((3, 10), 0.1, dtype=np.float32)
+    # Execute
+    bodies = [
+        encode_infer_response(
+            model_name="m",
+            model_version="2",
+            request_id=request_id,
+            outputs=[("probabilities", probs * k, True)],
+        )
+        for k in (1, 2)
+    ]
+    # Assert
+    for k, (body, header_len) in zip((1, 2), bodies, strict=True):
+        assert header_len is not None
+        head = json.loads(body[:header_len])
+        expected = {
+            "model_name": "m",
+            "model_version": "2",
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": [3, 10],
+                    "parameters": {"binary_data_size": probs.nbytes},
+                }
+            ],
+        }
+        if request_id is not None:
+            expected["id"] = request_id
+        assert head == expected
+        assert body[:header_len] == json.dumps(expected, separators=(",", ":")).encode()
+        np.testing.assert_array_equal(
+            np.frombuffer(body[header_len:], np.float32).reshape(3, 10), probs * k
+        )

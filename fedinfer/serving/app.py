@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
 import math
@@ -62,6 +63,11 @@ _MODEL_ROUTE = re.compile(
 )
 _ROLLBACK_ROUTE = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/rollback/?$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Generated request ids: a random per-process prefix and a counter (32 hex digits like a
+# uuid4 hex, unique within the process, unguessable across processes) instead of
+# uuid4(), whose os.urandom call is a syscall on every request.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
 # Above these sizes, decoding / encoding runs in a thread so the event loop keeps serving.
 _INLINE_BYTES = 256 * 1024
 _INLINE_ROWS = 2048
@@ -397,7 +403,9 @@ class InferenceApp:
         if tensor.shape[0] == 0:
             raise HttpError(400, f"input {spec.name!r} is an empty batch")
         x: np.ndarray = tensor.array
-        if self.limits.nonfinite == "reject":
+        # The common path is one elementwise test and one reduction; the rows are only
+        # located for the error message.
+        if self.limits.nonfinite == "reject" and not np.isfinite(x).all():
             bad = ~np.isfinite(x).all(axis=1)
             if bad.any():
                 rows = np.flatnonzero(bad)[:10].tolist()
@@ -517,8 +525,12 @@ def _requested_outputs(
 
 
 def _request_id(headers: dict[bytes, bytes]) -> str:
-    given = headers.get(b"x-request-id", b"").decode("latin-1")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    raw = headers.get(b"x-request-id")
+    if raw is not None:
+        given = raw.decode("latin-1")
+        if _REQUEST_ID.match(given):
+            return given
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:

@@ -13,6 +13,11 @@ Policy (one batcher per loaded model version, so a batch never mixes versions):
   ``Retry-After`` instead of letting latency grow without bound.
 
 The forward pass runs in an executor thread; the event loop only moves arrays.
+With ``inline_below_s`` set, a model whose recent forward passes took less than
+that runs on the event loop instead: for a forward pass of tens of microseconds,
+the hand-off to a thread and back (a queue put, two thread wake-ups, a self-pipe
+write) costs more CPU than the forward pass itself. The first pass always runs in
+the executor, and one slow pass sends the next ones back there.
 """
 
 from __future__ import annotations
@@ -69,7 +74,12 @@ class DynamicBatcher:
         Queued requests before :class:`Overloaded` (default: 1024).
     on_batch : callable or None
         ``(rows, seconds)`` hook called after every forward pass (metrics).
+    inline_below_s : float
+        Run forward passes on the event loop while the moving average of recent ones
+        is below this many seconds; 0 always uses ``executor`` (default: 0).
     """
+
+    _EMA_WEIGHT = 0.2
 
     def __init__(
         self,
@@ -80,6 +90,7 @@ class DynamicBatcher:
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
         on_batch: Callable[[int, float], None] | None = None,
+        inline_below_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ServingError(
@@ -91,6 +102,8 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
+        self.inline_below_s = inline_below_s
+        self._forward_ema_s = float("inf")  # unknown until one pass ran in the executor
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -189,9 +202,12 @@ class DynamicBatcher:
         x = np.concatenate([p.x for p in live]) if len(live) > 1 else np.array(live[0].x)
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, x
-            )
+            if self._forward_ema_s < self.inline_below_s:
+                outputs = self._run_batch(x)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_batch, x
+                )
         except Exception as exc:  # a failed forward pass fails its requests, not the server
             for p in live:
                 if not p.future.done():
@@ -199,8 +215,13 @@ class DynamicBatcher:
             return
         finally:
             self._last_done = time.perf_counter()
+        seconds = self._last_done - started
+        ema = self._forward_ema_s
+        self._forward_ema_s = (
+            seconds if ema == float("inf") else ema + self._EMA_WEIGHT * (seconds - ema)
+        )
         if self._on_batch is not None:
-            self._on_batch(len(x), self._last_done - started)
+            self._on_batch(len(x), seconds)
         self._deliver(live, outputs, len(x))
 
     @staticmethod

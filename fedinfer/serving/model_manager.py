@@ -53,6 +53,8 @@ class BatchingOptions:
     max_batch_size: int = 64
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
+    inline_below_ms: float = 0.2
+    """Forward passes faster than this run on the event loop (see the batcher)."""
 
 
 @dataclass
@@ -274,6 +276,7 @@ class ModelManager:
             max_queue_delay_s=self.batching.max_queue_delay_ms / 1000.0,
             max_queue_size=self.batching.max_queue_size,
             on_batch=self.metrics.observe_batch,
+            inline_below_s=self.batching.inline_below_ms / 1000.0,
         )
         batcher.start()
         model = LoadedModel(version, manifest, backend, batcher)

@@ -16,6 +16,7 @@ bad input.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -107,24 +108,86 @@ def parse_infer_request(body: bytes, *, header_length: str | None) -> InferReque
         Anything malformed, with a message naming the offending field.
     """
     split = _header_split(body, header_length)
-    doc = _load_json(body[:split])
     binary = memoryview(body)[split:]
+    if header_length is None:  # all-JSON body: nothing worth caching
+        return _plan(_load_json(body)).bind(binary)
+    header = body[:split]
+    plan = _PLANS.get(header)
+    if plan is None:
+        plan = _plan(_load_json(header))
+        if plan.cacheable and len(header) <= _MAX_CACHED_HEADER:
+            if len(_PLANS) >= _MAX_PLANS:  # a client cycling through shapes: start over
+                _PLANS.clear()
+            _PLANS[header] = plan
+    return plan.bind(binary)
+
+
+@dataclass(frozen=True)
+class _BinaryInput:
+    """An input whose values follow the JSON header; ``size`` bytes at its offset."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    size: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a request's JSON says, ready to be bound to its binary section.
+
+    A client sends the same JSON header with every request of one shape (tritonclient
+    does), so plans of all-binary requests are cached by header bytes: the header is
+    then parsed and validated once, not on every request.
+    """
+
+    id: str | None
+    inputs: tuple[InputTensor | _BinaryInput, ...]
+    outputs: tuple[RequestedOutput, ...] | None
+    binary_output: bool
+
+    @property
+    def cacheable(self) -> bool:
+        return all(isinstance(t, _BinaryInput) for t in self.inputs)
+
+    def bind(self, binary: memoryview) -> InferRequest:
+        inputs, used = [], 0
+        for t in self.inputs:
+            if isinstance(t, InputTensor):
+                inputs.append(t)
+                continue
+            if used + t.size > len(binary):
+                raise OipError(
+                    f"input {t.name!r}: binary section is shorter than its binary_data_size"
+                )
+            array = np.frombuffer(binary[used : used + t.size], dtype=t.dtype).reshape(t.shape)
+            inputs.append(InputTensor(t.name, t.datatype, t.shape, array))
+            used += t.size
+        if used != len(binary):
+            raise OipError(
+                f"binary section has {len(binary) - used} bytes beyond the declared tensors"
+            )
+        return InferRequest(self.id, tuple(inputs), self.outputs, self.binary_output)
+
+
+_PLANS: dict[bytes, _Plan] = {}
+_MAX_PLANS = 256
+_MAX_CACHED_HEADER = 4096
+
+
+def _plan(doc: dict[str, Any]) -> _Plan:
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise OipError("request needs a non-empty 'inputs' list")
-    inputs, used = [], 0
-    for i, raw in enumerate(raw_inputs):
-        tensor, used = _parse_input(raw, i, binary, used)
-        inputs.append(tensor)
-    if used != len(binary):
-        raise OipError(f"binary section has {len(binary) - used} bytes beyond the declared tensors")
+    inputs = tuple(_parse_input(raw, i) for i, raw in enumerate(raw_inputs))
     params = _dict(doc.get("parameters", {}), "parameters")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise OipError("'id' must be a string")
-    return InferRequest(
+    return _Plan(
         id=request_id,
-        inputs=tuple(inputs),
+        inputs=inputs,
         outputs=_parse_outputs(doc.get("outputs")),
         binary_output=bool(params.get("binary_data_output", False)),
     )
@@ -160,7 +223,7 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
+def _parse_input(raw: Any, index: int) -> InputTensor | _BinaryInput:
     raw = _dict(raw, f"inputs[{index}]")
     name, shape, datatype = raw.get("name"), raw.get("shape"), raw.get("datatype")
     if not isinstance(name, str) or not name:
@@ -179,15 +242,10 @@ def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple
                 f"input {name!r}: binary_data_size {size!r} does not match "
                 f"shape {shape} of {datatype} ({count * dtype.itemsize} bytes)"
             )
-        if offset + size > len(binary):
-            raise OipError(f"input {name!r}: binary section is shorter than its binary_data_size")
-        array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
-        return InputTensor(name, datatype, tuple(shape), array), offset + size
+        return _BinaryInput(name, datatype, tuple(shape), dtype, size)
     if "data" not in raw:
         raise OipError(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
-    return InputTensor(
-        name, datatype, tuple(shape), _json_array(raw["data"], name, dtype, shape)
-    ), offset
+    return InputTensor(name, datatype, tuple(shape), _json_array(raw["data"], name, dtype, shape))
 
 
 def _json_array(data: Any, name: str, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
@@ -254,6 +312,16 @@ def encode_infer_response(
         The body and, when any output is binary, the JSON header length to send
         as ``Inference-Header-Content-Length``.
     """
+    if request_id is None and all(binary for _, _, binary in outputs):
+        # The common binary reply: its JSON header depends only on names, types and
+        # shapes, so it is encoded once per shape instead of on every request.
+        blobs = [np.ascontiguousarray(array).tobytes() for _, array, _ in outputs]
+        specs = tuple(
+            (name, _OIP_NAMES[array.dtype], array.shape, len(blob))
+            for (name, array, _), blob in zip(outputs, blobs, strict=True)
+        )
+        header = _binary_header(model_name, model_version, specs)
+        return b"".join([header, *blobs]), len(header)
     tensors, blobs = [], []
     for name, array, binary in outputs:
         entry: dict[str, Any] = {
@@ -268,6 +336,15 @@ def encode_infer_response(
         else:
             entry["data"] = array.ravel().tolist()
         tensors.append(entry)
+    header = _response_header(model_name, model_version, tensors, request_id)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _response_header(
+    model_name: str, model_version: str, tensors: list[dict[str, Any]], request_id: str | None
+) -> bytes:
     doc: dict[str, Any] = {
         "model_name": model_name,
         "model_version": model_version,
@@ -275,7 +352,20 @@ def encode_infer_response(
     }
     if request_id is not None:
         doc["id"] = request_id
-    header = json.dumps(doc, separators=(",", ":")).encode("utf-8")
-    if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=256)
+def _binary_header(
+    model_name: str, model_version: str, specs: tuple[tuple[str, str, tuple[int, ...], int], ...]
+) -> bytes:
+    tensors = [
+        {
+            "name": name,
+            "datatype": datatype,
+            "shape": list(shape),
+            "parameters": {"binary_data_size": size},
+        }
+        for name, datatype, shape, size in specs
+    ]
+    return _response_header(model_name, model_version, tensors, None)

@@ -143,6 +143,10 @@ def serve(options: ServeOptions) -> None:
         backlog=2048,
         lifespan="on",
         ws="none",  # no websockets routes; also avoids importing websockets' legacy module
+        # Nothing here reads the client address, so X-Forwarded-* rewriting would only
+        # parse an IP address on every request.
+        proxy_headers=False,
+        server_header=False,
     )
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier
