@@ -38,7 +38,11 @@ def private_train(
     """
     dp = cfg.privacy
     ledger = PrivacyLedger.open(
-        env.state_dir, accountant=dp.accountant, delta=dp.delta, num_samples=len(env.data.train)
+        env.state_dir,
+        accountant=dp.accountant,
+        delta=dp.delta,
+        num_samples=len(env.data.train),
+        key=env.state_key,
     )
     plan = plan_round(
         privacy=dp,
