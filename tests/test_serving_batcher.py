@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -187,3 +188,30 @@ def test_fast_forward_passes_move_onto_the_event_loop_only_when_enabled(inline: 
     for i, out in enumerate(outs):
         expected = run_outputs(backend, np.full((1, INPUT_DIM), i, dtype=np.float32))["logits"]
         np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_a_slow_batch_size_never_runs_on_the_event_loop() -> None:
+    """Inline execution is decided per size class: 1-row passes are fast and move onto the
+    loop, while 64-row passes, slower than the threshold, always stay in the executor."""
+    threads: dict[int, list[int]] = {1: [], 64: []}
+
+    def model(x: np.ndarray) -> dict[str, np.ndarray]:
+        threads[len(x)].append(threading.get_ident())
+        if len(x) > 1:
+            time.sleep(0.02)  # far above the 5 ms threshold below
+        return {"logits": x[:, :2].copy()}
+
+    async def scenario() -> int:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, executor=pool, max_batch_size=64, inline_below_s=0.005)
+            batcher.start()
+            for _ in range(3):
+                await batcher.submit(np.ones((1, INPUT_DIM), dtype=np.float32))
+                await batcher.submit(np.ones((64, INPUT_DIM), dtype=np.float32))
+            batcher.close()
+            await batcher.wait_closed()
+            return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert threads[1][0] != loop_thread and threads[1][1:] == [loop_thread, loop_thread]
+    assert len(threads[64]) == 3 and loop_thread not in threads[64]

@@ -13,11 +13,14 @@ Policy (one batcher per loaded model version, so a batch never mixes versions):
   ``Retry-After`` instead of letting latency grow without bound.
 
 The forward pass runs in an executor thread; the event loop only moves arrays.
-With ``inline_below_s`` set, a model whose recent forward passes took less than
-that runs on the event loop instead: for a forward pass of tens of microseconds,
+With ``inline_below_s`` set, a batch runs on the event loop instead when recent
+forward passes *of the same size class* (rows 1, 2-3, 4-7, ..., 64-127: powers of
+two) took less than that on average: for a forward pass of tens of microseconds,
 the hand-off to a thread and back (a queue put, two thread wake-ups, a self-pipe
-write) costs more CPU than the forward pass itself. The first pass always runs in
-the executor, and one slow pass sends the next ones back there.
+write) costs more CPU than the forward pass itself. The loop is therefore held at
+most about ``inline_below_s`` by a model: the first pass of each size class always
+runs in the executor, a size class whose passes are slower stays there, and one
+slow pass raises the average and sends the next ones of its class back there.
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ class DynamicBatcher:
     on_batch : callable or None
         ``(rows, seconds)`` hook called after every forward pass (metrics).
     inline_below_s : float
-        Run forward passes on the event loop while the moving average of recent ones
-        is below this many seconds; 0 always uses ``executor`` (default: 0).
+        Run a forward pass on the event loop while the moving average of recent ones of
+        its size class (rows rounded down to a power of two) is below this many
+        seconds; 0 always uses ``executor`` (default: 0).
     """
 
     _EMA_WEIGHT = 0.2
@@ -103,7 +107,8 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
         self.inline_below_s = inline_below_s
-        self._forward_ema_s = float("inf")  # unknown until one pass ran in the executor
+        # Per size class (rows.bit_length()): unknown until one pass ran in the executor.
+        self._forward_ema_s: dict[int, float] = {}
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -200,9 +205,11 @@ class DynamicBatcher:
         if not live:
             return
         x = np.concatenate([p.x for p in live]) if len(live) > 1 else np.array(live[0].x)
+        size_class = len(x).bit_length()
+        ema = self._forward_ema_s.get(size_class)
         started = time.perf_counter()
         try:
-            if self._forward_ema_s < self.inline_below_s:
+            if ema is not None and ema < self.inline_below_s:
                 outputs = self._run_batch(x)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(
@@ -216,9 +223,8 @@ class DynamicBatcher:
         finally:
             self._last_done = time.perf_counter()
         seconds = self._last_done - started
-        ema = self._forward_ema_s
-        self._forward_ema_s = (
-            seconds if ema == float("inf") else ema + self._EMA_WEIGHT * (seconds - ema)
+        self._forward_ema_s[size_class] = (
+            seconds if ema is None else ema + self._EMA_WEIGHT * (seconds - ema)
         )
         if self._on_batch is not None:
             self._on_batch(len(x), seconds)

@@ -84,6 +84,13 @@ def _add_serve(subparsers: Any) -> None:
         help="under load, cap on waiting to fill a partial batch (default: 0)",
     )
     p.add_argument(
+        "--inline-below-ms",
+        type=float,
+        default=0.2,
+        help="run a forward pass on the event loop instead of the worker thread when recent "
+        "passes of its batch size took less than this (default: 0.2; 0 = always the thread)",
+    )
+    p.add_argument(
         "--max-queue-size",
         type=int,
         default=1024,
@@ -166,6 +173,7 @@ def _serve(ns: argparse.Namespace) -> int:
         max_batch_size=1 if ns.no_batching else ns.max_batch_size,
         max_queue_delay_ms=ns.max_queue_delay_ms,
         max_queue_size=ns.max_queue_size,
+        inline_below_ms=ns.inline_below_ms,
         rate_limit=ns.rate_limit,
         rate_burst=ns.rate_burst,
         max_body_bytes=ns.max_body_bytes,

@@ -42,6 +42,7 @@ class ServeOptions:
     max_batch_size: int = 64
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
+    inline_below_ms: float = 0.2
     rate_limit: float = 0.0
     rate_burst: float | None = None
     max_body_bytes: int = 8 << 20
@@ -73,6 +74,8 @@ class ServeOptions:
             raise ConfigError("`--max-batch-size` and `--max-queue-size` must be >= 1")
         if self.max_queue_delay_ms < 0:
             raise ConfigError("`--max-queue-delay-ms` must be >= 0")
+        if self.inline_below_ms < 0:
+            raise ConfigError("`--inline-below-ms` must be >= 0 (0: always a worker thread)")
         if not 0 <= self.prune_amount < 1:
             raise ConfigError(f"`--prune-amount` must be in [0, 1) (got {self.prune_amount})")
         if not 0 <= self.port <= 65535:
@@ -91,7 +94,10 @@ def build_app(options: ServeOptions) -> InferenceApp:
         backend=options.backend,
         public_key=public_key,
         batching=BatchingOptions(
-            options.max_batch_size, options.max_queue_delay_ms, options.max_queue_size
+            options.max_batch_size,
+            options.max_queue_delay_ms,
+            options.max_queue_size,
+            options.inline_below_ms,
         ),
         metrics=metrics,
         poll_interval_s=options.poll_interval_s,
