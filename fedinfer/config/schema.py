@@ -189,7 +189,8 @@ class ServingConfig:
     """Start every site's inference server after training and query it once."""
     backend: str = "onnx"
     """``onnx`` (fastest here: bench/results/serving.md), ``torch`` or ``int8``."""
-    max_batch_size: int = 64
+    max_batch_size: int = 4096
+    """Most rows per forward pass of a site server (``fedinfer serve --max-batch-size``)."""
     max_queue_delay_ms: float = 0.0
     """Extra wait for a partial batch; 0 never delays an idle model."""
     keep_alive: bool = False

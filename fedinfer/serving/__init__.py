@@ -11,4 +11,9 @@ DEFAULT_BACKEND = "onnx"
 """Chosen by measurement (bench/results/serving.md): ONNX Runtime has the lowest forward
 latency at batch 1 and 64 for both mlp and cnn1d, with accuracy identical to torch."""
 
-__all__ = ["DEFAULT_BACKEND", "__version__"]
+DEFAULT_MAX_BATCH_SIZE = 4096
+"""Rows per forward pass. Large enough that 64 concurrent 64-row requests share one pass (as
+peers that count their batch in requests do), while 1-row traffic batches whatever is queued;
+measured in bench/results/serving_peers.md. A batch only ever holds what is already queued."""
+
+__all__ = ["DEFAULT_BACKEND", "DEFAULT_MAX_BATCH_SIZE", "__version__"]

@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
 
 # ---------------------------------------------------------------------------- serve
 def _add_serve(subparsers: Any) -> None:
-    from fedinfer.serving import DEFAULT_BACKEND
+    from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE
 
     p = subparsers.add_parser(
         "serve",
@@ -75,7 +75,12 @@ def _add_serve(subparsers: Any) -> None:
         default=DEFAULT_BACKEND,
         help=f"inference backend (default: {DEFAULT_BACKEND}, fastest measured)",
     )
-    p.add_argument("--max-batch-size", type=int, default=64, help="rows per forward pass")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"most rows per forward pass (default: {DEFAULT_MAX_BATCH_SIZE})",
+    )
     p.add_argument("--no-batching", action="store_true", help="same as --max-batch-size 1")
     p.add_argument(
         "--max-queue-delay-ms",

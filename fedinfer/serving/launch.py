@@ -13,6 +13,7 @@ from types import TracebackType
 import httpx
 
 from fedinfer.errors import ServingError
+from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
 
 __all__ = ["SiteServer"]
 
@@ -57,7 +58,7 @@ class SiteServer:
         host: str = "127.0.0.1",
         port: int = 0,
         backend: str | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_delay_ms: float = 0.0,
         auth_tokens: Path | None = None,
         public_key: Path | None = None,

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedinfer.artifacts import ModelManifest, ModelStore
 from fedinfer.errors import FedInferError, ModelIntegrityError, ServingError, StateKeyError
+from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
 from fedinfer.serving.backends import Backend, build_backend, check_backend
 from fedinfer.serving.batcher import DynamicBatcher
 from fedinfer.serving.metrics import ServingMetrics
@@ -50,7 +51,7 @@ class ModelNotReady(ServingError):
 class BatchingOptions:
     """Dynamic batching settings (see :mod:`fedinfer.serving.batcher`)."""
 
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
     inline_below_ms: float = 0.2

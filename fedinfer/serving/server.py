@@ -14,7 +14,7 @@ import numpy as np
 from fedinfer.artifacts import ModelStore, load_public_key
 from fedinfer.crypto.at_rest import resolve_state_key
 from fedinfer.errors import ConfigError, DataError
-from fedinfer.serving import DEFAULT_BACKEND
+from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE
 from fedinfer.serving.app import AppLimits, InferenceApp
 from fedinfer.serving.audit import AuditLog
 from fedinfer.serving.auth import RateLimiter, TokenFile
@@ -39,7 +39,7 @@ class ServeOptions:
     auth_tokens: Path | None = None
     public_key: Path | None = None
     backend: str = DEFAULT_BACKEND
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
     inline_below_ms: float = 0.2
