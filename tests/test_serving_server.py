@@ -313,3 +313,26 @@ def test_server_without_a_model_is_live_but_not_ready(tmp_path: Path) -> None:
         assert client.get("/v2/health/live").status_code == 200
         assert client.get("/v2/health/ready").status_code == 503
         assert client.post("/v2/models/digits/infer", json=_bad()).status_code == 503
+
+
+def test_a_pinned_version_is_ready_only_if_it_can_be_served(tmp_path: Path) -> None:
+    """Ready means servable: a stored version whose weights were tampered with is 503
+    not ready (like its infer), an unknown version 400, a good one 200."""
+    # Prepare: version 1 is damaged on disk after it was accepted; version 2 is current
+    store = publish_versions(tmp_path, generate_signing_key(), [1, 2])
+    weights = next(store.path(1).glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    options = options_for(store.root, audit_dir=tmp_path / "audit")
+    # Execute
+    with running_server(options) as url, httpx.Client(base_url=url) as client:
+        damaged = client.get("/v2/models/digits/versions/1/ready")
+        good = client.get("/v2/models/digits/versions/2/ready")
+        unknown = client.get("/v2/models/digits/versions/9/ready")
+        current = client.get("/v2/models/digits/ready")
+    # Assert
+    assert (damaged.status_code, damaged.json()) == (503, {"ready": False})
+    assert (good.status_code, good.json()) == (200, {"ready": True})
+    assert (unknown.status_code, unknown.json()) == (400, {"ready": False})
+    assert current.status_code == 200

@@ -421,9 +421,14 @@ class InferenceApp:
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if version is None:
             ready = self.manager.current is not None
-        else:
-            ready = version in await asyncio.to_thread(self.manager.store.versions)
-        return (200 if ready else 400), [], _json_body({"ready": ready})
+            return (200 if ready else 503), [], _json_body({"ready": ready})
+        try:  # ready means servable: loaded, or verified and loaded now (as infer would)
+            await self.manager.get(version)
+        except ModelNotFound:
+            return 400, [], _json_body({"ready": False})
+        except ModelNotReady:
+            return 503, [], _json_body({"ready": False})
+        return 200, [], _json_body({"ready": True})
 
     async def _model_metadata(
         self, version: int | None
