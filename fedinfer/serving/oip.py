@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 __all__ = [
     "HEADER_LENGTH",
@@ -209,12 +210,24 @@ def _header_split(body: bytes, header_length: str | None) -> int:
 
 def _load_json(raw: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(raw)
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        doc = _load_json_slow(raw)
+    return _dict(doc, "request body")
+
+
+def _load_json_slow(raw: bytes) -> Any:
+    """Parse with the json module, the fallback when orjson refuses the body.
+
+    It also reads the NaN/Infinity literals that Python clients send (which
+    ``--nonfinite`` then judges), and words the error for invalid JSON.
+    """
+    try:
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OipError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise OipError("request JSON is nested too deeply") from None
-    return _dict(doc, "request body")
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
@@ -334,7 +347,7 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = np.ascontiguousarray(array).ravel()  # orjson writes numpy natively
         tensors.append(entry)
     header = _response_header(model_name, model_version, tensors, request_id)
     if not blobs:
@@ -352,7 +365,7 @@ def _response_header(
     }
     if request_id is not None:
         doc["id"] = request_id
-    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 @functools.lru_cache(maxsize=256)
