@@ -215,3 +215,34 @@ def test_a_slow_batch_size_never_runs_on_the_event_loop() -> None:
     loop_thread = asyncio.run(scenario())
     assert threads[1][0] != loop_thread and threads[1][1:] == [loop_thread, loop_thread]
     assert len(threads[64]) == 3 and loop_thread not in threads[64]
+
+
+def test_the_inline_decision_times_the_forward_pass_alone() -> None:
+    """On a busy event loop the wait to resume after the executor is not model time: a
+    fast model still moves onto the loop (timing around the hand-off kept it off for good)."""
+    threads: list[int] = []
+
+    def model(x: np.ndarray) -> dict[str, np.ndarray]:
+        threads.append(threading.get_ident())
+        return {"logits": x[:, :2].copy()}
+
+    async def hog() -> None:  # other work holding the loop, as 64 connections do
+        while True:
+            time.sleep(0.01)
+            await asyncio.sleep(0)
+
+    async def scenario() -> int:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(model, executor=pool, max_batch_size=1, inline_below_s=0.005)
+            batcher.start()
+            busy = asyncio.get_running_loop().create_task(hog())
+            for _ in range(4):
+                await batcher.submit(np.ones((1, INPUT_DIM), dtype=np.float32))
+            busy.cancel()
+            batcher.close()
+            await batcher.wait_closed()
+            return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert threads[0] != loop_thread, "the first pass of a size class runs in the executor"
+    assert threads[1:] == [loop_thread] * 3
