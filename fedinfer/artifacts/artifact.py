@@ -35,6 +35,7 @@ from fedinfer.artifacts.manifest import MANIFEST_FORMAT, ModelManifest, TensorSp
 from fedinfer.artifacts.signing import key_fingerprint, sign_bytes, verify_bytes
 from fedinfer.config.schema import ModelConfig
 from fedinfer.errors import ConfigError, ModelIntegrityError
+from fedinfer.fsutil import fsync_directory
 
 __all__ = [
     "INPUT_NAME",
@@ -193,7 +194,7 @@ def _write_atomically(out_dir: Path, blob: bytes, manifest: ModelManifest) -> Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    fsync_dir(out_dir.parent)
+    fsync_directory(out_dir.parent)
     return out_dir
 
 
@@ -208,15 +209,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk so a rename in it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(artifact_dir: Path) -> ModelManifest:

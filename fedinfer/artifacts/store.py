@@ -46,7 +46,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedinfer.artifacts.artifact import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
-    fsync_dir,
     verify_artifact_bytes,
     verify_manifest_signature,
     weights_from_bytes,
@@ -54,7 +53,7 @@ from fedinfer.artifacts.artifact import (
 from fedinfer.artifacts.manifest import ModelManifest
 from fedinfer.crypto.at_rest import StateKey, open_state, reseal_file, seal_state
 from fedinfer.errors import ConfigError, ModelIntegrityError
-from fedinfer.fsutil import atomic_write_bytes
+from fedinfer.fsutil import atomic_write_bytes, fsync_directory
 
 __all__ = ["ModelStore"]
 
@@ -264,7 +263,7 @@ class ModelStore:
             staging = self._stage(manifest.version, manifest_raw, weights_raw)
             try:
                 os.rename(staging, self.path(manifest.version))
-                fsync_dir(self.versions_dir)
+                fsync_directory(self.versions_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             logger.info("stored model %r version %d", manifest.name, manifest.version)

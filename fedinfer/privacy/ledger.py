@@ -64,6 +64,7 @@ from fedinfer.crypto.at_rest import (
     seal_state,
 )
 from fedinfer.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
+from fedinfer.fsutil import fsync_directory
 from fedinfer.privacy.accountant import (
     HistoryEntry,
     create_accountant,
@@ -382,7 +383,7 @@ class PrivacyLedger:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_directory(self.path.parent)
 
 
 def reseal_ledger(state_dir: Path, *, old: StateKey | None, new: StateKey) -> bool:
@@ -414,14 +415,6 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _state_key(state_dir: Path, key: StateKey | None) -> StateKey | None:
