@@ -106,6 +106,36 @@ def train(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, epochs: int) -> torch.
     return model.eval()
 
 
+def publish_trained(
+    work: Path,
+    name: str,
+    module: torch.nn.Module,
+    cfg: ModelConfig,
+    key,
+    *,
+    run_id: str,
+    model_name: str = "mnist1d",
+) -> ModelStore:
+    """Sign ``module`` as version 1 of ``model_name`` and publish it to ``work/name/models``."""
+    art = write_artifact(
+        work / "artifacts" / name,
+        weights=weights_from_module(module),
+        model_cfg=cfg,
+        input_dim=40,
+        num_classes=10,
+        version=1,
+        server_round=1,
+        metrics={},
+        privacy={},
+        run_id=run_id,
+        signing_key=key,
+        name=model_name,
+    )
+    store = ModelStore(work / name / "models")
+    store.publish(art, public_key=key.public_key())
+    return store
+
+
 def time_forward(fn, x: np.ndarray, repeats: int) -> float:
     """Median seconds per call."""
     for _ in range(5):
@@ -372,22 +402,7 @@ def main() -> None:
     stores = {}
     for name, cfg in MODELS.items():
         model = train(cfg, x, y, args.epochs)
-        art = write_artifact(
-            tmp / "out" / name,
-            weights=weights_from_module(model),
-            model_cfg=cfg,
-            input_dim=40,
-            num_classes=10,
-            version=1,
-            server_round=1,
-            metrics={},
-            privacy={},
-            run_id="bench",
-            signing_key=key,
-            name="mnist1d",
-        )
-        stores[name] = ModelStore(tmp / name / "models")
-        stores[name].publish(art, public_key=key.public_key())
+        stores[name] = publish_trained(tmp, name, model, cfg, key, run_id="bench")
     backends = backend_table(stores, x_test, y_test)
     print(json.dumps(backends, indent=1), flush=True)
     extra = [b for b in args.also_backend if b != DEFAULT_BACKEND]

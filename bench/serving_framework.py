@@ -11,7 +11,6 @@ implementation would. The load generator is a second process (bench/serving_load
 # No `from __future__ import annotations` here: FastAPI resolves the route's parameter
 # annotations (Request) at runtime from module globals.
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -66,12 +65,9 @@ def serve(mode: str, store_root: str, port_file: str) -> None:
     )
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(mode: str, store_root: Path, concurrency: int, duration: float) -> dict:
+    from serving_bench import cpu_seconds
+
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen(
@@ -148,30 +144,15 @@ def main() -> None:
         return
     sys.path.insert(0, str(ROOT))
     import numpy as np
+    from serving_bench import MODELS, publish_trained
 
-    from fedinfer.artifacts import ModelStore, generate_signing_key, write_artifact
-    from fedinfer.artifacts.torch_model import weights_from_module
-    from fedinfer.config.schema import ModelConfig
+    from fedinfer.artifacts import generate_signing_key
     from fedinfer.models import build_model
 
     tmp = Path(tempfile.mkdtemp(prefix="fedinfer-fw-"))
-    key, cfg = generate_signing_key(), ModelConfig(name="mlp", hidden_sizes=[128, 64])
-    art = write_artifact(
-        tmp / "a",
-        weights=weights_from_module(build_model(cfg, input_dim=40, num_classes=10)),
-        model_cfg=cfg,
-        input_dim=40,
-        num_classes=10,
-        version=1,
-        server_round=1,
-        metrics={},
-        privacy={},
-        run_id="fw",
-        signing_key=key,
-        name="mnist1d",
-    )
-    store = ModelStore(tmp / "models")
-    store.publish(art, public_key=key.public_key())
+    key, cfg = generate_signing_key(), MODELS["mlp"]
+    module = build_model(cfg, input_dim=40, num_classes=10)
+    store = publish_trained(tmp, "mlp", module, cfg, key, run_id="fw")
     rows = []
     for _ in range(2):  # interleaved A/B/A/B: the shared box's load drifts
         for mode in ("raw", "fastapi"):

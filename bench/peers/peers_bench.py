@@ -493,12 +493,7 @@ def build_models(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     import serving_bench as sb
     import torch
 
-    from fedinfer.artifacts import (
-        ModelStore,
-        generate_signing_key,
-        weights_from_module,
-        write_artifact,
-    )
+    from fedinfer.artifacts import generate_signing_key
     from fedinfer.serving.backends import build_backend, export_onnx
     from fedinfer.serving.model_manager import run_outputs
 
@@ -511,22 +506,9 @@ def build_models(args: argparse.Namespace, work: Path) -> dict[str, dict]:
         module = sb.train(cfg, x, y, args.epochs)
         onnx = work / f"{name}.onnx"
         onnx.write_bytes(export_onnx(module, input_dim=INPUT_DIM))
-        art = write_artifact(
-            work / "artifacts" / name,
-            weights=weights_from_module(module),
-            model_cfg=cfg,
-            input_dim=INPUT_DIM,
-            num_classes=CLASSES,
-            version=1,
-            server_round=1,
-            metrics={},
-            privacy={},
-            run_id="peers",
-            signing_key=key,
-            name=MODEL_NAME,
+        store = sb.publish_trained(
+            work, name, module, cfg, key, run_id="peers", model_name=MODEL_NAME
         )
-        store = ModelStore(work / name / "models")
-        store.publish(art, public_key=key.public_key())
         weights, manifest = store.load()
         backend = build_backend("onnx", weights, manifest, threads=1)
         sample = x_test[:3]
