@@ -11,6 +11,7 @@ traceback. Anything else reaching the CLI is a bug in fedinfer.
     ├── DataError                a dataset file / column / split problem
     ├── PrivacyBudgetExceeded    a site would spend more epsilon than `privacy.max_epsilon`
     ├── PrivacyLedgerError       a site's privacy ledger is missing, corrupt or inconsistent
+    ├── PolicyViolation          a coordinator's request breaks the site's policy (names the key)
     ├── SecAggAbort              a secure-aggregation round cannot complete (too few survivors ...)
     ├── ModelIntegrityError      an artifact's hash or signature does not verify
     ├── ServingError             the inference server cannot start or serve as asked
@@ -25,6 +26,7 @@ __all__ = [
     "FedInferError",
     "ModelIntegrityError",
     "PrivacyBudgetExceeded",
+    "PolicyViolation",
     "PrivacyLedgerError",
     "SecAggAbort",
     "ServingError",
@@ -59,6 +61,14 @@ class PrivacyLedgerError(FedInferError):
 
     Never answered by resetting the ledger: that would silently reset the site's budget.
     """
+
+
+class PolicyViolation(FedInferError):
+    """A coordinator's request breaks the site's policy; ``key`` names the policy key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class SecAggAbort(FedInferError):

@@ -186,8 +186,11 @@ def test_budget_refusal_ends_the_federation_cleanly(out_dir: Path) -> None:
 
 
 def test_dp_and_secagg_together_report_growing_epsilon(out_dir: Path) -> None:
+    # The site policy lets these DP metrics leave (by default only epsilon does).
+    allowed = "site_policy.allowed_metrics=[epsilon,delta,noise-multiplier,sample-rate]"
     run_simulation(
-        tiny_config("federation.rounds=3", "privacy.max_epsilon=100"), output_dir=out_dir
+        tiny_config("federation.rounds=3", "privacy.max_epsilon=100", allowed),
+        output_dir=out_dir,
     )
     data = _results(out_dir)
     per_round = [max(r["epsilon"].values()) for r in data["rounds"]]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from fedinfer.policy.schema import SitePolicy
+
 __all__ = [
     "DatasetConfig",
     "DeploymentConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "SecAggConfig",
     "ServingConfig",
     "SimulationConfig",
+    "SitePolicy",
     "StrategyConfig",
     "TrackingConfig",
 ]
@@ -264,6 +267,9 @@ class FedInferConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    site_policy: SitePolicy = field(default_factory=SitePolicy)
+    """Simulation only: every simulated site's own policy, applied on the site side and never
+    sent by the coordinator (a deployed site reads its policy file instead)."""
     seed: int = 0
     output_dir: str | None = None
     """Where the run writes (default: Hydra's run directory, or the current directory)."""

@@ -2,7 +2,9 @@
 
 Both take the federation's typed config from Flower's run config (written by
 :func:`fedinfer.fl.run_config.to_run_config` into the app bundle the
-coordinator builds), so every site trains with exactly the coordinator's settings.
+coordinator builds). For a site that config is only a request: the ClientApp
+checks it against the site's own policy file (named in the node config) and
+refuses what the policy forbids.
 
 The ServerApp runs in a process the SuperLink spawns; what only the coordinator
 may know (its output directory, the signing key's path, whether to resume) is
@@ -30,7 +32,7 @@ from rich.console import Console
 from fedinfer.artifacts import load_signing_key
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.errors import ConfigError, FedInferError
-from fedinfer.fl.client_app import build_client_app
+from fedinfer.fl.client_app import build_client_app, node_policy
 from fedinfer.fl.coordinator import ModelShape, run_coordinator
 from fedinfer.fl.run_config import from_run_config
 from fedinfer.fl.site import deployment_resolver
@@ -200,4 +202,5 @@ def build_deploy_client_app() -> ClientApp:
     return build_client_app(
         config_fn=config_of,
         resolver_fn=lambda cfg: deployment_resolver(cfg, num_classes=model_shape(cfg).num_classes),
+        policy_fn=node_policy,
     )

@@ -171,19 +171,36 @@ def _coordinator(ns: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- site
 def _add_site(subparsers: Any) -> None:
-    p = subparsers.add_parser("site", help="start a site: its SuperNode and its inference server")
-    p.add_argument("--name", required=True, help="the site's name (its node key was made for it)")
-    p.add_argument("--data", type=Path, required=True, help="the site's CSV / Parquet / NPZ file")
-    p.add_argument("--state-dir", type=Path, required=True, help="models, ledger, audit log, logs")
-    p.add_argument(
-        "--coordinator", required=True, help="HOST:PORT of the coordinator's Fleet gateway"
+    p = subparsers.add_parser(
+        "site",
+        help="start a site: its SuperNode and its inference server (or: site init-policy DIR)",
+        description="Start a site, or write its policy: `fedinfer site init-policy STATE_DIR`.",
     )
-    p.add_argument("--ca", type=Path, required=True, help="the deployment's CA certificate")
-    p.add_argument("--key", type=Path, required=True, help="this site's node private key")
+    sub = p.add_subparsers(dest="site_command", metavar="[init-policy]")
+    init = sub.add_parser(
+        "init-policy",
+        help="write the strict default site policy (site_policy.toml) into a state directory",
+    )
+    init.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state directory")
+    init.set_defaults(func=_site_init_policy)
+    # Required for starting a site, checked in _site: argparse would demand them of init-policy.
+    p.add_argument("--name", help="the site's name (its node key was made for it)")
+    p.add_argument("--data", type=Path, help="the site's CSV / Parquet / NPZ file")
+    p.add_argument("--state-dir", type=Path, help="models, ledger, audit log, policy, logs")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator's Fleet gateway")
+    p.add_argument("--ca", type=Path, help="the deployment's CA certificate")
+    p.add_argument("--key", type=Path, help="this site's node private key")
     p.add_argument(
         "--coordinator-public-key",
         type=Path,
         help="model-signing public key (default: coordinator.pub next to --key)",
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="the site's policy, checked against every request of the coordinator "
+        "(default: STATE_DIR/site_policy.toml; write one with `fedinfer site init-policy`)",
     )
     p.add_argument("--no-serve", action="store_true", help="do not start the inference server")
     p.add_argument("--serve-host", default="127.0.0.1", help="inference server bind address")
@@ -211,9 +228,21 @@ def _add_site(subparsers: Any) -> None:
     p.set_defaults(func=_site)
 
 
+def _site_init_policy(ns: argparse.Namespace) -> int:
+    from fedinfer.policy import POLICY_FILENAME, SitePolicy, save_policy
+
+    path = save_policy(SitePolicy(), Path(ns.state_dir) / POLICY_FILENAME)
+    print(f"wrote the strict default site policy {path}; edit it, then start the site")
+    return 0
+
+
 def _site(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.site import SiteOptions, run_site
 
+    required = ("name", "data", "state_dir", "coordinator", "ca", "key")
+    missing = [f"--{k.replace('_', '-')}" for k in required if getattr(ns, k) is None]
+    if missing:
+        raise ConfigError(f"`fedinfer site` needs {', '.join(missing)}")
     public_key = ns.coordinator_public_key or Path(ns.key).parent / "coordinator.pub"
     return run_site(
         SiteOptions(
@@ -230,6 +259,7 @@ def _site(ns: argparse.Namespace) -> int:
             serve_args=ns.serve_arg,
             connect_attempts=ns.connect_attempts,
             state_key=ns.state_key,
+            policy=ns.policy,
         )
     )
 

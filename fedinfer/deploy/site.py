@@ -14,6 +14,8 @@ State directory (everything the site knows; survives restarts)::
       ledger.json        the site's privacy ledger (cumulative epsilon)
       audit/             the inference server's audit log
       at-rest.json       with --state-key: which key encrypts the three above (no secret)
+      site_policy.toml   the site's policy (default place; `fedinfer site init-policy`): every
+                         request of the coordinator is checked against it (fedinfer.policy)
       node-config.toml   what the ClientApp learns about this site (name, data, state, keys)
       site.json          pids and ports, for `fedinfer status`
       flwr/              the SuperNode's FLWR_HOME (unpacked app bundles)
@@ -58,7 +60,15 @@ from fedinfer.errors import ConfigError, FedInferError, StateKeyError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.reporting.results import write_json_atomic
 
-__all__ = ["SiteLayout", "SiteOptions", "node_config_toml", "run_site", "serving_available"]
+__all__ = [
+    "SiteLayout",
+    "SiteOptions",
+    "check_policy",
+    "node_config_toml",
+    "policy_path",
+    "run_site",
+    "serving_available",
+]
 
 _BACKOFF_S = 5.0
 _CONNECTED_S = 60.0
@@ -126,6 +136,9 @@ class SiteOptions:
     state_key : Path or None
         The site's state key file: encrypt models, ledger and audit log at rest
         (default: None, ``$FEDINFER_STATE_KEY_FILE`` if set, else plaintext).
+    policy : Path or None
+        The site's policy file (default: None, ``<state_dir>/site_policy.toml``); it must
+        exist and parse before anything starts.
     """
 
     name: str
@@ -141,6 +154,7 @@ class SiteOptions:
     serve_args: list[str] = field(default_factory=list)
     connect_attempts: int = 0
     state_key: Path | None = None
+    policy: Path | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
 
 
@@ -163,6 +177,7 @@ def node_config_toml(opts: SiteOptions) -> str:
     }
     if opts.state_key is not None:
         entries[NodeConfigKeys.STATE_KEY_FILE] = str(Path(opts.state_key).resolve())
+    entries[NodeConfigKeys.POLICY_FILE] = str(policy_path(opts).resolve())
     return "".join(f'"{key}" = {_toml_string(value)}\n' for key, value in entries.items())
 
 
@@ -189,6 +204,35 @@ def _check(opts: SiteOptions) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def policy_path(opts: SiteOptions) -> Path:
+    """The site's policy file: ``--policy``, else ``<state-dir>/site_policy.toml``."""
+    from fedinfer.policy import POLICY_FILENAME
+
+    return Path(opts.policy) if opts.policy else Path(opts.state_dir) / POLICY_FILENAME
+
+
+def check_policy(opts: SiteOptions) -> None:
+    """Load the policy (a bad key is a one-line ConfigError) and check the pinned coordinator key.
+
+    Raises
+    ------
+    ConfigError
+        The policy is missing or invalid, or pins another coordinator key than the one given.
+    """
+    from fedinfer.artifacts import key_fingerprint, load_public_key
+    from fedinfer.policy import load_policy
+
+    policy = load_policy(policy_path(opts))
+    pinned = policy.coordinator_key_fingerprint
+    if pinned is not None:
+        actual = key_fingerprint(load_public_key(Path(opts.coordinator_public_key)))
+        if actual != pinned.lower():
+            raise ConfigError(
+                f"site policy `coordinator_key_fingerprint` pins {pinned}, but "
+                f"--coordinator-public-key {opts.coordinator_public_key} is {actual}"
+            )
+
+
 def run_site(opts: SiteOptions) -> int:
     """Start the SuperNode and the inference server; supervise until SIGTERM or a child fails.
 
@@ -196,6 +240,7 @@ def run_site(opts: SiteOptions) -> int:
     an untrusted certificate, an unregistered key ...).
     """
     _check(opts)
+    check_policy(opts)
     layout = SiteLayout(Path(opts.state_dir).resolve())
     key = _state_key(opts, layout)
     for directory in (layout.root, layout.models, layout.audit, layout.logs):

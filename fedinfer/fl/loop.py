@@ -1,8 +1,9 @@
 """The coordinator's round loop.
 
 Flower's ``Strategy.start`` runs a fixed number of rounds from round 1. We need
-more from the loop: resume from a checkpoint, sites that refuse (privacy budget)
-and must stop being sampled, a clean end when too few sites can train, and a
+more from the loop: resume from a checkpoint, sites that refuse (privacy budget,
+or a request their own policy forbids: ``refused: policy <key>``) and must stop
+being sampled, a clean end when too few sites can train, and a
 hook after every round (results, progress, checkpoint). The strategy's own
 ``configure_*`` / ``aggregate_*`` methods are called exactly as ``start`` calls
 them, so every Flower strategy (and our secure-aggregation wrapper) plugs in.
@@ -78,15 +79,19 @@ def site_of(msg: Message, names: dict[int, str]) -> str:
 def _split_replies(
     replies: Iterable[Message], state: FederationState, record: RoundRecord
 ) -> list[Message]:
-    """Record refusals and failures; remember sites that ran out of budget."""
+    """Record refusals and failures; remember sites that ran out of budget or refuse by policy.
+
+    A policy refusal repeats every round (the request does not change), so the site is no
+    longer sampled, exactly like a site whose budget is spent.
+    """
     replies = list(replies)
     for msg in replies:
         site = site_of(msg, state.site_names)
         if not msg.has_error():
             continue
         reason = msg.error.reason or f"error code {msg.error.code}"
-        if msg.error.code == ErrorCodes.BUDGET_EXCEEDED:
-            record.refused[site] = reason
+        if msg.error.code in (ErrorCodes.BUDGET_EXCEEDED, ErrorCodes.POLICY_REFUSED):
+            record.refused[site] = reason.splitlines()[0][:500]
             state.exhausted_nodes.add(msg.metadata.src_node_id)
         else:
             record.failed[site] = reason.splitlines()[0][:500]
@@ -135,7 +140,7 @@ def run_rounds(
         if available < min_sites:
             state.stop_reason = (
                 f"only {available} site(s) can still train "
-                "(others exhausted their privacy budget); "
+                f"(others {_refusal_summary(state)}); "
                 f"`federation.min_sites`={min_sites}"
             )
             break
@@ -175,6 +180,17 @@ def run_rounds(
             state.stop_reason = stop_reason
             break
     return state
+
+
+def _refusal_summary(state: FederationState) -> str:
+    """Why sites stopped training: budget, or the policy keys they named."""
+    reasons = [r for record in state.history for r in record.refused.values()]
+    keys = sorted({r.split(":")[0] for r in reasons if r.startswith("policy ")})
+    budget = any(not r.startswith("policy ") for r in reasons) or not keys
+    parts = (["exhausted their privacy budget"] if budget else []) + (
+        [f"refused by their site policy: {', '.join(keys)}"] if keys else []
+    )
+    return " or ".join(parts)
 
 
 def _floats(metrics: MetricRecord | None) -> dict[str, float]:

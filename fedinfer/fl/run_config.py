@@ -15,7 +15,11 @@ from omegaconf import OmegaConf
 
 from fedinfer.config.schema import FedInferConfig
 
-__all__ = ["NodeConfigKeys", "from_run_config", "to_app_config", "to_run_config"]
+__all__ = ["SITE_ONLY_GROUPS", "NodeConfigKeys", "from_run_config", "to_app_config", "to_run_config"]
+
+
+SITE_ONLY_GROUPS = frozenset({"site_policy"})
+"""Config groups that belong to the sites: never in the run config the coordinator sends."""
 
 
 class NodeConfigKeys:
@@ -28,6 +32,7 @@ class NodeConfigKeys:
     STATE_DIR = "state-dir"
     COORDINATOR_PUBLIC_KEY = "coordinator-public-key"
     STATE_KEY_FILE = "state-key-file"  # the site's at-rest key (a path; never the key)
+    POLICY_FILE = "policy-file"  # the site's policy (fedinfer.policy), set by `fedinfer site`
 
 
 def _kebab(name: str) -> str:
@@ -50,6 +55,8 @@ def to_run_config(cfg: FedInferConfig) -> dict[str, bool | int | float | str]:
     """
     flat: dict[str, bool | int | float | str] = {}
     for group in dataclasses.fields(cfg):
+        if group.name in SITE_ONLY_GROUPS:
+            continue
         value = getattr(cfg, group.name)
         if dataclasses.is_dataclass(value):
             for leaf in dataclasses.fields(value):
@@ -101,6 +108,8 @@ def from_run_config(run_config: dict[str, Any]) -> FedInferConfig:
     nested: dict[str, Any] = {}
     for key, value in run_config.items():
         parts = [_snake(p) for p in key.split(".")]
+        if parts[0] in SITE_ONLY_GROUPS:
+            continue  # a coordinator cannot set a site's policy
         if len(parts) == 2 and parts[0] in groups and parts[1] in schema[parts[0]].keys():
             is_list = OmegaConf.is_list(schema[parts[0]]._get_node(parts[1]))
             nested.setdefault(parts[0], {})[parts[1]] = (

@@ -24,24 +24,33 @@ class RoundPrinter:
         self._header_done = False
 
     def line(self, record: RoundRecord) -> None:
-        """Print one round."""
+        """Print one round.
+
+        ``acc`` is the coordinator's held-out accuracy, or without one (a deployment) the
+        sites' sample-weighted evaluation, marked ``*``. There is no separate federated
+        column: in a simulation the held-out split is the union of the sites' test splits,
+        so the sample-weighted site evaluation equals ``acc`` exactly; in DP mode sites
+        refuse evaluation by default (their policy's ``allow_evaluation``).
+        """
         if not self.enabled:
             return
         if not self._header_done:
             self.console.print(
-                "[bold]round    acc      loss     fed-acc  max-eps  "
+                "[bold]round    acc       loss     max-eps  "
                 "ok/refused/failed  round-s  elapsed-s[/]"
             )
             self._header_done = True
-        accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "   -  "
-        loss = f"{record.loss:.4f}" if record.loss is not None else "   -  "
         fed = record.federated.get("eval-accuracy")
-        fed_txt = f"{fed:.4f}" if fed is not None else "   -  "
+        if record.accuracy is not None:
+            accuracy = f"{record.accuracy:.4f} "
+        else:
+            accuracy = f"{fed:.4f}*" if fed is not None else "   -   "
+        loss = f"{record.loss:.4f}" if record.loss is not None else "   -  "
         eps = max(record.epsilon.values(), default=None)
         eps_txt = f"{eps:7.3f}" if eps is not None else "     - "
         sites = f"{len(record.sites)}/{len(record.refused)}/{len(record.failed)}"
         self.console.print(
-            f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>8}   {loss:>7}  {fed_txt:>7}  "
+            f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>9}   {loss:>7}  "
             f"{eps_txt}  "
             f"{sites:^17}  {record.duration_s:7.2f}  {time.perf_counter() - self.started:9.1f}"
         )

@@ -1,0 +1,190 @@
+"""Check a coordinator's request against the site's policy, before the site's data is touched.
+
+The request is everything the coordinator decides: the run config (privacy, secure
+aggregation, local training) and, with secure aggregation, the round's threshold and
+participants. A violation raises :class:`~fedinfer.errors.PolicyViolation` naming the policy
+key; nothing is ever silently changed. What the site computes from its own data (sample
+count, the noise multiplier derived from ``target_epsilon``) uses only counts, never records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+from fedinfer.errors import PolicyViolation
+from fedinfer.policy.schema import PRIVACY_MODES, SitePolicy
+
+if TYPE_CHECKING:  # fedinfer.config.schema imports SitePolicy from this package
+    from fedinfer.config.schema import FedInferConfig
+
+__all__ = [
+    "WITHHELD_WEIGHT",
+    "check_evaluate",
+    "check_secagg_round",
+    "check_train",
+    "release_metrics",
+    "secagg_threshold_floor",
+    "site_config",
+    "site_delta",
+]
+
+WITHHELD_WEIGHT = 1.0
+"""``num-examples`` sent when the count may not leave: every site weighs the same."""
+
+
+def _refuse(key: str, detail: str) -> PolicyViolation:
+    return PolicyViolation(key, f"policy {key}: {detail}; the site refuses (its policy, not yours)")
+
+
+def _check_mode(policy: SitePolicy, cfg: FedInferConfig) -> None:
+    requested = cfg.privacy.mode
+    if requested not in PRIVACY_MODES or PRIVACY_MODES.index(requested) > PRIVACY_MODES.index(
+        policy.privacy_mode
+    ):
+        raise _refuse(
+            "privacy_mode",
+            f"the coordinator asks for privacy.mode={requested!r}, "
+            f"the site requires {policy.privacy_mode!r}",
+        )
+
+
+def site_delta(policy: SitePolicy, num_samples: int) -> float:
+    """The delta the site accounts at: the policy's, else ``1 / (10 n)``."""
+    from fedinfer.privacy import default_delta
+
+    return policy.delta if policy.delta is not None else default_delta(num_samples)
+
+
+def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> None:
+    dp, fed = cfg.privacy, cfg.federation
+    if policy.require_poisson_sampling and not dp.poisson_sampling:
+        raise _refuse("require_poisson_sampling", "privacy.poisson_sampling=false")
+    for name, value in (("max_epsilon", dp.max_epsilon), ("target_epsilon", dp.target_epsilon)):
+        if value is not None and value > policy.max_epsilon:
+            raise _refuse(
+                "max_epsilon",
+                f"privacy.{name}={value:g} exceeds the site's budget {policy.max_epsilon:g}",
+            )
+    delta = site_delta(policy, num_samples)
+    if dp.delta is not None and not math.isclose(dp.delta, delta, rel_tol=1e-9):
+        raise _refuse("delta", f"privacy.delta={dp.delta:g}; the site accounts at {delta:g}")
+    steps_per_epoch = max(1, math.ceil(num_samples / fed.batch_size))
+    sample_rate = 1 / steps_per_epoch
+    if sample_rate > policy.max_sample_rate:
+        raise _refuse(
+            "max_sample_rate",
+            f"federation.batch_size={fed.batch_size} samples {sample_rate:.3g} of the site's "
+            f"records per step (most: {policy.max_sample_rate:g})",
+        )
+    steps = fed.local_epochs * steps_per_epoch
+    if policy.max_steps_per_round is not None and steps > policy.max_steps_per_round:
+        raise _refuse(
+            "max_steps_per_round",
+            f"{steps} DP-SGD steps per round (most: {policy.max_steps_per_round})",
+        )
+    from fedinfer.privacy.budget import resolve_noise_multiplier
+
+    noise = resolve_noise_multiplier(
+        dp, delta=delta, sample_rate=sample_rate, planned_steps=fed.rounds * steps
+    )
+    if noise < policy.min_noise_multiplier:
+        raise _refuse(
+            "min_noise_multiplier",
+            f"noise multiplier {noise:.3g} is below the site's floor "
+            f"{policy.min_noise_multiplier:g}",
+        )
+
+
+def check_train(policy: SitePolicy, cfg: FedInferConfig, *, num_samples: int) -> None:
+    """Refuse a train request that the policy does not allow (before any data is touched).
+
+    Raises
+    ------
+    PolicyViolation
+        Naming the first policy key the request violates.
+
+    Examples
+    --------
+    >>> from fedinfer.config import load_config
+    >>> check_train(SitePolicy(), load_config(["privacy=none"]), num_samples=2000)
+    Traceback (most recent call last):
+    ...
+    fedinfer.errors.PolicyViolation: policy privacy_mode: ...
+    """
+    _check_mode(policy, cfg)
+    if cfg.federation.local_epochs > policy.max_local_epochs:
+        raise _refuse(
+            "max_local_epochs",
+            f"federation.local_epochs={cfg.federation.local_epochs} "
+            f"(most: {policy.max_local_epochs})",
+        )
+    if policy.require_secagg and not cfg.secagg.enabled:
+        raise _refuse("require_secagg", "secagg.enabled=false would send the update in the clear")
+    if cfg.privacy.mode == "dpsgd":
+        _check_dpsgd(policy, cfg, num_samples)
+
+
+def check_secagg_round(policy: SitePolicy, *, threshold: int, participants: int) -> None:
+    """Refuse a secure-aggregation round with too few participants or too low a threshold.
+
+    The floor is ``ceil(secagg_min_threshold * participants)`` shares (and at least 2).
+    """
+    if participants < policy.secagg_min_participants:
+        raise _refuse(
+            "secagg_min_participants",
+            f"{participants} participant(s) (fewest: {policy.secagg_min_participants})",
+        )
+    floor = secagg_threshold_floor(policy, participants=participants)
+    if threshold < floor:
+        raise _refuse(
+            "secagg_min_threshold",
+            f"threshold {threshold} of {participants} participants (floor: {floor})",
+        )
+
+
+def secagg_threshold_floor(policy: SitePolicy, *, participants: int) -> int:
+    """The fewest Shamir shares the policy accepts for a round of ``participants`` sites."""
+    return max(2, math.ceil(policy.secagg_min_threshold * participants - 1e-9))
+
+
+def check_evaluate(policy: SitePolicy, cfg: FedInferConfig) -> None:
+    """Refuse federated evaluation in DP mode unless ``allow_evaluation`` (exact metrics leak)."""
+    _check_mode(policy, cfg)
+    if cfg.privacy.mode == "dpsgd" and not policy.allow_evaluation:
+        raise _refuse(
+            "allow_evaluation",
+            "exact evaluation metrics on coordinator-chosen weights lie outside the DP guarantee",
+        )
+
+
+def release_metrics(
+    policy: SitePolicy, cfg: FedInferConfig, metrics: dict[str, float]
+) -> dict[str, float]:
+    """The train metrics that may leave the site.
+
+    In DP mode only ``allowed_metrics`` leave. The per-site count ``num-examples`` (the
+    weight Flower aggregates by) leaves only if allowed and never with secure aggregation on
+    (the masked upload carries it inside the sum); otherwise it is sent as
+    :data:`WITHHELD_WEIGHT`, so the aggregate is a uniform mean.
+    """
+    dp = cfg.privacy.mode == "dpsgd"
+    released = {k: v for k, v in metrics.items() if not dp or k in policy.allowed_metrics}
+    count_allowed = (not dp or "num-examples" in policy.allowed_metrics) and not cfg.secagg.enabled
+    if not count_allowed or "num-examples" not in released:
+        released["num-examples"] = WITHHELD_WEIGHT
+    return released
+
+
+def site_config(policy: SitePolicy, cfg: FedInferConfig, *, num_samples: int) -> FedInferConfig:
+    """The config the site trains with: the request, accounted at the site's own delta.
+
+    Call after :func:`check_train`, which refused any request with another delta or a budget
+    above the site's, so the only difference is that a request leaving ``privacy.delta`` to
+    the default gets the site's.
+    """
+    if cfg.privacy.mode != "dpsgd" or policy.delta is None:
+        return cfg  # None on both sides: the ledger's own 1 / (10 n)
+    privacy = dataclasses.replace(cfg.privacy, delta=policy.delta)
+    return dataclasses.replace(cfg, privacy=privacy)

@@ -1,0 +1,337 @@
+"""The site policy: strict parsing, the checks, and a lying coordinator refused by every site."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedinfer.config import FedInferConfig
+from fedinfer.data import SiteData
+from fedinfer.data.datasets import ArrayDataset
+from fedinfer.errors import ConfigError, PolicyViolation
+from fedinfer.fl.client_app import build_client_app
+from fedinfer.fl.grid import InProcessGrid
+from fedinfer.fl.messages import ErrorCodes, Keys
+from fedinfer.fl.records import weights_to_arrays
+from fedinfer.fl.run_config import from_run_config, to_run_config
+from fedinfer.fl.site import SiteEnv
+from fedinfer.policy import (
+    SitePolicy,
+    check_evaluate,
+    check_secagg_round,
+    check_train,
+    load_policy,
+    release_metrics,
+    save_policy,
+)
+from fedinfer.simulation import run_simulation
+from tests.conftest import tiny_config
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_policy_file_round_trips(tmp_path: Path) -> None:
+    """What is saved is loaded back exactly; None values are simply absent from the file."""
+    policy = SitePolicy(max_epsilon=4.0, delta=1e-6, allowed_metrics=["epsilon", "delta"])
+    path = save_policy(policy, tmp_path / "site_policy.toml")
+    assert load_policy(path) == policy
+    assert "coordinator_key_fingerprint" not in path.read_text()
+    assert path.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("max_epsilon = 4.0\nmax_epsilonn = 1.0\n", "`max_epsilonn`"),
+        ('max_epsilon = "ten"\n', "`max_epsilon`"),
+        ("require_secagg = 1\n", "`require_secagg`"),
+        ('privacy_mode = "weak"\n', "`privacy_mode`"),
+        ("max_epsilon = -1.0\n", "`max_epsilon`"),
+        ("secagg_min_threshold = 3\n", "`secagg_min_threshold`"),
+        ("allowed_metrics = [1]\n", "`allowed_metrics`"),
+        ("max_epsilon = \n", "not valid TOML"),
+    ],
+    ids=["unknown", "string", "int-for-bool", "mode", "negative", "threshold", "list", "toml"],
+)
+def test_bad_policy_file_names_the_key(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "site_policy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace("`", "`?")):
+        load_policy(path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedinfer", "site", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_init_policy_writes_the_strict_default_once(tmp_path: Path) -> None:
+    done = _cli("init-policy", str(tmp_path / "state"))
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / "state" / "site_policy.toml"
+    assert str(path) in done.stdout
+    assert load_policy(path) == SitePolicy()
+    again = _cli("init-policy", str(tmp_path / "state"))
+    assert again.returncode == 2
+    assert len(again.stderr.strip().splitlines()) <= 2 and "exists" in again.stderr
+
+
+def test_site_with_bad_policy_file_is_a_one_line_error(tmp_path: Path) -> None:
+    from fedinfer.artifacts import generate_signing_key, save_public_key
+
+    save_public_key(generate_signing_key(), tmp_path / "coordinator.pub")
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max_epsilon = 4.0\nnoise = 1.0\n")
+    done = _cli(
+        "--no-serve",
+        f"--coordinator-public-key={tmp_path / 'coordinator.pub'}",
+        "--name=a",
+        f"--data={tmp_path}",
+        f"--state-dir={tmp_path / 's'}",
+        "--coordinator=127.0.0.1:1",
+        f"--ca={tmp_path}",
+        f"--key={tmp_path}",
+        f"--policy={policy}",
+    )
+    assert done.returncode == 2
+    first = done.stderr.strip().splitlines()[0]
+    assert "unknown key `noise`" in first and "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- the checks
+
+BASE = tiny_config()  # the default job (dpsgd, target epsilon 8, secure aggregation), tiny
+N = 2000
+
+
+def _with(cfg: FedInferConfig, **groups: dict[str, object]) -> FedInferConfig:
+    changed = {name: dataclasses.replace(getattr(cfg, name), **v) for name, v in groups.items()}
+    return dataclasses.replace(cfg, **changed)
+
+
+def test_strict_policy_accepts_the_default_job() -> None:
+    check_train(SitePolicy(), BASE, num_samples=N)
+    check_secagg_round(SitePolicy(), threshold=6, participants=10)
+
+
+LIES = {
+    "privacy-none": (dict(privacy={"mode": "none"}), "privacy_mode"),
+    "central": (dict(privacy={"mode": "central"}), "privacy_mode"),
+    "huge-budget": (
+        dict(privacy={"noise_multiplier": 0.05, "target_epsilon": None, "max_epsilon": 1e9}),
+        "max_epsilon",
+    ),
+    "target-over-budget": (dict(privacy={"target_epsilon": 50.0}), "max_epsilon"),
+    "little-noise": (
+        dict(privacy={"noise_multiplier": 0.05, "target_epsilon": None}),
+        "min_noise_multiplier",
+    ),
+    "no-poisson": (dict(privacy={"poisson_sampling": False}), "require_poisson_sampling"),
+    "weak-delta": (dict(privacy={"delta": 0.01}), "delta"),
+    "many-epochs": (dict(federation={"local_epochs": 50}), "max_local_epochs"),
+    "secagg-off": (dict(secagg={"enabled": False}), "require_secagg"),
+}
+
+
+@pytest.mark.parametrize(("groups", "key"), list(LIES.values()), ids=list(LIES))
+def test_lying_request_is_refused_naming_the_key(groups: dict, key: str) -> None:
+    with pytest.raises(PolicyViolation, match=f"^policy {key}:") as info:
+        check_train(SitePolicy(), _with(BASE, **groups), num_samples=N)
+    assert info.value.key == key
+
+
+def test_step_and_sample_rate_limits() -> None:
+    with pytest.raises(PolicyViolation, match="^policy max_sample_rate:"):
+        check_train(SitePolicy(max_sample_rate=0.01), BASE, num_samples=N)
+    with pytest.raises(PolicyViolation, match="^policy max_steps_per_round:"):
+        check_train(SitePolicy(max_steps_per_round=3), BASE, num_samples=N)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "participants", "key"),
+    [(2, 10, "secagg_min_threshold"), (4, 10, "secagg_min_threshold"), (2, 2, "secagg_min_participants")],
+    ids=["t2-of-10", "t4-of-10", "two-sites"],
+)
+def test_low_secagg_threshold_is_refused(threshold: int, participants: int, key: str) -> None:
+    with pytest.raises(PolicyViolation, match=f"^policy {key}:"):
+        check_secagg_round(SitePolicy(), threshold=threshold, participants=participants)
+
+
+def test_evaluation_is_refused_in_dp_mode_unless_allowed() -> None:
+    with pytest.raises(PolicyViolation, match="^policy allow_evaluation:"):
+        check_evaluate(SitePolicy(), BASE)
+    check_evaluate(SitePolicy(allow_evaluation=True), BASE)
+    check_evaluate(SitePolicy(privacy_mode="none"), _with(BASE, privacy={"mode": "none"}))
+
+
+def test_only_allowed_metrics_leave_and_counts_never_with_secagg() -> None:
+    metrics = {"num-examples": 2000.0, "train-loss": 0.3, "train-accuracy": 0.9, "epsilon": 1.5}
+    assert release_metrics(SitePolicy(), BASE, metrics) == {"epsilon": 1.5, "num-examples": 1.0}
+    allow_all = SitePolicy(allowed_metrics=list(metrics))
+    assert release_metrics(allow_all, BASE, metrics)["num-examples"] == 1.0, "secagg is on"
+    no_secagg = _with(BASE, secagg={"enabled": False})
+    assert release_metrics(allow_all, no_secagg, metrics) == metrics
+    plain = _with(no_secagg, privacy={"mode": "none"})
+    assert release_metrics(SitePolicy(), plain, metrics) == metrics, "no DP: nothing to protect"
+
+
+def test_the_coordinator_cannot_send_a_site_policy() -> None:
+    """The run config never carries ``site_policy``, and one slipped into it is ignored."""
+    lax = dataclasses.replace(BASE, site_policy=SitePolicy(privacy_mode="none"))
+    flat = to_run_config(lax)
+    assert not [k for k in flat if k.startswith("site_policy")]
+    flat["site_policy.privacy-mode"] = "none"
+    assert from_run_config(flat).site_policy == SitePolicy()
+
+
+# --------------------------------------------------------------------------- the ClientApp
+
+
+def _site_data(x: np.ndarray, y: np.ndarray) -> SiteData:
+    data = ArrayDataset(x.astype(np.float32), y.astype(np.int64), num_classes=10)
+    return SiteData(site_id="site-x", train=data, val=data, test=data)
+
+
+def _train_message(weights: dict[str, np.ndarray]) -> RecordDict:
+    return RecordDict(
+        {
+            Keys.ARRAYS: weights_to_arrays(weights),
+            Keys.CONFIG: ConfigRecord({Keys.SERVER_ROUND: 1, Keys.RUN_ID: "attack"}),
+        }
+    )
+
+
+def _membership_replies(tmp_path: Path, policy: str) -> list[dict[str, float]]:
+    """A curious coordinator's crafted logreg, lr ~ 0, sent to a member and a non-member site.
+
+    The model predicts the target's label only near the target, class 0 (no record has it)
+    everywhere else: a site's train-accuracy is > 0 exactly when the target is in its data.
+    """
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(50, 40))
+    y = rng.integers(1, 10, size=50)
+    target_x, target_y = rng.normal(size=40), 3
+    sites = [
+        _site_data(np.vstack([x, target_x]), np.append(y, target_y)),  # member
+        _site_data(np.vstack([x, rng.normal(size=40)]), np.append(y, 4)),  # non-member
+    ]
+    cfg = tiny_config(
+        "model=logreg",
+        "secagg=off",
+        f"site_policy={policy}",
+        "federation.lr=1e-9",
+        "federation.momentum=0",
+        "federation.batch_size=64",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+    )
+
+    def resolver(c: FedInferConfig):  # noqa: ANN202
+        def resolve(context: Context) -> SiteEnv:
+            index = int(context.node_config["partition-id"])
+            return SiteEnv(f"site-{index}", tmp_path / f"s{index}", sites[index], None)
+
+        return resolve
+
+    app = build_client_app(config_fn=lambda context: cfg, resolver_fn=resolver)
+    grid = InProcessGrid(app, num_nodes=2, run_id=1, seed=0)
+    weight = np.zeros((10, 40), dtype=np.float32)
+    weight[target_y] = 10 * target_x / np.dot(target_x, target_x)
+    bias = np.zeros(10, dtype=np.float32)
+    bias[target_y] = -9.5
+    crafted = {"0.weight": weight, "0.bias": bias}
+    order = sorted(grid.get_node_ids(), key=lambda n: grid._contexts[n].node_config["partition-id"])
+    messages = [Message(_train_message(crafted), node, "train") for node in order]
+    replies = list(grid.send_and_receive(messages))
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    return [dict(next(iter(r.content.metric_records.values()))) for r in replies]
+
+
+def test_membership_attack_through_train_metrics(tmp_path: Path) -> None:
+    """Attack: with every metric released (the old code; policy ``open``), train-accuracy is a
+    membership test. With the default policy the metric and the exact count never leave."""
+    member, other = _membership_replies(tmp_path / "open", "open")
+    assert member["train-accuracy"] > 0 and other["train-accuracy"] == 0, "the attack works"
+    assert member["num-examples"] == 51
+    member, other = _membership_replies(tmp_path / "default", "experiment")
+    assert set(member) == set(other) == {"epsilon", "num-examples"}
+    assert member["num-examples"] == other["num-examples"] == 1.0
+
+
+# --------------------------------------------------------------------------- a lying coordinator
+
+LYING_RUNS = {
+    "privacy-none": (["privacy=none"], "privacy_mode"),
+    "little-noise-huge-budget": (
+        ["privacy.target_epsilon=null", "privacy.noise_multiplier=0.05", "privacy.max_epsilon=1e9"],
+        "max_epsilon",
+    ),
+    "secagg-off": (["secagg=off"], "require_secagg"),
+    "low-threshold": (["federation.num_sites=6", "secagg.threshold=2"], "secagg_min_threshold"),
+}
+
+
+@pytest.mark.parametrize(("lie", "key"), list(LYING_RUNS.values()), ids=list(LYING_RUNS))
+def test_every_site_refuses_a_lying_coordinator(out_dir: Path, lie: list[str], key: str) -> None:
+    """The coordinator's config lies; each simulated site holds the strict policy and refuses."""
+    run_simulation(tiny_config("site_policy=strict", *lie), output_dir=out_dir)
+    data = json.loads((out_dir / "results.json").read_text())
+    first = data["rounds"][0]
+    num_sites = data["config"]["federation"]["num_sites"]
+    assert first["sites"] == {} and not first["aggregated"]
+    assert len(first["refused"]) == num_sites
+    assert all(reason.startswith(f"policy {key}:") for reason in first["refused"].values())
+    assert data["status"] == "stopped" and f"policy {key}" in data["stop_reason"]
+    assert "model_version" not in data or data["model_version"] is None
+    assert not list((out_dir / "sites").glob("*/ledger.json")), "no site touched its data"
+
+
+def test_strict_sites_accept_the_default_job_and_withhold_metrics(out_dir: Path) -> None:
+    run_simulation(tiny_config("site_policy=strict", "federation.rounds=1"), output_dir=out_dir)
+    data = json.loads((out_dir / "results.json").read_text())
+    first = data["rounds"][0]
+    assert first["aggregated"] and len(first["sites"]) == 4 and not first["refused"]
+    for metrics in first["sites"].values():
+        assert set(metrics) == {"epsilon", "num-examples"} and metrics["num-examples"] == 1.0
+    assert first["federated"] == {}, "evaluation is refused in DP mode by default"
+
+
+@pytest.mark.slow
+def test_every_site_refuses_a_lying_coordinator_on_ray(out_dir: Path) -> None:
+    """The same refusal through Flower's simulation runtime (Ray), one site per actor."""
+    cfg = tiny_config("site_policy=strict", "privacy=none", "simulation.runtime=ray")
+    run_simulation(cfg, output_dir=out_dir)
+    data = json.loads((out_dir / "results.json").read_text())
+    refused = data["rounds"][0]["refused"]
+    assert len(refused) == 4
+    assert all(r.startswith("policy privacy_mode:") for r in refused.values())
+    assert data["status"] == "stopped"
+
+
+def test_a_pinned_coordinator_key_refuses_another(tmp_path: Path) -> None:
+    from fedinfer.artifacts import generate_signing_key, save_public_key
+    from fedinfer.fl.client_app import accept_artifact
+
+    public = save_public_key(generate_signing_key(), tmp_path / "signing.pub")
+    data = _site_data(np.zeros((2, 4)), np.array([1, 2]))
+    env = SiteEnv("site-x", tmp_path / "state", data, public)
+    with pytest.raises(PolicyViolation, match="^policy coordinator_key_fingerprint:"):
+        accept_artifact(
+            env, ConfigRecord({}), policy=SitePolicy(coordinator_key_fingerprint="00" * 16)
+        )
+
+
+def test_error_code_is_the_policy_code() -> None:
+    assert ErrorCodes.POLICY_REFUSED == 4006
