@@ -161,7 +161,11 @@ def test_step_and_sample_rate_limits() -> None:
 
 @pytest.mark.parametrize(
     ("threshold", "participants", "key"),
-    [(2, 10, "secagg_min_threshold"), (4, 10, "secagg_min_threshold"), (2, 2, "secagg_min_participants")],
+    [
+        (2, 10, "secagg_min_threshold"),
+        (4, 10, "secagg_min_threshold"),
+        (2, 2, "secagg_min_participants"),
+    ],
     ids=["t2-of-10", "t4-of-10", "two-sites"],
 )
 def test_low_secagg_threshold_is_refused(threshold: int, participants: int, key: str) -> None:
@@ -255,7 +259,8 @@ def _membership_replies(tmp_path: Path, policy: str) -> list[dict[str, float]]:
     order = sorted(grid.get_node_ids(), key=lambda n: grid._contexts[n].node_config["partition-id"])
     messages = [Message(_train_message(crafted), node, "train") for node in order]
     replies = list(grid.send_and_receive(messages))
-    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    errors = [r.error.reason for r in replies if r.has_error()]
+    assert not errors, errors
     return [dict(next(iter(r.content.metric_records.values()))) for r in replies]
 
 

@@ -181,7 +181,9 @@ def _add_site(subparsers: Any) -> None:
         "init-policy",
         help="write the strict default site policy (site_policy.toml) into a state directory",
     )
-    init.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state directory")
+    init.add_argument(
+        "state_dir", type=Path, metavar="STATE_DIR", help="the site's state directory"
+    )
     init.set_defaults(func=_site_init_policy)
     # Required for starting a site, checked in _site: argparse would demand them of init-policy.
     p.add_argument("--name", help="the site's name (its node key was made for it)")

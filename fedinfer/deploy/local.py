@@ -7,6 +7,10 @@ site cut from the configured dataset (``data/``), ``fedinfer coordinator``
 process with its own log in ``logs/``. It ends by asking every site's server
 for a prediction and checking that it answers with the newly published version.
 
+Every site gets a policy file (``sites/<site>/site_policy.toml``): the strict
+default relaxed just enough to accept this run's config, with the coordinator's
+signing key pinned; edit one and restart the site to see it refuse.
+
 Every site's state is encrypted at rest by default, with its own key in
 ``keys/<site>.state.key`` (outside the state directories, as in a real
 deployment, where it would live on another volume or in a secrets store).
@@ -26,7 +30,7 @@ import httpx
 import numpy as np
 
 from fedinfer.artifacts import INPUT_NAME, ModelStore
-from fedinfer.config import load_config
+from fedinfer.config import FedInferConfig, load_config
 from fedinfer.crypto.at_rest import StateKey
 from fedinfer.data import site_name
 from fedinfer.deploy.certs import Pki, init_pki
@@ -128,12 +132,25 @@ class LocalDeployment:
         if self.encrypt_state:
             for name in self.names:
                 StateKey.generate().save(self.state_key_file(name))
+        self.write_policies(cfg)
         return [
             *self.overrides,
             f"deployment.input_dim={files.input_dim}",
             f"deployment.num_classes={files.num_classes}",
             "deployment.connect_timeout_s=300",
         ]
+
+    def write_policies(self, cfg: FedInferConfig) -> None:
+        """One policy per site: strict, relaxed to accept ``cfg``, the coordinator's key pinned."""
+        from fedinfer.artifacts import key_fingerprint, load_public_key
+        from fedinfer.policy import POLICY_FILENAME, policy_accepting, save_policy
+
+        pinned = key_fingerprint(load_public_key(self.pki.signing_pub))
+        policy = policy_accepting(
+            cfg, num_sites=len(self.names), coordinator_key_fingerprint=pinned
+        )
+        for name in self.names:
+            save_policy(policy, self.site_dir(name) / POLICY_FILENAME, overwrite=True)
 
     def start_coordinator(
         self, overrides: Sequence[str], *, resume: bool = False

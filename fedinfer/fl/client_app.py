@@ -73,7 +73,8 @@ def node_policy(cfg: FedInferConfig, context: Context) -> SitePolicy:
         path = Path(str(node[NodeConfigKeys.STATE_DIR])) / POLICY_FILENAME
     else:
         raise PolicyViolation(
-            "policy_file", "policy policy_file: this site has no policy; start it with `fedinfer site`"
+            "policy_file",
+            "policy policy_file: this site has no policy; start it with `fedinfer site`",
         )
     return load_policy(path)
 
@@ -152,8 +153,10 @@ def build_client_app(
                 global_weights=global_weights,
                 server_round=server_round,
             )
-            metrics = dict(content.metric_records[Keys.METRICS])
-            content[Keys.METRICS] = MetricRecord(release_metrics(policy, cfg, metrics))  # type: ignore[arg-type]
+            metrics = {
+                k: float(cast(float, v)) for k, v in content.metric_records[Keys.METRICS].items()
+            }
+            content[Keys.METRICS] = MetricRecord(release_metrics(policy, cfg, metrics))
             return content
         outcome = local_train(
             cfg=cfg,

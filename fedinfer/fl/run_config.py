@@ -15,7 +15,13 @@ from omegaconf import OmegaConf
 
 from fedinfer.config.schema import FedInferConfig
 
-__all__ = ["SITE_ONLY_GROUPS", "NodeConfigKeys", "from_run_config", "to_app_config", "to_run_config"]
+__all__ = [
+    "SITE_ONLY_GROUPS",
+    "NodeConfigKeys",
+    "from_run_config",
+    "to_app_config",
+    "to_run_config",
+]
 
 
 SITE_ONLY_GROUPS = frozenset({"site_policy"})

@@ -24,6 +24,7 @@ __all__ = [
     "check_evaluate",
     "check_secagg_round",
     "check_train",
+    "policy_accepting",
     "release_metrics",
     "secagg_threshold_floor",
     "site_config",
@@ -188,3 +189,39 @@ def site_config(policy: SitePolicy, cfg: FedInferConfig, *, num_samples: int) ->
         return cfg  # None on both sides: the ledger's own 1 / (10 n)
     privacy = dataclasses.replace(cfg.privacy, delta=policy.delta)
     return dataclasses.replace(cfg, privacy=privacy)
+
+
+def policy_accepting(
+    cfg: FedInferConfig,
+    *,
+    num_sites: int,
+    base: SitePolicy | None = None,
+    coordinator_key_fingerprint: str | None = None,
+) -> SitePolicy:
+    """``base`` (default: the strict policy) relaxed just enough to accept the run ``cfg``.
+
+    For a one-operator deployment (``fedinfer deploy local``), where the same person
+    configures the run and every site. What the strict policy withholds (metrics,
+    evaluation in DP mode) stays withheld; the noise floor is relaxed only for a noise
+    multiplier set directly (one derived from ``target_epsilon`` is checked as is).
+    """
+    base = base or SitePolicy()
+    dp, sa = cfg.privacy, cfg.secagg
+    weakest = max(PRIVACY_MODES.index(base.privacy_mode), PRIVACY_MODES.index(dp.mode))
+    fraction = sa.threshold if sa.threshold <= 1 else sa.threshold / max(num_sites, 1)
+    noise = dp.noise_multiplier if dp.target_epsilon is None else None
+    return dataclasses.replace(
+        base,
+        privacy_mode=PRIVACY_MODES[weakest],
+        max_epsilon=max(base.max_epsilon, dp.max_epsilon, dp.target_epsilon or 0.0),
+        delta=dp.delta if dp.delta is not None else base.delta,
+        min_noise_multiplier=min(base.min_noise_multiplier, noise)
+        if noise is not None
+        else base.min_noise_multiplier,
+        max_local_epochs=max(base.max_local_epochs, cfg.federation.local_epochs),
+        require_poisson_sampling=base.require_poisson_sampling and dp.poisson_sampling,
+        require_secagg=base.require_secagg and sa.enabled,
+        secagg_min_threshold=min(base.secagg_min_threshold, fraction),
+        secagg_min_participants=max(2, min(base.secagg_min_participants, num_sites)),
+        coordinator_key_fingerprint=coordinator_key_fingerprint,
+    )

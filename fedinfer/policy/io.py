@@ -14,7 +14,13 @@ import tomli_w
 from fedinfer.errors import ConfigError
 from fedinfer.policy.schema import PRIVACY_MODES, SitePolicy
 
-__all__ = ["POLICY_FILENAME", "load_policy", "policy_from_mapping", "save_policy", "validate_policy"]
+__all__ = [
+    "POLICY_FILENAME",
+    "load_policy",
+    "policy_from_mapping",
+    "save_policy",
+    "validate_policy",
+]
 
 POLICY_FILENAME = "site_policy.toml"
 
@@ -77,7 +83,7 @@ def validate_policy(policy: SitePolicy, *, source: str = "site policy") -> SiteP
 
 
 def policy_from_mapping(data: dict[str, Any], *, source: str = "site policy") -> SitePolicy:
-    """Build a :class:`SitePolicy` from a mapping; an unknown key names itself and the known ones."""
+    """Build a :class:`SitePolicy` from a mapping; an unknown key is named with the known ones."""
     known = _fields()
     unknown = sorted(set(data) - set(known))
     if unknown:
