@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import stat
 import tomllib
@@ -23,6 +24,7 @@ from fedinfer.deploy.bundle import (
 from fedinfer.deploy.site import SiteOptions, _check, node_config_toml
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
+from fedinfer.policy import SitePolicy
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +51,9 @@ def test_bundle_carries_the_exact_config_to_every_site(tmp_path: Path) -> None:
     )  # what Flower hands the apps
     # Assert
     assert validate_config(pyproject, check_module=False)[0]
-    assert config_of(_context(run_config)) == cfg
+    # Everything but the site policy, which is the sites' own and never in the bundle.
+    assert config_of(_context(run_config)) == dataclasses.replace(cfg, site_policy=SitePolicy())
+    assert not [k for k in run_config if k.startswith("site_policy")]
     assert model_shape(cfg).input_dim == 40
 
 
