@@ -88,13 +88,24 @@ def test_init_policy_writes_the_strict_default_once(tmp_path: Path) -> None:
     assert len(again.stderr.strip().splitlines()) <= 2 and "exists" in again.stderr
 
 
+def test_init_policy_pins_the_coordinator_key(tmp_path: Path) -> None:
+    from fedinfer.artifacts import generate_signing_key, key_fingerprint, save_public_key
+
+    key = generate_signing_key()
+    public = save_public_key(key, tmp_path / "coordinator.pub")
+    done = _cli("init-policy", str(tmp_path / "s"), f"--coordinator-public-key={public}")
+    assert done.returncode == 0, done.stderr
+    pinned = load_policy(tmp_path / "s" / "site_policy.toml").coordinator_key_fingerprint
+    assert pinned == key_fingerprint(key.public_key())
+
+
 def test_site_with_bad_policy_file_is_a_one_line_error(tmp_path: Path) -> None:
     from fedinfer.artifacts import generate_signing_key, save_public_key
 
     save_public_key(generate_signing_key(), tmp_path / "coordinator.pub")
     policy = tmp_path / "policy.toml"
     policy.write_text("max_epsilon = 4.0\nnoise = 1.0\n")
-    done = _cli(
+    args = (
         "--no-serve",
         f"--coordinator-public-key={tmp_path / 'coordinator.pub'}",
         "--name=a",
@@ -105,9 +116,14 @@ def test_site_with_bad_policy_file_is_a_one_line_error(tmp_path: Path) -> None:
         f"--key={tmp_path}",
         f"--policy={policy}",
     )
+    done = _cli(*args)
     assert done.returncode == 2
     first = done.stderr.strip().splitlines()[0]
     assert "unknown key `noise`" in first and "Traceback" not in done.stderr
+    save_policy(SitePolicy(coordinator_key_fingerprint="00" * 16), policy, overwrite=True)
+    done = _cli(*args)
+    assert done.returncode == 2
+    assert "`coordinator_key_fingerprint` pins" in done.stderr.strip().splitlines()[0]
 
 
 # --------------------------------------------------------------------------- the checks

@@ -184,6 +184,12 @@ def _add_site(subparsers: Any) -> None:
     init.add_argument(
         "state_dir", type=Path, metavar="STATE_DIR", help="the site's state directory"
     )
+    init.add_argument(
+        "--coordinator-public-key",
+        type=Path,
+        metavar="FILE",
+        help="pin this model-signing public key (its fingerprint) in the policy",
+    )
     init.set_defaults(func=_site_init_policy)
     # Required for starting a site, checked in _site: argparse would demand them of init-policy.
     p.add_argument("--name", help="the site's name (its node key was made for it)")
@@ -233,8 +239,16 @@ def _add_site(subparsers: Any) -> None:
 def _site_init_policy(ns: argparse.Namespace) -> int:
     from fedinfer.policy import POLICY_FILENAME, SitePolicy, save_policy
 
-    path = save_policy(SitePolicy(), Path(ns.state_dir) / POLICY_FILENAME)
+    pinned = None
+    if ns.coordinator_public_key is not None:
+        from fedinfer.artifacts import key_fingerprint, load_public_key
+
+        pinned = key_fingerprint(load_public_key(ns.coordinator_public_key))
+    policy = SitePolicy(coordinator_key_fingerprint=pinned)
+    path = save_policy(policy, Path(ns.state_dir) / POLICY_FILENAME)
     print(f"wrote the strict default site policy {path}; edit it, then start the site")
+    if pinned:
+        print(f"coordinator signing key pinned: {pinned}")
     return 0
 
 

@@ -44,6 +44,7 @@ from fedinfer.deploy.process import (
 from fedinfer.deploy.site import SiteLayout
 from fedinfer.deploy.sitedata import write_site_files
 from fedinfer.errors import ConfigError, FedInferError
+from fedinfer.policy import POLICY_FILENAME
 from fedinfer.reporting.results import RESULTS_FILE
 
 __all__ = ["LocalDeployment", "deploy_local", "infer"]
@@ -143,7 +144,7 @@ class LocalDeployment:
     def write_policies(self, cfg: FedInferConfig) -> None:
         """One policy per site: strict, relaxed to accept ``cfg``, the coordinator's key pinned."""
         from fedinfer.artifacts import key_fingerprint, load_public_key
-        from fedinfer.policy import POLICY_FILENAME, policy_accepting, save_policy
+        from fedinfer.policy import policy_accepting, save_policy
 
         pinned = key_fingerprint(load_public_key(self.pki.signing_pub))
         policy = policy_accepting(
@@ -218,6 +219,8 @@ class LocalDeployment:
             str(self.pki.node_key(name)),
             "--serve-port",
             "0",
+            "--policy",  # named, so that a copy with another --state-dir keeps the site's policy
+            str(self.site_dir(name) / POLICY_FILENAME),
             *(["--state-key", str(self.state_key_file(name))] if self.encrypt_state else []),
             *extra,
         ]

@@ -10,6 +10,7 @@ count, the noise multiplier derived from ``target_epsilon``) uses only counts, n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -85,10 +86,15 @@ def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> N
             "max_steps_per_round",
             f"{steps} DP-SGD steps per round (most: {policy.max_steps_per_round})",
         )
-    from fedinfer.privacy.budget import resolve_noise_multiplier
-
-    noise = resolve_noise_multiplier(
-        dp, delta=delta, sample_rate=sample_rate, planned_steps=fed.rounds * steps
+    if dp.target_epsilon is None and dp.noise_multiplier is None:
+        raise _refuse("min_noise_multiplier", "the request sets no noise multiplier")
+    noise = _noise_multiplier(
+        dp.accountant,
+        dp.target_epsilon,
+        dp.noise_multiplier,
+        delta=delta,
+        sample_rate=sample_rate,
+        planned_steps=fed.rounds * steps,
     )
     if noise < policy.min_noise_multiplier:
         raise _refuse(
@@ -96,6 +102,33 @@ def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> N
             f"noise multiplier {noise:.3g} is below the site's floor "
             f"{policy.min_noise_multiplier:g}",
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(
+    accountant: str,
+    target_epsilon: float | None,
+    noise_multiplier: float | None,
+    *,
+    delta: float,
+    sample_rate: float,
+    planned_steps: int,
+) -> float:
+    """The noise the site's training will use; cached: deriving it from a target takes ~1 s,
+    and a site's request is the same every round."""
+    from fedinfer.config.schema import PrivacyConfig
+    from fedinfer.privacy.budget import resolve_noise_multiplier
+
+    privacy = PrivacyConfig(
+        mode="dpsgd",
+        accountant=accountant,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise_multiplier,
+        delta=delta,
+    )
+    return resolve_noise_multiplier(
+        privacy, delta=delta, sample_rate=sample_rate, planned_steps=planned_steps
+    )
 
 
 def check_train(policy: SitePolicy, cfg: FedInferConfig, *, num_samples: int) -> None:
