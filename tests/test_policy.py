@@ -207,6 +207,13 @@ def test_only_allowed_metrics_leave_and_counts_never_with_secagg() -> None:
     assert release_metrics(SitePolicy(), plain, metrics) == metrics, "no DP: nothing to protect"
 
 
+def test_a_bad_simulated_site_policy_fails_before_the_run() -> None:
+    from fedinfer.config import validate_config
+
+    with pytest.raises(ConfigError, match="site_policy: `privacy_mode`"):
+        validate_config(tiny_config("site_policy.privacy_mode=weak"))
+
+
 def test_the_coordinator_cannot_send_a_site_policy() -> None:
     """The run config never carries ``site_policy``, and one slipped into it is ignored."""
     lax = dataclasses.replace(BASE, site_policy=SitePolicy(privacy_mode="none"))
@@ -329,7 +336,6 @@ def test_strict_sites_accept_the_default_job_and_withhold_metrics(out_dir: Path)
     assert first["federated"] == {}, "evaluation is refused in DP mode by default"
 
 
-@pytest.mark.slow
 def test_every_site_refuses_a_lying_coordinator_on_ray(out_dir: Path) -> None:
     """The same refusal through Flower's simulation runtime (Ray), one site per actor."""
     cfg = tiny_config("site_policy=strict", "privacy=none", "simulation.runtime=ray")

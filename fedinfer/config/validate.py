@@ -63,8 +63,18 @@ def validate_config(cfg: FedInferConfig) -> None:
     _check_privacy(cfg.privacy, problems)
     _check_secagg(cfg, problems)
     _check_serving(cfg, problems)
+    _check_site_policy(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems) + f" ({_FIX})")
+
+
+def _check_site_policy(cfg: FedInferConfig, problems: list[str]) -> None:
+    from fedinfer.policy import validate_policy
+
+    try:
+        validate_policy(cfg.site_policy, source="site_policy")
+    except ConfigError as exc:
+        problems.append(str(exc))  # "site_policy: `max_epsilon` must be ..."
 
 
 def _check_data(cfg: FedInferConfig, problems: list[str]) -> None:
