@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,7 @@ def _membership_replies(tmp_path: Path, policy: str) -> list[dict[str, float]]:
         "privacy.noise_multiplier=1.0",
     )
 
-    def resolver(c: FedInferConfig):  # noqa: ANN202
+    def resolver(c: FedInferConfig) -> Callable[[Context], SiteEnv]:
         def resolve(context: Context) -> SiteEnv:
             index = int(context.node_config["partition-id"])
             return SiteEnv(f"site-{index}", tmp_path / f"s{index}", sites[index], None)
@@ -309,6 +310,15 @@ LYING_RUNS = {
     "secagg-off": (["secagg=off"], "require_secagg"),
     "low-threshold": (["federation.num_sites=6", "secagg.threshold=2"], "secagg_min_threshold"),
 }
+
+
+def test_the_ledger_accounts_at_the_sites_delta(out_dir: Path) -> None:
+    """The request leaves delta to the site (null); the site's policy delta is what is charged."""
+    cfg = tiny_config("secagg=off", "federation.rounds=1", "site_policy.delta=1e-6")
+    run_simulation(cfg, output_dir=out_dir)
+    ledgers = [json.loads(p.read_text()) for p in (out_dir / "sites").glob("*/ledger.json")]
+    assert len(ledgers) == 4
+    assert all(ledger["delta"] == pytest.approx(1e-6) for ledger in ledgers)
 
 
 @pytest.mark.parametrize(("lie", "key"), list(LYING_RUNS.values()), ids=list(LYING_RUNS))
