@@ -372,3 +372,28 @@ def test_a_pinned_coordinator_key_refuses_another(tmp_path: Path) -> None:
 
 def test_error_code_is_the_policy_code() -> None:
     assert ErrorCodes.POLICY_REFUSED == 4006
+
+
+# --------------------------------------------------------------------------- issue 14.5: fed-acc
+
+
+def test_federated_accuracy_is_the_pooled_accuracy_so_the_table_drops_it(out_dir: Path) -> None:
+    """Why ``fed-acc`` always equalled ``acc``: the pooled test split is the union of the sites'
+    test splits, so the sample-weighted site evaluation is the same number. The table shows one."""
+    import io
+
+    from rich.console import Console
+
+    from fedinfer.fl.loop import RoundRecord
+    from fedinfer.reporting.progress import RoundPrinter
+
+    cfg = tiny_config("privacy=none", "secagg=off", "federation.rounds=1")
+    run_simulation(cfg, output_dir=out_dir)
+    first = json.loads((out_dir / "results.json").read_text())["rounds"][0]
+    assert first["federated"]["eval-accuracy"] == pytest.approx(first["accuracy"], abs=1e-9)
+    out = io.StringIO()
+    printer = RoundPrinter(num_rounds=2, console=Console(file=out, width=120))
+    printer.line(RoundRecord(round=1, accuracy=0.5, federated={"eval-accuracy": 0.5}))
+    printer.line(RoundRecord(round=2, federated={"eval-accuracy": 0.625}))  # a deployment
+    text = out.getvalue()
+    assert "fed-acc" not in text and "0.6250*" in text
