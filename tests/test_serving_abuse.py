@@ -355,3 +355,79 @@ def test_tls_refuses_old_versions_and_cbc_suites(tmp_path: Path) -> None:
             assert handshake(old) is None
         assert handshake(cbc) is None
         assert handshake(modern) == "TLSv1.2"
+
+
+# ------------------------------------------------- 5: the store watcher survives EMFILE
+def test_hot_swap_resumes_after_the_process_ran_out_of_file_descriptors(tmp_path: Path) -> None:
+    """A flood of connections at a low fd limit makes the new version's load fail with
+    EMFILE; once the flood ends the server must still swap to it."""
+    import resource
+
+    from artifact_factory import make_artifact
+
+    from fedinfer.serving.launch import SiteServer
+
+    key = generate_signing_key()
+    store = publish_versions(tmp_path, key, [1], keep=5)
+    log = tmp_path / "serve.log"
+    args = ["--poll-interval", "0.05", "--header-timeout", "120", "--limit-concurrency", "4096"]
+    with SiteServer(store.root, extra_args=args, log_file=log) as server:
+        assert server.pid is not None
+        in_use = len(list(Path(f"/proc/{server.pid}/fd").iterdir()))
+        soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (in_use + 4, hard))
+        flood = []
+        try:
+            for _ in range(32):  # every descriptor the server has left, and more
+                flood.append(socket.create_connection(_host_port(server.url), timeout=10))
+            art = make_artifact(tmp_path / "v2", key, version=2)
+            store.publish(art, public_key=key.public_key())
+            deadline = time.monotonic() + 60
+            while "Too many open files" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "Too many open files" in log.read_text()
+        finally:
+            for sock in flood:
+                sock.close()
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        served = None
+        with httpx.Client(base_url=server.url, trust_env=False, timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while served != "2" and time.monotonic() < deadline:
+                answer = client.post("/v2/models/digits/infer", json=_body())
+                served = answer.json()["model_version"]
+                time.sleep(0.1)
+    assert served == "2"
+
+
+def test_a_load_that_failed_once_with_emfile_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store turns EMFILE into ModelIntegrityError('cannot read ...: Too many open
+    files'); a version whose load failed that way used to be skipped until the store moved
+    on, so hot swap stopped for good. The failure is injected exactly once here."""
+    from artifact_factory import make_artifact
+
+    from fedinfer.artifacts import ModelStore
+    from fedinfer.errors import ModelIntegrityError
+
+    key = generate_signing_key()
+    store = publish_versions(tmp_path, key, [1])
+    real_read = ModelStore._read
+    failures = []
+
+    def read_once_out_of_fds(self: ModelStore, version: int, file_name: str) -> bytes:
+        if version == 2 and not failures:
+            failures.append(file_name)
+            path = self.path(version) / file_name
+            raise ModelIntegrityError(f"cannot read {path}: Too many open files")
+        return real_read(self, version, file_name)
+
+    monkeypatch.setattr(ModelStore, "_read", read_once_out_of_fds)
+    with running_server(options_for(store.root)) as url, httpx.Client(base_url=url) as client:
+        store.publish(make_artifact(tmp_path / "v2", key, version=2), public_key=key.public_key())
+        served, deadline = None, time.monotonic() + 60
+        while served != "2" and time.monotonic() < deadline:
+            served = client.post("/v2/models/digits/infer", json=_body()).json()["model_version"]
+            time.sleep(0.05)
+    assert failures and served == "2"

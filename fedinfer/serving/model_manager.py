@@ -112,7 +112,7 @@ class ModelManager:
     retry_failed_s : float
         A version that failed to load is tried again after this long, so a
         transient error (EMFILE, a file being copied) does not stop hot swap for
-        good (default: 10).
+        good (default: 5).
     threads : int or None
         Intra-op threads for ONNX Runtime (torch's are set process-wide).
     validation : (x, y) or None
@@ -135,7 +135,7 @@ class ModelManager:
         poll_interval_s: float = 0.5,
         keep_versions: int = 2,
         pinned: tuple[int, ...] = (),
-        retry_failed_s: float = 10.0,
+        retry_failed_s: float = 5.0,
         threads: int | None = None,
         validation: tuple[np.ndarray, np.ndarray | None] | None = None,
         max_accuracy_drop: float = 0.01,
