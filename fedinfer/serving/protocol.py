@@ -110,12 +110,15 @@ class _LimitedHttpTools(HttpToolsProtocol):
 
 
 def limited_protocol(
-    metrics: ServingMetrics,
+    metrics: ServingMetrics | None,
     *,
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     max_pipeline: int = DEFAULT_MAX_PIPELINE,
 ) -> type[asyncio.Protocol]:
-    """Return a protocol class for ``uvicorn.Config(http=...)`` bound to these limits."""
+    """Return a protocol class for ``uvicorn.Config(http=...)`` bound to these limits.
+
+    ``metrics`` (None: not counted) receives malformed-HTTP 400s and header timeouts.
+    """
     return type(
         "FedinferHttpProtocol",
         (_LimitedHttpTools,),
