@@ -13,27 +13,22 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from fedinfer.serving.server import ServeOptions, build_app
+from fedinfer.serving.server import ServeOptions, build_app, uvicorn_config
 
 
 @contextlib.contextmanager
 def running_server(options: ServeOptions, *, expect_ready: bool = True) -> Iterator[str]:
-    """Yield the base URL of a server for ``options`` (port taken from a bound socket)."""
+    """Yield the base URL of a server for ``options`` (port taken from a bound socket).
+
+    The app and uvicorn settings are those of ``fedinfer serve`` (build_app, uvicorn_config).
+    """
     app = build_app(options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        loop="asyncio",
-        ws="none",
-        ssl_certfile=str(options.tls_certfile) if options.tls_certfile else None,
-        ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
-    )
+    config = uvicorn_config(app, options, log_level="warning")  # the limits of `fedinfer serve`
+    config.loop = "asyncio"
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -109,9 +109,12 @@ def test_load_with_public_key_re_verifies_the_signature(tmp_path: Path, key) -> 
     store = publish_versions(tmp_path, key, [1])
     _tamper_manifest(store.path(1))
     # Execute / Assert
-    store.load()  # the hash still matches: only the signature catches a manifest edit
+    # the hash still matches: only the signature catches a manifest edit, with the given
+    # key or, without one, the key the store pinned at its first publish (issue 12 item 12)
     with pytest.raises(ModelIntegrityError, match="signature"):
         store.load(public_key=key.public_key())
+    with pytest.raises(ModelIntegrityError, match="signature"):
+        store.load()
 
 
 def test_retention_keeps_last_k_plus_current_and_its_predecessor(tmp_path: Path, key) -> None:

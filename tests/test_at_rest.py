@@ -318,24 +318,25 @@ def test_encrypted_site_serves_over_a_socket_and_leaves_no_plaintext(
     _charge(state, state_key)
     x = np.random.default_rng(0).normal(size=(3, INPUT_DIM)).astype(np.float32)
     # Execute: the current version, then a pinned one whose manifest was replaced in plaintext
+    shutil.copy(tmp_path / "o" / "v1" / MANIFEST_FILE, store.path(1) / MANIFEST_FILE)
     with SiteServer(
         store.root,
         audit_dir=state / "audit",
         log_file=tmp_path / "serve.log",
-        extra_args=["--state-key", str(state_key.path)],
+        extra_args=["--state-key", str(state_key.path), "--pin-versions", "1"],
     ) as server:
         answer = infer(server.url, model_name="digits", x=x)
-        shutil.copy(tmp_path / "o" / "v1" / MANIFEST_FILE, store.path(1) / MANIFEST_FILE)
         with httpx.Client(trust_env=False, timeout=30) as client:
             planted = client.post(
                 f"{server.url}/v2/models/digits/versions/1/infer",
                 json={"inputs": [{"name": "input", "shape": [1, INPUT_DIM], "datatype": "FP32",
                                   "data": [0.0] * INPUT_DIM}]},
             )  # fmt: skip
-        (store.path(1) / MANIFEST_FILE).unlink()  # the planted plaintext, for the scan below
+    (store.path(1) / MANIFEST_FILE).unlink()  # the planted plaintext, for the scan below
     # Assert
     assert answer["model_version"] == "2" and answer["outputs"][0]["shape"][0] == 3
-    assert planted.status_code == 503 and "is not encrypted" in planted.text, planted.text
+    assert planted.status_code == 503 and "cannot be served" in planted.text, planted.text
+    assert "is not encrypted" in (tmp_path / "serve.log").read_text()  # the reason, logged
     assert summarize_audit(state / "audit", key=state_key)[0].requests >= 1
     assert plaintext_hits(state) == []
 

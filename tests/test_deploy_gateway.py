@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
+import socket
 import ssl
 import threading
 import time
@@ -13,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedinfer.deploy.certs import Pki, init_pki
 from fedinfer.deploy.gateway import FleetGateway, is_allowed
@@ -45,6 +50,21 @@ class Upstream:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+def _signed_headers(*, age_s: float = 0.0, key: ec.EllipticCurvePrivateKey | None = None):
+    """The headers a Flower 1.42 SuperNode signs every Fleet request with."""
+    key = key or ec.generate_private_key(ec.SECP384R1())
+    stamp = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)).isoformat()
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signature = key.sign(stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    return {
+        "flwr-public-key": base64.b64encode(pem).decode(),
+        "flwr-timestamp": stamp,
+        "flwr-signature": base64.b64encode(signature).decode(),
+    }
 
 
 def _trusting(ca_cert: Path) -> ssl.SSLContext:
@@ -93,11 +113,7 @@ def test_fleet_requests_reach_the_superlink_with_their_auth_headers(
 ) -> None:
     # Prepare
     url, upstream = gateway
-    headers = {
-        "flwr-public-key": "cHVi",
-        "flwr-signature": "c2ln",
-        "content-type": "application/protobuf",
-    }
+    headers = {**_signed_headers(), "content-type": "application/protobuf"}
     # Execute
     with httpx.Client(verify=_trusting(pki.ca_cert), trust_env=False) as client:
         response = client.post(
@@ -107,9 +123,8 @@ def test_fleet_requests_reach_the_superlink_with_their_auth_headers(
     assert response.status_code == 200
     seen = response.json()
     assert seen["path"] == "/v1/fleet/pull-messages" and seen["body"] == "\x08\x01"
-    assert (
-        seen["headers"]["flwr-public-key"] == "cHVi" and seen["headers"]["flwr-signature"] == "c2ln"
-    )
+    for name in ("flwr-public-key", "flwr-signature", "flwr-timestamp"):
+        assert seen["headers"][name] == headers[name]
 
 
 @pytest.mark.parametrize(
@@ -167,3 +182,60 @@ def test_a_client_that_does_not_trust_the_ca_cannot_connect(
 )
 def test_is_allowed(path: str, allowed: bool) -> None:
     assert is_allowed(path) is allowed
+
+
+def _bad_signature() -> dict[str, str]:
+    headers = _signed_headers()
+    headers["flwr-signature"] = _signed_headers()["flwr-signature"]  # another key's
+    return headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, _bad_signature(), _signed_headers(age_s=3600), {"flwr-public-key": "cHVi"}],
+    ids=["none", "wrong-signature", "stale", "garbage"],
+)
+def test_unauthenticated_fleet_requests_are_refused_before_the_body_is_read(
+    gateway: tuple[str, Upstream], pki: Pki, headers: dict[str, str]
+) -> None:
+    """An unsigned caller announcing a 200 MiB body is answered 401 at once, unread."""
+    # Prepare
+    url, upstream = gateway
+    before = len(upstream.seen)
+    host, port = url.rsplit("//", 1)[1].split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: x\r\n{head}"
+        f"Content-Length: {200 << 20}\r\n\r\n"
+    ).encode()
+    # Execute: the body never comes; a gateway that buffers first would wait for it
+    with (
+        socket.create_connection((host, int(port)), timeout=20) as raw,
+        _trusting(pki.ca_cert).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request + b"\x08" * 1024)
+        reply = tls.recv(4096)
+    # Assert
+    assert reply.startswith(b"HTTP/1.1 401")
+    assert len(upstream.seen) == before
+
+
+def test_a_signed_request_over_the_body_cap_is_413_unread(
+    gateway: tuple[str, Upstream], pki: Pki
+) -> None:
+    url, upstream = gateway
+    before = len(upstream.seen)
+    host, port = url.rsplit("//", 1)[1].split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in _signed_headers().items())
+    request = (
+        f"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: x\r\n{head}"
+        f"Content-Length: {100 << 20}\r\n\r\n"
+    ).encode()
+    with (
+        socket.create_connection((host, int(port)), timeout=20) as raw,
+        _trusting(pki.ca_cert).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request)
+        reply = tls.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert len(upstream.seen) == before

@@ -14,6 +14,7 @@ from serving_harness import options_for, running_server
 
 from fedinfer.artifacts import generate_signing_key, load_torch_model
 from fedinfer.cli import main as cli_main
+from fedinfer.serving.auth import add_token
 
 
 def _logits(store, version: int, x: np.ndarray) -> np.ndarray:
@@ -93,8 +94,12 @@ def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(tmp_path: Pa
 def test_rollback_via_cli_and_admin_endpoint(tmp_path: Path, capsys) -> None:
     # Prepare
     store = publish_versions(tmp_path, generate_signing_key(), [1, 2, 3])
+    tokens = tmp_path / "tokens.json"
+    admin_token = add_token(tokens, principal="ops", roles=["admin"])
     x = np.zeros((1, INPUT_DIM), dtype=np.float32)
-    with running_server(options_for(store.root)) as url, httpx.Client(base_url=url) as client:
+    options = options_for(store.root, auth_tokens=tokens)
+    auth = {"Authorization": f"Bearer {admin_token}"}
+    with running_server(options) as url, httpx.Client(base_url=url, headers=auth) as client:
         # Execute
         code = cli_main(["models", "rollback", "--model-store", str(store.root)])
         _wait_for_version(client, 2, x)
@@ -105,7 +110,8 @@ def test_rollback_via_cli_and_admin_endpoint(tmp_path: Path, capsys) -> None:
     assert code == 0 and "current version 3 -> 2" in capsys.readouterr().out
     assert admin.status_code == 200 and admin.json()["model_version"] == "1"
     assert after_admin["model_version"] == "1"  # the admin endpoint swaps before answering
-    assert refused.status_code == 409 and "not in" in refused.json()["error"]
+    assert refused.status_code == 409 and "no such stored version" in refused.json()["error"]
+    assert str(tmp_path) not in refused.text  # paths go to the log, not to clients
     assert store.current_version() == 1
 
 

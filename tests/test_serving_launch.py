@@ -72,7 +72,7 @@ def test_cli_serve_refuses_a_foreign_signature_at_startup(tmp_path: Path) -> Non
             ModelStore(store.root).root, public_key=tmp_path / "other.pub", backend="torch"
         ):
             pass
-    assert "not the trusted key" in (tmp_path / "serve.log").read_text()
+    assert "not the key this store is pinned to" in (tmp_path / "serve.log").read_text()
 
 
 @pytest.mark.parametrize(

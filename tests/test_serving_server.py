@@ -24,7 +24,7 @@ from fedinfer.artifacts import generate_signing_key, load_torch_model
 def site(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("site")
     store = publish_versions(root, generate_signing_key(), [1, 2])
-    options = options_for(store.root, max_body_bytes=1024 * 1024)
+    options = options_for(store.root, max_body_bytes=1024 * 1024, pin_versions=(1,))
     with running_server(options) as url:
         yield url, store
 
@@ -316,15 +316,15 @@ def test_server_without_a_model_is_live_but_not_ready(tmp_path: Path) -> None:
 
 
 def test_a_pinned_version_is_ready_only_if_it_can_be_served(tmp_path: Path) -> None:
-    """Ready means servable: a stored version whose weights were tampered with is 503
-    not ready (like its infer), an unknown version 400, a good one 200."""
+    """Ready means servable: a pinned version whose weights were tampered with is 503
+    not ready (like its infer), an unknown version 404, a good one 200."""
     # Prepare: version 1 is damaged on disk after it was accepted; version 2 is current
     store = publish_versions(tmp_path, generate_signing_key(), [1, 2])
     weights = next(store.path(1).glob("*.safetensors"))
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    options = options_for(store.root, audit_dir=tmp_path / "audit")
+    options = options_for(store.root, audit_dir=tmp_path / "audit", pin_versions=(1,))
     # Execute
     with running_server(options) as url, httpx.Client(base_url=url) as client:
         damaged = client.get("/v2/models/digits/versions/1/ready")
@@ -334,5 +334,5 @@ def test_a_pinned_version_is_ready_only_if_it_can_be_served(tmp_path: Path) -> N
     # Assert
     assert (damaged.status_code, damaged.json()) == (503, {"ready": False})
     assert (good.status_code, good.json()) == (200, {"ready": True})
-    assert (unknown.status_code, unknown.json()) == (400, {"ready": False})
+    assert (unknown.status_code, unknown.json()) == (404, {"ready": False})
     assert current.status_code == 200

@@ -5,6 +5,8 @@ Layout::
     <root>/
       versions/<version>/weights.safetensors, manifest.json   complete, verified artifacts
       CURRENT       {"version": 7, "previous": 6, "switched_at": "..."}: replaced atomically
+      SIGNING_KEY   {"public_key": hex, "fingerprint": ...}: the coordinator key pinned at the
+                    first publish; every later publish and every load is checked against it
       .staging/     in-progress publishes (never read; cleaned by the next publish)
       .lock         flock() serialising writers (publish / rollback / prune)
 
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedinfer.artifacts.artifact import (
@@ -51,6 +54,7 @@ from fedinfer.artifacts.artifact import (
     weights_from_bytes,
 )
 from fedinfer.artifacts.manifest import ModelManifest
+from fedinfer.artifacts.signing import key_fingerprint
 from fedinfer.crypto.at_rest import StateKey, open_state, reseal_file, seal_state
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.fsutil import atomic_write_bytes, fsync_directory
@@ -60,6 +64,7 @@ __all__ = ["ModelStore"]
 logger = logging.getLogger(__name__)
 
 CURRENT_FILE = "CURRENT"
+SIGNING_KEY_FILE = "SIGNING_KEY"
 
 
 class ModelStore:
@@ -143,8 +148,15 @@ class ModelStore:
             raise ModelIntegrityError(
                 f"{self.path(resolved)} holds version {manifest.version}, not {resolved}"
             )
-        if public_key is not None:
-            verify_manifest_signature(manifest, public_key=public_key)
+        pinned = self.pinned_key()
+        if public_key is not None and pinned is not None and _raw(public_key) != _raw(pinned):
+            raise ModelIntegrityError(
+                f"the given public key {key_fingerprint(public_key)} is not the key this store "
+                f"is pinned to ({key_fingerprint(pinned)}, in {self.root / SIGNING_KEY_FILE})"
+            )
+        trusted = public_key or pinned
+        if trusted is not None:  # a store that held a signed version serves only signed ones
+            verify_manifest_signature(manifest, public_key=trusted)
         return weights_from_bytes(self._read(resolved, WEIGHTS_FILE), manifest), manifest
 
     def _read(self, version: int, file_name: str) -> bytes:
@@ -257,6 +269,7 @@ class ModelStore:
                 manifest = verify_artifact_bytes(manifest_raw, weights_raw, public_key=public_key)
             except ModelIntegrityError as exc:
                 self._reject(source, str(exc))
+            self._pin_signing_key(public_key, source)
             if (self.path(manifest.version) / MANIFEST_FILE).is_file():
                 return self._republish(manifest)
             self._check_acceptable(manifest)
@@ -321,6 +334,8 @@ class ModelStore:
         with self._locked():
             self._clean_staging()
             files = [(self.root / CURRENT_FILE, CURRENT_FILE)] if self._has_current() else []
+            if (self.root / SIGNING_KEY_FILE).is_file():
+                files.append((self.root / SIGNING_KEY_FILE, SIGNING_KEY_FILE))
             for version in self.versions():
                 for name in (MANIFEST_FILE, WEIGHTS_FILE):
                     files.append((self.path(version) / name, f"versions/{version}/{name}"))
@@ -337,6 +352,55 @@ class ModelStore:
                 os.chmod(self.path(version), 0o700)
             self.key = new_key
             return rewritten
+
+    def pinned_key(self) -> Ed25519PublicKey | None:
+        """The coordinator key pinned at the first publish (None: nothing published yet).
+
+        Loads verify signatures against it even when no ``public_key`` is given,
+        so an unsigned or foreign-signed version planted in the directory is refused.
+        """
+        path = self.root / SIGNING_KEY_FILE
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ModelIntegrityError(f"cannot read {path}: {exc.strerror}") from None
+        raw = open_state(
+            blob,
+            key=self.key,
+            name=_sealed_name(SIGNING_KEY_FILE),
+            source=path,
+            tampered=ModelIntegrityError,
+        )
+        try:
+            return Ed25519PublicKey.from_public_bytes(
+                bytes.fromhex(json.loads(raw)["public_key"])
+            )
+        except (ValueError, KeyError, TypeError):
+            raise ModelIntegrityError(f"{path} is corrupt; it pins the signing key") from None
+
+    def _pin_signing_key(self, public_key: Ed25519PublicKey, source: str) -> None:
+        pinned = self.pinned_key()
+        if pinned is None:
+            doc = {
+                "public_key": _raw(public_key).hex(),
+                "fingerprint": key_fingerprint(public_key),
+                "pinned_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            data = seal_state(
+                json.dumps(doc).encode(), key=self.key, name=_sealed_name(SIGNING_KEY_FILE)
+            )
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.root / SIGNING_KEY_FILE, data, mode=0o600 if self.key else 0o644)
+            logger.info("model store %s: signing key %s pinned", self.root, doc["fingerprint"])
+        elif _raw(pinned) != _raw(public_key):
+            self._reject(
+                source,
+                f"signed with key {key_fingerprint(public_key)} but this store is pinned to "
+                f"{key_fingerprint(pinned)}; to rotate the coordinator key, start a new store "
+                f"or delete {self.root / SIGNING_KEY_FILE} deliberately",
+            )
 
     def _has_current(self) -> bool:
         return (self.root / CURRENT_FILE).is_file()
@@ -449,6 +513,10 @@ class ModelStore:
             shutil.rmtree(trash, ignore_errors=True)
             logger.info("model store %s: pruned version %d", self.root, version)
         return doomed
+
+
+def _raw(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _sealed_name(relative: str) -> str:

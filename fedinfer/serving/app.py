@@ -28,6 +28,7 @@ import math
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +38,8 @@ import numpy as np
 
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.serving.audit import AuditLog
-from fedinfer.serving.auth import ANONYMOUS, Principal, RateLimiter, TokenFile
+from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
+from fedinfer.serving.auth import ANONYMOUS, LoginLimiter, Principal, RateLimiter, TokenFile
 from fedinfer.serving.batcher import BatcherClosed, Overloaded
 from fedinfer.serving.metrics import ServingMetrics
 from fedinfer.serving.model_manager import (
@@ -62,6 +64,7 @@ _MODEL_ROUTE = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$"
 )
 _ROLLBACK_ROUTE = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/rollback/?$")
+_VERSION = re.compile(r"0|[1-9][0-9]{0,11}", re.ASCII)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Generated request ids: a random per-process prefix and a counter (32 hex digits like a
 # uuid4 hex, unique within the process, unguessable across processes) instead of
@@ -80,6 +83,10 @@ class AppLimits:
     max_body_bytes: int = 8 << 20
     nonfinite: str = "reject"
     """``reject`` (400 on NaN/inf inputs) or ``allow``."""
+    body_timeout_s: float = 30.0
+    """The whole request body must arrive within this many seconds of its headers (else 408)."""
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    """Rows per forward pass: a larger request runs as several passes of at most this many."""
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("reject", "allow"):
@@ -105,6 +112,7 @@ class _Exchange:
     path: str
     headers: dict[bytes, bytes]
     request_id: str
+    client: str = "unknown"
     endpoint: str = "other"
     principal: str | None = None
     model: str | None = None
@@ -125,13 +133,15 @@ class InferenceApp:
     metrics : ServingMetrics
         Exposed at ``/metrics``.
     tokens : TokenFile or None
-        Bearer tokens; None disables authentication (everyone is ``anonymous`` with all roles).
+        Bearer tokens; None: every caller is ``anonymous``, who may infer but not administer.
     rate_limiter : RateLimiter or None
         Per-principal token buckets; None disables rate limiting.
     audit : AuditLog or None
         Where one line per request goes.
     limits : AppLimits
-        Body size and NaN/inf policy.
+        Body size and timeout, rows per forward pass, NaN/inf policy.
+    login_limiter : LoginLimiter or None
+        Failed-login budget per client address (429 once spent).
     """
 
     def __init__(
@@ -143,6 +153,7 @@ class InferenceApp:
         rate_limiter: RateLimiter | None = None,
         audit: AuditLog | None = None,
         limits: AppLimits | None = None,
+        login_limiter: LoginLimiter | None = None,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
@@ -150,6 +161,7 @@ class InferenceApp:
         self.rate_limiter = rate_limiter
         self.audit = audit
         self.limits = limits or AppLimits()
+        self.login_limiter = login_limiter
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,7 +173,14 @@ class InferenceApp:
             return
         started = time.perf_counter()
         headers = dict(scope.get("headers", []))
-        ex = _Exchange(scope["method"], scope["path"], headers, _request_id(headers))
+        peer = scope.get("client")
+        ex = _Exchange(
+            scope["method"],
+            scope["path"],
+            headers,
+            _request_id(headers),
+            client=str(peer[0]) if peer else "unknown",
+        )
         try:
             status, resp_headers, body = await self._dispatch(ex, receive)
         except HttpError as exc:
@@ -270,6 +289,13 @@ class InferenceApp:
         principal = ANONYMOUS if self.tokens is None else self._authenticate(ex)
         ex.principal = principal.name
         if not principal.can(role):
+            if principal is ANONYMOUS:
+                raise HttpError(
+                    403,
+                    f"{ex.endpoint} needs the {role!r} role, and a server without "
+                    "--auth-tokens serves inference only; restart it with --auth-tokens "
+                    f"and use a token made by `fedinfer tokens add --role {role}`",
+                )
             raise HttpError(403, f"principal {principal.name!r} lacks the {role!r} role")
         if self.rate_limiter is not None:
             wait = self.rate_limiter.acquire(principal)
@@ -281,6 +307,14 @@ class InferenceApp:
 
     def _authenticate(self, ex: _Exchange) -> Principal:
         assert self.tokens is not None
+        if self.login_limiter is not None:  # before the token is even looked at
+            wait = self.login_limiter.wait_s(ex.client)
+            if wait > 0:
+                raise HttpError(
+                    429,
+                    "too many failed logins from this address; retry later",
+                    [(b"retry-after", str(math.ceil(wait)).encode())],
+                )
         header = ex.headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         challenge = [(b"www-authenticate", b'Bearer realm="fedinfer"')]
@@ -290,6 +324,8 @@ class InferenceApp:
             )
         principal = self.tokens.authenticate(token.strip())
         if principal is None:
+            if self.login_limiter is not None:
+                self.login_limiter.failed(ex.client)
             raise HttpError(401, "invalid bearer token", challenge)
         return principal
 
@@ -306,8 +342,17 @@ class InferenceApp:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HttpError(413, f"request body of {int(declared)} bytes exceeds {limit}")
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.limits.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HttpError(
+                    408,
+                    f"request body not received within {self.limits.body_timeout_s:g} s",
+                    [(b"connection", b"close")],
+                ) from None
             if message["type"] == "http.disconnect":
                 raise HttpError(499, "client disconnected")
             chunk = message.get("body", b"")
@@ -316,7 +361,7 @@ class InferenceApp:
                 raise HttpError(413, f"request body exceeds {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return _decode_body(b"".join(chunks), ex.headers.get(b"content-encoding"), limit)
 
     # ------------------------------------------------------------------ endpoints
     async def _infer(
@@ -372,6 +417,27 @@ class InferenceApp:
     async def _submit(
         self, x: np.ndarray, model: LoadedModel, version: int | None
     ) -> tuple[dict[str, np.ndarray], int, LoadedModel]:
+        step = self.limits.max_batch_size
+        if len(x) <= step:
+            return await self._submit_chunk(x, model, version)
+        # A request larger than --max-batch-size runs as several forward passes of at
+        # most that many rows, queued one after another, so its memory is bounded and
+        # other clients' requests are batched in between. Every chunk is answered by
+        # the version that answered the first one.
+        parts, largest = [], 0
+        for start in range(0, len(x), step):
+            outputs, batch_size, model = await self._submit_chunk(
+                x[start : start + step], model, version
+            )
+            version = model.version
+            parts.append(outputs)
+            largest = max(largest, batch_size)
+        merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return merged, largest, model
+
+    async def _submit_chunk(
+        self, x: np.ndarray, model: LoadedModel, version: int | None
+    ) -> tuple[dict[str, np.ndarray], int, LoadedModel]:
         for _ in range(3):  # the resolved version may be retired between resolve and submit
             try:
                 outputs, batch_size = await model.batcher.submit(x)
@@ -422,10 +488,10 @@ class InferenceApp:
         if version is None:
             ready = self.manager.current is not None
             return (200 if ready else 503), [], _json_body({"ready": ready})
-        try:  # ready means servable: loaded, or verified and loaded now (as infer would)
+        try:  # ready means servable: loaded under the version policy (as infer would)
             await self.manager.get(version)
         except ModelNotFound:
-            return 400, [], _json_body({"ready": False})
+            return 404, [], _json_body({"ready": False})
         except ModelNotReady:
             return 503, [], _json_body({"ready": False})
         return 200, [], _json_body({"ready": True})
@@ -446,7 +512,10 @@ class InferenceApp:
                 else (await asyncio.to_thread(store.manifest, version))
             )
         except ModelIntegrityError as exc:
-            raise HttpError(404, str(exc)) from None
+            logger.error("metadata of version %s unreadable: %s", version, exc)
+            raise HttpError(
+                404, f"version {version} cannot be read (details in the server log)"
+            ) from None
         spec = manifest.inputs[0].to_dict()
         classes = manifest.num_classes
         return (
@@ -484,17 +553,26 @@ class InferenceApp:
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         try:
             doc = json.loads(body) if body.strip() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # any bytes at all: 400, never a 500
             raise HttpError(400, 'rollback body must be JSON like {"version": 3}') from None
         target = doc.get("version") if isinstance(doc, dict) else None
         if target is not None and type(target) is not int:
             raise HttpError(400, "'version' must be an integer or null")
+        store = self.manager.store
         try:
-            version = await asyncio.to_thread(self.manager.store.rollback, target)
-        except ConfigError as exc:
-            raise HttpError(409, str(exc)) from None
+            version = await asyncio.to_thread(store.rollback, target)
+        except ConfigError as exc:  # its text names the store's path: log it, answer without
+            logger.warning("rollback to %s refused: %s", target, exc)
+            stored = await asyncio.to_thread(store.versions)
+            what = "nothing older to roll back to" if target is None else "no such stored version"
+            raise HttpError(409, f"cannot roll back: {what} (stored versions: {stored})") from None
         except ModelIntegrityError as exc:
-            raise HttpError(409, f"refusing to roll back: {exc}") from None
+            logger.error("rollback to %s refused: %s", target, exc)
+            raise HttpError(
+                409,
+                "refusing to roll back: the target version fails its integrity check "
+                "(details in the server log)",
+            ) from None
         await self.manager.refresh()
         ex.version = version
         logger.warning("admin %r rolled model back to version %d", ex.principal, version)
@@ -513,9 +591,44 @@ def _require_method(ex: _Exchange, method: str) -> None:
 def _parse_version(raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 12:
-        raise HttpError(404, f"unknown model version {raw!r} (versions are integers)")
+    # ASCII digits only, no leading zeros: str.isdigit() also accepts '²' and '١' (int()
+    # then fails or aliases another version), and '001' would alias version 1.
+    if _VERSION.fullmatch(raw) is None:
+        raise HttpError(
+            404, f"unknown model version {raw!r} (versions are integers like 3, no leading zeros)"
+        )
     return int(raw)
+
+
+def _decode_body(body: bytes, encoding: bytes | None, limit: int) -> bytes:
+    """Undo a gzip/deflate ``Content-Encoding`` (tritonclient's request compression).
+
+    The decompressed size is held to the same limit as a plain body, so a small
+    compressed bomb cannot expand in memory.
+    """
+    name = (encoding or b"identity").strip().lower()
+    if name == b"identity":
+        return body
+    wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": 0}.get(name)
+    if wbits is None:
+        raise HttpError(
+            415,
+            f"unsupported Content-Encoding {name.decode('latin-1')!r}; send identity, gzip "
+            "or deflate",
+            [(b"accept-encoding", b"gzip, deflate")],
+        )
+    if wbits == 0:  # deflate: RFC 9110 says zlib-wrapped, but some clients send raw deflate
+        wbits = zlib.MAX_WBITS if body[:1] and (body[0] & 0x0F) == 8 else -zlib.MAX_WBITS
+    decoder = zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HttpError(400, f"request body is not valid {name.decode()} data: {exc}") from None
+    if len(out) > limit or decoder.unconsumed_tail:
+        raise HttpError(413, f"decompressed request body exceeds {limit} bytes")
+    if not decoder.eof:
+        raise HttpError(400, f"request body is truncated {name.decode()} data")
+    return out
 
 
 def _requested_outputs(

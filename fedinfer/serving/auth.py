@@ -29,7 +29,9 @@ from fedinfer.errors import ConfigError
 from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = [
+    "ANONYMOUS",
     "ROLES",
+    "LoginLimiter",
     "Principal",
     "RateLimiter",
     "TokenFile",
@@ -59,7 +61,8 @@ class Principal:
         return role in self.roles or "admin" in self.roles
 
 
-ANONYMOUS = Principal("anonymous", frozenset(ROLES))
+ANONYMOUS = Principal("anonymous", frozenset({"infer"}))
+"""Who calls a server started without ``--auth-tokens``: inference only, never admin."""
 
 
 class TokenFile:
@@ -221,3 +224,49 @@ class RateLimiter:
             return 0.0
         self._buckets[principal.name] = (level, now)
         return (1.0 - level) / rate
+
+
+class LoginLimiter:
+    """Failed-login budget per client address, checked *before* a token is looked at.
+
+    Each address may fail ``per_minute`` times in a burst, refilled at
+    ``per_minute`` per minute; while its budget is spent every request from it
+    that needs a token is answered 429, so tokens cannot be guessed at line
+    rate. A correct token costs nothing.
+
+    Parameters
+    ----------
+    per_minute : float
+        Failed logins allowed per address and minute (default: 10).
+    max_addresses : int
+        Addresses tracked at most; beyond it the fully refilled ones are forgotten.
+    """
+
+    def __init__(self, per_minute: float = 10.0, *, max_addresses: int = 65536) -> None:
+        if per_minute <= 0:
+            raise ConfigError(f"`--login-failures-per-min` must be > 0 (got {per_minute})")
+        self.capacity = max(1.0, per_minute)
+        self.rate = per_minute / 60.0
+        self.max_addresses = max_addresses
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def wait_s(self, address: str) -> float:
+        """0.0 if ``address`` may try a token now, else seconds until it may."""
+        level = self._level(address, time.monotonic())
+        return 0.0 if level >= 1.0 else (1.0 - level) / self.rate
+
+    def failed(self, address: str) -> None:
+        """Charge one failed login to ``address``."""
+        now = time.monotonic()
+        level = self._level(address, now)
+        if len(self._buckets) >= self.max_addresses and address not in self._buckets:
+            self._forget_idle(now)
+        self._buckets[address] = (max(0.0, level - 1.0), now)
+
+    def _level(self, address: str, now: float) -> float:
+        level, last = self._buckets.get(address, (self.capacity, now))
+        return min(self.capacity, level + (now - last) * self.rate)
+
+    def _forget_idle(self, now: float) -> None:
+        for address in [a for a in self._buckets if self._level(a, now) >= self.capacity]:
+            del self._buckets[address]

@@ -146,9 +146,79 @@ def _add_serve(subparsers: Any) -> None:
         help="tolerated accuracy drop of int8/onnx/pruned vs float (default: 0.01)",
     )
     _add_prune_amount(p)
+    _add_limits(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_state_key(p)
     p.set_defaults(func=_serve)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback --host without TLS and --auth-tokens (anyone who can "
+        "reach it may query the model; rollback still needs a token)",
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=2,
+        metavar="N",
+        help="versions servable by number: the current one and the N-1 served before it "
+        "(default: 2); other versions answer 404, never loaded on request",
+    )
+    p.add_argument(
+        "--pin-versions",
+        type=_int_list,
+        default=(),
+        metavar="V[,V...]",
+        help="stored versions loaded at start and always servable by number",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers take longer (default: 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="answer 408 when a request body takes longer (default: 30)",
+    )
+    p.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=512,
+        metavar="N",
+        help="open connections + requests in flight before 503 (default: 512; keep it "
+        "under the process's file limit, `ulimit -n`)",
+    )
+    p.add_argument(
+        "--max-pipeline",
+        type=int,
+        default=16,
+        metavar="N",
+        help="pipelined requests queued per connection before reading pauses (default: 16)",
+    )
+    p.add_argument(
+        "--login-failures-per-min",
+        type=float,
+        default=10.0,
+        metavar="N",
+        help="wrong tokens per client address and minute before 429 (default: 10)",
+    )
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected versions like 3,5 (got {text!r})"
+        ) from None
 
 
 def _add_prune_amount(p: argparse.ArgumentParser) -> None:
@@ -192,6 +262,14 @@ def _serve(ns: argparse.Namespace) -> int:
         prune_amount=ns.prune_amount,
         log_level=ns.log_level,
         state_key=ns.state_key,
+        insecure=ns.insecure,
+        keep_versions=ns.keep_versions,
+        pin_versions=ns.pin_versions,
+        header_timeout_s=ns.header_timeout,
+        body_timeout_s=ns.body_timeout,
+        limit_concurrency=ns.limit_concurrency,
+        max_pipeline=ns.max_pipeline,
+        login_failures_per_min=ns.login_failures_per_min,
     )
     serve(options)
     return 0

@@ -6,7 +6,14 @@ forward pass only ever sees one version. A request resolves its model once
 itself in the response. A hot swap loads, verifies and warms the new version in
 a background thread and then replaces the ``current`` reference in one
 assignment on the event loop; requests already queued on the old version finish
-there. Retired versions stay loaded (LRU, ``max_loaded``) for pinned requests.
+there.
+
+Which versions a request may name is a server policy, never the request's:
+the current version, the ``keep_versions - 1`` most recently served before it,
+and the ``pinned`` versions (loaded at start-up and never evicted). A request
+for any other version is refused (:class:`ModelNotFound`, HTTP 404) instead
+of loading it on demand, so one client cycling through old versions cannot make
+the server load and evict models under everyone else's requests.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedinfer.artifacts import ModelManifest, ModelStore
-from fedinfer.errors import FedInferError, ModelIntegrityError, ServingError, StateKeyError
+from fedinfer.errors import FedInferError, ServingError
 from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
 from fedinfer.serving.backends import Backend, build_backend, check_backend
 from fedinfer.serving.batcher import DynamicBatcher
@@ -97,8 +104,15 @@ class ModelManager:
         Where swaps, batch sizes and the served version are recorded.
     poll_interval_s : float
         How often ``CURRENT`` is checked (default: 0.5).
-    max_loaded : int
-        Versions kept loaded at most, current included (default: 3; at least 2).
+    keep_versions : int
+        Versions kept loaded and servable by number: the current one and the
+        ``keep_versions - 1`` served before it (default: 2).
+    pinned : tuple of int
+        Stored versions loaded at start-up and kept loaded (default: none).
+    retry_failed_s : float
+        A version that failed to load is tried again after this long, so a
+        transient error (EMFILE, a file being copied) does not stop hot swap for
+        good (default: 5).
     threads : int or None
         Intra-op threads for ONNX Runtime (torch's are set process-wide).
     validation : (x, y) or None
@@ -119,7 +133,9 @@ class ModelManager:
         batching: BatchingOptions,
         metrics: ServingMetrics,
         poll_interval_s: float = 0.5,
-        max_loaded: int = 3,
+        keep_versions: int = 2,
+        pinned: tuple[int, ...] = (),
+        retry_failed_s: float = 5.0,
         threads: int | None = None,
         validation: tuple[np.ndarray, np.ndarray | None] | None = None,
         max_accuracy_drop: float = 0.01,
@@ -131,7 +147,9 @@ class ModelManager:
         self.batching = batching
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
-        self.max_loaded = max(2, max_loaded)  # the newest load is never the LRU victim
+        self.keep_versions = max(1, keep_versions)
+        self.pinned = tuple(sorted(set(pinned)))
+        self.retry_failed_s = retry_failed_s
         self.threads = threads
         self.validation = validation
         self.max_accuracy_drop = max_accuracy_drop
@@ -139,7 +157,8 @@ class ModelManager:
         self.current: LoadedModel | None = None
         self._loaded: OrderedDict[int, LoadedModel] = OrderedDict()
         self._loading: dict[int, asyncio.Future[LoadedModel]] = {}
-        self._failed: int | None = None
+        self._failed: tuple[int, float] | None = None  # (version, monotonic time of failure)
+        self._unservable: dict[int, str] = {}  # pinned versions that failed to load
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="fedinfer-infer")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="fedinfer-load")
         self._poll_task: asyncio.Task[None] | None = None
@@ -159,6 +178,7 @@ class ModelManager:
         """Load the current version (if any) and start watching the store."""
         self._swap_lock = asyncio.Lock()
         await self.refresh(raise_errors=True)
+        await self._load_pinned()
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def stop(self) -> None:
@@ -188,12 +208,13 @@ class ModelManager:
             target = await loop.run_in_executor(self._load_pool, self.store.current_version)
             if target is None or (self.current and self.current.version == target):
                 return False
-            if target == self._failed and not raise_errors:
-                return False  # already reported; wait for the store to move on
+            if not raise_errors and self._failed is not None and self._failed[0] == target:
+                if loop.time() - self._failed[1] < self.retry_failed_s:
+                    return False  # already reported; try again later, or when the store moves
             try:
                 model = await self._get_or_load(target)
-            except FedInferError as exc:
-                self._failed = target
+            except (FedInferError, OSError) as exc:  # OSError: EMFILE and the like, transient
+                self._failed = (target, loop.time())
                 self.metrics.load_failures.inc()
                 logger.error(
                     "cannot serve model version %d, keeping %s: %s",
@@ -204,8 +225,23 @@ class ModelManager:
                 if raise_errors:
                     raise
                 return False
+            self._failed = None
             self._swap(model)
             return True
+
+    async def _load_pinned(self) -> None:
+        stored = await asyncio.to_thread(self.store.versions)
+        for version in self.pinned:
+            if version not in stored:
+                self._unservable[version] = "not in the model store"
+                logger.error("pinned version %d is not in the model store", version)
+                continue
+            try:
+                await self._get_or_load(version)
+            except (FedInferError, OSError) as exc:
+                self._unservable[version] = "failed to load or verify"
+                self.metrics.load_failures.inc()
+                logger.error("pinned version %d cannot be served: %s", version, exc)
 
     def _swap(self, model: LoadedModel) -> None:
         previous = self.current
@@ -223,21 +259,22 @@ class ModelManager:
         )
 
     def _evict(self) -> None:
-        while len(self._loaded) > self.max_loaded:
-            victim = next(
-                v for v in self._loaded if self.current is None or v != self.current.version
-            )
-            self._loaded.pop(victim).batcher.close()  # queued requests still complete
+        # _loaded is in order of becoming current (pinned ones never move to the end)
+        current = self.current.version if self.current else None
+        recent = [v for v in self._loaded if v not in self.pinned or v == current]
+        for victim in recent[: max(0, len(recent) - self.keep_versions)]:
+            if victim != current:
+                self._loaded.pop(victim).batcher.close()  # queued requests still complete
 
     async def get(self, version: int | None = None) -> LoadedModel:
-        """Return the current model, or a pinned stored ``version`` (loaded on demand).
+        """Return the current model, or a loaded ``version`` (never loaded because asked).
 
         Raises
         ------
         ModelNotReady
-            Nothing loaded yet, or the pinned version fails verification.
+            Nothing loaded yet, or the pinned ``version`` failed to load or verify.
         ModelNotFound
-            ``version`` is not in the store.
+            ``version`` is not loaded under the serving policy, or not stored at all.
         """
         if version is None:
             if self.current is None:
@@ -245,17 +282,19 @@ class ModelManager:
             return self.current
         model = self._loaded.get(version)
         if model is not None:
-            self._loaded.move_to_end(version)
             return model
-        loop = asyncio.get_running_loop()
-        if version not in await loop.run_in_executor(self._load_pool, self.store.versions):
+        if version in self._unservable:
+            raise ModelNotReady(
+                f"pinned version {version} cannot be served: {self._unservable[version]} "
+                "(details in the server log)"
+            )
+        if version not in await asyncio.to_thread(self.store.versions):
             raise ModelNotFound(f"version {version} is not in the model store")
-        try:
-            model = await self._get_or_load(version)
-        except (ModelIntegrityError, StateKeyError) as exc:  # tampered, or sealed otherwise
-            raise ModelNotReady(f"version {version} cannot be served: {exc}") from None
-        self._evict()
-        return model
+        raise ModelNotFound(
+            f"version {version} is stored but not served: this server serves versions "
+            f"{self.loaded_versions()} (the current one, the {self.keep_versions - 1} served "
+            "before it, and those pinned with --pin-versions)"
+        )
 
     async def _get_or_load(self, version: int) -> LoadedModel:
         if version in self._loaded:

@@ -53,6 +53,9 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 _OIP_NAMES = {v: k for k, v in _DTYPES.items()}
+# numpy kinds of JSON values accepted for each target kind: numbers for numeric
+# tensors (integers must be whole numbers), JSON true/false only for BOOL.
+_JSON_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
 
 class OipError(Exception):
@@ -266,7 +269,12 @@ def _json_array(data: Any, name: str, dtype: np.dtype[Any], shape: list[int]) ->
         raise OipError(f"input {name!r}: 'data' must be a list")
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # 1e39 -> inf, caught by NaN policy
-            array = np.asarray(data, dtype=dtype)
+            # Read the JSON values as they are first, so strings ("1.0"), booleans and null
+            # are refused (as Triton does) instead of coerced by numpy to numbers and NaN.
+            parsed = np.asarray(data)
+            if parsed.size and parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
+                raise TypeError(parsed.dtype)
+            array = parsed.astype(dtype, copy=False)
     except (ValueError, TypeError, OverflowError):
         raise OipError(
             f"input {name!r}: 'data' must be a (nested) list of numbers "

@@ -6,8 +6,10 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,12 +19,31 @@ from fedinfer.errors import ConfigError, DataError
 from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE
 from fedinfer.serving.app import AppLimits, InferenceApp
 from fedinfer.serving.audit import AuditLog
-from fedinfer.serving.auth import RateLimiter, TokenFile
+from fedinfer.serving.auth import LoginLimiter, RateLimiter, TokenFile
 from fedinfer.serving.backends import BACKEND_NAMES
 from fedinfer.serving.metrics import ServingMetrics
 from fedinfer.serving.model_manager import BatchingOptions, ModelManager
+from fedinfer.serving.protocol import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_PIPELINE,
+    limited_protocol,
+)
 
-__all__ = ["DEFAULT_BACKEND", "ServeOptions", "build_app", "serve"]
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = [
+    "DEFAULT_BACKEND",
+    "TLS_CIPHERS",
+    "ServeOptions",
+    "build_app",
+    "serve",
+    "tls_context",
+    "uvicorn_config",
+]
+
+# TLS 1.2 with forward-secret AEAD suites only (TLS 1.3 suites are fixed by OpenSSL).
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +78,15 @@ class ServeOptions:
     port_file: Path | None = None
     log_level: str = "info"
     state_key: Path | None = None
+    insecure: bool = False
+    """Allow a non-loopback bind without TLS and tokens (anonymous callers may infer)."""
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = 30.0
+    limit_concurrency: int = 512
+    max_pipeline: int = DEFAULT_MAX_PIPELINE
+    keep_versions: int = 2
+    pin_versions: tuple[int, ...] = ()
+    login_failures_per_min: float = 10.0
 
     def resolved_audit_dir(self) -> Path:
         """``--audit-dir``, or ``<model-store>/../audit`` (the site state directory's)."""
@@ -80,6 +110,33 @@ class ServeOptions:
             raise ConfigError(f"`--prune-amount` must be in [0, 1) (got {self.prune_amount})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"`--port` must be in 0..65535 (got {self.port})")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ConfigError("`--header-timeout` and `--body-timeout` must be > 0 seconds")
+        if self.limit_concurrency < 1 or self.max_pipeline < 1:
+            raise ConfigError("`--limit-concurrency` and `--max-pipeline` must be >= 1")
+        if self.keep_versions < 1:
+            raise ConfigError(f"`--keep-versions` must be >= 1 (got {self.keep_versions})")
+        if self.login_failures_per_min <= 0:
+            raise ConfigError("`--login-failures-per-min` must be > 0")
+        self._check_exposure()
+
+    def _check_exposure(self) -> None:
+        if _is_loopback(self.host) or self.insecure:
+            return
+        missing = [
+            what
+            for what, absent in (
+                ("TLS (--tls-certfile/--tls-keyfile)", self.tls_certfile is None),
+                ("authentication (--auth-tokens)", self.auth_tokens is None),
+            )
+            if absent
+        ]
+        if missing:
+            raise ConfigError(
+                f"`--host {self.host}` is reachable from the network but the server has no "
+                f"{' and no '.join(missing)}; add them, bind 127.0.0.1, or pass --insecure "
+                "to serve anyway"
+            )
 
 
 def build_app(options: ServeOptions) -> InferenceApp:
@@ -101,6 +158,8 @@ def build_app(options: ServeOptions) -> InferenceApp:
         ),
         metrics=metrics,
         poll_interval_s=options.poll_interval_s,
+        keep_versions=options.keep_versions,
+        pinned=options.pin_versions,
         threads=options.threads,
         validation=_validation_split(options),
         max_accuracy_drop=options.max_accuracy_drop,
@@ -113,7 +172,16 @@ def build_app(options: ServeOptions) -> InferenceApp:
         tokens=TokenFile(options.auth_tokens) if options.auth_tokens else None,
         rate_limiter=RateLimiter(rate, options.rate_burst) if options.auth_tokens or rate else None,
         audit=AuditLog(audit_dir, key=state_key),
-        limits=AppLimits(max_body_bytes=options.max_body_bytes, nonfinite=options.nonfinite),
+        limits=AppLimits(
+            max_body_bytes=options.max_body_bytes,
+            nonfinite=options.nonfinite,
+            body_timeout_s=options.body_timeout_s,
+            # --no-batching (1) turns off batching across requests, not whole requests
+            max_batch_size=options.max_batch_size
+            if options.max_batch_size > 1
+            else DEFAULT_MAX_BATCH_SIZE,
+        ),
+        login_limiter=LoginLimiter(options.login_failures_per_min) if options.auth_tokens else None,
     )
 
 
@@ -139,21 +207,7 @@ def serve(options: ServeOptions) -> None:
     app = build_app(options)
     _warn_if_exposed(options)
     sock = _bind(options.host, options.port)
-    config = uvicorn.Config(
-        app,
-        log_level=options.log_level,
-        access_log=False,  # the audit log records requests, without inputs
-        ssl_certfile=str(options.tls_certfile) if options.tls_certfile else None,
-        ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
-        timeout_keep_alive=30,
-        backlog=2048,
-        lifespan="on",
-        ws="none",  # no websockets routes; also avoids importing websockets' legacy module
-        # Nothing here reads the client address, so X-Forwarded-* rewriting would only
-        # parse an IP address on every request.
-        proxy_headers=False,
-        server_header=False,
-    )
+    config = uvicorn_config(app, options)
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier
     logging.basicConfig(
@@ -173,6 +227,62 @@ def serve(options: ServeOptions) -> None:
             "the server did not start (see the log above): check --model-store, "
             "--backend and --public-key"
         )
+
+
+def uvicorn_config(
+    app: InferenceApp, options: ServeOptions, *, log_level: str | None = None
+) -> uvicorn.Config:
+    """The uvicorn settings of ``fedinfer serve`` (also used by the test harness).
+
+    Connection limits live here: ``limit_concurrency`` (503 beyond it), the
+    header timeout and pipeline bound of :mod:`fedinfer.serving.protocol`, and
+    TLS 1.2+ with an explicit cipher list.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level or options.log_level,
+        access_log=False,  # the audit log records requests, without inputs
+        http=limited_protocol(
+            app.metrics,
+            header_timeout_s=options.header_timeout_s,
+            max_pipeline=options.max_pipeline,
+        ),
+        ssl_certfile=str(options.tls_certfile) if options.tls_certfile else None,
+        ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
+        ssl_ciphers=TLS_CIPHERS,
+        timeout_keep_alive=30,
+        limit_concurrency=options.limit_concurrency,
+        backlog=2048,
+        lifespan="on",
+        ws="none",  # no websockets routes; also avoids importing websockets' legacy module
+        # The client address is the socket peer (used only to rate-limit failed logins);
+        # X-Forwarded-* from a client would let it pick its own address.
+        proxy_headers=False,
+        server_header=False,
+    )
+    config.load()
+    if options.tls_certfile is not None:  # replace uvicorn's context (its defaults vary by release)
+        config.ssl = tls_context(options.tls_certfile, options.tls_keyfile)
+    return config
+
+
+def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
+    """A server TLS context: TLS 1.2 minimum, :data:`TLS_CIPHERS`, no compression."""
+    if certfile is None or keyfile is None:
+        raise ConfigError("`--tls-certfile` and `--tls-keyfile` go together; pass both")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(str(certfile), str(keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load `--tls-certfile` {certfile} / `--tls-keyfile` {keyfile}: {exc}"
+        ) from None
+    return ctx
 
 
 def _bind(host: str, port: int) -> socket.socket:
