@@ -12,6 +12,7 @@ them, so every Flower strategy (and our secure-aggregation wrapper) plugs in.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from fedinfer.fl.messages import ErrorCodes, Keys
 __all__ = ["EvaluateFn", "FederationState", "RoundRecord", "run_rounds", "site_of"]
 
 logger = logging.getLogger(__name__)
+
+_SITE_SUFFIX = re.compile(r"\(site ([\w.-]{1,64})\)$")
+"""A refusal names its site at the end of the reason (an Error reply has no site record)."""
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
 
@@ -91,6 +95,9 @@ def _split_replies(
             continue
         reason = msg.error.reason or f"error code {msg.error.code}"
         if msg.error.code in (ErrorCodes.BUDGET_EXCEEDED, ErrorCodes.POLICY_REFUSED):
+            named = _SITE_SUFFIX.search(reason)
+            if named and msg.metadata.src_node_id not in state.site_names:
+                site = state.site_names[msg.metadata.src_node_id] = named.group(1)
             record.refused[site] = reason.splitlines()[0][:500]
             state.exhausted_nodes.add(msg.metadata.src_node_id)
         else:
