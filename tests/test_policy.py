@@ -397,3 +397,20 @@ def test_federated_accuracy_is_the_pooled_accuracy_so_the_table_drops_it(out_dir
     printer.line(RoundRecord(round=2, federated={"eval-accuracy": 0.625}))  # a deployment
     text = out.getvalue()
     assert "fed-acc" not in text and "0.6250*" in text
+
+
+def test_a_deployed_site_reads_its_policy_from_its_node_config(tmp_path: Path) -> None:
+    """The policy comes from the site's own node config (or state dir), never the run config."""
+    from fedinfer.fl.client_app import node_policy
+
+    def context(node: dict[str, str]) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    path = save_policy(SitePolicy(max_epsilon=3.0), tmp_path / "elsewhere.toml")
+    assert node_policy(BASE, context({"policy-file": str(path)})).max_epsilon == 3.0
+    save_policy(SitePolicy(max_epsilon=2.0), tmp_path / "site_policy.toml")
+    assert node_policy(BASE, context({"state-dir": str(tmp_path)})).max_epsilon == 2.0
+    with pytest.raises(ConfigError, match="init-policy"):
+        node_policy(BASE, context({"state-dir": str(tmp_path / "empty")}))
+    with pytest.raises(PolicyViolation, match="^policy policy_file:"):
+        node_policy(BASE, context({}))
