@@ -414,3 +414,28 @@ def test_a_deployed_site_reads_its_policy_from_its_node_config(tmp_path: Path) -
         node_policy(BASE, context({"state-dir": str(tmp_path / "empty")}))
     with pytest.raises(PolicyViolation, match="^policy policy_file:"):
         node_policy(BASE, context({}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("secagg=off", "privacy.max_epsilon=50", "federation.local_epochs=8"),
+        ("privacy=none", "secagg.threshold=2"),
+        ("privacy.target_epsilon=null", "privacy.noise_multiplier=0.3", "privacy.delta=1e-6"),
+    ],
+    ids=["default", "no-secagg-big-budget", "no-dp", "low-noise"],
+)
+def test_deploy_local_policy_accepts_its_own_run_and_nothing_weaker(overrides: tuple) -> None:
+    from fedinfer.policy import policy_accepting
+
+    cfg = tiny_config(*overrides)
+    policy = policy_accepting(cfg, num_sites=2, coordinator_key_fingerprint="ab" * 16)
+    check_train(policy, cfg, num_samples=N)
+    if cfg.secagg.enabled:
+        check_secagg_round(policy, threshold=2, participants=2)
+    assert policy.allowed_metrics == ["epsilon"] and not policy.allow_evaluation
+    assert policy.coordinator_key_fingerprint == "ab" * 16
+    if cfg.privacy.mode == "dpsgd":
+        with pytest.raises(PolicyViolation, match="^policy privacy_mode:"):
+            check_train(policy, _with(cfg, privacy={"mode": "none"}), num_samples=N)
