@@ -336,14 +336,37 @@ def test_every_site_refuses_a_lying_coordinator(out_dir: Path, lie: list[str], k
     assert not list((out_dir / "sites").glob("*/ledger.json")), "no site touched its data"
 
 
-def test_strict_sites_accept_the_default_job_and_withhold_metrics(out_dir: Path) -> None:
-    run_simulation(tiny_config("site_policy=strict", "federation.rounds=1"), output_dir=out_dir)
+class CountingGrid(InProcessGrid):
+    """Counts the messages of each type the coordinator sends."""
+
+    sent: dict[str, int]
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        self.sent = dict(getattr(self, "sent", {}))
+        for msg in messages:
+            kind = msg.metadata.message_type
+            self.sent[kind] = self.sent.get(kind, 0) + 1
+        return super().push_messages(messages)
+
+
+def test_strict_sites_accept_the_default_job_and_withhold_metrics(
+    out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedinfer.simulation import run as sim_run
+
+    grids: list[CountingGrid] = []
+    monkeypatch.setattr(
+        sim_run, "InProcessGrid", lambda *a, **k: grids.append(CountingGrid(*a, **k)) or grids[-1]
+    )
+    run_simulation(tiny_config("site_policy=strict", "federation.rounds=2"), output_dir=out_dir)
     data = json.loads((out_dir / "results.json").read_text())
-    first = data["rounds"][0]
-    assert first["aggregated"] and len(first["sites"]) == 4 and not first["refused"]
-    for metrics in first["sites"].values():
-        assert set(metrics) == {"epsilon", "num-examples"} and metrics["num-examples"] == 1.0
-    assert first["federated"] == {}, "evaluation is refused in DP mode by default"
+    for record in data["rounds"]:
+        assert record["aggregated"] and len(record["sites"]) == 4 and not record["refused"]
+        for metrics in record["sites"].values():
+            assert set(metrics) == {"epsilon", "num-examples"} and metrics["num-examples"] == 1.0
+        assert record["federated"] == {}, "evaluation is refused in DP mode by default"
+    assert grids[0].sent["evaluate"] == 4, "refused once, then not asked again"
 
 
 def test_every_site_refuses_a_lying_coordinator_on_ray(out_dir: Path) -> None:

@@ -65,6 +65,9 @@ class FederationState:
     arrays: ArrayRecord
     completed_round: int = 0
     exhausted_nodes: set[int] = field(default_factory=set)
+    unevaluable_nodes: set[int] = field(default_factory=set)
+    """Sites whose policy refuses evaluation (DP mode): not asked again. Not checkpointed: after a
+    resume one refused round finds them again."""
     site_names: dict[int, str] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
     """Latest cumulative epsilon each site reported (kept for sites that did not train since)."""
@@ -166,11 +169,9 @@ def run_rounds(
         record.secagg = dict(getattr(strategy, "last_round_info", {}) or {})
 
         # --- EVALUATION (sites) -----------------------------------------------------------
-        messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
-        eval_replies = [
-            m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()
-        ]
-        record.federated = _floats(strategy.aggregate_evaluate(server_round, eval_replies))
+        record.federated = _evaluate_sites(
+            grid, strategy, state, server_round, min_sites=min_sites, timeout=timeout
+        )
 
         # --- EVALUATION (coordinator) -----------------------------------------------------
         if evaluate_fn is not None:
@@ -187,6 +188,33 @@ def run_rounds(
             state.stop_reason = stop_reason
             break
     return state
+
+
+def _evaluate_sites(
+    grid: Grid,
+    strategy: Strategy,
+    state: FederationState,
+    server_round: int,
+    *,
+    min_sites: int,
+    timeout: float,
+) -> dict[str, float]:
+    """Federated evaluation by the sites whose policy allows it; {} when too few do.
+
+    A site that refuses by policy (DP mode, ``allow_evaluation = false``) is not asked again,
+    and with fewer than ``min_sites`` left the exchange is skipped (Flower's sampling would
+    wait for them forever).
+    """
+    evaluable = ExcludingGrid(grid, state.unevaluable_nodes)
+    if len(list(evaluable.get_node_ids())) < min_sites:
+        return {}
+    messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), evaluable)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for msg in replies:
+        if msg.has_error() and msg.error.code == ErrorCodes.POLICY_REFUSED:
+            state.unevaluable_nodes.add(msg.metadata.src_node_id)
+    answered = [m for m in replies if not m.has_error()]
+    return _floats(strategy.aggregate_evaluate(server_round, answered))
 
 
 def _refusal_summary(state: FederationState) -> str:
