@@ -329,21 +329,44 @@ def test_every_site_refuses_a_lying_coordinator(out_dir: Path, lie: list[str], k
     first = data["rounds"][0]
     num_sites = data["config"]["federation"]["num_sites"]
     assert first["sites"] == {} and not first["aggregated"]
-    assert len(first["refused"]) == num_sites
+    assert sorted(first["refused"]) == [f"site-{i:02d}" for i in range(num_sites)]
     assert all(reason.startswith(f"policy {key}:") for reason in first["refused"].values())
     assert data["status"] == "stopped" and f"policy {key}" in data["stop_reason"]
     assert "model_version" not in data or data["model_version"] is None
     assert not list((out_dir / "sites").glob("*/ledger.json")), "no site touched its data"
 
 
-def test_strict_sites_accept_the_default_job_and_withhold_metrics(out_dir: Path) -> None:
-    run_simulation(tiny_config("site_policy=strict", "federation.rounds=1"), output_dir=out_dir)
+class CountingGrid(InProcessGrid):
+    """Counts the messages of each type the coordinator sends."""
+
+    sent: dict[str, int]
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        self.sent = dict(getattr(self, "sent", {}))
+        for msg in messages:
+            kind = msg.metadata.message_type
+            self.sent[kind] = self.sent.get(kind, 0) + 1
+        return super().push_messages(messages)
+
+
+def test_strict_sites_accept_the_default_job_and_withhold_metrics(
+    out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedinfer.simulation import run as sim_run
+
+    grids: list[CountingGrid] = []
+    monkeypatch.setattr(
+        sim_run, "InProcessGrid", lambda *a, **k: grids.append(CountingGrid(*a, **k)) or grids[-1]
+    )
+    run_simulation(tiny_config("site_policy=strict", "federation.rounds=2"), output_dir=out_dir)
     data = json.loads((out_dir / "results.json").read_text())
-    first = data["rounds"][0]
-    assert first["aggregated"] and len(first["sites"]) == 4 and not first["refused"]
-    for metrics in first["sites"].values():
-        assert set(metrics) == {"epsilon", "num-examples"} and metrics["num-examples"] == 1.0
-    assert first["federated"] == {}, "evaluation is refused in DP mode by default"
+    for record in data["rounds"]:
+        assert record["aggregated"] and len(record["sites"]) == 4 and not record["refused"]
+        for metrics in record["sites"].values():
+            assert set(metrics) == {"epsilon", "num-examples"} and metrics["num-examples"] == 1.0
+        assert record["federated"] == {}, "evaluation is refused in DP mode by default"
+    assert grids[0].sent["evaluate"] == 4, "refused once, then not asked again"
 
 
 def test_every_site_refuses_a_lying_coordinator_on_ray(out_dir: Path) -> None:
@@ -397,3 +420,45 @@ def test_federated_accuracy_is_the_pooled_accuracy_so_the_table_drops_it(out_dir
     printer.line(RoundRecord(round=2, federated={"eval-accuracy": 0.625}))  # a deployment
     text = out.getvalue()
     assert "fed-acc" not in text and "0.6250*" in text
+
+
+def test_a_deployed_site_reads_its_policy_from_its_node_config(tmp_path: Path) -> None:
+    """The policy comes from the site's own node config (or state dir), never the run config."""
+    from fedinfer.fl.client_app import node_policy
+
+    def context(node: dict[str, str]) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    path = save_policy(SitePolicy(max_epsilon=3.0), tmp_path / "elsewhere.toml")
+    assert node_policy(BASE, context({"policy-file": str(path)})).max_epsilon == 3.0
+    save_policy(SitePolicy(max_epsilon=2.0), tmp_path / "site_policy.toml")
+    assert node_policy(BASE, context({"state-dir": str(tmp_path)})).max_epsilon == 2.0
+    with pytest.raises(ConfigError, match="init-policy"):
+        node_policy(BASE, context({"state-dir": str(tmp_path / "empty")}))
+    with pytest.raises(PolicyViolation, match="^policy policy_file:"):
+        node_policy(BASE, context({}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("secagg=off", "privacy.max_epsilon=50", "federation.local_epochs=8"),
+        ("privacy=none", "secagg.threshold=2"),
+        ("privacy.target_epsilon=null", "privacy.noise_multiplier=0.3", "privacy.delta=1e-6"),
+    ],
+    ids=["default", "no-secagg-big-budget", "no-dp", "low-noise"],
+)
+def test_deploy_local_policy_accepts_its_own_run_and_nothing_weaker(overrides: tuple) -> None:
+    from fedinfer.policy import policy_accepting
+
+    cfg = tiny_config(*overrides)
+    policy = policy_accepting(cfg, num_sites=2, coordinator_key_fingerprint="ab" * 16)
+    check_train(policy, cfg, num_samples=N)
+    if cfg.secagg.enabled:
+        check_secagg_round(policy, threshold=2, participants=2)
+    assert policy.allowed_metrics == ["epsilon"] and not policy.allow_evaluation
+    assert policy.coordinator_key_fingerprint == "ab" * 16
+    if cfg.privacy.mode == "dpsgd":
+        with pytest.raises(PolicyViolation, match="^policy privacy_mode:"):
+            check_train(policy, _with(cfg, privacy={"mode": "none"}), num_samples=N)

@@ -135,9 +135,12 @@ def build_client_app(
     def train(msg: Message, context: Context) -> RecordDict:
         request, env = env_of(context)
         policy = policy_fn(request, context)
-        check_train(policy, request, num_samples=len(env.data.train))
-        if request.secagg.enabled:
-            check_secagg_request(policy, msg)
+        try:
+            check_train(policy, request, num_samples=len(env.data.train))
+            if request.secagg.enabled:
+                check_secagg_request(policy, msg)
+        except PolicyViolation as exc:  # an Error reply carries no site record: name it here
+            raise PolicyViolation(exc.key, f"{exc} (site {env.site_id})") from None
         cfg = site_config(policy, request, num_samples=len(env.data.train))
         config = msg.content.config_records[Keys.CONFIG]
         server_round = int(cast(int, config[Keys.SERVER_ROUND]))

@@ -12,6 +12,7 @@ them, so every Flower strategy (and our secure-aggregation wrapper) plugs in.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from fedinfer.fl.messages import ErrorCodes, Keys
 __all__ = ["EvaluateFn", "FederationState", "RoundRecord", "run_rounds", "site_of"]
 
 logger = logging.getLogger(__name__)
+
+_SITE_SUFFIX = re.compile(r"\(site ([\w.-]{1,64})\)$")
+"""A refusal names its site at the end of the reason (an Error reply has no site record)."""
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
 
@@ -61,6 +65,9 @@ class FederationState:
     arrays: ArrayRecord
     completed_round: int = 0
     exhausted_nodes: set[int] = field(default_factory=set)
+    unevaluable_nodes: set[int] = field(default_factory=set)
+    """Sites whose policy refuses evaluation (DP mode): not asked again. Not checkpointed: after a
+    resume one refused round finds them again."""
     site_names: dict[int, str] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
     """Latest cumulative epsilon each site reported (kept for sites that did not train since)."""
@@ -91,6 +98,9 @@ def _split_replies(
             continue
         reason = msg.error.reason or f"error code {msg.error.code}"
         if msg.error.code in (ErrorCodes.BUDGET_EXCEEDED, ErrorCodes.POLICY_REFUSED):
+            named = _SITE_SUFFIX.search(reason)
+            if named and msg.metadata.src_node_id not in state.site_names:
+                site = state.site_names[msg.metadata.src_node_id] = named.group(1)
             record.refused[site] = reason.splitlines()[0][:500]
             state.exhausted_nodes.add(msg.metadata.src_node_id)
         else:
@@ -159,11 +169,9 @@ def run_rounds(
         record.secagg = dict(getattr(strategy, "last_round_info", {}) or {})
 
         # --- EVALUATION (sites) -----------------------------------------------------------
-        messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
-        eval_replies = [
-            m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()
-        ]
-        record.federated = _floats(strategy.aggregate_evaluate(server_round, eval_replies))
+        record.federated = _evaluate_sites(
+            grid, strategy, state, server_round, min_sites=min_sites, timeout=timeout
+        )
 
         # --- EVALUATION (coordinator) -----------------------------------------------------
         if evaluate_fn is not None:
@@ -180,6 +188,33 @@ def run_rounds(
             state.stop_reason = stop_reason
             break
     return state
+
+
+def _evaluate_sites(
+    grid: Grid,
+    strategy: Strategy,
+    state: FederationState,
+    server_round: int,
+    *,
+    min_sites: int,
+    timeout: float,
+) -> dict[str, float]:
+    """Federated evaluation by the sites whose policy allows it; {} when too few do.
+
+    A site that refuses by policy (DP mode, ``allow_evaluation = false``) is not asked again,
+    and with fewer than ``min_sites`` left the exchange is skipped (Flower's sampling would
+    wait for them forever).
+    """
+    evaluable = ExcludingGrid(grid, state.unevaluable_nodes)
+    if len(list(evaluable.get_node_ids())) < min_sites:
+        return {}
+    messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), evaluable)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for msg in replies:
+        if msg.has_error() and msg.error.code == ErrorCodes.POLICY_REFUSED:
+            state.unevaluable_nodes.add(msg.metadata.src_node_id)
+    answered = [m for m in replies if not m.has_error()]
+    return _floats(strategy.aggregate_evaluate(server_round, answered))
 
 
 def _refusal_summary(state: FederationState) -> str:

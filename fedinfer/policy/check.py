@@ -60,7 +60,7 @@ def site_delta(policy: SitePolicy, num_samples: int) -> float:
 
 
 def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> None:
-    dp, fed = cfg.privacy, cfg.federation
+    dp = cfg.privacy
     if policy.require_poisson_sampling and not dp.poisson_sampling:
         raise _refuse("require_poisson_sampling", "privacy.poisson_sampling=false")
     for name, value in (("max_epsilon", dp.max_epsilon), ("target_epsilon", dp.target_epsilon)):
@@ -72,6 +72,15 @@ def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> N
     delta = site_delta(policy, num_samples)
     if dp.delta is not None and not math.isclose(dp.delta, delta, rel_tol=1e-9):
         raise _refuse("delta", f"privacy.delta={dp.delta:g}; the site accounts at {delta:g}")
+    sample_rate, steps = _check_sampling(policy, cfg, num_samples)
+    _check_noise(policy, cfg, delta=delta, sample_rate=sample_rate, steps=steps)
+
+
+def _check_sampling(
+    policy: SitePolicy, cfg: FedInferConfig, num_samples: int
+) -> tuple[float, int]:
+    """The request's sample rate and steps per round, as the site's Poisson loader will use them."""
+    fed = cfg.federation
     steps_per_epoch = max(1, math.ceil(num_samples / fed.batch_size))
     sample_rate = 1 / steps_per_epoch
     if sample_rate > policy.max_sample_rate:
@@ -86,6 +95,13 @@ def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> N
             "max_steps_per_round",
             f"{steps} DP-SGD steps per round (most: {policy.max_steps_per_round})",
         )
+    return sample_rate, steps
+
+
+def _check_noise(
+    policy: SitePolicy, cfg: FedInferConfig, *, delta: float, sample_rate: float, steps: int
+) -> None:
+    dp = cfg.privacy
     if dp.target_epsilon is None and dp.noise_multiplier is None:
         raise _refuse("min_noise_multiplier", "the request sets no noise multiplier")
     noise = _noise_multiplier(
@@ -94,7 +110,7 @@ def _check_dpsgd(policy: SitePolicy, cfg: FedInferConfig, num_samples: int) -> N
         dp.noise_multiplier,
         delta=delta,
         sample_rate=sample_rate,
-        planned_steps=fed.rounds * steps,
+        planned_steps=cfg.federation.rounds * steps,
     )
     if noise < policy.min_noise_multiplier:
         raise _refuse(
