@@ -28,6 +28,7 @@ def private_train(
     after_step: Callable[[], None] | None,
     server_round: int,
     run_id: str,
+    noise_generator: torch.Generator | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """Train one round with DP-SGD and charge the site's ledger with the steps really taken.
 
@@ -59,6 +60,7 @@ def private_train(
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=dp.poisson_sampling,
         grad_sample_mode=dp.grad_sample_mode,
+        noise_generator=noise_generator,
     )
     with warnings.catch_warnings():
         # Opacus' hooks on the first layer, whose input needs no gradient: harmless, expected.

@@ -1,0 +1,101 @@
+"""Issue 11 item 1: DP noise and Poisson sampling cannot be replayed from the config.
+
+The attack tests here failed on the old code (noise and sampling seeded from
+``round_seed(cfg.seed, site, round)``): two DP rounds from the same inputs were
+bit-identical, so a coordinator that knows the config could replay a site's noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedinfer.config import FedInferConfig
+from fedinfer.data import build_federated_data
+from fedinfer.data.datasets import ArrayDataset
+from fedinfer.errors import ConfigError
+from fedinfer.fl.site import SiteEnv, local_train
+from tests.conftest import tiny_config
+
+
+def _dp_config(*overrides: str) -> FedInferConfig:
+    return tiny_config(
+        "privacy=dpsgd",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+        "privacy.max_epsilon=1000",
+        "federation.rounds=2",
+        "federation.batch_size=32",
+        "model=logreg",
+        *overrides,
+    )
+
+
+def _env(
+    cfg: FedInferConfig, state_dir: Path, *, simulated: bool = False, drop: int = 0
+) -> SiteEnv:
+    data = build_federated_data(cfg).sites[0]
+    if drop:
+        train = data.train
+        keep = np.arange(len(train)) >= drop
+        data = dataclasses.replace(
+            data,
+            train=ArrayDataset(train.x[keep], train.y[keep], num_classes=train.num_classes),
+        )
+    return SiteEnv(data.site_id, state_dir, data, None, simulated=simulated)
+
+
+def _train(cfg: FedInferConfig, env: SiteEnv) -> dict[str, np.ndarray]:
+    import torch
+
+    from fedinfer.models import build_model
+    from fedinfer.training import get_weights
+
+    torch.manual_seed(0)  # the same global model every time
+    model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=env.data.num_classes)
+    outcome = local_train(
+        cfg=cfg, env=env, global_weights=get_weights(model), server_round=1, run_id="r"
+    )
+    return outcome.weights
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_two_dp_rounds_with_the_same_seed_and_config_differ(tmp_path: Path) -> None:
+    cfg = _dp_config()
+    first = _train(cfg, _env(cfg, tmp_path / "a"))
+    second = _train(cfg, _env(cfg, tmp_path / "b"))
+    assert not _same(first, second)
+    # Different, but by DP noise only: both are still trained models of the same shape.
+    assert all(first[k].shape == second[k].shape for k in first)
+
+
+def test_a_coordinator_that_knows_the_config_cannot_replay_the_noise(tmp_path: Path) -> None:
+    """The distinguishing attack: the site trains on D minus one record; the coordinator knows
+    the config and both candidate datasets, replays the round on each and compares. On the old
+    code the replay on the true dataset matched bit for bit (a perfect membership test)."""
+    cfg = _dp_config()
+    observed = _train(cfg, _env(cfg, tmp_path / "site", drop=1))
+    replay_without = _train(cfg, _env(cfg, tmp_path / "attacker-a", drop=1))
+    replay_with = _train(cfg, _env(cfg, tmp_path / "attacker-b"))
+    assert not _same(observed, replay_without)
+    assert not _same(observed, replay_with)
+
+
+def test_reproducible_noise_is_repeatable_in_a_simulation(tmp_path: Path) -> None:
+    cfg = _dp_config("privacy.reproducible_noise=true")
+    first = _train(cfg, _env(cfg, tmp_path / "a", simulated=True))
+    second = _train(cfg, _env(cfg, tmp_path / "b", simulated=True))
+    assert _same(first, second)
+
+
+def test_a_deployed_site_refuses_reproducible_noise(tmp_path: Path) -> None:
+    cfg = _dp_config("privacy.reproducible_noise=true")
+    with pytest.raises(ConfigError, match=r"privacy\.reproducible_noise"):
+        _train(cfg, _env(cfg, tmp_path / "a"))
+    assert not (tmp_path / "a" / "ledger.json").exists()  # refused before the data is touched
