@@ -99,3 +99,52 @@ def test_a_deployed_site_refuses_reproducible_noise(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"privacy\.reproducible_noise"):
         _train(cfg, _env(cfg, tmp_path / "a"))
     assert not (tmp_path / "a" / "ledger.json").exists()  # refused before the data is touched
+
+
+def test_fedinfer_coordinator_refuses_reproducible_noise(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedinfer.cli",
+            "coordinator",
+            "--pki",
+            str(tmp_path / "pki"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "privacy=dpsgd",
+            "privacy.reproducible_noise=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "privacy.reproducible_noise" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "dp"), [("false", True), ("true", False)])
+def test_results_and_manifest_say_whether_the_run_is_dp(
+    out_dir: Path, flag: str, dp: bool
+) -> None:
+    import json
+
+    from fedinfer.simulation import run_simulation
+
+    # secagg=off: fedinfer/fl/secagg_site.py (the secagg part) still records Flower's run id.
+    cfg = _dp_config("federation.rounds=1", "secagg=off", f"privacy.reproducible_noise={flag}")
+    run_simulation(cfg, output_dir=out_dir)
+    results = json.loads((out_dir / "results.json").read_text())
+    manifest = json.loads((out_dir / "model" / "manifest.json").read_text())
+    assert results["dp"] is dp
+    assert manifest["privacy"]["dp"] is dp
+    # Issue 14 item 6: one run id: every site's ledger records the id results.json records.
+    ledgers = sorted((out_dir / "sites").glob("*/ledger.json"))
+    assert ledgers
+    for path in ledgers:
+        entries = json.loads(path.read_text())["entries"]
+        assert {e["run_id"] for e in entries} == {results["run_id"]}

@@ -32,6 +32,7 @@ from fedinfer.fl.strategy import build_strategy
 from fedinfer.models import build_model
 from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
+from fedinfer.privacy.noise import provides_dp
 from fedinfer.reporting.results import ResultsWriter, plot_accuracy, write_json_atomic
 from fedinfer.training import evaluate, get_weights, select_device, set_weights
 
@@ -117,6 +118,7 @@ def run_coordinator(
     ):
         state, run_id = checkpoint.state, checkpoint.run_id
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
+    writer.data["dp"] = provides_dp(cfg.privacy)  # false: no DP, or replayable noise (not DP)
     writer.data["rounds"] = [r.to_json() for r in state.history]
     printer = printer or RoundPrinter(
         num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress
@@ -188,6 +190,7 @@ def _write_final_artifact(
         "max_epsilon_spent": max(epsilons, default=None),
         "delta_per_site": {s: p.get("delta") for r in state.history for s, p in r.privacy.items()},
         "secure_aggregation": cfg.secagg.enabled,
+        "dp": provides_dp(cfg.privacy),
     }
     target = output_dir / "model"
     if target.exists():

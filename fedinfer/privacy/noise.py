@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from fedinfer.config.schema import PrivacyConfig
 from fedinfer.errors import ConfigError
 
 __all__ = [
     "DpRandomness",
     "dp_randomness",
+    "provides_dp",
     "refuse_reproducible_noise",
     "round_seed",
     "secure_generator",
@@ -85,6 +87,14 @@ def dp_randomness(
         base = round_seed(seed, site_id, server_round)
         return DpRandomness(base, base, round_seed(seed, f"{site_id}/noise", server_round), True)
     return DpRandomness(secure_seed(), secure_seed(), secure_seed(), False)
+
+
+def provides_dp(privacy: PrivacyConfig) -> bool:
+    """Whether a run with this ``privacy`` group is differentially private at all.
+
+    False for ``mode=none`` and for ``reproducible_noise=true`` (replayable noise is no noise).
+    """
+    return privacy.mode in ("dpsgd", "central") and not privacy.reproducible_noise
 
 
 def refuse_reproducible_noise(reproducible_noise: bool, *, where: str) -> None:
