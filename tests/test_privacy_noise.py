@@ -148,3 +148,109 @@ def test_results_and_manifest_say_whether_the_run_is_dp(
     for path in ledgers:
         entries = json.loads(path.read_text())["entries"]
         assert {e["run_id"] for e in entries} == {results["run_id"]}
+
+
+# --------------------------------------------------------------------------- issue 11.5: budget
+
+
+def test_two_concurrent_trainings_cannot_both_pass_a_budget_only_one_fits(tmp_path: Path) -> None:
+    """Two trainings of one site start together (the barrier holds both inside their first
+    DP step). On the old code both passed the budget check before either charged, and the
+    ledger ended over budget; now the second one's reservation is refused."""
+    import threading
+
+    import torch
+
+    from fedinfer.errors import PrivacyBudgetExceeded
+    from fedinfer.fl.site_privacy import private_train
+    from fedinfer.models import build_model
+    from fedinfer.privacy import PrivacyLedger
+    from fedinfer.training import make_loader
+
+    cfg = _dp_config()
+    env = _env(cfg, tmp_path / "site")
+    steps = -(-len(env.data.train) // cfg.federation.batch_size)
+    probe = PrivacyLedger(path=tmp_path / "probe.json", accountant="rdp", delta=1e-5)
+    one = probe.projected_epsilon(noise_multiplier=1.0, sample_rate=1 / steps, steps=steps)
+    two = probe.projected_epsilon(noise_multiplier=1.0, sample_rate=1 / steps, steps=2 * steps)
+    cfg.privacy.max_epsilon = (one + two) / 2
+    cfg.privacy.delta = 1e-5
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def meet() -> None:
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass  # the other training was refused
+
+    def train() -> None:
+        model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=10)
+        first = [True]
+
+        def after_step() -> None:
+            if first[0]:
+                first[0] = False
+                meet()
+
+        try:
+            private_train(
+                cfg=cfg,
+                env=env,
+                model=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                loader=make_loader(env.data.train, batch_size=32, shuffle=True, seed=1),
+                device=torch.device("cpu"),
+                after_step=after_step,
+                server_round=1,
+                run_id="r",
+            )
+            outcomes.append("trained")
+        except PrivacyBudgetExceeded:
+            outcomes.append("refused")
+            barrier.abort()
+
+    threads = [threading.Thread(target=train) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused", "trained"]
+    ledger = PrivacyLedger.read(env.state_dir)
+    assert ledger.epsilon <= cfg.privacy.max_epsilon
+    assert len(ledger.entries) == 1 and not ledger.reservations
+
+
+def test_a_failed_training_releases_its_reservation(tmp_path: Path) -> None:
+    from fedinfer.privacy import PrivacyLedger
+
+    cfg = _dp_config()
+    env = _env(cfg, tmp_path / "site")
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode() -> None:
+        raise Boom
+
+    import torch
+
+    from fedinfer.fl.site_privacy import private_train
+    from fedinfer.models import build_model
+    from fedinfer.training import make_loader
+
+    model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=10)
+    with pytest.raises(Boom):
+        private_train(
+            cfg=cfg,
+            env=env,
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loader=make_loader(env.data.train, batch_size=32, shuffle=True, seed=1),
+            device=torch.device("cpu"),
+            after_step=explode,
+            server_round=1,
+            run_id="r",
+        )
+    ledger = PrivacyLedger.read(env.state_dir)
+    assert not ledger.entries and not ledger.reservations
