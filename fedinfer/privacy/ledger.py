@@ -112,7 +112,7 @@ class LedgerEntry:
 
 @dataclass(frozen=True)
 class Reservation:
-    """Planned spend held against the budget while a round trains (:meth:`PrivacyLedger.reserve`)."""
+    """Planned spend held against the budget while a round trains (see ``reserve``)."""
 
     id: str
     round: int
