@@ -254,3 +254,10 @@ def test_a_failed_training_releases_its_reservation(tmp_path: Path) -> None:
         )
     ledger = PrivacyLedger.read(env.state_dir)
     assert not ledger.entries and not ledger.reservations
+
+
+def test_poisson_sampling_false_is_refused_not_charged_as_poisson() -> None:
+    from fedinfer.config.validate import validate_config
+
+    with pytest.raises(ConfigError, match=r"privacy\.poisson_sampling"):
+        validate_config(_dp_config("privacy.poisson_sampling=false"))

@@ -162,6 +162,12 @@ def _check_privacy(dp: PrivacyConfig, problems: list[str]) -> None:
     if dp.delta is not None and not 0 < dp.delta < 1:
         problems.append(f"`privacy.delta` must be in (0, 1) (got {dp.delta})")
     _positive(problems, "privacy.max_epsilon", dp.max_epsilon)
+    if not dp.poisson_sampling:
+        problems.append(
+            "`privacy.poisson_sampling`=false: the accountant's epsilon assumes Poisson "
+            "sampling and would understate the spend of shuffled batches; set "
+            "privacy.poisson_sampling=true"
+        )
     _one_of(problems, "privacy.accountant", dp.accountant, ("prv", "rdp"))
     _one_of(problems, "privacy.grad_sample_mode", dp.grad_sample_mode, ("ew", "functorch", "hooks"))
 
