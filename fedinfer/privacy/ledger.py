@@ -39,6 +39,12 @@ Rules:
   really taken; a failed training :meth:`~PrivacyLedger.release`-s it. Two concurrent
   trainings can therefore never both pass a budget only one fits. A reservation left by a
   crash stays counted (the data may have been touched): conservative, never a leak.
+- **Rollback and deletion (encrypted sites).** Every save bumps the ledger's
+  ``"generation"``; an encrypted site also keeps that number in a sealed
+  ``ledger.counter`` (written after the ledger). Opening refuses a ledger whose
+  generation is below the counter (an older copy put back) and a missing ledger when the
+  counter exists (a deleted one). Not detected: rolling back (or deleting) *both* files
+  together, e.g. restoring a whole-directory backup; a plaintext site has no counter.
 - **No silent reset.** A missing file is a new site; an unreadable, corrupt or
   unknown-format file is a :class:`~fedinfer.errors.PrivacyLedgerError`.
 - **Encryption at rest.** With a site key (``key=``, or ``$FEDINFER_STATE_KEY_FILE``
@@ -79,7 +85,14 @@ from fedinfer.privacy.accountant import (
     epsilon_from_history,
 )
 
-__all__ = ["LEDGER_FILENAME", "LedgerEntry", "PrivacyLedger", "Reservation", "reseal_ledger"]
+__all__ = [
+    "COUNTER_FILENAME",
+    "LEDGER_FILENAME",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "Reservation",
+    "reseal_ledger",
+]
 
 LEDGER_FILENAME = "ledger.json"
 _FORMAT = "fedinfer-privacy-ledger"
@@ -87,6 +100,8 @@ _VERSION = 1
 _TMP_PREFIX = f".{LEDGER_FILENAME}."
 _TMP_SUFFIX = ".tmp"
 _SEALED_NAME = "privacy-ledger"
+COUNTER_FILENAME = "ledger.counter"
+_COUNTER_NAME = "privacy-ledger-counter"
 
 
 @dataclass(frozen=True)
@@ -180,6 +195,7 @@ class PrivacyLedger:
         """
         path = Path(state_dir) / LEDGER_FILENAME
         key = _state_key(Path(state_dir), key)
+        _check_generation(path, key)
         if not path.is_file():
             raise PrivacyLedgerError(
                 f"no privacy ledger at {path}; a site writes it on its first DP-SGD round "
@@ -236,6 +252,7 @@ class PrivacyLedger:
         key = _state_key(state_dir, key)
         if delta is not None:
             _check_delta(delta, num_samples)
+        _check_generation(path, key)
         if not path.exists():
             chosen = default_delta(num_samples) if delta is None else delta
             return cls(path=path, accountant=accountant, delta=chosen, key=key)
@@ -428,6 +445,7 @@ class PrivacyLedger:
 
     def _reload(self) -> tuple[list[LedgerEntry], list[Reservation]]:
         """Entries and reservations as saved (call under the lock)."""
+        _check_generation(self.path, self.key)
         if not self.path.exists():
             return list(self._entries), list(self._reservations)
         accountant, delta, entries, reservations = _load(self.path, self.key)
@@ -512,9 +530,11 @@ class PrivacyLedger:
 
     def _save(self, entries: list[LedgerEntry], epsilon: float) -> None:
         """Write atomically: temp file in the same directory, fsync, replace, fsync the dir."""
+        generation = _generation(self.path, self.key) + 1
         document = {
             "format": _FORMAT,
             "version": _VERSION,
+            "generation": generation,
             "accountant": self.accountant,
             "delta": self.delta,
             "epsilon": _finite_or_none(epsilon),
@@ -537,6 +557,8 @@ class PrivacyLedger:
                 os.unlink(tmp_name)
             raise
         fsync_directory(self.path.parent)
+        if self.key is not None:
+            _write_counter(self.path, self.key, generation)
 
 
 def reseal_ledger(state_dir: Path, *, old: StateKey | None, new: StateKey) -> bool:
@@ -550,7 +572,14 @@ def reseal_ledger(state_dir: Path, *, old: StateKey | None, new: StateKey) -> bo
     if not path.is_file():
         return False
     with _exclusive_lock(path):
-        return reseal_file(path, name=_SEALED_NAME, old=old, new=new, tampered=PrivacyLedgerError)
+        if old is not None:
+            _check_generation(path, old)
+        changed = reseal_file(
+            path, name=_SEALED_NAME, old=old, new=new, tampered=PrivacyLedgerError
+        )
+        if changed:  # the counter follows the ledger to the new key
+            _write_counter(path, new, _generation(path, new))
+        return changed
 
 
 # ---------------------------------------------------------------------- file helpers
@@ -568,6 +597,81 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _generation(path: Path, key: StateKey | None) -> int:
+    """The ``generation`` saved in the ledger at ``path`` (0: none yet, or an old file)."""
+    if not path.exists():
+        return 0
+    plain = open_state(
+        path.read_bytes(), key=key, name=_SEALED_NAME, source=path, tampered=PrivacyLedgerError
+    )
+    try:
+        value = json.loads(plain).get("generation", 0)
+    except (ValueError, AttributeError) as err:
+        raise PrivacyLedgerError(f"the privacy ledger {path} is corrupt ({err})") from err
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PrivacyLedgerError(f"the privacy ledger {path} has a bad generation {value!r}")
+    return value
+
+
+def _read_counter(path: Path, key: StateKey) -> int | None:
+    counter = path.with_name(COUNTER_FILENAME)
+    if not counter.exists():
+        return None
+    plain = open_state(
+        counter.read_bytes(),
+        key=key,
+        name=_COUNTER_NAME,
+        source=counter,
+        tampered=PrivacyLedgerError,
+    )
+    try:
+        return int(json.loads(plain)["generation"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise PrivacyLedgerError(f"the ledger counter {counter} is corrupt ({err})") from err
+
+
+def _write_counter(path: Path, key: StateKey, generation: int) -> None:
+    counter = path.with_name(COUNTER_FILENAME)
+    payload = seal_state(
+        json.dumps({"generation": generation}).encode(), key=key, name=_COUNTER_NAME
+    )
+    tmp = counter.with_name(f".{COUNTER_FILENAME}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, counter)
+    fsync_directory(path.parent)
+
+
+def _check_generation(path: Path, key: StateKey | None) -> None:
+    """Refuse a deleted or older ledger of an encrypted site (its sealed counter is ahead)."""
+    if key is None:
+        return
+    expected = _read_counter(path, key)
+    if expected is None:
+        # A ledger this code saved twice or more under a key has a counter (the first save
+        # may have crashed before writing it): a missing one was deleted.
+        if path.exists() and _generation(path, key) >= 2:
+            raise PrivacyLedgerError(
+                f"the sealed ledger counter {path.with_name(COUNTER_FILENAME)} is missing; "
+                "without it a rolled-back ledger would go unnoticed: restore it"
+            )
+        return
+    if not path.exists():
+        raise PrivacyLedgerError(
+            f"the privacy ledger {path} is missing but its sealed counter says generation "
+            f"{expected} was written: the ledger was deleted; restore the latest copy "
+            "(a fresh ledger would reset the site's privacy budget)"
+        )
+    found = _generation(path, key)
+    if found < expected:
+        raise PrivacyLedgerError(
+            f"the privacy ledger {path} is an older copy (generation {found}, the sealed "
+            f"counter says {expected}): it would hide spent budget; restore the latest copy"
+        )
 
 
 def _state_key(state_dir: Path, key: StateKey | None) -> StateKey | None:
