@@ -81,3 +81,12 @@ def test_a_plaintext_site_has_no_counter(tmp_path: Path) -> None:
     state = tmp_path / "state"
     _charge(state, None, 1)
     assert not (state / COUNTER_FILENAME).exists()
+
+
+def test_show_names_open_reservations(tmp_path: Path) -> None:
+    from fedinfer.privacy.report import show_ledger
+
+    state = tmp_path / "state"
+    ledger = _charge(state, None, 1)
+    ledger.reserve(server_round=2, run_id="r", max_epsilon=100.0, **ROUND)  # type: ignore[arg-type]
+    assert "1 open reservation(s)" in show_ledger(state)
