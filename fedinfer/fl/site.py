@@ -8,10 +8,12 @@ ClientApp runs in both.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,12 +25,6 @@ from fedinfer.data import SiteData, build_federated_data, load_site_file, site_n
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.models import build_model
-from fedinfer.privacy.noise import (
-    DpRandomness,
-    dp_randomness,
-    refuse_reproducible_noise,
-    round_seed,
-)
 from fedinfer.training import (
     evaluate,
     get_weights,
@@ -38,6 +34,9 @@ from fedinfer.training import (
     set_weights,
     train_epochs,
 )
+
+if TYPE_CHECKING:
+    from fedinfer.privacy.noise import DpRandomness
 
 __all__ = [
     "SiteEnv",
@@ -131,6 +130,12 @@ class TrainOutcome:
     metrics: dict[str, float]
 
 
+def round_seed(seed: int, site_id: str, server_round: int) -> int:
+    """A per-site, per-round seed, stable across processes (predictable: never for DP noise)."""
+    digest = hashlib.sha256(f"{seed}/{site_id}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def local_train(
     *,
     cfg: FedInferConfig,
@@ -152,6 +157,8 @@ def local_train(
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     randomness: DpRandomness | None = None
     if cfg.privacy.mode == "dpsgd":
+        from fedinfer.privacy.noise import dp_randomness, refuse_reproducible_noise
+
         if not env.simulated:
             refuse_reproducible_noise(cfg.privacy.reproducible_noise, where="a deployed site")
         # Fresh OS entropy for the noise, the Poisson masks and torch's global RNG: nothing a

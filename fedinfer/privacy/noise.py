@@ -23,7 +23,6 @@ site, ``fedinfer coordinator`` and the deployment ServerApp refuse it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -37,18 +36,11 @@ __all__ = [
     "dp_randomness",
     "provides_dp",
     "refuse_reproducible_noise",
-    "round_seed",
     "secure_generator",
     "secure_seed",
 ]
 
 REPRODUCIBLE_NOISE_KEY = "privacy.reproducible_noise"
-
-
-def round_seed(seed: int, site_id: str, server_round: int) -> int:
-    """A per-site, per-round seed derived from the config seed (predictable: not for DP)."""
-    digest = hashlib.sha256(f"{seed}/{site_id}/{server_round}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def secure_seed() -> int:
@@ -84,6 +76,8 @@ def dp_randomness(
 ) -> DpRandomness:
     """Seeds for one site's DP round: fresh OS entropy unless ``reproducible`` (not DP)."""
     if reproducible:
+        from fedinfer.fl.site import round_seed
+
         base = round_seed(seed, site_id, server_round)
         return DpRandomness(base, base, round_seed(seed, f"{site_id}/noise", server_round), True)
     return DpRandomness(secure_seed(), secure_seed(), secure_seed(), False)
