@@ -149,7 +149,10 @@ class PrivacyConfig:
     grad_sample_mode: str = "hooks"
     """dpsgd: Opacus per-sample gradient mode (``hooks``, ``functorch``, ``ew``)."""
     poisson_sampling: bool = True
-    """dpsgd: Poisson sampling of batches (needed for the accountant's guarantee)."""
+    """dpsgd: Poisson sampling of batches; the accountant's guarantee needs it (false is refused)."""
+    reproducible_noise: bool = False
+    """Simulation only: DP noise and sampling seeded from ``seed`` (replayable, so NOT DP; marks
+    results.json and the manifest ``"dp": false``; refused by deployed sites and coordinators)."""
     central_noise_multiplier: float = 1.0
     """central: noise multiplier of Flower's server-side DP wrapper."""
     central_adaptive: bool = False

@@ -61,6 +61,11 @@ def validate_config(cfg: FedInferConfig) -> None:
     _check_data(cfg, problems)
     _check_federation(cfg, problems)
     _check_privacy(cfg.privacy, problems)
+    if cfg.privacy.mode == "central" and cfg.strategy.name not in ("fedavg", "fedprox"):
+        problems.append(
+            f"`strategy.name`={cfg.strategy.name} with privacy.mode=central: the noise is "
+            "calibrated for a mean of clipped updates; use strategy=fedavg or strategy=fedprox"
+        )
     _check_secagg(cfg, problems)
     _check_serving(cfg, problems)
     _check_site_policy(cfg, problems)
@@ -148,6 +153,11 @@ def _check_privacy(dp: PrivacyConfig, problems: list[str]) -> None:
         _positive(
             problems, "privacy.central_noise_multiplier", dp.central_noise_multiplier, strict=False
         )
+        if dp.central_adaptive:
+            problems.append(
+                "`privacy.central_adaptive`=true: adaptive clipping spends budget on a noisy "
+                "count we do not account for; set privacy.central_adaptive=false"
+            )
     if dp.mode != "dpsgd":
         return
     if dp.noise_multiplier is None and dp.target_epsilon is None:
@@ -162,6 +172,12 @@ def _check_privacy(dp: PrivacyConfig, problems: list[str]) -> None:
     if dp.delta is not None and not 0 < dp.delta < 1:
         problems.append(f"`privacy.delta` must be in (0, 1) (got {dp.delta})")
     _positive(problems, "privacy.max_epsilon", dp.max_epsilon)
+    if not dp.poisson_sampling:
+        problems.append(
+            "`privacy.poisson_sampling`=false: the accountant's epsilon assumes Poisson "
+            "sampling and would understate the spend of shuffled batches; set "
+            "privacy.poisson_sampling=true"
+        )
     _one_of(problems, "privacy.accountant", dp.accountant, ("prv", "rdp"))
     _one_of(problems, "privacy.grad_sample_mode", dp.grad_sample_mode, ("ew", "functorch", "hooks"))
 

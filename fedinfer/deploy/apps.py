@@ -36,6 +36,7 @@ from fedinfer.fl.client_app import build_client_app, node_policy
 from fedinfer.fl.coordinator import ModelShape, run_coordinator
 from fedinfer.fl.run_config import from_run_config
 from fedinfer.fl.site import deployment_resolver
+from fedinfer.privacy.noise import refuse_reproducible_noise
 from fedinfer.reporting.progress import RoundPrinter
 
 __all__ = [
@@ -169,6 +170,9 @@ def build_deploy_server_app() -> ServerApp:
         runtime = CoordinatorRuntime.from_env()
         exit_with_coordinator(runtime.coordinator_pid)
         cfg = config_of(context)
+        refuse_reproducible_noise(
+            cfg.privacy.reproducible_noise, where="the deployment's coordinator (ServerApp)"
+        )
         output_dir = Path(runtime.output_dir)
         cfg.output_dir = str(output_dir)
         shape = model_shape(cfg)

@@ -38,6 +38,7 @@ import httpx
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
+from fedinfer.privacy.noise import refuse_reproducible_noise
 from fedinfer.deploy.apps import COORDINATOR_DIR_ENV, CoordinatorRuntime, model_shape
 from fedinfer.deploy.bundle import write_app_bundle
 from fedinfer.deploy.certs import Pki
@@ -130,6 +131,7 @@ class CoordinatorOptions:
 
 def _check_start(opts: CoordinatorOptions, layout: CoordinatorLayout, pki: Pki) -> None:
     validate_config(opts.cfg)
+    refuse_reproducible_noise(opts.cfg.privacy.reproducible_noise, where="`fedinfer coordinator`")
     model_shape(opts.cfg)
     if not pki.server_cert.exists():
         raise ConfigError(

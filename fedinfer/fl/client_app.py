@@ -33,7 +33,7 @@ from fedinfer.errors import (
 )
 from fedinfer.fl.messages import ErrorCodes, Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
-from fedinfer.fl.run_config import NodeConfigKeys
+from fedinfer.fl.run_config import NodeConfigKeys, run_id_of
 from fedinfer.fl.site import SiteEnv, SiteResolver, local_evaluate, local_train
 from fedinfer.policy import (
     POLICY_FILENAME,
@@ -166,7 +166,7 @@ def build_client_app(
             env=env,
             global_weights=global_weights,
             server_round=server_round,
-            run_id=str(context.run_id),
+            run_id=run_id_of(config, context),
         )
         return RecordDict(
             {

@@ -32,6 +32,7 @@ from fedinfer.fl.strategy import build_strategy
 from fedinfer.models import build_model
 from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
+from fedinfer.privacy.noise import provides_dp
 from fedinfer.reporting.results import ResultsWriter, plot_accuracy, write_json_atomic
 from fedinfer.training import evaluate, get_weights, select_device, set_weights
 
@@ -117,6 +118,7 @@ def run_coordinator(
     ):
         state, run_id = checkpoint.state, checkpoint.run_id
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
+    writer.data["dp"] = provides_dp(cfg.privacy)  # false: no DP, or replayable noise (not DP)
     writer.data["rounds"] = [r.to_json() for r in state.history]
     printer = printer or RoundPrinter(
         num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress
@@ -149,9 +151,19 @@ def run_coordinator(
     if state.completed_round > 0 and any(r.aggregated for r in state.history):
         version = next_model_version(output_dir / "coordinator")
         model_dir = _write_final_artifact(
-            cfg, shape, state, output_dir, run_id, signing_key, version
+            cfg,
+            shape,
+            state,
+            output_dir,
+            run_id,
+            signing_key,
+            version,
+            central=_central_dp_report(cfg, strategy, num_sites),
         )
         deployed = publish_to_sites(grid, model_dir, state, timeout=cfg.federation.round_timeout_s)
+    central = _central_dp_report(cfg, strategy, num_sites)
+    if central is not None:
+        writer.data["central_dp"] = central
     writer.finish(
         status="stopped" if state.stop_reason else "completed",
         stop_reason=state.stop_reason,
@@ -175,6 +187,8 @@ def _write_final_artifact(
     run_id: str,
     signing_key: Ed25519PrivateKey,
     version: int,
+    *,
+    central: dict[str, object] | None = None,
 ) -> Path:
     last = state.history[-1]
     metrics = {
@@ -188,6 +202,8 @@ def _write_final_artifact(
         "max_epsilon_spent": max(epsilons, default=None),
         "delta_per_site": {s: p.get("delta") for r in state.history for s, p in r.privacy.items()},
         "secure_aggregation": cfg.secagg.enabled,
+        "dp": provides_dp(cfg.privacy),
+        **({"central_dp": central} if central is not None else {}),
     }
     target = output_dir / "model"
     if target.exists():
@@ -207,6 +223,31 @@ def _write_final_artifact(
         run_id=run_id,
         signing_key=signing_key,
     )
+
+
+def _central_dp_report(
+    cfg: FedInferConfig, strategy: Strategy, num_sites: int
+) -> dict[str, object] | None:
+    """Site-level (epsilon, delta) of ``privacy=central`` so far (trusted coordinator)."""
+    from fedinfer.privacy.accountant import default_delta
+    from fedinfer.privacy.central import SecureCentralDp, central_epsilon
+
+    if cfg.privacy.mode != "central" or not isinstance(strategy, SecureCentralDp):
+        return None
+    delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(num_sites)
+    epsilon = central_epsilon(
+        noise_multiplier=strategy.noise_multiplier, releases=strategy.releases, delta=delta
+    )
+    return {
+        "unit": "site",
+        "epsilon": epsilon if epsilon != float("inf") else None,
+        "delta": delta,
+        "noise_multiplier": strategy.noise_multiplier,
+        "clipping_norm": strategy.clipping_norm,
+        "releases": strategy.releases,
+        "accountant": "rdp, no sampling amplification (upper bound)",
+        "trusted_coordinator": True,
+    }
 
 
 def next_model_version(coordinator_dir: Path) -> int:

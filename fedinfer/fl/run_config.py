@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -19,6 +20,7 @@ __all__ = [
     "SITE_ONLY_GROUPS",
     "NodeConfigKeys",
     "from_run_config",
+    "run_id_of",
     "to_app_config",
     "to_run_config",
 ]
@@ -127,3 +129,16 @@ def from_run_config(run_config: dict[str, Any]) -> FedInferConfig:
     result = OmegaConf.to_object(merged)
     assert isinstance(result, FedInferConfig)
     return result
+
+
+def run_id_of(config: Mapping[str, Any], context: Any) -> str:
+    """The one run id of a federation, as the site records it (issue 14 item 6).
+
+    The coordinator's run id travels in every train message (``Keys.RUN_ID``); it is the
+    id ``results.json``, the model manifest and every site's privacy ledger record. Flower's
+    own ``context.run_id`` is only the fallback for a message without one.
+    """
+    from fedinfer.fl.messages import Keys
+
+    value = config.get(Keys.RUN_ID)
+    return str(value) if value not in (None, "") else str(context.run_id)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from fedinfer.training import (
     set_weights,
     train_epochs,
 )
+
+if TYPE_CHECKING:
+    from fedinfer.privacy.noise import DpRandomness
 
 __all__ = [
     "SiteEnv",
@@ -55,6 +59,9 @@ class SiteEnv:
     coordinator_public_key: Path | None
     state_key: StateKey | None = None
     """Seals the site's state at rest (model store, ledger); None: plaintext."""
+    simulated: bool = False
+    """A site of a simulation; a deployed site (the default) refuses simulation-only switches
+    such as ``privacy.reproducible_noise``."""
 
 
 SiteResolver = Callable[[Context], SiteEnv]
@@ -79,6 +86,7 @@ def simulation_resolver(
             data=data,
             coordinator_public_key=coordinator_public_key,
             state_key=resolve_state_key(None, protects=[state_dir]),
+            simulated=True,
         )
 
     return resolve
@@ -123,7 +131,7 @@ class TrainOutcome:
 
 
 def round_seed(seed: int, site_id: str, server_round: int) -> int:
-    """A per-site, per-round seed, stable across processes."""
+    """A per-site, per-round seed, stable across processes (predictable: never for DP noise)."""
     digest = hashlib.sha256(f"{seed}/{site_id}/{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -147,7 +155,25 @@ def local_train(
     # Small models gain nothing from intra-op threads, and spinning OpenMP threads of several
     # sites on shared cores slow every site down by an order of magnitude.
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    torch.manual_seed(round_seed(cfg.seed, env.site_id, server_round))
+    randomness: DpRandomness | None = None
+    if cfg.privacy.mode == "dpsgd":
+        from fedinfer.privacy.noise import dp_randomness, refuse_reproducible_noise
+
+        if not env.simulated:
+            refuse_reproducible_noise(cfg.privacy.reproducible_noise, where="a deployed site")
+        # Fresh OS entropy for the noise, the Poisson masks and torch's global RNG: nothing a
+        # coordinator that knows the config could replay (fedinfer.privacy.noise).
+        randomness = dp_randomness(
+            seed=cfg.seed,
+            site_id=env.site_id,
+            server_round=server_round,
+            reproducible=cfg.privacy.reproducible_noise,
+        )
+        torch.manual_seed(randomness.global_seed)
+        loader_seed = randomness.sampler_seed
+    else:
+        torch.manual_seed(round_seed(cfg.seed, env.site_id, server_round))
+        loader_seed = round_seed(cfg.seed, env.site_id, server_round)
     device = select_device(cfg.simulation.device)
     fed = cfg.federation
     model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=env.data.num_classes)
@@ -158,14 +184,14 @@ def local_train(
         env.data.train,
         batch_size=fed.batch_size,
         shuffle=True,
-        seed=round_seed(cfg.seed, env.site_id, server_round),
+        seed=loader_seed,
     )
     after_step = None
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0:
         anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         after_step = proximal_step_fn(model, anchors, mu=cfg.strategy.proximal_mu, lr=fed.lr)
     privacy_metrics: dict[str, float] = {}
-    if cfg.privacy.mode == "dpsgd":
+    if randomness is not None:
         from fedinfer.fl.site_privacy import private_train
 
         result, privacy_metrics = private_train(
@@ -178,6 +204,7 @@ def local_train(
             after_step=after_step,
             server_round=server_round,
             run_id=run_id,
+            noise_generator=randomness.noise_generator(device),
         )
     else:
         result = train_epochs(

@@ -70,7 +70,7 @@ def build_strategy(cfg: FedInferConfig, *, num_sites: int) -> Strategy:
         )
     strategy: Strategy = builders[st.name]()
     if cfg.privacy.mode == "central":
-        from fedinfer.privacy.central import wrap_central_dp
+        from fedinfer.privacy.central import central_rng, wrap_central_dp
 
         strategy = wrap_central_dp(
             strategy,
@@ -78,5 +78,9 @@ def build_strategy(cfg: FedInferConfig, *, num_sites: int) -> Strategy:
             clipping_norm=cfg.privacy.max_grad_norm,
             num_sampled_clients=sampled_per_round(cfg, num_sites),
             adaptive=cfg.privacy.central_adaptive,
+            # OS entropy; the config's seed only with privacy.reproducible_noise (not DP).
+            rng=central_rng(
+                reproducible_seed=cfg.seed if cfg.privacy.reproducible_noise else None
+            ),
         )
     return strategy

@@ -13,7 +13,7 @@ from fedinfer.config.schema import PrivacyConfig
 from fedinfer.config.validate import PRIVACY_MODES, validate_privacy
 from fedinfer.errors import ConfigError
 from fedinfer.privacy.accountant import derive_noise_multiplier
-from fedinfer.privacy.ledger import PrivacyLedger
+from fedinfer.privacy.ledger import PrivacyLedger, Reservation
 
 __all__ = [
     "PRIVACY_MODES",
@@ -38,6 +38,9 @@ class RoundPlan:
     projected: float
     """Cumulative epsilon after the planned steps; at most ``privacy.max_epsilon``."""
     ledger: PrivacyLedger
+    reservation: Reservation | None = None
+    """The planned spend held in the ledger (when planned for a ``server_round``): settle it
+    after training with :meth:`PrivacyLedger.settle`, or release it if training failed."""
 
 
 def resolve_noise_multiplier(
@@ -81,6 +84,8 @@ def plan_round(
     steps_per_epoch: int,
     local_epochs: int,
     planned_rounds: int,
+    server_round: int | None = None,
+    run_id: str | None = None,
 ) -> RoundPlan:
     """Check the coming round against the site's ledger and ``privacy.max_epsilon``.
 
@@ -100,6 +105,10 @@ def plan_round(
         ``federation.local_epochs``.
     planned_rounds : int
         ``federation.rounds`` (used to derive the noise from ``target_epsilon``).
+    server_round, run_id : int, str, optional
+        When given, the planned spend is *reserved* in the ledger under its lock
+        (:meth:`PrivacyLedger.reserve`), so a concurrent training of the same site cannot
+        pass the same budget; else only checked (nothing recorded).
 
     Raises
     ------
@@ -132,12 +141,23 @@ def plan_round(
     noise_multiplier = resolve_noise_multiplier(
         privacy, delta=ledger.delta, sample_rate=sample_rate, planned_steps=planned_rounds * steps
     )
-    projected = ledger.check_budget(
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps=steps,
-        max_epsilon=privacy.max_epsilon,
-    )
+    reservation: Reservation | None = None
+    if server_round is None:
+        projected = ledger.check_budget(
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            max_epsilon=privacy.max_epsilon,
+        )
+    else:
+        reservation, projected = ledger.reserve(
+            server_round=server_round,
+            run_id="" if run_id is None else run_id,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            max_epsilon=privacy.max_epsilon,
+        )
     return RoundPlan(
         noise_multiplier=noise_multiplier,
         sample_rate=sample_rate,
@@ -146,4 +166,5 @@ def plan_round(
         spent=ledger.epsilon,
         projected=projected,
         ledger=ledger,
+        reservation=reservation,
     )

@@ -10,16 +10,103 @@ updates, so it cannot be combined with secure aggregation.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
     Strategy,
 )
 
 from fedinfer.config.schema import PrivacyConfig
 from fedinfer.errors import ConfigError
 
-__all__ = ["central_dp_strategy", "wrap_central_dp"]
+__all__ = [
+    "CENTRAL_DP_STRATEGIES",
+    "SecureCentralDp",
+    "central_dp_strategy",
+    "central_epsilon",
+    "wrap_central_dp",
+]
+
+CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+"""Mean aggregators: the noise is calibrated for a uniform mean of clipped updates."""
+
+
+def central_rng(*, reproducible_seed: int | None = None) -> np.random.Generator:
+    """PCG64 seeded with 256 bits of OS entropy (``reproducible_seed``: the config's, not DP)."""
+    if reproducible_seed is not None:
+        return np.random.default_rng(reproducible_seed)
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+
+
+class SecureCentralDp(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's fixed-clipping central DP with the three things our guarantee needs.
+
+    - Noise from a private :class:`numpy.random.Generator` seeded from the OS CSPRNG, not
+      from numpy's global RNG (which the coordinator seeds with ``cfg.seed``).
+    - A *uniform* mean of the clipped updates: every site weighs 1, whatever its sample
+      count, so one site moves the mean by at most ``clipping_norm / m``.
+    - Noise std ``noise_multiplier * clipping_norm / m`` with ``m`` the replies really
+      aggregated (never fewer than what the noise was calibrated for).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self._rng = rng if rng is not None else central_rng()
+        self._aggregated = num_sampled_clients
+        self.releases = 0
+        """Noisy aggregates released so far (what :func:`central_epsilon` composes)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies_list = [r for r in replies if not r.has_error()]
+        key = getattr(self.strategy, "weighted_by_key", None)
+        if key is not None:
+            for reply in replies_list:
+                for record in reply.content.metric_records.values():
+                    record[key] = 1.0  # a uniform mean: each site weighs the same
+        self._aggregated = min(len(replies_list), self.num_sampled_clients) or 1
+        arrays, metrics = super().aggregate_train(server_round, replies_list)
+        return arrays, metrics
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = self.noise_multiplier * self.clipping_norm / self._aggregated
+        arrays = aggregated_arrays.to_numpy_ndarrays()
+        noisy = [a + self._rng.normal(0.0, std, a.shape).astype(a.dtype) for a in arrays]
+        self.releases += 1
+        return ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in zip(aggregated_arrays.keys(), noisy, strict=True)}
+        )
+
+
+def central_epsilon(*, noise_multiplier: float, releases: int, delta: float) -> float:
+    """Site-level epsilon of ``releases`` Gaussian releases of the uniform mean (RDP).
+
+    No amplification by sampling is claimed (``q=1``): an upper bound.
+    """
+    from fedinfer.privacy.accountant import epsilon_from_history
+
+    if releases <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    return float(
+        epsilon_from_history([(noise_multiplier, 1.0, releases)], delta=delta, accountant="rdp")
+    )
 
 
 def wrap_central_dp(
@@ -29,6 +116,7 @@ def wrap_central_dp(
     clipping_norm: float,
     num_sampled_clients: int,
     adaptive: bool = False,
+    rng: np.random.Generator | None = None,
 ) -> Strategy:
     """Wrap ``strategy`` with Flower's server-side central DP.
 
@@ -84,6 +172,14 @@ def wrap_central_dp(
             num_sampled_clients=num_sampled_clients,
             initial_clipping_norm=clipping_norm,
             clipped_count_stddev=max(num_sampled_clients / 20, noise_multiplier),
+        )
+    if rng is not None or isinstance(strategy, FedAvg):
+        return SecureCentralDp(
+            strategy,
+            noise_multiplier=noise_multiplier,
+            clipping_norm=clipping_norm,
+            num_sampled_clients=num_sampled_clients,
+            rng=rng,
         )
     return DifferentialPrivacyServerSideFixedClipping(
         strategy,

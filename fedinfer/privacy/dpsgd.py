@@ -175,7 +175,10 @@ def make_private(
     grad_sample_mode : str
         ``hooks``, ``functorch`` or ``ew`` (default: :data:`DEFAULT_GRAD_SAMPLE_MODE`).
     noise_generator : torch.Generator or None
-        Source of the Gaussian noise, for reproducible runs (default: None, torch's global RNG).
+        Source of the Gaussian noise (default: None, torch's global RNG). A site passes a
+        generator seeded from ``os.urandom`` (:mod:`fedinfer.privacy.noise`), so nobody who
+        knows the config can replay the noise; the Poisson sampler draws from
+        ``data_loader.generator``, which the site seeds the same way.
 
     Returns
     -------

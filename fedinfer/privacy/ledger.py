@@ -32,6 +32,19 @@ Rules:
   directory: a crash leaves either the old or the new ledger, never a mix.
   Charges take an exclusive ``flock`` and re-read the file first, so two
   processes charging the same site never lose an entry.
+- **Reserve, then settle.** A training round first :meth:`PrivacyLedger.reserve`-s its
+  planned spend: under the lock, the planned steps are composed with every entry *and
+  every open reservation* and refused if over budget, then recorded in ``"reservations"``.
+  After training :meth:`~PrivacyLedger.settle` replaces the reservation with the steps
+  really taken; a failed training :meth:`~PrivacyLedger.release`-s it. Two concurrent
+  trainings can therefore never both pass a budget only one fits. A reservation left by a
+  crash stays counted (the data may have been touched): conservative, never a leak.
+- **Rollback and deletion (encrypted sites).** Every save bumps the ledger's
+  ``"generation"``; an encrypted site also keeps that number in a sealed
+  ``ledger.counter`` (written after the ledger). Opening refuses a ledger whose
+  generation is below the counter (an older copy put back) and a missing ledger when the
+  counter exists (a deleted one). Not detected: rolling back (or deleting) *both* files
+  together, e.g. restoring a whole-directory backup; a plaintext site has no counter.
 - **No silent reset.** A missing file is a new site; an unreadable, corrupt or
   unknown-format file is a :class:`~fedinfer.errors.PrivacyLedgerError`.
 - **Encryption at rest.** With a site key (``key=``, or ``$FEDINFER_STATE_KEY_FILE``
@@ -72,7 +85,14 @@ from fedinfer.privacy.accountant import (
     epsilon_from_history,
 )
 
-__all__ = ["LEDGER_FILENAME", "LedgerEntry", "PrivacyLedger", "reseal_ledger"]
+__all__ = [
+    "COUNTER_FILENAME",
+    "LEDGER_FILENAME",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "Reservation",
+    "reseal_ledger",
+]
 
 LEDGER_FILENAME = "ledger.json"
 _FORMAT = "fedinfer-privacy-ledger"
@@ -80,6 +100,8 @@ _VERSION = 1
 _TMP_PREFIX = f".{LEDGER_FILENAME}."
 _TMP_SUFFIX = ".tmp"
 _SEALED_NAME = "privacy-ledger"
+COUNTER_FILENAME = "ledger.counter"
+_COUNTER_NAME = "privacy-ledger-counter"
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,24 @@ class LedgerEntry:
     @property
     def mechanism(self) -> HistoryEntry:
         """The ``(noise_multiplier, sample_rate, steps)`` triple an accountant composes."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Planned spend held against the budget while a round trains (see ``reserve``)."""
+
+    id: str
+    round: int
+    run_id: str
+    time: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    @property
+    def mechanism(self) -> HistoryEntry:
+        """The planned ``(noise_multiplier, sample_rate, steps)``."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
@@ -126,6 +166,7 @@ class PrivacyLedger:
         delta: float,
         entries: Sequence[LedgerEntry] = (),
         key: StateKey | None = None,
+        reservations: Sequence[Reservation] = (),
     ) -> None:
         create_accountant(accountant)  # validates the name
         self.path = Path(path)
@@ -133,6 +174,7 @@ class PrivacyLedger:
         self.accountant = accountant
         self.delta = float(delta)
         self._entries: list[LedgerEntry] = list(entries)
+        self._reservations: list[Reservation] = list(reservations)
         self._epsilon: float | None = None
 
     # ------------------------------------------------------------------ construction
@@ -153,13 +195,21 @@ class PrivacyLedger:
         """
         path = Path(state_dir) / LEDGER_FILENAME
         key = _state_key(Path(state_dir), key)
+        _check_generation(path, key)
         if not path.is_file():
             raise PrivacyLedgerError(
                 f"no privacy ledger at {path}; a site writes it on its first DP-SGD round "
                 "(check the site's state directory)"
             )
-        accountant, delta, entries = _load(path, key)
-        return cls(path=path, accountant=accountant, delta=delta, entries=entries, key=key)
+        accountant, delta, entries, reservations = _load(path, key)
+        return cls(
+            path=path,
+            accountant=accountant,
+            delta=delta,
+            entries=entries,
+            key=key,
+            reservations=reservations,
+        )
 
     @classmethod
     def open(
@@ -202,6 +252,7 @@ class PrivacyLedger:
         key = _state_key(state_dir, key)
         if delta is not None:
             _check_delta(delta, num_samples)
+        _check_generation(path, key)
         if not path.exists():
             chosen = default_delta(num_samples) if delta is None else delta
             return cls(path=path, accountant=accountant, delta=chosen, key=key)
@@ -214,14 +265,19 @@ class PrivacyLedger:
     def refresh(self) -> None:
         """Re-read the entries from disk (another process may have charged since)."""
         if self.path.exists():
-            accountant, delta, entries = _load(self.path, self.key)
+            accountant, delta, entries, reservations = _load(self.path, self.key)
             self._require_same_settings(accountant, delta)
-            self._entries, self._epsilon = entries, None
+            self._entries, self._reservations, self._epsilon = entries, reservations, None
 
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
         """Every charge, oldest first."""
         return tuple(self._entries)
+
+    @property
+    def reservations(self) -> tuple[Reservation, ...]:
+        """Planned spends of rounds still training (or of trainings that crashed)."""
+        return tuple(self._reservations)
 
     @property
     def history(self) -> list[HistoryEntry]:
@@ -268,21 +324,12 @@ class PrivacyLedger:
         if not max_epsilon > 0:
             raise ConfigError(f"`privacy.max_epsilon` must be > 0 (got {max_epsilon})")
         self.refresh()
-        projected = self.projected_epsilon(
-            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
-        )
+        planned = (noise_multiplier, sample_rate, steps)
+        _check_mechanism(planned)
+        held = [r.mechanism for r in self._reservations]
+        projected = self._epsilon_of([*self.history, *held, planned])
         if projected > max_epsilon:
-            raise PrivacyBudgetExceeded(
-                f"training this round ({steps} steps, noise_multiplier={noise_multiplier:.4g}, "
-                f"sample_rate={sample_rate:.4g}) would bring the site to epsilon={projected:.4g} "
-                f"at delta={self.delta:.3g} (spent so far: {self.epsilon:.4g}), over "
-                f"`privacy.max_epsilon`={max_epsilon:g}; the site stops training. Raise the "
-                "budget only if your privacy policy allows it, or add noise "
-                "(`privacy.noise_multiplier`)",
-                spent=self.epsilon,
-                projected=projected,
-                budget=max_epsilon,
-            )
+            raise self._over_budget(planned, projected, max_epsilon, pending=len(held))
         return projected
 
     # ------------------------------------------------------------------ charging
@@ -309,26 +356,149 @@ class PrivacyLedger:
         mechanism = (float(noise_multiplier), float(sample_rate), int(steps))
         _check_mechanism(mechanism)
         with _exclusive_lock(self.path):
-            entries = self._entries
-            if self.path.exists():
-                accountant, delta, entries = _load(self.path, self.key)
-                self._require_same_settings(accountant, delta)
-            history = [*(e.mechanism for e in entries), mechanism]
-            epsilon_after = self._epsilon_of(history)
-            entry = LedgerEntry(
+            entries, reservations = self._reload()
+            entry = self._append_entry(entries, reservations, server_round, run_id, mechanism)
+        return entry
+
+    def reserve(
+        self,
+        *,
+        server_round: int,
+        run_id: str | int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        max_epsilon: float,
+    ) -> tuple[Reservation, float]:
+        """Hold a round's planned spend against ``max_epsilon`` before the data is touched.
+
+        Under the exclusive lock: re-read the ledger, compose every entry, every open
+        reservation (another training of this site) and the plan; refuse if over budget,
+        else record the reservation and save.
+
+        Returns
+        -------
+        tuple[Reservation, float]
+            The reservation to :meth:`settle` (or :meth:`release`) and the projected epsilon.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the plan, on top of the entries and open reservations, exceeds ``max_epsilon``.
+        """
+        if not max_epsilon > 0:
+            raise ConfigError(f"`privacy.max_epsilon` must be > 0 (got {max_epsilon})")
+        planned = (float(noise_multiplier), float(sample_rate), int(steps))
+        _check_mechanism(planned)
+        with _exclusive_lock(self.path):
+            entries, reservations = self._reload()
+            self._entries, self._reservations, self._epsilon = entries, reservations, None
+            held = [r.mechanism for r in reservations]
+            projected = self._epsilon_of([*self.history, *held, planned])
+            if projected > max_epsilon:
+                raise self._over_budget(planned, projected, max_epsilon, pending=len(held))
+            reservation = Reservation(
+                id=os.urandom(8).hex(),
                 round=int(server_round),
                 run_id=str(run_id),
-                time=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                noise_multiplier=mechanism[0],
-                sample_rate=mechanism[1],
-                steps=mechanism[2],
-                delta=self.delta,
-                epsilon_after=_finite_or_none(epsilon_after),
+                time=_now(),
+                noise_multiplier=planned[0],
+                sample_rate=planned[1],
+                steps=planned[2],
             )
+            self._reservations = [*reservations, reservation]
+            self._save(entries, self.epsilon)
+        return reservation, projected
+
+    def settle(
+        self, reservation: Reservation, *, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> LedgerEntry:
+        """Replace ``reservation`` with the steps really taken (one atomic save).
+
+        Raises
+        ------
+        PrivacyLedgerError
+            If the reservation is no longer in the ledger (an older copy was restored).
+        """
+        mechanism = (float(noise_multiplier), float(sample_rate), int(steps))
+        _check_mechanism(mechanism)
+        with _exclusive_lock(self.path):
+            entries, reservations = self._reload()
+            remaining = [r for r in reservations if r.id != reservation.id]
+            if len(remaining) == len(reservations):
+                raise PrivacyLedgerError(
+                    f"the privacy ledger {self.path} lost the reservation of round "
+                    f"{reservation.round} while it trained (was an older copy restored?); "
+                    "the round's spend is charged anyway"
+                )
+            return self._append_entry(
+                entries, remaining, reservation.round, reservation.run_id, mechanism
+            )
+
+    def release(self, reservation: Reservation) -> None:
+        """Drop a reservation whose training failed before any noisy step was released."""
+        with _exclusive_lock(self.path):
+            entries, reservations = self._reload()
+            self._reservations = [r for r in reservations if r.id != reservation.id]
+            self._entries, self._epsilon = entries, None
+            self._save(entries, self.epsilon)
+
+    def _reload(self) -> tuple[list[LedgerEntry], list[Reservation]]:
+        """Entries and reservations as saved (call under the lock)."""
+        _check_generation(self.path, self.key)
+        if not self.path.exists():
+            return list(self._entries), list(self._reservations)
+        accountant, delta, entries, reservations = _load(self.path, self.key)
+        self._require_same_settings(accountant, delta)
+        return entries, reservations
+
+    def _append_entry(
+        self,
+        entries: list[LedgerEntry],
+        reservations: list[Reservation],
+        server_round: int,
+        run_id: str | int,
+        mechanism: HistoryEntry,
+    ) -> LedgerEntry:
+        history = [*(e.mechanism for e in entries), mechanism]
+        epsilon_after = self._epsilon_of(history)
+        entry = LedgerEntry(
+            round=int(server_round),
+            run_id=str(run_id),
+            time=_now(),
+            noise_multiplier=mechanism[0],
+            sample_rate=mechanism[1],
+            steps=mechanism[2],
+            delta=self.delta,
+            epsilon_after=_finite_or_none(epsilon_after),
+        )
+        # Only a saved charge changes what this object reports.
+        previous = self._reservations
+        self._reservations = reservations
+        try:
             self._save([*entries, entry], epsilon_after)
-            # Only a saved charge changes what this object reports.
-            self._entries, self._epsilon = [*entries, entry], epsilon_after
+        except BaseException:
+            self._reservations = previous
+            raise
+        self._entries, self._epsilon = [*entries, entry], epsilon_after
         return entry
+
+    def _over_budget(
+        self, planned: HistoryEntry, projected: float, max_epsilon: float, *, pending: int = 0
+    ) -> PrivacyBudgetExceeded:
+        noise_multiplier, sample_rate, steps = planned
+        held = f", {pending} round(s) of this site still training" if pending else ""
+        return PrivacyBudgetExceeded(
+            f"training this round ({steps} steps, noise_multiplier={noise_multiplier:.4g}, "
+            f"sample_rate={sample_rate:.4g}) would bring the site to epsilon={projected:.4g} "
+            f"at delta={self.delta:.3g} (spent so far: {self.epsilon:.4g}{held}), over "
+            f"`privacy.max_epsilon`={max_epsilon:g}; the site stops training. Raise the "
+            "budget only if your privacy policy allows it, or add noise "
+            "(`privacy.noise_multiplier`)",
+            spent=self.epsilon,
+            projected=projected,
+            budget=max_epsilon,
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -360,13 +530,16 @@ class PrivacyLedger:
 
     def _save(self, entries: list[LedgerEntry], epsilon: float) -> None:
         """Write atomically: temp file in the same directory, fsync, replace, fsync the dir."""
+        generation = _generation(self.path, self.key) + 1
         document = {
             "format": _FORMAT,
             "version": _VERSION,
+            "generation": generation,
             "accountant": self.accountant,
             "delta": self.delta,
             "epsilon": _finite_or_none(epsilon),
             "entries": [asdict(entry) for entry in entries],
+            "reservations": [asdict(r) for r in self._reservations],
         }
         payload = json.dumps(document, indent=2, allow_nan=False).encode() + b"\n"
         payload = seal_state(payload, key=self.key, name=_SEALED_NAME)
@@ -384,6 +557,8 @@ class PrivacyLedger:
                 os.unlink(tmp_name)
             raise
         fsync_directory(self.path.parent)
+        if self.key is not None:
+            _write_counter(self.path, self.key, generation)
 
 
 def reseal_ledger(state_dir: Path, *, old: StateKey | None, new: StateKey) -> bool:
@@ -397,7 +572,14 @@ def reseal_ledger(state_dir: Path, *, old: StateKey | None, new: StateKey) -> bo
     if not path.is_file():
         return False
     with _exclusive_lock(path):
-        return reseal_file(path, name=_SEALED_NAME, old=old, new=new, tampered=PrivacyLedgerError)
+        if old is not None:
+            _check_generation(path, old)
+        changed = reseal_file(
+            path, name=_SEALED_NAME, old=old, new=new, tampered=PrivacyLedgerError
+        )
+        if changed:  # the counter follows the ledger to the new key
+            _write_counter(path, new, _generation(path, new))
+        return changed
 
 
 # ---------------------------------------------------------------------- file helpers
@@ -417,6 +599,81 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+def _generation(path: Path, key: StateKey | None) -> int:
+    """The ``generation`` saved in the ledger at ``path`` (0: none yet, or an old file)."""
+    if not path.exists():
+        return 0
+    plain = open_state(
+        path.read_bytes(), key=key, name=_SEALED_NAME, source=path, tampered=PrivacyLedgerError
+    )
+    try:
+        value = json.loads(plain).get("generation", 0)
+    except (ValueError, AttributeError) as err:
+        raise PrivacyLedgerError(f"the privacy ledger {path} is corrupt ({err})") from err
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PrivacyLedgerError(f"the privacy ledger {path} has a bad generation {value!r}")
+    return value
+
+
+def _read_counter(path: Path, key: StateKey) -> int | None:
+    counter = path.with_name(COUNTER_FILENAME)
+    if not counter.exists():
+        return None
+    plain = open_state(
+        counter.read_bytes(),
+        key=key,
+        name=_COUNTER_NAME,
+        source=counter,
+        tampered=PrivacyLedgerError,
+    )
+    try:
+        return int(json.loads(plain)["generation"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise PrivacyLedgerError(f"the ledger counter {counter} is corrupt ({err})") from err
+
+
+def _write_counter(path: Path, key: StateKey, generation: int) -> None:
+    counter = path.with_name(COUNTER_FILENAME)
+    payload = seal_state(
+        json.dumps({"generation": generation}).encode(), key=key, name=_COUNTER_NAME
+    )
+    tmp = counter.with_name(f".{COUNTER_FILENAME}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, counter)
+    fsync_directory(path.parent)
+
+
+def _check_generation(path: Path, key: StateKey | None) -> None:
+    """Refuse a deleted or older ledger of an encrypted site (its sealed counter is ahead)."""
+    if key is None:
+        return
+    expected = _read_counter(path, key)
+    if expected is None:
+        # A ledger this code saved twice or more under a key has a counter (the first save
+        # may have crashed before writing it): a missing one was deleted.
+        if path.exists() and _generation(path, key) >= 2:
+            raise PrivacyLedgerError(
+                f"the sealed ledger counter {path.with_name(COUNTER_FILENAME)} is missing; "
+                "without it a rolled-back ledger would go unnoticed: restore it"
+            )
+        return
+    if not path.exists():
+        raise PrivacyLedgerError(
+            f"the privacy ledger {path} is missing but its sealed counter says generation "
+            f"{expected} was written: the ledger was deleted; restore the latest copy "
+            "(a fresh ledger would reset the site's privacy budget)"
+        )
+    found = _generation(path, key)
+    if found < expected:
+        raise PrivacyLedgerError(
+            f"the privacy ledger {path} is an older copy (generation {found}, the sealed "
+            f"counter says {expected}): it would hide spent budget; restore the latest copy"
+        )
+
+
 def _state_key(state_dir: Path, key: StateKey | None) -> StateKey | None:
     """``key``, else the one ``$FEDINFER_STATE_KEY_FILE`` names, checked against the marker.
 
@@ -428,7 +685,9 @@ def _state_key(state_dir: Path, key: StateKey | None) -> StateKey | None:
     return key
 
 
-def _load(path: Path, key: StateKey | None) -> tuple[str, float, list[LedgerEntry]]:
+def _load(
+    path: Path, key: StateKey | None
+) -> tuple[str, float, list[LedgerEntry], list[Reservation]]:
     """Parse and validate a ledger file; any problem is a PrivacyLedgerError."""
     fix = "restore it from a backup; never delete it, that would reset the site's privacy budget"
     try:
@@ -446,7 +705,7 @@ def _load(path: Path, key: StateKey | None) -> tuple[str, float, list[LedgerEntr
         raise PrivacyLedgerError(f"the privacy ledger {path} is corrupt ({err}); {fix}") from err
 
 
-def _parse(raw: Any) -> tuple[str, float, list[LedgerEntry]]:
+def _parse(raw: Any) -> tuple[str, float, list[LedgerEntry], list[Reservation]]:
     if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
         raise ValueError(f"not a fedinfer privacy ledger (expected format {_FORMAT!r})")
     if raw.get("version") != _VERSION:
@@ -459,7 +718,24 @@ def _parse(raw: Any) -> tuple[str, float, list[LedgerEntry]]:
     entries = [_parse_entry(item) for item in _typed(raw, "entries", list)]
     if any(entry.delta != delta for entry in entries):
         raise ValueError("an entry's delta differs from the ledger's")
-    return accountant, delta, entries
+    reservations = [_parse_reservation(item) for item in raw.get("reservations", [])]
+    return accountant, delta, entries, reservations
+
+
+def _parse_reservation(item: Any) -> Reservation:
+    if not isinstance(item, dict):
+        raise TypeError(f"a reservation is {type(item).__name__}, not an object")
+    reservation = Reservation(
+        id=_typed(item, "id", str),
+        round=_typed(item, "round", int),
+        run_id=_typed(item, "run_id", str),
+        time=_iso_time(_typed(item, "time", str)),
+        noise_multiplier=_typed(item, "noise_multiplier", float),
+        sample_rate=_typed(item, "sample_rate", float),
+        steps=_typed(item, "steps", int),
+    )
+    _check_mechanism(reservation.mechanism)
+    return reservation
 
 
 def _parse_entry(item: Any) -> LedgerEntry:
@@ -513,6 +789,10 @@ def _check_delta(delta: float, num_samples: int) -> None:
             f"training samples (a delta of 1/n allows leaking one record outright); "
             "leave it unset for the default 1/(10 n)"
         )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -40,6 +40,12 @@ def _totals(ledger: PrivacyLedger) -> str:
         f"epsilon = {ledger.epsilon:.4f} at delta = {ledger.delta:.3g} "
         f"({ledger.accountant} accountant, composed over {len(ledger.entries)} charges, "
         f"{runs} runs, {ledger.total_steps} steps)"
+        + (
+            f"; {len(ledger.reservations)} open reservation(s) (rounds training, or crashed) "
+            "also count against the budget"
+            if ledger.reservations
+            else ""
+        )
     )
 
 
