@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from fedinfer.errors import ConfigError, SecAggAbort
 from fedinfer.secagg import (
     AggregateResult,
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedUpload,
     PublicKeys,
     RoundConfig,
@@ -48,12 +50,21 @@ def wire(message: Any) -> Any:
     return type(message).from_wire(message.to_wire())
 
 
+# The mask arithmetic below is checked for every threshold in [2, n]; the site-side
+# floor (threshold above half the participants, at least 3) has its own tests.
+NO_FLOOR = {"min_threshold_fraction": 0.0, "min_participants": 2}
+
+
+def agent_of(state: Mapping[str, Any]) -> SiteSecAgg:
+    return SiteSecAgg.from_state(state, **NO_FLOOR)
+
+
 def make_states(ids: Collection[int]) -> dict[int, dict[str, Any]]:
     return {i: SiteSecAgg.create(i).to_state() for i in ids}
 
 
 def directory(states: Mapping[int, dict[str, Any]]) -> dict[int, PublicKeys]:
-    replies = [wire(SiteSecAgg.from_state(s).setup_reply()) for s in states.values()]
+    replies = [wire(agent_of(s).setup_reply()) for s in states.values()]
     return {r.site_id: r.public_keys for r in replies}
 
 
@@ -84,17 +95,30 @@ def upload(
     update: np.ndarray,
     weight: int,
 ) -> MaskedUpload:
-    agent = SiteSecAgg.from_state(states[site])
+    agent = agent_of(states[site])
     message = agent.mask_update(wire(config), update, weight=weight)
     states[site] = agent.to_state()
     return wire(message)
 
 
 def answer(states: dict[int, dict[str, Any]], request: UnmaskRequest) -> UnmaskReply:
-    agent = SiteSecAgg.from_state(states[request.site_id])
+    agent = agent_of(states[request.site_id])
     reply = agent.unmask(wire(request))
     states[request.site_id] = agent.to_state()
     return wire(reply)
+
+
+def sign_list(states: dict[int, dict[str, Any]], request: ConsistencyRequest) -> ConsistencyReply:
+    agent = agent_of(states[request.site_id])
+    reply = agent.sign_survivors(wire(request))
+    states[request.site_id] = agent.to_state()
+    return wire(reply)
+
+
+def check_consistency(states: dict[int, dict[str, Any]], server: ServerSecAgg) -> None:
+    """The consistency exchange (a no-op when every participant uploaded)."""
+    for request in server.consistency_requests().values():
+        server.receive_consistency_reply(sign_list(states, request))
 
 
 def run_round(
@@ -121,6 +145,7 @@ def run_round(
     for site in states:
         if site not in drop_after_keys:
             server.receive_upload(upload(states, site, server.config, updates[site], weights[site]))
+    check_consistency(states, server)
     for site, request in server.unmask_requests().items():
         if site not in drop_after_upload:
             server.receive_unmask_reply(answer(states, request))
@@ -353,6 +378,7 @@ def test_revealed_pairwise_seeds_differ_between_rounds() -> None:
         server = new_server(states, server_round=server_round, threshold=2, dim=16)
         for site in sorted(states)[1:]:
             server.receive_upload(upload(states, site, server.config, updates[site], weights[site]))
+        check_consistency(states, server)
         reply = answer(states, server.unmask_requests()[survivor])
         revealed.append(reply.pairwise_seeds[dropped])
     # Assert
@@ -496,6 +522,7 @@ def test_wrong_pairwise_seed_is_detected_by_the_range_check() -> None:
     server = new_server(states, threshold=3, dim=64)
     for site in ids[1:]:
         server.receive_upload(upload(states, site, server.config, updates[site], weights[site]))
+    check_consistency(states, server)
     for i, (_site, request) in enumerate(sorted(server.unmask_requests().items())):
         reply = answer(states, request)
         if i == 0:
