@@ -174,7 +174,8 @@ class SecAggConfig:
     its participants (0.5: two disjoint survivor groups can never both unmask). Read on the
     site; the site policy is to supply it in a deployment."""
     site_min_participants: int = 3
-    """Site-side floor: a site refuses a secure-aggregation round with fewer participants."""
+    """Site-side floor: a site refuses a secure-aggregation round with fewer participants
+    (with two, each site can subtract its own update from the aggregate)."""
 
 
 @dataclass

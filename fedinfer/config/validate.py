@@ -191,10 +191,10 @@ def _check_secagg(cfg: FedInferConfig, problems: list[str]) -> None:
             f"{sa.site_min_threshold_fraction}); below 0.5 two disjoint survivor groups could "
             "both unmask"
         )
-    if sa.site_min_participants < 3:
+    if sa.site_min_participants < 2:
         problems.append(
-            f"`secagg.site_min_participants` must be >= 3 (got {sa.site_min_participants}); with "
-            "two sites each learns the other's update from the sum"
+            f"`secagg.site_min_participants` must be >= 2 (got {sa.site_min_participants}); "
+            "secure aggregation needs at least two sites"
         )
     _one_of(problems, "faults.drop_stage", cfg.faults.drop_stage, DROP_STAGES)
     _positive(problems, "faults.drop_sites", cfg.faults.drop_sites, strict=False)
