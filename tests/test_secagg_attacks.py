@@ -292,3 +292,44 @@ def test_site_refuses_a_threshold_below_its_floor(
     with pytest.raises(SecAggAbort, match=refused):
         site.mask_update(wire(server.config), updates[ids[0]], weight=weights[ids[0]])
     assert site.last_round == -1, "a refused round leaves the replay guard untouched"
+
+
+def test_interrupted_round_may_be_re_asked_but_then_only_one_sum_is_unmasked(
+    tmp_path: Path,
+) -> None:
+    """A coordinator that crashed after the uploads re-asks the round: sites mask again, and
+    the first round's uploads can no longer be unmasked (the sites hold the new round only)."""
+    # Prepare: round 1 masked by all, nothing revealed (the coordinator crashed)
+    ids, updates, weights = federation(5, seed=6)
+    sites = {i: Site(i, tmp_path / f"site-{i}") for i in ids}
+    directory = {i: site.setup().public_keys for i, site in sites.items()}
+
+    def new_round() -> ServerSecAgg:
+        return ServerSecAgg(
+            run_id=RUN,
+            server_round=1,
+            participants=directory,
+            threshold=3,
+            dim=DIM,
+            clip_range=1.0,
+            bits=16,
+        )
+
+    first = new_round()
+    for i, site in sites.items():
+        first.receive_upload(_mask(site, first, updates[i], weights[i]))
+    # Execute: the resumed coordinator asks round 1 again and completes it
+    second = new_round()
+    for i, site in sites.items():
+        second.receive_upload(_mask(site, second, updates[i], weights[i]))
+    stale = first.unmask_requests()
+    assert second.consistency_requests() == {}
+    for request in second.unmask_requests().values():
+        second.receive_unmask_reply(sites[request.site_id]._do("unmask", request))
+    second.finalize()
+    # Assert: no site helps unmask the first attempt, and round 1 cannot be asked a third time
+    for request in stale.values():
+        with pytest.raises(SecAggAbort, match="refusing to unmask|fails authentication|already"):
+            sites[request.site_id]._do("unmask", request)
+    with pytest.raises(SecAggAbort, match="rounds must increase"):
+        _mask(sites[ids[0]], new_round(), updates[ids[0]], weights[ids[0]])

@@ -16,7 +16,10 @@ What a site refuses (``SecAggAbort``), and why
   survivors can then never both reach the threshold);
 - a round number not above every round it already masked for (a replayed or resumed
   round would let the coordinator subtract two sums over survivor sets that differ by
-  one site);
+  one site), except the round it masked last if it has not yet signed a survivor list
+  or revealed anything for it (:meth:`SiteSecAgg._may_remask`: the earlier upload can
+  then never be unmasked with this site's help, which a threshold above half the
+  participants turns into "never unmasked at all" for the one survivor set in question);
 - an unmask request whose survivor list is not signed, together with the round's
   configuration, by at least ``threshold`` survivors, this site included (Bonawitz et
   al.'s consistency check): a site commits to one survivor list per round, either the
@@ -106,8 +109,9 @@ class SiteSecAgg:
         None, any run).
     min_threshold_fraction : float, optional
         Site-side floor: the threshold must be above this fraction of the participants
-        (default :data:`DEFAULT_MIN_THRESHOLD_FRACTION`). Not part of the state: the site
-        policy supplies it at every load.
+        and never at or below half of them (default
+        :data:`DEFAULT_MIN_THRESHOLD_FRACTION`). Not part of the state: the site policy
+        supplies it at every load.
     min_participants : int, optional
         Site-side floor on a round's participants (default :data:`DEFAULT_MIN_PARTICIPANTS`).
 
@@ -247,17 +251,34 @@ class SiteSecAgg:
                 f"refusing the round: {n} participants is below this site's minimum "
                 f"{self.min_participants} (site setting `min_participants`)"
             )
-        if not config.threshold > self.min_threshold_fraction * n:
+        # Above half the participants whatever the setting: two disjoint groups of survivors
+        # could otherwise each reach the threshold, and the consistency check rests on that.
+        if not config.threshold > max(self.min_threshold_fraction, 0.5) * n:
             raise SecAggAbort(
                 f"refusing the round: threshold {config.threshold} of {n} participants is not "
-                f"above this site's floor {self.min_threshold_fraction} x {n} (site setting "
-                "`min_threshold_fraction`); raise `secagg.threshold`"
+                f"above this site's floor {max(self.min_threshold_fraction, 0.5)} x {n} (site "
+                "setting `min_threshold_fraction`, never below 0.5); raise `secagg.threshold`"
             )
-        if config.server_round <= self.last_round:
+        if config.server_round <= self.last_round and not self._may_remask(config):
             raise SecAggAbort(
                 f"refusing round {config.server_round}: this site already masked an update "
                 f"for round {self.last_round}; rounds must increase"
             )
+
+    def _may_remask(self, config: RoundConfig) -> bool:
+        """Whether ``config`` re-asks the pending round, for which this site revealed nothing.
+
+        Masking it again discards the pending configuration, so this site will never help
+        unmask the earlier upload; any ``threshold`` sites that do unmask it cannot also
+        mask the re-asked round, and two such groups cannot coexist when the threshold is
+        above half the participants. So the coordinator still learns one sum per round.
+        A coordinator resumed after a crash mid-round relies on this.
+        """
+        return (
+            self.pending is not None
+            and self.committed is None
+            and config.server_round == self.last_round == self.pending.server_round
+        )
 
     def _pairwise_seed(self, config: RoundConfig, peer: int) -> bytes:
         shared = agree(self._keys.mask_private, config.participants[peer].mask)
