@@ -333,3 +333,71 @@ def test_interrupted_round_may_be_re_asked_but_then_only_one_sum_is_unmasked(
             sites[request.site_id]._do("unmask", request)
     with pytest.raises(SecAggAbort, match="rounds must increase"):
         _mask(sites[ids[0]], new_round(), updates[ids[0]], weights[ids[0]])
+
+
+# --- set-up keys endorsed by the site's identity key ----------------------------------------
+
+
+def _endorsed_sites(tmp_path: Path, n: int, **options: Any) -> dict[int, SiteSecAgg]:
+    ids, _, _ = federation(n, seed=7)
+    return {
+        i: SiteSecAgg.create(
+            i,
+            run_id=RUN,
+            identity=RunStateStore(tmp_path / str(i), key=None).identity(),
+            require_endorsed=True,
+            **options,
+        )
+        for i in ids
+    }
+
+
+def _round_for(directory: dict, run_id: int = RUN) -> ServerSecAgg:
+    return ServerSecAgg(
+        run_id=run_id,
+        server_round=1,
+        participants=directory,
+        threshold=2,
+        dim=DIM,
+        clip_range=1.0,
+        bits=16,
+    )
+
+
+def test_identity_key_is_pinned_in_the_state_directory(tmp_path: Path) -> None:
+    first = RunStateStore(tmp_path, key=StateKey.generate())
+    assert first.identity() == first.identity()
+    assert RunStateStore(tmp_path / "other", key=None).identity() != first.identity()
+
+
+def test_coordinator_substituted_peer_keys_are_refused(tmp_path: Path) -> None:
+    """Attack: the coordinator lists its own keys for a peer (to read that peer's shares)."""
+    sites = _endorsed_sites(tmp_path, 3)
+    ids = sorted(sites)
+    directory = {i: wire(s.setup_reply()).public_keys for i, s in sites.items()}
+    rogue_identity = RunStateStore(tmp_path / "x", key=None).identity()
+    rogue = SiteSecAgg.create(ids[1], run_id=RUN, identity=rogue_identity)
+    cases = {
+        "unendorsed": SiteSecAgg.create(ids[1]).public_keys,
+        "endorsed for another run": wire(
+            SiteSecAgg.create(ids[1], run_id=RUN + 1, identity=rogue_identity).setup_reply()
+        ).public_keys,
+    }
+    victim = sites[ids[0]]
+    for keys in cases.values():
+        server = _round_for({**directory, ids[1]: keys})
+        with pytest.raises(SecAggAbort, match="not endorsed"):
+            victim.mask_update(wire(server.config), np.zeros(DIM), weight=1)
+    # endorsed by an identity the site does not trust (it knows its peers' identities)
+    trusted = {k.identity for k in directory.values()}
+    strict = SiteSecAgg.from_state(
+        victim.to_state(),
+        identity=victim._identity,
+        require_endorsed=True,
+        trusted_identities=trusted,
+    )
+    server = _round_for({**directory, ids[1]: wire(rogue.setup_reply()).public_keys})
+    with pytest.raises(SecAggAbort, match="does not trust"):
+        strict.mask_update(wire(server.config), np.zeros(DIM), weight=1)
+    honest = _round_for(directory)
+    strict.mask_update(wire(honest.config), np.zeros(DIM), weight=1)

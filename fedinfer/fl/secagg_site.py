@@ -59,11 +59,15 @@ def _site_record(env: SiteEnv) -> ConfigRecord:
     return ConfigRecord({Keys.SITE_ID: env.site_id})
 
 
-def _floor(cfg: FedInferConfig) -> dict[str, Any]:
-    # TODO(policy): the site policy (fedinfer/policy) is to supply these two minimums.
+def _options(cfg: FedInferConfig, store: RunStateStore) -> dict[str, Any]:
+    """The site's own settings for the protocol: its identity key and its floors."""
+    # TODO(policy): the site policy (fedinfer/policy) is to supply the two minimums (and a
+    # list of trusted peer identity keys); today they come from the run config.
     return {
         "min_threshold_fraction": cfg.secagg.site_min_threshold_fraction,
         "min_participants": cfg.secagg.site_min_participants,
+        "identity": store.identity(),
+        "require_endorsed": True,
     }
 
 
@@ -84,7 +88,7 @@ def _load(
     cfg: FedInferConfig, env: SiteEnv, context: Context, run_id: int
 ) -> tuple[RunStateStore, SiteSecAgg]:
     store = RunStateStore(env.state_dir, key=env.state_key)
-    site = SiteSecAgg.from_state(store.load(run_id), **_floor(cfg))
+    site = SiteSecAgg.from_state(store.load(run_id), **_options(cfg, store))
     if site.site_id != context.node_id:
         raise SecAggAbort(f"the secure-aggregation state of run {run_id} is of another node")
     return store, site
@@ -96,7 +100,9 @@ def secagg_setup(
     """Reply with this run's public keys; create (and durably save) them only the first time."""
     run_id = _protocol_run_id(_wire(msg))
     store = RunStateStore(env.state_dir, key=env.state_key)
-    site, created = open_site(store, site_id=context.node_id, run_id=run_id, **_floor(cfg))
+    site, created = open_site(
+        store, site_id=context.node_id, run_id=run_id, **_options(cfg, store)
+    )
     if created:
         store.save(run_id, site.to_state())
     record, _ = wire_to_records(site.setup_reply().to_wire())

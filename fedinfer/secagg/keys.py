@@ -44,7 +44,10 @@ __all__ = [
     "agree",
     "derive_pairwise_seed",
     "derive_share_key",
+    "endorsement_statement",
     "seed_commitment",
+    "identity_public",
+    "new_identity",
     "sign",
     "survivor_statement",
     "u64",
@@ -63,6 +66,7 @@ _INFO_SHARE_KEY = b"fedinfer/secagg/v1/share-key"
 _INFO_PAIRWISE_SEED = b"fedinfer/secagg/v1/pairwise-mask-seed"
 _COMMITMENT_LABEL = b"fedinfer/secagg/v1/self-seed-commitment"
 _SURVIVORS_LABEL = b"fedinfer/secagg/v1/survivor-list"
+_ENDORSEMENT_LABEL = b"fedinfer/secagg/v1/run-keys"
 
 
 def u64(value: int) -> bytes:
@@ -90,16 +94,33 @@ class PublicKeys:
         Public key agreed into the per-round pairwise mask seeds.
     sign : bytes
         Ed25519 public key that verifies the site's signed survivor lists.
+    identity : bytes, optional
+        The site's long-lived Ed25519 identity key (pinned in its state directory), or
+        ``b""`` when the site has none.
+    endorsement : bytes, optional
+        The identity key's signature of the three run keys (:func:`endorsement_statement`).
     """
 
     enc: bytes
     mask: bytes
     sign: bytes
+    identity: bytes = b""
+    endorsement: bytes = b""
 
     def __post_init__(self) -> None:
         for name, key in (("enc", self.enc), ("mask", self.mask), ("sign", self.sign)):
             if not isinstance(key, bytes) or len(key) != KEY_BYTES:
                 raise SecAggAbort(f"public key `{name}` must be {KEY_BYTES} raw bytes")
+        if self.identity and len(self.identity) != KEY_BYTES:
+            raise SecAggAbort(f"public key `identity` must be {KEY_BYTES} raw bytes")
+        if bool(self.identity) != bool(self.endorsement):
+            raise SecAggAbort("an identity key needs its endorsement, and the reverse")
+
+    def endorsed(self, *, run_id: int, site_id: int) -> bool:
+        """Whether the identity key signed these run keys for ``site_id`` in ``run_id``."""
+        return bool(self.identity) and verify(
+            self.identity, self.endorsement, endorsement_statement(run_id, site_id, self)
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -241,3 +262,18 @@ def verify(public: bytes, signature: bytes, message: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def endorsement_statement(run_id: int, site_id: int, keys: PublicKeys) -> bytes:
+    """The bytes a site's identity key signs to vouch for its run keys."""
+    return _ENDORSEMENT_LABEL + u64(run_id) + u64(site_id) + keys.enc + keys.mask + keys.sign
+
+
+def identity_public(private: bytes) -> bytes:
+    """The raw Ed25519 public key of the raw private key ``private``."""
+    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def new_identity() -> bytes:
+    """A fresh raw Ed25519 private key from the operating system's CSPRNG."""
+    return Ed25519PrivateKey.generate().private_bytes_raw()

@@ -9,10 +9,12 @@ lists (``*_ids`` and the values), sorted by id.
 
 ::
 
-    set-up      site -> server   SetupReply      site_id, enc_key, mask_key, sign_key
+    set-up      site -> server   SetupReply      site_id, enc_key, mask_key, sign_key,
+                                                 identity_key, endorsement
     exchange 1  server -> site   RoundConfig     run_id, server_round, round_nonce, threshold,
                                                  clip_range, bits, dim, site_ids, enc_keys,
-                                                 mask_keys, sign_keys
+                                                 mask_keys, sign_keys, identity_keys,
+                                                 endorsements
                 site -> server   MaskedUpload    site_id, server_round, masked (ndarray uint64,
                                                  dim + 1), seed_commitment, share_recipients,
                                                  sealed_shares, signature
@@ -141,6 +143,8 @@ class SetupReply:
             "enc_key": self.public_keys.enc,
             "mask_key": self.public_keys.mask,
             "sign_key": self.public_keys.sign,
+            "identity_key": self.public_keys.identity,
+            "endorsement": self.public_keys.endorsement,
         }
 
     @classmethod
@@ -151,6 +155,8 @@ class SetupReply:
             enc=_bytes(wire, name, "enc_key", KEY_BYTES),
             mask=_bytes(wire, name, "mask_key", KEY_BYTES),
             sign=_bytes(wire, name, "sign_key", KEY_BYTES),
+            identity=_bytes(wire, name, "identity_key"),
+            endorsement=_bytes(wire, name, "endorsement"),
         )
         return cls(site_id=_site_id(wire, name, "site_id"), public_keys=keys)
 
@@ -229,6 +235,8 @@ class RoundConfig:
         for i in self.site_ids:
             keys = self.participants[i]
             h.update(u64(i) + keys.enc + keys.mask + keys.sign)
+            h.update(u64(len(keys.identity)) + keys.identity + u64(len(keys.endorsement)))
+            h.update(keys.endorsement)
         return h.digest()
 
     def to_wire(self) -> dict[str, WireValue]:
@@ -246,6 +254,8 @@ class RoundConfig:
             "enc_keys": [self.participants[i].enc for i in ids],
             "mask_keys": [self.participants[i].mask for i in ids],
             "sign_keys": [self.participants[i].sign for i in ids],
+            "identity_keys": [self.participants[i].identity for i in ids],
+            "endorsements": [self.participants[i].endorsement for i in ids],
         }
 
     @classmethod
@@ -255,10 +265,11 @@ class RoundConfig:
         ids = _ids(wire, name, "site_ids")
         enc, mask = _blobs(wire, name, "enc_keys"), _blobs(wire, name, "mask_keys")
         sign = _blobs(wire, name, "sign_keys")
-        if not len(ids) == len(enc) == len(mask) == len(sign):
-            raise SecAggAbort(
-                f"malformed {name}: site_ids, enc_keys, mask_keys and sign_keys differ in length"
-            )
+        identity = _blobs(wire, name, "identity_keys")
+        endorsement = _blobs(wire, name, "endorsements")
+        lengths = {len(x) for x in (enc, mask, sign, identity, endorsement)}
+        if lengths != {len(ids)}:
+            raise SecAggAbort(f"malformed {name}: site_ids and the key lists differ in length")
         clip_range = _field(wire, name, "clip_range")
         if isinstance(clip_range, bool) or not isinstance(clip_range, float | int):
             raise SecAggAbort(f"malformed {name}: key 'clip_range' must be a float")
@@ -271,8 +282,10 @@ class RoundConfig:
             bits=_int(wire, name, "bits"),
             dim=_int(wire, name, "dim"),
             participants={
-                i: PublicKeys(enc=e, mask=m, sign=g)
-                for i, e, m, g in zip(ids, enc, mask, sign, strict=True)
+                i: PublicKeys(enc=e, mask=m, sign=g, identity=d, endorsement=a)
+                for i, e, m, g, d, a in zip(
+                    ids, enc, mask, sign, identity, endorsement, strict=True
+                )
             },
         )
 

@@ -46,7 +46,7 @@ authenticated identities — or that starts a *new* run to have the same data ma
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,8 @@ from fedinfer.secagg.keys import (
     agree,
     derive_pairwise_seed,
     derive_share_key,
+    endorsement_statement,
+    identity_public,
     seed_commitment,
     sign,
     survivor_statement,
@@ -114,6 +116,14 @@ class SiteSecAgg:
         supplies it at every load.
     min_participants : int, optional
         Site-side floor on a round's participants (default :data:`DEFAULT_MIN_PARTICIPANTS`).
+    identity : bytes or None, optional
+        The site's long-lived Ed25519 identity key (raw private bytes), pinned in its state
+        directory; with a ``run_id`` it endorses the run keys (default: None).
+    require_endorsed : bool, optional
+        Refuse a round unless every participant's run keys carry a valid endorsement by an
+        identity key (default: False).
+    trusted_identities : collection of bytes or None, optional
+        If given, every participant's identity key must be one of these (default: None).
 
     Examples
     --------
@@ -135,6 +145,9 @@ class SiteSecAgg:
         run_id: int | None = None,
         min_threshold_fraction: float = DEFAULT_MIN_THRESHOLD_FRACTION,
         min_participants: int = DEFAULT_MIN_PARTICIPANTS,
+        identity: bytes | None = None,
+        require_endorsed: bool = False,
+        trusted_identities: Collection[bytes] | None = None,
     ) -> None:
         self.site_id = site_id
         self._keys = keys
@@ -144,6 +157,11 @@ class SiteSecAgg:
         self.run_id = run_id
         self.min_threshold_fraction = float(min_threshold_fraction)
         self.min_participants = int(min_participants)
+        self._identity = identity
+        self.require_endorsed = require_endorsed
+        self.trusted_identities = (
+            None if trusted_identities is None else frozenset(trusted_identities)
+        )
 
     @classmethod
     def create(cls, site_id: int, *, run_id: int | None = None, **floor: Any) -> SiteSecAgg:
@@ -151,11 +169,11 @@ class SiteSecAgg:
         return cls(site_id=site_id, keys=SiteKeys.generate(), run_id=run_id, **floor)
 
     def setup_reply(self) -> SetupReply:
-        """Return the set-up message: this site's two public keys."""
-        return SetupReply(site_id=self.site_id, public_keys=self._keys.public_keys())
+        """Return the set-up message: this site's three public keys."""
+        return SetupReply(site_id=self.site_id, public_keys=self.public_keys)
 
     def rekey(self) -> SetupReply:
-        """Replace both key pairs (drops any pending round) and return the new set-up message.
+        """Replace the key pairs (drops any pending round) and return the new set-up message.
 
         Not needed for security after a dropout: revealed pairwise seeds are per-round HKDF
         outputs and say nothing about the private keys or about other rounds.
@@ -236,10 +254,32 @@ class SiteSecAgg:
         Cheap: a site calls it before it trains, so a refused round costs no training.
         """
         config.check()
-        if config.participants.get(self.site_id) != self._keys.public_keys():
+        if config.participants.get(self.site_id) != self.public_keys:
             raise SecAggAbort(
                 f"refusing the round: site {self.site_id} is not listed with its own public keys"
             )
+        if self.require_endorsed:
+            unendorsed = [
+                i
+                for i, keys in sorted(config.participants.items())
+                if not keys.endorsed(run_id=config.run_id, site_id=i)
+            ]
+            if unendorsed:
+                raise SecAggAbort(
+                    f"refusing the round: the run keys of site(s) {unendorsed} are not endorsed "
+                    "by an identity key"
+                )
+        if self.trusted_identities is not None:
+            strangers = [
+                i
+                for i, keys in sorted(config.participants.items())
+                if keys.identity not in self.trusted_identities
+            ]
+            if strangers:
+                raise SecAggAbort(
+                    f"refusing the round: site(s) {strangers} have an identity key this site "
+                    "does not trust"
+                )
         if self.run_id is not None and config.run_id != self.run_id:
             raise SecAggAbort(
                 f"refusing the round: it is of run {config.run_id}, but this site's keys were "
@@ -502,8 +542,19 @@ class SiteSecAgg:
 
     @property
     def public_keys(self) -> PublicKeys:
-        """The public keys this site announces."""
-        return self._keys.public_keys()
+        """The public keys this site announces (endorsed by its identity key if it has one)."""
+        keys = self._keys.public_keys()
+        if self._identity is None or self.run_id is None:
+            return keys
+        return PublicKeys(
+            enc=keys.enc,
+            mask=keys.mask,
+            sign=keys.sign,
+            identity=identity_public(self._identity),
+            endorsement=sign(
+                self._identity, endorsement_statement(self.run_id, self.site_id, keys)
+            ),
+        )
 
 
 def _parse_share(plaintext: bytes, sender: int) -> Share:

@@ -1,6 +1,8 @@
 """A site's secure-aggregation state for a run, kept in its state directory.
 
-One file per run, ``<state_dir>/secagg/run-<run_id>.json``: the run's private keys, the
+The site's long-lived identity key, ``<state_dir>/secagg/identity.key`` (created once,
+sealed like the rest), endorses each run's keys. One file per run,
+``<state_dir>/secagg/run-<run_id>.json``: the run's private keys, the
 highest round the site has masked, and the round awaiting unmasking. It is written
 atomically and fsync'd (:func:`fedinfer.fsutil.atomic_write_bytes`) *before* a masked
 upload leaves the site, and sealed with the site's state key when its state is
@@ -25,6 +27,7 @@ from typing import Any
 from fedinfer.crypto.at_rest import StateKey, open_state, seal_state
 from fedinfer.errors import SecAggAbort
 from fedinfer.fsutil import atomic_write_bytes
+from fedinfer.secagg.keys import KEY_BYTES, new_identity
 from fedinfer.secagg.site import SiteSecAgg
 
 __all__ = ["RunStateStore", "open_site"]
@@ -104,6 +107,24 @@ class RunStateStore:
         if not isinstance(data, dict):
             raise SecAggAbort(f"{path} is not a secure-aggregation state file")
         return {k: _decode(v) for k, v in data.items()}
+
+    def identity(self) -> bytes:
+        """The site's identity key (raw Ed25519 private bytes), created on first use.
+
+        Raises
+        ------
+        SecAggAbort
+            If the file is not an identity key or fails authentication.
+        """
+        path, name = self.directory / "identity.key", "secagg/identity"
+        if not path.exists():
+            atomic_write_bytes(path, seal_state(new_identity(), key=self.key, name=name))
+        raw = open_state(
+            path.read_bytes(), key=self.key, name=name, source=path, tampered=SecAggAbort
+        )
+        if len(raw) != KEY_BYTES:
+            raise SecAggAbort(f"{path} is not a secure-aggregation identity key")
+        return raw
 
     def save(self, run_id: int, state: Mapping[str, Any]) -> Path:
         """Write ``state`` for ``run_id`` atomically and durably (sealed with a key)."""
