@@ -401,3 +401,23 @@ def test_coordinator_substituted_peer_keys_are_refused(tmp_path: Path) -> None:
         strict.mask_update(wire(server.config), np.zeros(DIM), weight=1)
     honest = _round_for(directory)
     strict.mask_update(wire(honest.config), np.zeros(DIM), weight=1)
+
+
+def test_run_state_lock_serializes_read_modify_write(tmp_path: Path) -> None:
+    """Two messages of one site (e.g. a dead coordinator's and a resumed one's) take turns."""
+    import threading
+
+    store, events = RunStateStore(tmp_path, key=None), []
+
+    def other() -> None:
+        with store.locked(RUN):
+            events.append("other")
+
+    with store.locked(RUN):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive(), "the second holder must wait for the first"
+        events.append("first")
+    thread.join()
+    assert events == ["first", "other"]

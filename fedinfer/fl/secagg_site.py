@@ -100,11 +100,12 @@ def secagg_setup(
     """Reply with this run's public keys; create (and durably save) them only the first time."""
     run_id = _protocol_run_id(_wire(msg))
     store = RunStateStore(env.state_dir, key=env.state_key)
-    site, created = open_site(
-        store, site_id=context.node_id, run_id=run_id, **_options(cfg, store)
-    )
-    if created:
-        store.save(run_id, site.to_state())
+    with store.locked(run_id):
+        site, created = open_site(
+            store, site_id=context.node_id, run_id=run_id, **_options(cfg, store)
+        )
+        if created:
+            store.save(run_id, site.to_state())
     record, _ = wire_to_records(site.setup_reply().to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
 
@@ -129,8 +130,9 @@ def secagg_train(
             f"site {env.site_id} drops out ({fault}) as `faults.drop_stage` asks"
         )
     round_config = RoundConfig.from_wire(_wire(msg))
-    store, site = _load(cfg, env, context, round_config.run_id)
-    site.check_round(round_config)
+    run_id = round_config.run_id
+    _, site = _load(cfg, env, context, run_id)
+    site.check_round(round_config)  # refuse before training; checked again under the lock
     outcome = local_train(
         cfg=cfg,
         env=env,
@@ -140,8 +142,13 @@ def secagg_train(
     )
     new_vector, _ = flatten_arrays(outcome.weights)
     old_vector, _ = flatten_arrays(global_weights)
-    upload = site.mask_update(round_config, new_vector - old_vector, weight=len(env.data.train))
-    store.save(round_config.run_id, site.to_state())
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        _, site = _load(cfg, env, context, run_id)  # fresh: another message may have run
+        upload = site.mask_update(
+            round_config, new_vector - old_vector, weight=len(env.data.train)
+        )
+        store.save(run_id, site.to_state())
     if fault == "after_upload":
         context.state[_FAULTS] = ConfigRecord({"drop-unmask-round": server_round})
     config, arrays = wire_to_records(upload.to_wire())
@@ -174,9 +181,11 @@ def secagg_consistency(
             f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
         )
     run_id = _protocol_run_id(wire)
-    store, site = _load(cfg, env, context, run_id)
-    reply = site.sign_survivors(request)
-    store.save(run_id, site.to_state())
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        _, site = _load(cfg, env, context, run_id)
+        reply = site.sign_survivors(request)
+        store.save(run_id, site.to_state())
     record, _ = wire_to_records(reply.to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
 
@@ -192,8 +201,10 @@ def secagg_unmask(
             f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
         )
     run_id = _protocol_run_id(wire)
-    store, site = _load(cfg, env, context, run_id)
-    reply = site.unmask(request)
-    store.save(run_id, site.to_state())
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        _, site = _load(cfg, env, context, run_id)
+        reply = site.unmask(request)
+        store.save(run_id, site.to_state())
     record, _ = wire_to_records(reply.to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})

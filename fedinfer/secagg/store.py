@@ -19,8 +19,10 @@ Examples
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,22 @@ class RunStateStore:
 
     def _name(self, run_id: int) -> str:
         return f"secagg/run-{int(run_id)}"
+
+    @contextmanager
+    def locked(self, run_id: int) -> Iterator[None]:
+        """Hold an exclusive ``flock`` for ``run_id``: load, act and save inside it.
+
+        Two ClientApp processes of the same site (a resumed coordinator's message racing a
+        dead one's) would otherwise save stale state over each other, undoing the replay
+        guard.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"run-{int(run_id)}.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def exists(self, run_id: int) -> bool:
         """Whether the site has state (keys, replay guard) for ``run_id``."""
