@@ -38,9 +38,11 @@ survivors committed to the same configuration and survivor list, and a threshold
 half the participants leaves room for only one such group per round. The coordinator
 then learns the sum over that one survivor list and nothing else. When nobody dropped,
 the signatures travel with the uploads and the check costs no extra exchange; after a
-dropout it costs one (:meth:`SiteSecAgg.sign_survivors`). Not covered: a coordinator
-that invents participants (Sybil sites) — set-up keys are not yet bound to the nodes'
-authenticated identities — or that starts a *new* run to have the same data masked again.
+dropout it costs one (:meth:`SiteSecAgg.sign_survivors`). Run keys are endorsed by the
+site's long-lived identity key (``identity``), and ``require_endorsed`` refuses peers
+without an endorsement. Not covered: a coordinator that invents participants (Sybil
+sites) with identity keys of its own, unless ``trusted_identities`` lists the real peers;
+or one that starts a *new* run to have the same data masked again.
 """
 
 from __future__ import annotations
