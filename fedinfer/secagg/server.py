@@ -473,7 +473,7 @@ class ServerSecAgg:
 
     @property
     def phase(self) -> str:
-        """``upload``, ``unmask``, ``done`` or ``aborted``."""
+        """``upload``, ``consistency``, ``unmask-ready``, ``unmask``, ``done`` or ``aborted``."""
         return self._phase
 
     def _expect_phase(self, phase: str, action: str) -> None:
