@@ -16,6 +16,7 @@ crosses the wire form, as with Flower.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,22 @@ def test_run_state_lock_serializes_read_modify_write(tmp_path: Path) -> None:
         events.append("first")
     thread.join()
     assert events == ["first", "other"]
+
+
+# --- through Flower ------------------------------------------------------------------------
+
+
+def test_flower_round_with_a_dropout_runs_the_consistency_check(tmp_path: Path) -> None:
+    """Real Flower (in-process runtime): a site drops after set-up, the survivors sign the
+    survivor list, the round aggregates; each site's state directory holds its run state."""
+    from fedinfer.simulation import run_simulation
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("privacy=none", "federation.rounds=1", "faults.drop_sites=1")
+    run_simulation(cfg, output_dir=tmp_path)
+    info = json.loads((tmp_path / "results.json").read_text())["rounds"][0]["secagg"]
+    assert info["consistency_check"] is True
+    assert (info["participants"], info["survivors"], info["dropped"]) == (4, 3, 1)
+    for site_dir in sorted((tmp_path / "sites").iterdir()):
+        assert len(list((site_dir / "secagg").glob("run-*.json"))) == 1
+        assert (site_dir / "secagg" / "identity.key").exists()
