@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from fedinfer.secagg import (
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedUpload,
     RoundConfig,
     ServerSecAgg,
@@ -173,6 +175,17 @@ def run_fedinfer(case: Case) -> Measurement:
         with round_clock("server"):
             server.receive_upload(MaskedUpload.from_wire(upload_wire))
 
+    # Consistency check, only when a participant dropped: survivors sign the survivor list.
+    with round_clock("server"):
+        checks = {i: r.to_wire() for i, r in server.consistency_requests().items()}
+    for i, check in checks.items():
+        with round_clock(i):
+            site = SiteSecAgg.from_state(states[i])
+            signed = site.sign_survivors(ConsistencyRequest.from_wire(check)).to_wire()
+            states[i] = site.to_state()
+        with round_clock("server"):
+            server.receive_consistency_reply(ConsistencyReply.from_wire(signed))
+
     # Exchange 2: unmask.
     with round_clock("server"):
         requests = {i: r.to_wire() for i, r in server.unmask_requests().items()}
@@ -193,7 +206,7 @@ def run_fedinfer(case: Case) -> Measurement:
     assert error <= bound * (1 + 1e-9), (error, bound)
     return Measurement(
         protocol="fedinfer",
-        exchanges=2,
+        exchanges=2 + bool(checks),
         site_setup_s=float(np.mean([setup_clock.seconds[i] for i in ids])),
         site_round_s=float(np.mean([round_clock.seconds[i] for i in survivors])),
         server_round_s=round_clock.seconds["server"],

@@ -36,6 +36,8 @@ def test_default_config_is_the_main_job() -> None:
             "privacy.noise_multiplier",
         ),  # neither set
         (["secagg.bits=40"], "secagg.bits"),
+        (["secagg.site_min_threshold_fraction=0.3"], "secagg.site_min_threshold_fraction"),
+        (["secagg.site_min_participants=1"], "secagg.site_min_participants"),
         (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
         (["dataset=csv"], "dataset.path"),
     ],
@@ -48,6 +50,8 @@ def test_default_config_is_the_main_job() -> None:
         "clip-norm",
         "no-noise-no-target",
         "bits",
+        "site-threshold-floor",
+        "site-min-participants",
         "central+secagg",
         "csv-without-path",
     ],

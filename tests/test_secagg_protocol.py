@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from fedinfer.errors import ConfigError, SecAggAbort
 from fedinfer.secagg import (
     AggregateResult,
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedUpload,
     PublicKeys,
     RoundConfig,
@@ -48,12 +50,21 @@ def wire(message: Any) -> Any:
     return type(message).from_wire(message.to_wire())
 
 
+# Sites keep their threshold floor (above half the participants) but accept two-site rounds,
+# so the mask arithmetic is checked down to n = 2; the floors have their own tests.
+NO_FLOOR = {"min_threshold_fraction": 0.5, "min_participants": 2}
+
+
+def agent_of(state: Mapping[str, Any]) -> SiteSecAgg:
+    return SiteSecAgg.from_state(state, **NO_FLOOR)
+
+
 def make_states(ids: Collection[int]) -> dict[int, dict[str, Any]]:
     return {i: SiteSecAgg.create(i).to_state() for i in ids}
 
 
 def directory(states: Mapping[int, dict[str, Any]]) -> dict[int, PublicKeys]:
-    replies = [wire(SiteSecAgg.from_state(s).setup_reply()) for s in states.values()]
+    replies = [wire(agent_of(s).setup_reply()) for s in states.values()]
     return {r.site_id: r.public_keys for r in replies}
 
 
@@ -84,17 +95,30 @@ def upload(
     update: np.ndarray,
     weight: int,
 ) -> MaskedUpload:
-    agent = SiteSecAgg.from_state(states[site])
+    agent = agent_of(states[site])
     message = agent.mask_update(wire(config), update, weight=weight)
     states[site] = agent.to_state()
     return wire(message)
 
 
 def answer(states: dict[int, dict[str, Any]], request: UnmaskRequest) -> UnmaskReply:
-    agent = SiteSecAgg.from_state(states[request.site_id])
+    agent = agent_of(states[request.site_id])
     reply = agent.unmask(wire(request))
     states[request.site_id] = agent.to_state()
     return wire(reply)
+
+
+def sign_list(states: dict[int, dict[str, Any]], request: ConsistencyRequest) -> ConsistencyReply:
+    agent = agent_of(states[request.site_id])
+    reply = agent.sign_survivors(wire(request))
+    states[request.site_id] = agent.to_state()
+    return wire(reply)
+
+
+def check_consistency(states: dict[int, dict[str, Any]], server: ServerSecAgg) -> None:
+    """The consistency exchange (a no-op when every participant uploaded)."""
+    for request in server.consistency_requests().values():
+        server.receive_consistency_reply(sign_list(states, request))
 
 
 def run_round(
@@ -121,6 +145,7 @@ def run_round(
     for site in states:
         if site not in drop_after_keys:
             server.receive_upload(upload(states, site, server.config, updates[site], weights[site]))
+    check_consistency(states, server)
     for site, request in server.unmask_requests().items():
         if site not in drop_after_upload:
             server.receive_unmask_reply(answer(states, request))
@@ -162,7 +187,8 @@ def test_masks_cancel_and_mean_is_within_quantization_bound(
     """The coordinator recovers exactly sum(w_i q_i) and sum(w_i), and the mean within the bound."""
     # Prepare
     ids = data.draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n, unique=True))
-    threshold = data.draw(st.integers(min_value=2, max_value=n))
+    threshold = data.draw(st.integers(min_value=n // 2 + 1, max_value=n) | st.just(n))
+    threshold = max(threshold, 2)
     bits = data.draw(st.sampled_from([8, 16, 24]))
     element = st.floats(-1.5, 1.5, allow_nan=False, width=32)
     updates = {
@@ -225,7 +251,7 @@ def test_dropouts_before_and_after_upload_in_one_round_abort() -> None:
             states,
             updates,
             weights,
-            threshold=3,
+            threshold=4,
             drop_after_keys=ids[:1],
             drop_after_upload=ids[1:2],
         )
@@ -353,6 +379,7 @@ def test_revealed_pairwise_seeds_differ_between_rounds() -> None:
         server = new_server(states, server_round=server_round, threshold=2, dim=16)
         for site in sorted(states)[1:]:
             server.receive_upload(upload(states, site, server.config, updates[site], weights[site]))
+        check_consistency(states, server)
         reply = answer(states, server.unmask_requests()[survivor])
         revealed.append(reply.pairwise_seeds[dropped])
     # Assert
@@ -364,9 +391,13 @@ def test_site_refuses_to_mask_twice_for_a_round() -> None:
     site = sorted(states)[0]
     server = new_server(states, server_round=5, threshold=2, dim=8)
     upload(states, site, server.config, updates[site], weights[site])
-    replay = new_server(states, server_round=5, threshold=2, dim=8)
-    with pytest.raises(SecAggAbort, match="rounds must increase"):
-        upload(states, site, replay.config, updates[site], weights[site])
+    agent = agent_of(states[site])
+    agent.sign_survivors(ConsistencyRequest(site, 5, tuple(sorted(states))))  # committed
+    states[site] = agent.to_state()
+    for server_round in (5, 4):
+        replay = new_server(states, server_round=server_round, threshold=2, dim=8)
+        with pytest.raises(SecAggAbort, match="rounds must increase"):
+            upload(states, site, replay.config, updates[site], weights[site])
 
 
 # --- sites refuse a curious coordinator --------------------------------------------------
@@ -496,6 +527,7 @@ def test_wrong_pairwise_seed_is_detected_by_the_range_check() -> None:
     server = new_server(states, threshold=3, dim=64)
     for site in ids[1:]:
         server.receive_upload(upload(states, site, server.config, updates[site], weights[site]))
+    check_consistency(states, server)
     for i, (_site, request) in enumerate(sorted(server.unmask_requests().items())):
         reply = answer(states, request)
         if i == 0:

@@ -208,16 +208,24 @@ def build_client_app(
     def secagg_setup(msg: Message, context: Context) -> RecordDict:
         from fedinfer.fl.secagg_site import secagg_setup as setup
 
-        _, env = env_of(context)
-        return setup(env=env, msg=msg, context=context)
+        cfg, env = env_of(context)
+        return setup(cfg=cfg, env=env, msg=msg, context=context)
+
+    @app.query(MessageTypes.SECAGG_CONSISTENCY.split(".")[1])
+    @_guarded
+    def secagg_consistency(msg: Message, context: Context) -> RecordDict:
+        from fedinfer.fl.secagg_site import secagg_consistency as consistency
+
+        cfg, env = env_of(context)
+        return consistency(cfg=cfg, env=env, msg=msg, context=context)
 
     @app.query(MessageTypes.SECAGG_UNMASK.split(".")[1])
     @_guarded
     def secagg_unmask(msg: Message, context: Context) -> RecordDict:
         from fedinfer.fl.secagg_site import secagg_unmask as unmask
 
-        _, env = env_of(context)
-        return unmask(env=env, msg=msg, context=context)
+        cfg, env = env_of(context)
+        return unmask(cfg=cfg, env=env, msg=msg, context=context)
 
     return app
 

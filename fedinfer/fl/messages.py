@@ -11,6 +11,7 @@ class MessageTypes:
     DEPLOY = "query.deploy"
     SECAGG_SETUP = "query.secagg_setup"
     SECAGG_UNMASK = "query.secagg_unmask"
+    SECAGG_CONSISTENCY = "query.secagg_consistency"
 
 
 class Keys:

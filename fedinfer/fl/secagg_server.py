@@ -3,11 +3,16 @@
 :class:`SecAggStrategy` wraps any Flower strategy whose aggregate is a weighted
 mean of updates (FedAvg, FedProx, FedAdam, FedAvgM). Per run, sites send their
 public keys once (``query.secagg_setup``, only for sites whose keys the
-coordinator lacks). Per round it adds one exchange beyond FedAvg:
+coordinator lacks; a site asked again returns the same keys). Per round it adds
+one exchange beyond FedAvg when every participant uploads, two after a dropout:
 
 1. ``train``: the round's participant directory goes out with the model; each
-   site replies with its masked, quantized, sample-weighted update.
-2. ``query.secagg_unmask``: survivors reveal what removes the masks of the sum.
+   site replies with its masked, quantized, sample-weighted update and its
+   signature of the round with every participant as survivor.
+2. ``query.secagg_consistency`` (only if a participant did not upload): each
+   survivor signs the survivor list (Bonawitz et al.'s consistency check).
+3. ``query.secagg_unmask``: the signers, shown every signature, reveal what
+   removes the masks of the sum.
 
 The unmasked *sum* becomes one synthetic reply (global + mean update, weight =
 total samples) handed to the inner strategy's ``aggregate_train``, so server
@@ -31,8 +36,9 @@ from fedinfer.errors import SecAggAbort
 from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.secagg_codec import config_to_wire, wire_to_records
-from fedinfer.fl.secagg_site import UPLOAD_ARRAYS
+from fedinfer.fl.secagg_site import RUN_ID, UPLOAD_ARRAYS
 from fedinfer.secagg import (
+    ConsistencyReply,
     MaskedUpload,
     PublicKeys,
     ServerSecAgg,
@@ -60,6 +66,7 @@ class SecAggStrategy(Strategy):
         self.stop_reason: str | None = None
         self._round: ServerSecAgg | None = None
         self._global: ArrayRecord | None = None
+        self._run_id = 0
         self._faults = random.Random(cfg.seed + 7919)
 
     def summary(self) -> None:  # noqa: D102
@@ -72,7 +79,14 @@ class SecAggStrategy(Strategy):
         missing = [n for n in node_ids if n not in self.directory]
         if not missing:
             return
-        messages = [Message(RecordDict(), n, MessageTypes.SECAGG_SETUP) for n in missing]
+        messages = [
+            Message(
+                RecordDict({Keys.SECAGG: ConfigRecord({RUN_ID: self._run_id})}),
+                n,
+                MessageTypes.SECAGG_SETUP,
+            )
+            for n in missing
+        ]
         # First contact with a site may include starting its runtime (a Ray actor, a ClientApp
         # process): give it the round timeout, not the dropout timeout of the unmask exchange.
         timeout = max(self.cfg.secagg.timeout_s, self.cfg.federation.round_timeout_s)
@@ -102,6 +116,8 @@ class SecAggStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample with the inner strategy, then send each participant the round's key directory."""
         self._round, self._global, self.last_round_info = None, arrays, {}
+        # Stable across a resumed run (same fedinfer run id); sites key their replay guard by it.
+        self._run_id = int(str(config.get(Keys.RUN_ID, "0")), 16) % (1 << 63)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         node_ids = [m.metadata.dst_node_id for m in messages]
         drops = self._drop_plan(node_ids)
@@ -114,7 +130,7 @@ class SecAggStrategy(Strategy):
         vector, _ = flatten_arrays(arrays_to_weights(arrays))
         try:
             self._round = ServerSecAgg(
-                run_id=int(str(config.get(Keys.RUN_ID, "0")), 16) % (1 << 63),
+                run_id=self._run_id,
                 server_round=server_round,
                 participants=participants,
                 threshold=resolve_threshold(
@@ -189,15 +205,29 @@ class SecAggStrategy(Strategy):
         )
         return self.inner.aggregate_train(server_round, [self._sum_reply(result, uploads)])
 
-    def _unmask(self) -> Any:
-        assert self._round is not None
-        requests = self._round.unmask_requests()
+    def _messages(self, requests: dict[int, Any], message_type: str) -> list[Message]:
         messages = []
         for node_id, request in requests.items():
-            record, _ = wire_to_records(request.to_wire())
-            messages.append(
-                Message(RecordDict({Keys.SECAGG: record}), node_id, MessageTypes.SECAGG_UNMASK)
-            )
+            record, _ = wire_to_records({**request.to_wire(), RUN_ID: self._run_id})
+            messages.append(Message(RecordDict({Keys.SECAGG: record}), node_id, message_type))
+        return messages
+
+    def _unmask(self) -> Any:
+        assert self._round is not None
+        checks = self._round.consistency_requests()
+        self.last_round_info["consistency_check"] = bool(checks)
+        if checks:
+            messages = self._messages(checks, MessageTypes.SECAGG_CONSISTENCY)
+            for reply in self.grid.send_and_receive(messages, timeout=self.cfg.secagg.timeout_s):
+                if reply.has_error():
+                    continue
+                signed = ConsistencyReply.from_wire(
+                    config_to_wire(reply.content.config_records[Keys.SECAGG])
+                )
+                if signed.site_id == reply.metadata.src_node_id:
+                    self._round.receive_consistency_reply(signed)
+        requests = self._round.unmask_requests()
+        messages = self._messages(requests, MessageTypes.SECAGG_UNMASK)
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.secagg.timeout_s):
             if reply.has_error():
                 continue

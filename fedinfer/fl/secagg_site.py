@@ -1,12 +1,16 @@
 """The site's side of secure aggregation on Flower's Message API.
 
-The site's private keys live in ``Context.state``, which Flower keeps on the
-site's own SuperNode for the run and never sends anywhere.
+The site's private keys and its replay guard live in its state directory
+(:class:`~fedinfer.secagg.store.RunStateStore`, sealed when the state is encrypted),
+keyed by the protocol run id the coordinator sends with every secure-aggregation
+message; Flower's ``Context.state`` lasts one Flower run only, so a resumed run or a
+restarted site would otherwise forget which rounds it already masked. The state is
+saved before a masked upload or a signature leaves the site.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -16,13 +20,28 @@ from fedinfer.errors import FedInferError, SecAggAbort
 from fedinfer.fl.messages import ErrorCodes, Keys
 from fedinfer.fl.secagg_codec import config_to_wire, wire_to_records
 from fedinfer.fl.site import SiteEnv, local_train
-from fedinfer.secagg import RoundConfig, SiteSecAgg, UnmaskRequest, flatten_arrays
+from fedinfer.secagg import (
+    ConsistencyRequest,
+    RoundConfig,
+    SiteSecAgg,
+    UnmaskRequest,
+    flatten_arrays,
+)
+from fedinfer.secagg.store import RunStateStore, open_site
 
-__all__ = ["SimulatedDropout", "secagg_setup", "secagg_train", "secagg_unmask"]
+__all__ = [
+    "RUN_ID",
+    "SimulatedDropout",
+    "secagg_consistency",
+    "secagg_setup",
+    "secagg_train",
+    "secagg_unmask",
+]
 
-_STATE = "fedinfer-secagg"
 _FAULTS = "fedinfer-faults"
 UPLOAD_ARRAYS = "secagg-masked"
+RUN_ID = "run_id"
+"""Key of the protocol run id in every secure-aggregation record the coordinator sends."""
 
 
 class SimulatedDropout(FedInferError):
@@ -31,27 +50,62 @@ class SimulatedDropout(FedInferError):
     error_code = ErrorCodes.SIMULATED_DROPOUT
 
 
+def _run_id_of(context: Context) -> str:
+    """Flower's run id as the string the rest of the site uses (ledger, model store)."""
+    return str(context.run_id)
+
+
 def _site_record(env: SiteEnv) -> ConfigRecord:
     return ConfigRecord({Keys.SITE_ID: env.site_id})
 
 
-def _load(context: Context) -> SiteSecAgg:
-    if _STATE not in context.state.config_records:
-        raise SecAggAbort(
-            "this site has no secure-aggregation keys for the run; the set-up was missed"
+def _options(cfg: FedInferConfig, store: RunStateStore) -> dict[str, Any]:
+    """The site's own settings for the protocol: its identity key and its floors."""
+    # TODO(policy): the site policy (fedinfer/policy) is to supply the two minimums (and a
+    # list of trusted peer identity keys); today they come from the run config.
+    return {
+        "min_threshold_fraction": cfg.secagg.site_min_threshold_fraction,
+        "min_participants": cfg.secagg.site_min_participants,
+        "identity": store.identity(),
+        "require_endorsed": True,
+    }
+
+
+def _wire(msg: Message) -> dict[str, Any]:
+    if Keys.SECAGG not in msg.content.config_records:
+        raise SecAggAbort("the message lacks its secure-aggregation record")
+    return config_to_wire(msg.content.config_records[Keys.SECAGG])
+
+
+def _protocol_run_id(wire: dict[str, Any]) -> int:
+    run_id = wire.get(RUN_ID)
+    if isinstance(run_id, bool) or not isinstance(run_id, int) or run_id < 0:
+        raise SecAggAbort(f"the secure-aggregation message lacks a valid {RUN_ID!r}")
+    return run_id
+
+
+def _load(
+    cfg: FedInferConfig, env: SiteEnv, context: Context, run_id: int
+) -> tuple[RunStateStore, SiteSecAgg]:
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    site = SiteSecAgg.from_state(store.load(run_id), **_options(cfg, store))
+    if site.site_id != context.node_id:
+        raise SecAggAbort(f"the secure-aggregation state of run {run_id} is of another node")
+    return store, site
+
+
+def secagg_setup(
+    *, cfg: FedInferConfig, env: SiteEnv, msg: Message, context: Context
+) -> RecordDict:
+    """Reply with this run's public keys; create (and durably save) them only the first time."""
+    run_id = _protocol_run_id(_wire(msg))
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        site, created = open_site(
+            store, site_id=context.node_id, run_id=run_id, **_options(cfg, store)
         )
-    return SiteSecAgg.from_state(config_to_wire(context.state.config_records[_STATE]))
-
-
-def _save(context: Context, site: SiteSecAgg) -> None:
-    record, _ = wire_to_records(site.to_state())
-    context.state[_STATE] = record
-
-
-def secagg_setup(*, env: SiteEnv, msg: Message, context: Context) -> RecordDict:
-    """Generate this run's key pairs, keep the private halves, reply with the public ones."""
-    site = SiteSecAgg.create(site_id=context.node_id)
-    _save(context, site)
+        if created:
+            store.save(run_id, site.to_state())
     record, _ = wire_to_records(site.setup_reply().to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
 
@@ -65,25 +119,36 @@ def secagg_train(
     global_weights: dict[str, np.ndarray],
     server_round: int,
 ) -> RecordDict:
-    """Train, then reply with the masked, quantized, sample-weighted update (never the update)."""
+    """Train, then reply with the masked, quantized, sample-weighted update (never the update).
+
+    The round is checked (replay guard, threshold floor, own keys) before any training, and
+    the raised replay guard is on disk before the upload leaves.
+    """
     fault = str(msg.content[Keys.CONFIG].get(Keys.FAULT_DROP, ""))
     if fault in ("before_keys", "after_keys"):
         raise SimulatedDropout(
             f"site {env.site_id} drops out ({fault}) as `faults.drop_stage` asks"
         )
-    site = _load(context)
-    round_config = RoundConfig.from_wire(config_to_wire(msg.content.config_records[Keys.SECAGG]))
+    round_config = RoundConfig.from_wire(_wire(msg))
+    run_id = round_config.run_id
+    _, site = _load(cfg, env, context, run_id)
+    site.check_round(round_config)  # refuse before training; checked again under the lock
     outcome = local_train(
         cfg=cfg,
         env=env,
         global_weights=global_weights,
         server_round=server_round,
-        run_id=str(context.run_id),
+        run_id=_run_id_of(context),
     )
     new_vector, _ = flatten_arrays(outcome.weights)
     old_vector, _ = flatten_arrays(global_weights)
-    upload = site.mask_update(round_config, new_vector - old_vector, weight=len(env.data.train))
-    _save(context, site)
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        _, site = _load(cfg, env, context, run_id)  # fresh: another message may have run
+        upload = site.mask_update(
+            round_config, new_vector - old_vector, weight=len(env.data.train)
+        )
+        store.save(run_id, site.to_state())
     if fault == "after_upload":
         context.state[_FAULTS] = ConfigRecord({"drop-unmask-round": server_round})
     config, arrays = wire_to_records(upload.to_wire())
@@ -98,19 +163,48 @@ def secagg_train(
     )
 
 
-def secagg_unmask(*, env: SiteEnv, msg: Message, context: Context) -> RecordDict:
-    """Reveal shares of surviving sites' self-mask seeds and seeds shared with dropped sites."""
-    request = UnmaskRequest.from_wire(config_to_wire(msg.content.config_records[Keys.SECAGG]))
+def _dropping(context: Context, server_round: int) -> bool:
     faults = context.state.config_records.get(_FAULTS)
-    if (
-        faults is not None
-        and int(cast(int, faults.get("drop-unmask-round", -1))) == request.server_round
-    ):
+    return (
+        faults is not None and int(cast(int, faults.get("drop-unmask-round", -1))) == server_round
+    )
+
+
+def secagg_consistency(
+    *, cfg: FedInferConfig, env: SiteEnv, msg: Message, context: Context
+) -> RecordDict:
+    """Sign the survivor list of the pending round (only asked after a dropout)."""
+    wire = _wire(msg)
+    request = ConsistencyRequest.from_wire(wire)
+    if _dropping(context, request.server_round):
         raise SimulatedDropout(
             f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
         )
-    site = _load(context)
-    reply = site.unmask(request)
-    _save(context, site)
+    run_id = _protocol_run_id(wire)
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        _, site = _load(cfg, env, context, run_id)
+        reply = site.sign_survivors(request)
+        store.save(run_id, site.to_state())
+    record, _ = wire_to_records(reply.to_wire())
+    return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
+
+
+def secagg_unmask(
+    *, cfg: FedInferConfig, env: SiteEnv, msg: Message, context: Context
+) -> RecordDict:
+    """Reveal shares of surviving sites' self-mask seeds and seeds shared with dropped sites."""
+    wire = _wire(msg)
+    request = UnmaskRequest.from_wire(wire)
+    if _dropping(context, request.server_round):
+        raise SimulatedDropout(
+            f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
+        )
+    run_id = _protocol_run_id(wire)
+    store = RunStateStore(env.state_dir, key=env.state_key)
+    with store.locked(run_id):
+        _, site = _load(cfg, env, context, run_id)
+        reply = site.unmask(request)
+        store.save(run_id, site.to_state())
     record, _ = wire_to_records(reply.to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})

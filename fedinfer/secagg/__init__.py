@@ -11,19 +11,25 @@ Pure protocol modules, with no Flower import (the Flower adapters live beside th
 - :mod:`~fedinfer.secagg.messages`  protocol messages and their wire form
 - :mod:`~fedinfer.secagg.site`      :class:`SiteSecAgg`, the site's steps
 - :mod:`~fedinfer.secagg.server`    :class:`ServerSecAgg`, the coordinator's steps for one round
+- :mod:`~fedinfer.secagg.store`     the site's per-run state file (keys, replay guard)
 
-One round after the per-run key set-up costs one extra exchange beyond FedAvg::
+One round after the per-run key set-up costs one extra exchange beyond FedAvg when every
+participant uploads, two when one dropped before uploading::
 
     set-up       server <- SetupReply            (each site, once per run)
     exchange 1   server -> RoundConfig            (with the train message)
-                 server <- MaskedUpload           (with the train reply)
-    exchange 2   server -> UnmaskRequest          (to each survivor)
+                 server <- MaskedUpload           (with the train reply; signs the full list)
+    consistency  server -> ConsistencyRequest     (only if a participant dropped)
+                 server <- ConsistencyReply       (the survivor's signature of the list)
+    exchange 2   server -> UnmaskRequest          (to each signer, with all the signatures)
                  server <- UnmaskReply
 """
 
 from fedinfer.secagg.keys import PublicKeys, SiteKeys
 from fedinfer.secagg.layout import VectorLayout, flatten_arrays, unflatten_vector
 from fedinfer.secagg.messages import (
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedUpload,
     RoundConfig,
     SetupReply,
@@ -37,6 +43,8 @@ from fedinfer.secagg.site import SiteSecAgg
 
 __all__ = [
     "AggregateResult",
+    "ConsistencyReply",
+    "ConsistencyRequest",
     "MaskedUpload",
     "PublicKeys",
     "RoundConfig",

@@ -9,15 +9,21 @@ lists (``*_ids`` and the values), sorted by id.
 
 ::
 
-    set-up      site -> server   SetupReply      site_id, enc_key, mask_key
+    set-up      site -> server   SetupReply      site_id, enc_key, mask_key, sign_key,
+                                                 identity_key, endorsement
     exchange 1  server -> site   RoundConfig     run_id, server_round, round_nonce, threshold,
                                                  clip_range, bits, dim, site_ids, enc_keys,
-                                                 mask_keys
+                                                 mask_keys, sign_keys, identity_keys,
+                                                 endorsements
                 site -> server   MaskedUpload    site_id, server_round, masked (ndarray uint64,
                                                  dim + 1), seed_commitment, share_recipients,
-                                                 sealed_shares
+                                                 sealed_shares, signature
+    only if a participant dropped before uploading (consistency check):
+                server -> site   ConsistencyRequest  site_id, server_round, survivors
+                site -> server   ConsistencyReply    site_id, server_round, signature
     exchange 2  server -> site   UnmaskRequest   site_id, server_round, survivors, dropped,
-                                                 share_senders, sealed_shares
+                                                 share_senders, sealed_shares, signers,
+                                                 signatures
                 site -> server   UnmaskReply     site_id, server_round, share_owners, seed_shares,
                                                  dropped_peers, pairwise_seeds
 
@@ -34,10 +40,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedinfer.errors import SecAggAbort
-from fedinfer.secagg.keys import KEY_BYTES, ROUND_NONCE_BYTES, PublicKeys
+import hashlib
+import struct
+
+from fedinfer.secagg.keys import KEY_BYTES, ROUND_NONCE_BYTES, SIGNATURE_BYTES, PublicKeys, u64
 from fedinfer.secagg.quantize import MAX_BITS, MIN_BITS
 
 __all__ = [
+    "ConsistencyReply",
+    "ConsistencyRequest",
     "MaskedUpload",
     "RoundConfig",
     "SetupReply",
@@ -120,17 +131,20 @@ def _sorted_lists(mapping: Mapping[int, bytes]) -> tuple[list[int], list[bytes]]
 
 @dataclass(frozen=True)
 class SetupReply:
-    """A site's answer to key set-up: its two public keys."""
+    """A site's answer to key set-up: its three public keys."""
 
     site_id: int
     public_keys: PublicKeys
 
     def to_wire(self) -> dict[str, WireValue]:
-        """Return ``{"site_id", "enc_key", "mask_key"}``."""
+        """Return ``{"site_id", "enc_key", "mask_key", "sign_key"}``."""
         return {
             "site_id": self.site_id,
             "enc_key": self.public_keys.enc,
             "mask_key": self.public_keys.mask,
+            "sign_key": self.public_keys.sign,
+            "identity_key": self.public_keys.identity,
+            "endorsement": self.public_keys.endorsement,
         }
 
     @classmethod
@@ -140,6 +154,9 @@ class SetupReply:
         keys = PublicKeys(
             enc=_bytes(wire, name, "enc_key", KEY_BYTES),
             mask=_bytes(wire, name, "mask_key", KEY_BYTES),
+            sign=_bytes(wire, name, "sign_key", KEY_BYTES),
+            identity=_bytes(wire, name, "identity_key"),
+            endorsement=_bytes(wire, name, "endorsement"),
         )
         return cls(site_id=_site_id(wire, name, "site_id"), public_keys=keys)
 
@@ -203,14 +220,27 @@ class RoundConfig:
             problems.append(f"round_nonce must be {ROUND_NONCE_BYTES} bytes")
         if self.server_round < 0 or self.run_id < 0:
             problems.append("run_id and server_round must be >= 0")
-        keys = [k for pk in self.participants.values() for k in (pk.enc, pk.mask)]
+        keys = [k for pk in self.participants.values() for k in (pk.enc, pk.mask, pk.sign)]
         if len(set(keys)) != len(keys):
             problems.append("two participants announce the same public key")
         if problems:
             raise SecAggAbort("refusing the round: " + "; ".join(problems))
 
+    def digest(self) -> bytes:
+        """SHA-256 of every field, canonically encoded: what the survivors' signatures bind."""
+        h = hashlib.sha256(b"fedinfer/secagg/v1/round-config")
+        h.update(u64(self.run_id) + u64(self.server_round) + self.round_nonce)
+        h.update(u64(self.threshold) + struct.pack(">d", self.clip_range))
+        h.update(u64(self.bits) + u64(self.dim) + u64(len(self.participants)))
+        for i in self.site_ids:
+            keys = self.participants[i]
+            h.update(u64(i) + keys.enc + keys.mask + keys.sign)
+            h.update(u64(len(keys.identity)) + keys.identity + u64(len(keys.endorsement)))
+            h.update(keys.endorsement)
+        return h.digest()
+
     def to_wire(self) -> dict[str, WireValue]:
-        """Return the flat wire dict (participants as ``site_ids``/``enc_keys``/``mask_keys``)."""
+        """Return the flat wire dict (participants as ``site_ids`` and three key lists)."""
         ids = list(self.site_ids)
         return {
             "run_id": self.run_id,
@@ -223,6 +253,9 @@ class RoundConfig:
             "site_ids": ids,
             "enc_keys": [self.participants[i].enc for i in ids],
             "mask_keys": [self.participants[i].mask for i in ids],
+            "sign_keys": [self.participants[i].sign for i in ids],
+            "identity_keys": [self.participants[i].identity for i in ids],
+            "endorsements": [self.participants[i].endorsement for i in ids],
         }
 
     @classmethod
@@ -231,10 +264,12 @@ class RoundConfig:
         name = "RoundConfig"
         ids = _ids(wire, name, "site_ids")
         enc, mask = _blobs(wire, name, "enc_keys"), _blobs(wire, name, "mask_keys")
-        if not len(ids) == len(enc) == len(mask):
-            raise SecAggAbort(
-                f"malformed {name}: site_ids, enc_keys and mask_keys differ in length"
-            )
+        sign = _blobs(wire, name, "sign_keys")
+        identity = _blobs(wire, name, "identity_keys")
+        endorsement = _blobs(wire, name, "endorsements")
+        lengths = {len(x) for x in (enc, mask, sign, identity, endorsement)}
+        if lengths != {len(ids)}:
+            raise SecAggAbort(f"malformed {name}: site_ids and the key lists differ in length")
         clip_range = _field(wire, name, "clip_range")
         if isinstance(clip_range, bool) or not isinstance(clip_range, float | int):
             raise SecAggAbort(f"malformed {name}: key 'clip_range' must be a float")
@@ -247,7 +282,10 @@ class RoundConfig:
             bits=_int(wire, name, "bits"),
             dim=_int(wire, name, "dim"),
             participants={
-                i: PublicKeys(enc=e, mask=m) for i, e, m in zip(ids, enc, mask, strict=True)
+                i: PublicKeys(enc=e, mask=m, sign=g, identity=d, endorsement=a)
+                for i, e, m, g, d, a in zip(
+                    ids, enc, mask, sign, identity, endorsement, strict=True
+                )
             },
         )
 
@@ -266,6 +304,10 @@ class MaskedUpload:
     sealed_shares : dict of int to bytes
         Recipient id -> AEAD-sealed Shamir share of the self-mask seed (one per participant,
         the sender included).
+    signature : bytes
+        The site's Ed25519 signature of the round's configuration with every participant
+        as survivor (:func:`~fedinfer.secagg.keys.survivor_statement`): what the other sites
+        check before unmasking when nobody dropped, so that case needs no extra exchange.
     """
 
     site_id: int
@@ -273,6 +315,7 @@ class MaskedUpload:
     masked: NDArray[np.uint64]
     seed_commitment: bytes
     sealed_shares: dict[int, bytes]
+    signature: bytes
 
     def to_wire(self) -> dict[str, WireValue]:
         """Return the flat wire dict; ``masked`` stays a numpy array."""
@@ -284,6 +327,7 @@ class MaskedUpload:
             "seed_commitment": self.seed_commitment,
             "share_recipients": recipients,
             "sealed_shares": sealed,
+            "signature": self.signature,
         }
 
     @classmethod
@@ -299,6 +343,65 @@ class MaskedUpload:
             masked=masked,
             seed_commitment=_bytes(wire, name, "seed_commitment", KEY_BYTES),
             sealed_shares=_mapping(wire, name, "share_recipients", "sealed_shares"),
+            signature=_bytes(wire, name, "signature", SIGNATURE_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Consistency check, coordinator -> one survivor: the survivor list to sign.
+
+    Sent only when a participant dropped before uploading; when nobody dropped the
+    signatures in the uploads already cover the full list.
+    """
+
+    site_id: int
+    server_round: int
+    survivors: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, WireValue]:
+        """Return the flat wire dict."""
+        return {
+            "site_id": self.site_id,
+            "server_round": self.server_round,
+            "survivors": sorted(self.survivors),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ConsistencyRequest:
+        """Parse :meth:`to_wire` output."""
+        name = "ConsistencyRequest"
+        return cls(
+            site_id=_site_id(wire, name, "site_id"),
+            server_round=_site_id(wire, name, "server_round"),
+            survivors=_ids(wire, name, "survivors"),
+        )
+
+
+@dataclass(frozen=True)
+class ConsistencyReply:
+    """Consistency check, survivor -> coordinator: its signature of the list it was given."""
+
+    site_id: int
+    server_round: int
+    signature: bytes
+
+    def to_wire(self) -> dict[str, WireValue]:
+        """Return the flat wire dict."""
+        return {
+            "site_id": self.site_id,
+            "server_round": self.server_round,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ConsistencyReply:
+        """Parse :meth:`to_wire` output."""
+        name = "ConsistencyReply"
+        return cls(
+            site_id=_site_id(wire, name, "site_id"),
+            server_round=_site_id(wire, name, "server_round"),
+            signature=_bytes(wire, name, "signature", SIGNATURE_BYTES),
         )
 
 
@@ -314,6 +417,9 @@ class UnmaskRequest:
         Participants whose upload did / did not arrive (disjoint; together all participants).
     sealed_shares : dict of int to bytes
         Sender id (a survivor) -> the sealed share of that sender's seed addressed here.
+    signatures : dict of int to bytes
+        Signer id (a survivor) -> its signature of the round's configuration and exactly
+        these survivors; the recipient checks them before it reveals anything.
     """
 
     site_id: int
@@ -321,10 +427,12 @@ class UnmaskRequest:
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
     sealed_shares: dict[int, bytes]
+    signatures: dict[int, bytes]
 
     def to_wire(self) -> dict[str, WireValue]:
         """Return the flat wire dict."""
         senders, sealed = _sorted_lists(self.sealed_shares)
+        signers, signatures = _sorted_lists(self.signatures)
         return {
             "site_id": self.site_id,
             "server_round": self.server_round,
@@ -332,6 +440,8 @@ class UnmaskRequest:
             "dropped": sorted(self.dropped),
             "share_senders": senders,
             "sealed_shares": sealed,
+            "signers": signers,
+            "signatures": signatures,
         }
 
     @classmethod
@@ -344,6 +454,7 @@ class UnmaskRequest:
             survivors=_ids(wire, name, "survivors"),
             dropped=_ids(wire, name, "dropped"),
             sealed_shares=_mapping(wire, name, "share_senders", "sealed_shares"),
+            signatures=_mapping(wire, name, "signers", "signatures"),
         )
 
 

@@ -6,6 +6,8 @@ A :class:`ServerSecAgg` lives for one round::
                           dim=d, clip_range=c, bits=b)
     config = server.config                        # exchange 1: send with the train message
     for upload in uploads: server.receive_upload(upload)
+    checks = server.consistency_requests()        # empty unless a site dropped
+    for reply in signed: server.receive_consistency_reply(reply)   # only then
     requests = server.unmask_requests()           # exchange 2: one request per survivor
     for reply in replies: server.receive_unmask_reply(reply)
     result = server.finalize()                    # weighted mean update and total weight
@@ -13,7 +15,9 @@ A :class:`ServerSecAgg` lives for one round::
 The server never holds an individual update in the clear: uploads are added into one
 running masked sum on arrival and not kept (:meth:`ServerSecAgg.held_vectors` lists every
 vector it holds), and the sum is unmasked only as a whole, once at least ``threshold``
-survivors have answered.
+survivors have answered. Before any site reveals anything it checks that at least
+``threshold`` survivors signed the same configuration and survivor list: the signatures
+come with the uploads when nobody dropped, and from one consistency exchange otherwise.
 
 Dropouts
 --------
@@ -38,8 +42,22 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedinfer.errors import ConfigError, SecAggAbort
-from fedinfer.secagg.keys import KEY_BYTES, ROUND_NONCE_BYTES, PublicKeys, seed_commitment
-from fedinfer.secagg.messages import MaskedUpload, RoundConfig, UnmaskReply, UnmaskRequest
+from fedinfer.secagg.keys import (
+    KEY_BYTES,
+    ROUND_NONCE_BYTES,
+    PublicKeys,
+    seed_commitment,
+    survivor_statement,
+    verify,
+)
+from fedinfer.secagg.messages import (
+    ConsistencyReply,
+    ConsistencyRequest,
+    MaskedUpload,
+    RoundConfig,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from fedinfer.secagg.prg import PAIRWISE_MASK, SELF_MASK, MaskExpander
 from fedinfer.secagg.quantize import (
     MAX_BITS,
@@ -164,6 +182,8 @@ class ServerSecAgg:
         self._commitments: dict[int, bytes] = {}
         self._sealed: dict[int, dict[int, bytes]] = {}  # sender -> recipient -> sealed share
         self._replies: dict[int, UnmaskReply] = {}
+        self._signatures: dict[int, bytes] = {}  # signer -> signature of the survivor list
+        self._digest = self.config.digest()
         self._survivors: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
         self._phase = "upload"
@@ -200,6 +220,10 @@ class ServerSecAgg:
             )
         if set(upload.sealed_shares) != set(self.config.participants):
             raise SecAggAbort(f"site {site} did not seal one seed share per participant")
+        statement = survivor_statement(self._digest, self.config.site_ids)
+        if not verify(self.config.participants[site].sign, upload.signature, statement):
+            raise SecAggAbort(f"site {site} did not sign the round's configuration")
+        self._signatures[site] = upload.signature
         np.add(self._masked_sum, upload.masked, out=self._masked_sum)
         self._commitments[site] = upload.seed_commitment
         self._sealed[site] = dict(upload.sealed_shares)
@@ -211,15 +235,51 @@ class ServerSecAgg:
 
     # --- exchange 2 --------------------------------------------------------------------
 
-    def unmask_requests(self) -> dict[int, UnmaskRequest]:
-        """Close the upload phase and build one unmask request per survivor.
+    def consistency_requests(self) -> dict[int, ConsistencyRequest]:
+        """Close the upload phase; if a participant dropped, ask each survivor to sign the list.
+
+        Returns an empty dict when every participant uploaded: the signatures that came with
+        the uploads already cover the full list, so no extra exchange is needed.
 
         Raises
         ------
         SecAggAbort
             If fewer than ``threshold`` uploads arrived.
         """
-        self._expect_phase("upload", "build unmask requests")
+        self._close_uploads()
+        if not self._dropped:
+            self._phase = "unmask-ready"
+            return {}
+        self._signatures.clear()  # the upload signatures cover the full list, not this one
+        self._phase = "consistency"
+        return {
+            site: ConsistencyRequest(
+                site_id=site, server_round=self.config.server_round, survivors=self._survivors
+            )
+            for site in self._survivors
+        }
+
+    def receive_consistency_reply(self, reply: ConsistencyReply) -> None:
+        """Record one survivor's signature of the survivor list.
+
+        Raises
+        ------
+        SecAggAbort
+            If the reply is not from a survivor, repeated, or the signature does not verify.
+        """
+        self._expect_phase("consistency", "receive a consistency reply")
+        site = reply.site_id
+        if site not in self._survivors or site in self._signatures:
+            raise SecAggAbort(f"unexpected or repeated consistency reply from site {site}")
+        statement = survivor_statement(self._digest, self._survivors)
+        if reply.server_round != self.config.server_round or not verify(
+            self.config.participants[site].sign, reply.signature, statement
+        ):
+            raise SecAggAbort(f"site {site} did not sign the survivor list it was sent")
+        self._signatures[site] = reply.signature
+
+    def _close_uploads(self) -> None:
+        self._expect_phase("upload", "close the uploads")
         survivors = self.uploaded
         if len(survivors) < self.config.threshold:
             self._phase = "aborted"
@@ -230,6 +290,36 @@ class ServerSecAgg:
             )
         self._survivors = survivors
         self._dropped = tuple(i for i in self.config.site_ids if i not in self._commitments)
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Build one unmask request per survivor that signed the survivor list.
+
+        Called straight after the uploads, it first runs :meth:`consistency_requests`, which
+        must find that nobody dropped.
+
+        Raises
+        ------
+        SecAggAbort
+            If fewer than ``threshold`` uploads arrived or survivors signed, or a participant
+            dropped and the consistency exchange has not run.
+        """
+        if self._phase == "upload" and self.consistency_requests():
+            self._phase = "aborted"
+            raise SecAggAbort(
+                "a participant dropped before uploading: run the consistency exchange "
+                "(consistency_requests) before unmasking"
+            )
+        if self._phase not in ("unmask-ready", "consistency"):
+            self._expect_phase("unmask-ready", "build unmask requests")
+        signers = tuple(sorted(self._signatures))
+        if len(signers) < self.config.threshold:
+            self._phase = "aborted"
+            raise SecAggAbort(
+                f"only {len(signers)} survivors signed the survivor list of round "
+                f"{self.config.server_round}; the threshold is {self.config.threshold}, so "
+                "nothing is unmasked"
+            )
+        survivors = self._survivors
         requests = {
             receiver: UnmaskRequest(
                 site_id=receiver,
@@ -237,8 +327,9 @@ class ServerSecAgg:
                 survivors=self._survivors,
                 dropped=self._dropped,
                 sealed_shares={sender: self._sealed[sender][receiver] for sender in survivors},
+                signatures=dict(self._signatures),
             )
-            for receiver in survivors
+            for receiver in signers
         }
         self._sealed.clear()
         self._phase = "unmask"
@@ -382,7 +473,7 @@ class ServerSecAgg:
 
     @property
     def phase(self) -> str:
-        """``upload``, ``unmask``, ``done`` or ``aborted``."""
+        """``upload``, ``consistency``, ``unmask-ready``, ``unmask``, ``done`` or ``aborted``."""
         return self._phase
 
     def _expect_phase(self, phase: str, action: str) -> None:

@@ -1,36 +1,54 @@
-"""The site side of secure aggregation: set-up, masking (exchange 1), unmasking (exchange 2).
+"""The site side of secure aggregation: set-up, masking (exchange 1), consistency, unmasking.
 
-A :class:`SiteSecAgg` holds the site's private keys for the run and, between the two
-exchanges of a round, that round's :class:`RoundConfig`. All of it round-trips through
-:meth:`SiteSecAgg.to_state` / :meth:`SiteSecAgg.from_state` as plain ints, bytes and lists,
-so it can live in Flower's ``Context.state``.
+A :class:`SiteSecAgg` holds the site's private keys for the run, the highest round it has
+masked, and, between the exchanges of a round, that round's :class:`RoundConfig` and the
+survivor list it signed. All of it round-trips through :meth:`SiteSecAgg.to_state` /
+:meth:`SiteSecAgg.from_state` as plain ints, bytes and lists; the Flower adapter keeps it in
+the site's state directory (:mod:`fedinfer.secagg.store`), never only in Flower's Context,
+so the replay guard survives a restart of the site or of the run.
 
 What a site refuses (``SecAggAbort``), and why
 -----------------------------------------------
 - a round where its own public keys are not the ones listed (the coordinator substituted
-  keys), where two participants share a key, or whose threshold is outside ``[2, n]``;
-- a round number not above every round it already masked for (a replayed round could
-  mask two different uploads under the same pairwise seeds);
+  keys), where two participants share a key, of another run than the keys were set up
+  for, with fewer than ``min_participants`` participants, or whose threshold is not above
+  ``min_threshold_fraction`` of the participants (default 0.5: two disjoint groups of
+  survivors can then never both reach the threshold);
+- a round number not above every round it already masked for (a replayed or resumed
+  round would let the coordinator subtract two sums over survivor sets that differ by
+  one site), except the round it masked last if it has not yet signed a survivor list
+  or revealed anything for it (:meth:`SiteSecAgg._may_remask`: the earlier upload can
+  then never be unmasked with this site's help, which a threshold above half the
+  participants turns into "never unmasked at all" for the one survivor set in question);
+- an unmask request whose survivor list is not signed, together with the round's
+  configuration, by at least ``threshold`` survivors, this site included (Bonawitz et
+  al.'s consistency check): a site commits to one survivor list per round, either the
+  full list it signs with its upload or the list of a :class:`ConsistencyRequest`, so
+  per-site survivor lists ("split view") are refused before anything is revealed;
 - an unmask request that lists a site as both surviving and dropped, or sends it a share
   of a dropped site's seed: revealing that site's seed share *and* the pairwise seeds
   would let the coordinator unmask that site's upload alone;
 - an unmask request with fewer survivors than the threshold, or that does not list it
   as a survivor; a second unmask request for the same round.
 
-Threat model: an honest-but-curious coordinator, with the checks above against the
-obvious active deviations. Each honest site reveals, per peer and round, either a share
-of the peer's self-mask seed or the pairwise seed with it, never both, so no single
-upload can be unmasked alone; but a coordinator that sends *different* survivor lists to
-different sites may still learn the sum over a subset of the survivors instead of only
-the full sum. Stopping that needs the consistency-check round of Bonawitz et al.
-(CCS 2017), which this protocol omits to keep one extra exchange per round; a threshold
-above n/2 (``secagg.threshold`` > 0.5) limits how such subsets can be formed.
+Threat model: an active coordinator that does not control sites' keys. Each honest site
+reveals, per peer and round, either a share of the peer's self-mask seed or the pairwise
+seed with it, never both; every revealing site has checked that at least ``threshold``
+survivors committed to the same configuration and survivor list, and a threshold above
+half the participants leaves room for only one such group per round. The coordinator
+then learns the sum over that one survivor list and nothing else. When nobody dropped,
+the signatures travel with the uploads and the check costs no extra exchange; after a
+dropout it costs one (:meth:`SiteSecAgg.sign_survivors`). Run keys are endorsed by the
+site's long-lived identity key (``identity``), and ``require_endorsed`` refuses peers
+without an endorsement. Not covered: a coordinator that invents participants (Sybil
+sites) with identity keys of its own, unless ``trusted_identities`` lists the real peers;
+or one that starts a *new* run to have the same data masked again.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,9 +62,16 @@ from fedinfer.secagg.keys import (
     agree,
     derive_pairwise_seed,
     derive_share_key,
+    endorsement_statement,
+    identity_public,
     seed_commitment,
+    sign,
+    survivor_statement,
+    verify,
 )
 from fedinfer.secagg.messages import (
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedUpload,
     RoundConfig,
     SetupReply,
@@ -62,6 +87,10 @@ from fedinfer.secagg.shamir import Share, split_secret
 __all__ = ["SiteSecAgg"]
 
 _PENDING = "pending."
+DEFAULT_MIN_THRESHOLD_FRACTION = 0.5
+"""A site refuses a threshold that is not above this fraction of the participants."""
+DEFAULT_MIN_PARTICIPANTS = 3
+"""A site refuses a round with fewer participants (two sites could subtract their own)."""
 
 
 class SiteSecAgg:
@@ -77,6 +106,26 @@ class SiteSecAgg:
         Highest round this site has masked an update for (default: -1, none).
     pending : RoundConfig or None, optional
         The round awaiting its unmask exchange (default: None).
+    committed : tuple of int or None, optional
+        The survivor list this site signed for the pending round (default: None).
+    run_id : int or None, optional
+        The run the keys were set up for; rounds of another run are refused (default:
+        None, any run).
+    min_threshold_fraction : float, optional
+        Site-side floor: the threshold must be above this fraction of the participants
+        and never at or below half of them (default
+        :data:`DEFAULT_MIN_THRESHOLD_FRACTION`). Not part of the state: the site policy
+        supplies it at every load.
+    min_participants : int, optional
+        Site-side floor on a round's participants (default :data:`DEFAULT_MIN_PARTICIPANTS`).
+    identity : bytes or None, optional
+        The site's long-lived Ed25519 identity key (raw private bytes), pinned in its state
+        directory; with a ``run_id`` it endorses the run keys (default: None).
+    require_endorsed : bool, optional
+        Refuse a round unless every participant's run keys carry a valid endorsement by an
+        identity key (default: False).
+    trusted_identities : collection of bytes or None, optional
+        If given, every participant's identity key must be one of these (default: None).
 
     Examples
     --------
@@ -94,29 +143,45 @@ class SiteSecAgg:
         keys: SiteKeys,
         last_round: int = -1,
         pending: RoundConfig | None = None,
+        committed: tuple[int, ...] | None = None,
+        run_id: int | None = None,
+        min_threshold_fraction: float = DEFAULT_MIN_THRESHOLD_FRACTION,
+        min_participants: int = DEFAULT_MIN_PARTICIPANTS,
+        identity: bytes | None = None,
+        require_endorsed: bool = False,
+        trusted_identities: Collection[bytes] | None = None,
     ) -> None:
         self.site_id = site_id
         self._keys = keys
         self.last_round = last_round
         self.pending = pending
+        self.committed = committed
+        self.run_id = run_id
+        self.min_threshold_fraction = float(min_threshold_fraction)
+        self.min_participants = int(min_participants)
+        self._identity = identity
+        self.require_endorsed = require_endorsed
+        self.trusted_identities = (
+            None if trusted_identities is None else frozenset(trusted_identities)
+        )
 
     @classmethod
-    def create(cls, site_id: int) -> SiteSecAgg:
-        """Start a site with fresh key pairs."""
-        return cls(site_id=site_id, keys=SiteKeys.generate())
+    def create(cls, site_id: int, *, run_id: int | None = None, **floor: Any) -> SiteSecAgg:
+        """Start a site with fresh key pairs (``floor``: the two site-side minimums)."""
+        return cls(site_id=site_id, keys=SiteKeys.generate(), run_id=run_id, **floor)
 
     def setup_reply(self) -> SetupReply:
-        """Return the set-up message: this site's two public keys."""
-        return SetupReply(site_id=self.site_id, public_keys=self._keys.public_keys())
+        """Return the set-up message: this site's three public keys."""
+        return SetupReply(site_id=self.site_id, public_keys=self.public_keys)
 
     def rekey(self) -> SetupReply:
-        """Replace both key pairs (drops any pending round) and return the new set-up message.
+        """Replace the key pairs (drops any pending round) and return the new set-up message.
 
         Not needed for security after a dropout: revealed pairwise seeds are per-round HKDF
         outputs and say nothing about the private keys or about other rounds.
         """
         self._keys = SiteKeys.generate()
-        self.pending = None
+        self.pending, self.committed = None, None
         return self.setup_reply()
 
     # --- exchange 1 --------------------------------------------------------------------
@@ -146,7 +211,7 @@ class SiteSecAgg:
             If the round fails a check listed in the module docstring, or the update or
             weight cannot be encoded.
         """
-        self._check_round(config)
+        self.check_round(config)
         update = np.asarray(update)
         if update.shape != (config.dim,):
             raise SecAggAbort(
@@ -167,6 +232,9 @@ class SiteSecAgg:
                 seed = self._pairwise_seed(config, peer)
                 expander.add_into(masked, seed, purpose=PAIRWISE_MASK, subtract=peer < self.site_id)
         upload = MaskedUpload(
+            signature=sign(
+                self._keys.sign_private, survivor_statement(config.digest(), config.site_ids)
+            ),
             site_id=self.site_id,
             server_round=config.server_round,
             masked=masked,
@@ -179,20 +247,80 @@ class SiteSecAgg:
             ),
             sealed_shares=self._seal_seed_shares(config, self_seed),
         )
-        self.last_round, self.pending = config.server_round, config
+        self.last_round, self.pending, self.committed = config.server_round, config, None
         return upload
 
-    def _check_round(self, config: RoundConfig) -> None:
+    def check_round(self, config: RoundConfig) -> None:
+        """Raise :class:`SecAggAbort` unless this site may mask for ``config`` (see above).
+
+        Cheap: a site calls it before it trains, so a refused round costs no training.
+        """
         config.check()
-        if config.participants.get(self.site_id) != self._keys.public_keys():
+        if config.participants.get(self.site_id) != self.public_keys:
             raise SecAggAbort(
                 f"refusing the round: site {self.site_id} is not listed with its own public keys"
             )
-        if config.server_round <= self.last_round:
+        if self.require_endorsed:
+            unendorsed = [
+                i
+                for i, keys in sorted(config.participants.items())
+                if not keys.endorsed(run_id=config.run_id, site_id=i)
+            ]
+            if unendorsed:
+                raise SecAggAbort(
+                    f"refusing the round: the run keys of site(s) {unendorsed} are not endorsed "
+                    "by an identity key"
+                )
+        if self.trusted_identities is not None:
+            strangers = [
+                i
+                for i, keys in sorted(config.participants.items())
+                if keys.identity not in self.trusted_identities
+            ]
+            if strangers:
+                raise SecAggAbort(
+                    f"refusing the round: site(s) {strangers} have an identity key this site "
+                    "does not trust"
+                )
+        if self.run_id is not None and config.run_id != self.run_id:
+            raise SecAggAbort(
+                f"refusing the round: it is of run {config.run_id}, but this site's keys were "
+                f"set up for run {self.run_id}"
+            )
+        n = len(config.participants)
+        if n < self.min_participants:
+            raise SecAggAbort(
+                f"refusing the round: {n} participants is below this site's minimum "
+                f"{self.min_participants} (site setting `min_participants`)"
+            )
+        # Above half the participants whatever the setting: two disjoint groups of survivors
+        # could otherwise each reach the threshold, and the consistency check rests on that.
+        if not config.threshold > max(self.min_threshold_fraction, 0.5) * n:
+            raise SecAggAbort(
+                f"refusing the round: threshold {config.threshold} of {n} participants is not "
+                f"above this site's floor {max(self.min_threshold_fraction, 0.5)} x {n} (site "
+                "setting `min_threshold_fraction`, never below 0.5); raise `secagg.threshold`"
+            )
+        if config.server_round <= self.last_round and not self._may_remask(config):
             raise SecAggAbort(
                 f"refusing round {config.server_round}: this site already masked an update "
                 f"for round {self.last_round}; rounds must increase"
             )
+
+    def _may_remask(self, config: RoundConfig) -> bool:
+        """Whether ``config`` re-asks the pending round, for which this site revealed nothing.
+
+        Masking it again discards the pending configuration, so this site will never help
+        unmask the earlier upload; any ``threshold`` sites that do unmask it cannot also
+        mask the re-asked round, and two such groups cannot coexist when the threshold is
+        above half the participants. So the coordinator still learns one sum per round.
+        A coordinator resumed after a crash mid-round relies on this.
+        """
+        return (
+            self.pending is not None
+            and self.committed is None
+            and config.server_round == self.last_round == self.pending.server_round
+        )
 
     def _pairwise_seed(self, config: RoundConfig, peer: int) -> bytes:
         shared = agree(self._keys.mask_private, config.participants[peer].mask)
@@ -232,6 +360,53 @@ class SiteSecAgg:
             for peer, share in zip(ids, shares, strict=True)
         }
 
+    # --- consistency check (only after a dropout) ----------------------------------------
+
+    def sign_survivors(self, request: ConsistencyRequest) -> ConsistencyReply:
+        """Commit to the survivor list of the pending round: sign it with the configuration.
+
+        A site signs at most one such list per round and will afterwards unmask only for it.
+
+        Raises
+        ------
+        SecAggAbort
+            If no round awaits unmasking, the site already committed, or the list is not a
+            subset of the participants with this site in it and at least ``threshold`` sites.
+        """
+        config = self.pending
+        if config is None or config.server_round != request.server_round:
+            raise SecAggAbort(
+                f"refusing to sign survivors of round {request.server_round}: this site has no "
+                "masked upload of that round awaiting unmasking (or already answered)"
+            )
+        if request.site_id != self.site_id:
+            raise SecAggAbort(
+                f"a consistency request for site {request.site_id} reached site {self.site_id}"
+            )
+        if self.committed is not None:
+            raise SecAggAbort(
+                f"refusing to sign a second survivor list for round {config.server_round}"
+            )
+        survivors = tuple(sorted(request.survivors))
+        self._check_survivor_list(config, survivors)
+        self.committed = survivors
+        return ConsistencyReply(
+            site_id=self.site_id,
+            server_round=config.server_round,
+            signature=sign(self._keys.sign_private, survivor_statement(config.digest(), survivors)),
+        )
+
+    def _check_survivor_list(self, config: RoundConfig, survivors: tuple[int, ...]) -> None:
+        if not set(survivors) <= set(config.participants):
+            raise SecAggAbort("refusing the survivor list: it names a site outside the round")
+        if self.site_id not in survivors:
+            raise SecAggAbort("refusing to unmask: this site is not listed as a survivor")
+        if len(survivors) < config.threshold:
+            raise SecAggAbort(
+                f"refusing to unmask: {len(survivors)} survivors is below the threshold "
+                f"{config.threshold}"
+            )
+
     # --- exchange 2 --------------------------------------------------------------------
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
@@ -256,7 +431,7 @@ class SiteSecAgg:
                 raise SecAggAbort(f"the share from site {sender} was cut for another recipient")
             shares[sender] = plaintext
         seeds = {peer: self._pairwise_seed(config, peer) for peer in request.dropped}
-        self.pending = None
+        self.pending, self.committed = None, None
         return UnmaskReply(
             site_id=self.site_id,
             server_round=config.server_round,
@@ -287,16 +462,43 @@ class SiteSecAgg:
                 "refusing to unmask: survivors and dropped do not partition the "
                 "round's participants"
             )
-        if self.site_id not in survivors:
-            raise SecAggAbort("refusing to unmask: this site is not listed as a survivor")
-        if len(survivors) < config.threshold:
-            raise SecAggAbort(
-                f"refusing to unmask: {len(survivors)} survivors is below the threshold "
-                f"{config.threshold}"
-            )
+        self._check_survivor_list(config, tuple(sorted(survivors)))
         if set(request.sealed_shares) != survivors:
             raise SecAggAbort("refusing to unmask: the request lacks a sealed share of a survivor")
+        self._check_consistency(config, tuple(sorted(survivors)), request.signatures)
         return config
+
+    def _check_consistency(
+        self, config: RoundConfig, survivors: tuple[int, ...], signatures: Mapping[int, bytes]
+    ) -> None:
+        """Bonawitz's consistency check: ``threshold`` survivors signed this very list."""
+        mine = self.committed if self.committed is not None else config.site_ids
+        if survivors != mine:
+            raise SecAggAbort(
+                f"refusing to unmask: the survivor list {list(survivors)} is not the one this "
+                f"site committed to ({list(mine)}); the coordinator sent different lists"
+            )
+        if not set(signatures) <= set(survivors) or self.site_id not in signatures:
+            raise SecAggAbort(
+                "refusing to unmask: the signatures are not all from survivors, or lack this "
+                "site's own"
+            )
+        statement = survivor_statement(config.digest(), survivors)
+        bad = [
+            signer
+            for signer, signature in sorted(signatures.items())
+            if not verify(config.participants[signer].sign, signature, statement)
+        ]
+        if bad:
+            raise SecAggAbort(
+                f"refusing to unmask: site(s) {bad} did not sign this round's configuration "
+                "and survivor list (split view: the sites were shown different lists)"
+            )
+        if len(signatures) < config.threshold:
+            raise SecAggAbort(
+                f"refusing to unmask: only {len(signatures)} survivors signed the survivor "
+                f"list; the threshold is {config.threshold}"
+            )
 
     # --- state ---------------------------------------------------------------------------
 
@@ -309,27 +511,52 @@ class SiteSecAgg:
             "site_id": self.site_id,
             "enc_private": self._keys.enc_private,
             "mask_private": self._keys.mask_private,
+            "sign_private": self._keys.sign_private,
             "last_round": self.last_round,
         }
+        if self.run_id is not None:
+            state["run_id"] = self.run_id
+        if self.committed is not None:
+            state["committed"] = list(self.committed)
         if self.pending is not None:
             state.update({_PENDING + k: v for k, v in self.pending.to_wire().items()})
         return state
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> SiteSecAgg:
-        """Rebuild a site from :meth:`to_state` output."""
+    def from_state(cls, state: Mapping[str, Any], **floor: Any) -> SiteSecAgg:
+        """Rebuild a site from :meth:`to_state` output (``floor``: the site-side minimums)."""
         pending_wire = {k[len(_PENDING) :]: v for k, v in state.items() if k.startswith(_PENDING)}
+        committed = state.get("committed")
+        run_id = state.get("run_id")
         return cls(
             site_id=int(state["site_id"]),
-            keys=SiteKeys(enc_private=state["enc_private"], mask_private=state["mask_private"]),
+            keys=SiteKeys(
+                enc_private=state["enc_private"],
+                mask_private=state["mask_private"],
+                sign_private=state["sign_private"],
+            ),
             last_round=int(state["last_round"]),
             pending=RoundConfig.from_wire(pending_wire) if pending_wire else None,
+            committed=None if committed is None else tuple(int(i) for i in committed),
+            run_id=None if run_id is None else int(run_id),
+            **floor,
         )
 
     @property
     def public_keys(self) -> PublicKeys:
-        """The public keys this site announces."""
-        return self._keys.public_keys()
+        """The public keys this site announces (endorsed by its identity key if it has one)."""
+        keys = self._keys.public_keys()
+        if self._identity is None or self.run_id is None:
+            return keys
+        return PublicKeys(
+            enc=keys.enc,
+            mask=keys.mask,
+            sign=keys.sign,
+            identity=identity_public(self._identity),
+            endorsement=sign(
+                self._identity, endorsement_statement(self.run_id, self.site_id, keys)
+            ),
+        )
 
 
 def _parse_share(plaintext: bytes, sender: int) -> Share:
