@@ -162,6 +162,8 @@ class InferenceApp:
         self.audit = audit
         self.limits = limits or AppLimits()
         self.login_limiter = login_limiter
+        self.on_started: Callable[[], None] | None = None
+        """Called once the lifespan startup loaded the model (``fedinfer serve`` prints)."""
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,6 +206,8 @@ class InferenceApp:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
+                if self.on_started is not None:
+                    self.on_started()
             elif message["type"] == "lifespan.shutdown":
                 await self.manager.stop()
                 if self.audit is not None:

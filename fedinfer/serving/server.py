@@ -110,6 +110,7 @@ class ServeOptions:
             raise ConfigError(f"`--prune-amount` must be in [0, 1) (got {self.prune_amount})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"`--port` must be in 0..65535 (got {self.port})")
+        AppLimits(max_body_bytes=self.max_body_bytes, nonfinite=self.nonfinite)  # its checks
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise ConfigError("`--header-timeout` and `--body-timeout` must be > 0 seconds")
         if self.limit_concurrency < 1 or self.max_pipeline < 1:
@@ -204,9 +205,14 @@ def serve(options: ServeOptions) -> None:
     """
     import uvicorn
 
+    options.validate()
+    _check_store_path(options.model_store)
     app = build_app(options)
     _warn_if_exposed(options)
     sock = _bind(options.host, options.port)
+    scheme = "https" if options.tls_certfile else "http"
+    url = f"{scheme}://{_url_host(options.host)}:{sock.getsockname()[1]}"
+    app.on_started = lambda: _announce(app, url, options)
     config = uvicorn_config(app, options)
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier
@@ -283,6 +289,40 @@ def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
             f"cannot load `--tls-certfile` {certfile} / `--tls-keyfile` {keyfile}: {exc}"
         ) from None
     return ctx
+
+
+def _check_store_path(path: Path) -> None:
+    if not Path(path).exists():
+        raise ConfigError(
+            f"`--model-store` {path} does not exist; pass a site's store (a simulation writes "
+            "<output>/sites/<site>/models, a deployment <site-dir>/models)"
+        )
+    if not Path(path).is_dir():
+        raise ConfigError(f"`--model-store` {path} is not a directory")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce(app: InferenceApp, url: str, options: ServeOptions) -> None:
+    """Tell the user what is served where (stdout, one line each)."""
+    current = app.manager.current
+    print(f"fedinfer serve: listening on {url} (model store {options.model_store})", flush=True)
+    if current is None:
+        print(
+            f"fedinfer serve: WARNING: {options.model_store} holds no model yet; the server is "
+            f"live but answers 503 until a version is published there (checked every "
+            f"{options.poll_interval_s:g} s)",
+            flush=True,
+        )
+        return
+    name = current.manifest.name
+    print(
+        f"fedinfer serve: serving model {name!r} version {current.version} "
+        f"({app.manager.backend_name} backend): POST {url}/v2/models/{name}/infer",
+        flush=True,
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
