@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_PIPELINE", "limited_protocol
 
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_PIPELINE = 16
+_SLICE = 4096  # bytes fed to the parser at a time between requests
 
 
 class _LimitedHttpTools(HttpToolsProtocol):
@@ -92,14 +93,31 @@ class _LimitedHttpTools(HttpToolsProtocol):
 
     # ---------------------------------------------------------- pipeline bound
     def data_received(self, data: bytes) -> None:
-        """Feed the parser unless ``max_pipeline`` requests already wait; else hold."""
+        """Feed the parser unless ``max_pipeline`` requests already wait; else hold.
+
+        Between requests the bytes are fed in small slices, so one read of thousands of
+        tiny pipelined requests cannot queue them all before the bound is checked; a
+        request body is fed whole (slicing it would only copy it more often).
+        """
         if self._held or len(self.pipeline) >= self.max_pipeline:
             self._held += data  # reading is paused now, so this is at most one read more
             self.flow.pause_reading()
             return
-        super().data_received(data)
-        if len(self.pipeline) >= self.max_pipeline:
-            self.flow.pause_reading()
+        view, start = memoryview(data), 0
+        while start < len(view):
+            end = len(view) if self._reading_body() else start + _SLICE
+            super().data_received(view[start:end])
+            start = end
+            if self.transport.is_closing():
+                return
+            if len(self.pipeline) >= self.max_pipeline:
+                self._held = bytes(view[start:])
+                self.flow.pause_reading()
+                return
+
+    def _reading_body(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and cycle.more_body and not cycle.response_complete
 
     # ------------------------------------------------------------- counted 400
     def send_400_response(self, msg: str) -> None:
