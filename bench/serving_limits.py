@@ -205,19 +205,16 @@ def write_report(path: Path, rows: list[dict], floods: dict, args, seconds: floa
                 f"| {c} | {v} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} | "
                 f"{r['cpu_ms_per_req']:.3f} | {r['non_200']} |"
             )
+    def cpu_ratio(variant: str) -> str:
+        return ", ".join(
+            f"c={c} {by[(variant, c)]['cpu_ms_per_req'] / by[('stock', c)]['cpu_ms_per_req']:.2f}x"
+            for c in (1, 16, 64)
+        )
+
     lines += [
         "",
-        "CPU per request, hardened / stock: "
-        + ", ".join(
-            f"c={c} {by[('hardened', c)]['cpu_ms_per_req'] / by[('stock', c)]['cpu_ms_per_req']:.2f}x"
-            for c in (1, 16, 64)
-        )
-        + "; h11 / stock: "
-        + ", ".join(
-            f"c={c} {by[('h11', c)]['cpu_ms_per_req'] / by[('stock', c)]['cpu_ms_per_req']:.2f}x"
-            for c in (1, 16, 64)
-        )
-        + ".",
+        f"CPU per request, hardened / stock: {cpu_ratio('hardened')}; "
+        f"h11 / stock: {cpu_ratio('h11')}.",
         "",
         f"## Pipelining flood ({args.flood:g} s, one connection, never reads; stops at +400 MB)",
         "",
