@@ -498,3 +498,13 @@ def test_a_bad_input_corpus_never_gets_a_5xx_or_grows_memory(site) -> None:
     # the few 200s are valid variants (an empty "parameters", "id": "x", nested data...)
     assert len(corpus) > 100 and statuses.get(200, 0) <= 12
     assert grown < 100, f"RSS grew {grown:.0f} MB over {len(corpus)} bad requests"
+
+
+def test_limit_concurrency_stays_below_the_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the fd limit clients are reset and the store unreadable: keep 64 spare."""
+    import resource
+
+    from fedinfer.serving.server import _fd_capped
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 4096))
+    assert _fd_capped(512) == 192 and _fd_capped(100) == 100

@@ -259,7 +259,7 @@ def uvicorn_config(
         ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
         ssl_ciphers=TLS_CIPHERS,
         timeout_keep_alive=30,
-        limit_concurrency=options.limit_concurrency,
+        limit_concurrency=_fd_capped(options.limit_concurrency),
         backlog=2048,
         lifespan="on",
         ws="none",  # no websockets routes; also avoids importing websockets' legacy module
@@ -272,6 +272,27 @@ def uvicorn_config(
     if options.tls_certfile is not None:  # replace uvicorn's context (its defaults vary by release)
         config.ssl = tls_context(options.tls_certfile, options.tls_keyfile)
     return config
+
+
+def _fd_capped(limit: int) -> int:
+    """``limit`` lowered to leave file descriptors for the store watcher and the logs.
+
+    Past the process's fd limit new clients are reset instead of answered 503, and
+    the model store cannot be read (hot swap stops), so keep 64 spare.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or limit <= soft - 64:
+        return limit
+    capped = max(1, soft - 64)
+    logger.warning(
+        "--limit-concurrency %d is above this process's file limit (ulimit -n %d): using %d",
+        limit,
+        soft,
+        capped,
+    )
+    return capped
 
 
 def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
