@@ -205,6 +205,7 @@ def write_report(path: Path, rows: list[dict], floods: dict, args, seconds: floa
                 f"| {c} | {v} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.1f} | "
                 f"{r['cpu_ms_per_req']:.3f} | {r['non_200']} |"
             )
+
     def cpu_ratio(variant: str) -> str:
         return ", ".join(
             f"c={c} {by[(variant, c)]['cpu_ms_per_req'] / by[('stock', c)]['cpu_ms_per_req']:.2f}x"

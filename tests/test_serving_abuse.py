@@ -234,7 +234,7 @@ def test_a_body_that_never_arrives_is_answered_408(site) -> None:
     with socket.create_connection(_host_port(url), timeout=30) as sock:
         sock.sendall(
             b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inputs\""
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inputs"'
         )
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408")
@@ -460,7 +460,7 @@ def _corpus() -> list[tuple[str, str, dict[str, str], bytes]]:
         cases.append(("POST", infer, header, binary + b"\0" * 8))
     cases += [
         ("POST", infer, {}, b"[" * 50_000),
-        ("POST", infer, {}, b"{\"inputs\": " + b"[" * 50_000),
+        ("POST", infer, {}, b'{"inputs": ' + b"[" * 50_000),
         ("POST", infer, {}, b"\xff\xfe\x00"),
         ("POST", infer, {}, b""),
         ("POST", infer, {"content-type": "text/plain"}, b"hello"),
@@ -476,7 +476,7 @@ def _corpus() -> list[tuple[str, str, dict[str, str], bytes]]:
         ("POST", "/v2/models/digits/infer/../../health/ready", {}, b"{}"),
         ("DELETE", infer, {}, b""),
         ("GET", "/v2/repository/models/digits/rollback", {}, b""),
-        ("POST", "/v2/repository/models/digits/rollback", {}, b"{\"version\": 1}"),
+        ("POST", "/v2/repository/models/digits/rollback", {}, b'{"version": 1}'),
         ("POST", infer, {"authorization": "Bearer " + "x" * 5000}, json.dumps(good).encode()),
         ("POST", infer, {"x-request-id": "a b" * 100}, json.dumps(good).encode()),
     ]

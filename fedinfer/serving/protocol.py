@@ -67,7 +67,7 @@ class _LimitedHttpTools(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        """Start the next request; re-arm for a client that stays silent mid-keep-alive."""
+        """Start the next pipelined request, then feed the bytes held back by the bound."""
         super().on_response_complete()
         if self._held and not self.transport.is_closing():
             held, self._held = self._held, b""
@@ -84,9 +84,11 @@ class _LimitedHttpTools(HttpToolsProtocol):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        busy = self.cycle is not None and not self.cycle.response_complete
-        if busy or self.transport.is_closing():
-            return  # a request is being answered; the timer re-arms with the next one
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_header_timer()  # a request is being answered: give the next one time
+            return
         if self.metrics is not None:
             self.metrics.count_request("timeout", 408)
         self.transport.close()
