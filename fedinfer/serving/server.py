@@ -387,7 +387,8 @@ def _warn_if_exposed(options: ServeOptions) -> None:
         )
     if options.auth_tokens is None:
         logger.warning(
-            "serving on %s WITHOUT authentication: anyone who can reach it can query "
-            "the model; pass --auth-tokens",
+            "serving on %s WITHOUT authentication (--insecure): anyone who can reach it can "
+            "query the model and read its metadata (rollback stays closed: it needs a "
+            "token); pass --auth-tokens",
             options.host,
         )
