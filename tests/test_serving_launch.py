@@ -91,3 +91,43 @@ def test_serve_rejects_bad_options_with_exit_code_2(
 
     code = main(["serve", "--model-store", str(tmp_path / "models"), "--port", "0", *args])
     assert code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------ issue 14 item 3: serve says what it does
+def test_serve_prints_its_url_model_and_version(tmp_path: Path) -> None:
+    store = publish_versions(tmp_path, generate_signing_key(), [1, 2])
+    log = tmp_path / "serve.log"
+    with SiteServer(store.root, log_file=log, backend="torch") as server:
+        text = log.read_text()
+    infer_url = f"{server.url}/v2/models/digits/infer"
+    assert f"listening on {server.url}" in text
+    assert f"serving model 'digits' version 2 (torch backend): POST {infer_url}" in text
+
+
+def test_serve_warns_on_an_empty_store_and_refuses_a_missing_one(tmp_path: Path, capsys) -> None:
+    import subprocess
+    import sys
+
+    from fedinfer.serving.__main__ import main
+
+    # a missing store (a typo): refused with exit 2 and one line naming the option
+    code = main(["serve", "--model-store", str(tmp_path / "modles"), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "`--model-store`" in err and "does not exist" in err
+    # an empty store (nothing published yet): starts, says so
+    (tmp_path / "models").mkdir()
+    cmd = [sys.executable, "-m", "fedinfer.serving", "serve", "--model-store",
+           str(tmp_path / "models"), "--port", "0"]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:  # the server keeps running: read until the warning
+                lines.append(line)
+                if "WARNING" in line and "holds no model yet" in line:
+                    break
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert any("listening on http://127.0.0.1:" in line for line in lines)
+    assert any("answers 503 until a version is published" in line for line in lines)

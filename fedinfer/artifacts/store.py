@@ -374,9 +374,7 @@ class ModelStore:
             tampered=ModelIntegrityError,
         )
         try:
-            return Ed25519PublicKey.from_public_bytes(
-                bytes.fromhex(json.loads(raw)["public_key"])
-            )
+            return Ed25519PublicKey.from_public_bytes(bytes.fromhex(json.loads(raw)["public_key"]))
         except (ValueError, KeyError, TypeError):
             raise ModelIntegrityError(f"{path} is corrupt; it pins the signing key") from None
 
@@ -392,7 +390,8 @@ class ModelStore:
                 json.dumps(doc).encode(), key=self.key, name=_sealed_name(SIGNING_KEY_FILE)
             )
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.root / SIGNING_KEY_FILE, data, mode=0o600 if self.key else 0o644)
+            mode = 0o600 if self.key else 0o644
+            atomic_write_bytes(self.root / SIGNING_KEY_FILE, data, mode=mode)
             logger.info("model store %s: signing key %s pinned", self.root, doc["fingerprint"])
         elif _raw(pinned) != _raw(public_key):
             self._reject(

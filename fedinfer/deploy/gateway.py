@@ -235,9 +235,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _reply(
-    send: Send, status: int, payload: dict[str, Any], *, close: bool = False
-) -> None:
+async def _reply(send: Send, status: int, payload: dict[str, Any], *, close: bool = False) -> None:
     body = json.dumps(payload).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -10,6 +10,10 @@ Routes (KServe v2 / Open Inference Protocol REST, plus metrics and admin)::
     POST /v2/models/{name}[/versions/{v}]/infer         role infer
     POST /v2/repository/models/{name}/rollback          role admin  body {"version": int | null}
 
+Without ``--auth-tokens`` every caller is ``anonymous`` and holds ``infer`` only, so
+rollback always needs a token. A ``/versions/{v}`` segment is ASCII digits without
+leading zeros, and names a version the manager already serves (never loaded on request).
+
 A plain ASGI callable rather than FastAPI: the hot path is a handful of
 dict lookups, and skipping request-model validation and middleware stacks
 saves server CPU per request, which is what a 2-core site box runs out of
@@ -37,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from fedinfer.errors import ConfigError, ModelIntegrityError
-from fedinfer.serving.audit import AuditLog
 from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
+from fedinfer.serving.audit import AuditLog
 from fedinfer.serving.auth import ANONYMOUS, LoginLimiter, Principal, RateLimiter, TokenFile
 from fedinfer.serving.batcher import BatcherClosed, Overloaded
 from fedinfer.serving.metrics import ServingMetrics
@@ -162,6 +166,8 @@ class InferenceApp:
         self.audit = audit
         self.limits = limits or AppLimits()
         self.login_limiter = login_limiter
+        self.on_started: Callable[[], None] | None = None
+        """Called once the lifespan startup loaded the model (``fedinfer serve`` prints)."""
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,6 +210,8 @@ class InferenceApp:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
+                if self.on_started is not None:
+                    self.on_started()
             elif message["type"] == "lifespan.shutdown":
                 await self.manager.stop()
                 if self.audit is not None:

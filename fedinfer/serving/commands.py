@@ -216,9 +216,7 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected versions like 3,5 (got {text!r})"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected versions like 3,5 (got {text!r})") from None
 
 
 def _add_prune_amount(p: argparse.ArgumentParser) -> None:

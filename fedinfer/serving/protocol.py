@@ -19,7 +19,7 @@ on its own it lets one connection hold the server:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_PIPELINE", "limited_protocol
 
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_PIPELINE = 16
+_SLICE = 4096  # bytes fed to the parser at a time between requests
 
 
 class _LimitedHttpTools(HttpToolsProtocol):
@@ -66,7 +67,7 @@ class _LimitedHttpTools(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        """Start the next request; re-arm for a client that stays silent mid-keep-alive."""
+        """Start the next pipelined request, then feed the bytes held back by the bound."""
         super().on_response_complete()
         if self._held and not self.transport.is_closing():
             held, self._held = self._held, b""
@@ -83,23 +84,43 @@ class _LimitedHttpTools(HttpToolsProtocol):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        busy = self.cycle is not None and not self.cycle.response_complete
-        if busy or self.transport.is_closing():
-            return  # a request is being answered; the timer re-arms with the next one
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_header_timer()  # a request is being answered: give the next one time
+            return
         if self.metrics is not None:
             self.metrics.count_request("timeout", 408)
         self.transport.close()
 
     # ---------------------------------------------------------- pipeline bound
     def data_received(self, data: bytes) -> None:
-        """Feed the parser unless ``max_pipeline`` requests already wait; else hold."""
+        """Feed the parser unless ``max_pipeline`` requests already wait; else hold.
+
+        Between requests the bytes are fed in small slices, so one read of thousands of
+        tiny pipelined requests cannot queue them all before the bound is checked; a
+        request body is fed whole (slicing it would only copy it more often).
+        """
         if self._held or len(self.pipeline) >= self.max_pipeline:
             self._held += data  # reading is paused now, so this is at most one read more
             self.flow.pause_reading()
             return
-        super().data_received(data)
-        if len(self.pipeline) >= self.max_pipeline:
-            self.flow.pause_reading()
+        view, start = memoryview(data), 0
+        while start < len(view):
+            end = len(view) if self._reading_body() else start + _SLICE
+            # httptools reads any buffer; a memoryview slice avoids copying the read
+            super().data_received(cast(bytes, view[start:end]))
+            start = end
+            if self.transport.is_closing():
+                return
+            if len(self.pipeline) >= self.max_pipeline:
+                self._held = bytes(view[start:])
+                self.flow.pause_reading()
+                return
+
+    def _reading_body(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and cycle.more_body and not cycle.response_complete
 
     # ------------------------------------------------------------- counted 400
     def send_400_response(self, msg: str) -> None:

@@ -110,6 +110,7 @@ class ServeOptions:
             raise ConfigError(f"`--prune-amount` must be in [0, 1) (got {self.prune_amount})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"`--port` must be in 0..65535 (got {self.port})")
+        AppLimits(max_body_bytes=self.max_body_bytes, nonfinite=self.nonfinite)  # its checks
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise ConfigError("`--header-timeout` and `--body-timeout` must be > 0 seconds")
         if self.limit_concurrency < 1 or self.max_pipeline < 1:
@@ -204,9 +205,14 @@ def serve(options: ServeOptions) -> None:
     """
     import uvicorn
 
+    options.validate()
+    _check_store_path(options.model_store)
     app = build_app(options)
     _warn_if_exposed(options)
     sock = _bind(options.host, options.port)
+    scheme = "https" if options.tls_certfile else "http"
+    url = f"{scheme}://{_url_host(options.host)}:{sock.getsockname()[1]}"
+    app.on_started = lambda: _announce(app, url, options)
     config = uvicorn_config(app, options)
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier
@@ -253,7 +259,7 @@ def uvicorn_config(
         ssl_keyfile=str(options.tls_keyfile) if options.tls_keyfile else None,
         ssl_ciphers=TLS_CIPHERS,
         timeout_keep_alive=30,
-        limit_concurrency=options.limit_concurrency,
+        limit_concurrency=_fd_capped(options.limit_concurrency),
         backlog=2048,
         lifespan="on",
         ws="none",  # no websockets routes; also avoids importing websockets' legacy module
@@ -266,6 +272,27 @@ def uvicorn_config(
     if options.tls_certfile is not None:  # replace uvicorn's context (its defaults vary by release)
         config.ssl = tls_context(options.tls_certfile, options.tls_keyfile)
     return config
+
+
+def _fd_capped(limit: int) -> int:
+    """``limit`` lowered to leave file descriptors for the store watcher and the logs.
+
+    Past the process's fd limit new clients are reset instead of answered 503, and
+    the model store cannot be read (hot swap stops), so keep 64 spare.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or limit <= soft - 64:
+        return limit
+    capped = max(1, soft - 64)
+    logger.warning(
+        "--limit-concurrency %d is above this process's file limit (ulimit -n %d): using %d",
+        limit,
+        soft,
+        capped,
+    )
+    return capped
 
 
 def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
@@ -283,6 +310,40 @@ def tls_context(certfile: Path | None, keyfile: Path | None) -> ssl.SSLContext:
             f"cannot load `--tls-certfile` {certfile} / `--tls-keyfile` {keyfile}: {exc}"
         ) from None
     return ctx
+
+
+def _check_store_path(path: Path) -> None:
+    if not Path(path).exists():
+        raise ConfigError(
+            f"`--model-store` {path} does not exist; pass a site's store (a simulation writes "
+            "<output>/sites/<site>/models, a deployment <site-dir>/models)"
+        )
+    if not Path(path).is_dir():
+        raise ConfigError(f"`--model-store` {path} is not a directory")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _announce(app: InferenceApp, url: str, options: ServeOptions) -> None:
+    """Tell the user what is served where (stdout, one line each)."""
+    current = app.manager.current
+    print(f"fedinfer serve: listening on {url} (model store {options.model_store})", flush=True)
+    if current is None:
+        print(
+            f"fedinfer serve: WARNING: {options.model_store} holds no model yet; the server is "
+            f"live but answers 503 until a version is published there (checked every "
+            f"{options.poll_interval_s:g} s)",
+            flush=True,
+        )
+        return
+    name = current.manifest.name
+    print(
+        f"fedinfer serve: serving model {name!r} version {current.version} "
+        f"({app.manager.backend_name} backend): POST {url}/v2/models/{name}/infer",
+        flush=True,
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -326,7 +387,8 @@ def _warn_if_exposed(options: ServeOptions) -> None:
         )
     if options.auth_tokens is None:
         logger.warning(
-            "serving on %s WITHOUT authentication: anyone who can reach it can query "
-            "the model; pass --auth-tokens",
+            "serving on %s WITHOUT authentication (--insecure): anyone who can reach it can "
+            "query the model and read its metadata (rollback stays closed: it needs a "
+            "token); pass --auth-tokens",
             options.host,
         )
