@@ -215,6 +215,14 @@ class SimulationConfig:
     num_cpus: int | None = None
     """CPUs this run's Ray instance may use (None: all); a parallel sweep gives each job its
     share."""
+    ray_address: str | None = None
+    """Ray cluster to run the sites on: ``null`` (default) starts a private local Ray instance
+    for this run (never one left by ``ray start``); ``auto`` joins the cluster started on this
+    machine by ``ray start``; ``host:port`` (a head's GCS address) or ``ray://host:port`` (Ray
+    Client) joins that cluster."""
+    shared_data: bool = True
+    """Ray runtime: write the sites' data once into ``<run dir>/site_data/`` as ``.npy`` files
+    that the actors memory-map, instead of every actor rebuilding the whole federation."""
 
 
 @dataclass
