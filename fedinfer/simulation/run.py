@@ -143,6 +143,10 @@ def _run_on_ray(cfg: FedInferConfig, client_app: ClientApp, main: Any) -> None:
     server_app.main()(main)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
+
+    # Inside a Ray task (Hydra's Ray launcher) Ray is already up and Flower joins it: leave it up.
+    owns_ray = not ray.is_initialized()
     try:
         flwr_run_simulation(
             server_app=server_app,
@@ -151,7 +155,5 @@ def _run_on_ray(cfg: FedInferConfig, client_app: ClientApp, main: Any) -> None:
             backend_config=backend_config(cfg),
         )
     finally:
-        import ray
-
-        if ray.is_initialized():  # stop Ray's daemons with the run, not at interpreter exit
+        if owns_ray and ray.is_initialized():  # stop Ray's daemons with the run, not at exit
             ray.shutdown()
