@@ -55,3 +55,22 @@ def test_a_job_share_smaller_than_a_site_is_a_config_error(tmp_path: Path) -> No
     assert results["status"] == "failed"
     assert "simulation.job_cpus" in results["error"] and "federation.client_cpus" in results["error"]
     assert "Traceback" not in proc.stderr
+
+
+def test_ray_launcher_runs_jobs_as_ray_tasks_and_refuses_a_nested_ray_runtime(
+    tmp_path: Path,
+) -> None:
+    """hydra/launcher=ray_cluster (pip install --no-deps hydra-ray-launcher): an in-process job
+    completes with its share; a job asking for Flower's Ray runtime inside the Ray task (which
+    hung) fails at once with an error naming the key."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install --no-deps hydra-ray-launcher")
+    sweep = tmp_path / "sweep"
+    _simulate(
+        "-m", "hydra/launcher=ray_cluster", *TINY, "privacy=none", "secagg=off",
+        "federation.rounds=1", "simulation.job_cpus=1", "simulation.runtime=inprocess,ray",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )
+    done = json.loads((sweep / "0" / "results.json").read_text())
+    assert done["status"] == "completed" and done["config"]["simulation"]["num_cpus"] == 1
+    refused = json.loads((sweep / "1" / "results.json").read_text())
+    assert refused["status"] == "failed" and "simulation.runtime" in refused["error"]

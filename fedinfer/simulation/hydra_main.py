@@ -83,7 +83,7 @@ def _share_cpus(cfg: FedInferConfig) -> None:
     )
 
     if HydraConfig.get().mode == RunMode.MULTIRUN and scheduled_launcher(HydraConfig.get().launcher):
-        _use_job_allocation(cfg)
+        _use_job_allocation(cfg, launcher_target=str(HydraConfig.get().launcher.get("_target_")))
         return
     n_jobs = launcher_jobs(HydraConfig.get().launcher)
     if n_jobs is None or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -97,9 +97,17 @@ def _share_cpus(cfg: FedInferConfig) -> None:
         cfg.simulation.num_cpus = share
 
 
-def _use_job_allocation(cfg: FedInferConfig) -> None:
+def _use_job_allocation(cfg: FedInferConfig, *, launcher_target: str) -> None:
     """A scheduled job (Slurm, Ray launcher) uses exactly the CPUs its launcher asked for."""
     import torch
+
+    if "hydra_ray_launcher" in launcher_target and cfg.simulation.runtime == "ray":
+        # Flower's Ray runtime inside a Ray task never got its actors here (hung for minutes).
+        raise ConfigError(
+            "`simulation.runtime`=ray cannot run inside a job of hydra/launcher=ray_cluster "
+            "(each job already is a Ray task); set simulation.runtime=inprocess, or use "
+            "hydra/launcher=slurm or simulation.ray_address for Ray"
+        )
 
     job_cpus = cfg.simulation.job_cpus
     if job_cpus < 1 or job_cpus < cfg.federation.client_cpus:
