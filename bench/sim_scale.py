@@ -120,8 +120,10 @@ def main() -> None:
           "| peak PSS MiB | peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['sites']} | {r['shared_data']} | {r['sites_per_round']} | {r['round_s']:.2f} "
-              f"| {r['first_round_s']:.2f} | {r['peak_pss_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
+        print(
+            f"| {r['sites']} | {r['shared_data']} | {r['sites_per_round']} | {r['round_s']:.2f} "
+            f"| {r['first_round_s']:.2f} | {r['peak_pss_mib']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import TINY
 
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'fedinfer[cluster]'")
+pytest.importorskip(
+    "hydra_plugins.hydra_submitit_launcher", reason="pip install 'fedinfer[cluster]'"
+)
 
 
 def _simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -53,7 +55,8 @@ def test_a_job_share_smaller_than_a_site_is_a_config_error(tmp_path: Path) -> No
     )
     results = json.loads((sweep / "0" / "results.json").read_text())
     assert results["status"] == "failed"
-    assert "simulation.job_cpus" in results["error"] and "federation.client_cpus" in results["error"]
+    assert "simulation.job_cpus" in results["error"]
+    assert "federation.client_cpus" in results["error"]
     assert "Traceback" not in proc.stderr
 
 
@@ -63,7 +66,9 @@ def test_ray_launcher_runs_jobs_as_ray_tasks_and_refuses_a_nested_ray_runtime(
     """hydra/launcher=ray_cluster (pip install --no-deps hydra-ray-launcher): an in-process job
     completes with its share; a job asking for Flower's Ray runtime inside the Ray task (which
     hung) fails at once with an error naming the key."""
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install --no-deps hydra-ray-launcher")
+    pytest.importorskip(
+        "hydra_plugins.hydra_ray_launcher", reason="pip install --no-deps hydra-ray-launcher"
+    )
     sweep = tmp_path / "sweep"
     _simulate(
         "-m", "hydra/launcher=ray_cluster", *TINY, "privacy=none", "secagg=off",

@@ -45,7 +45,8 @@ def write_shared_sites(data: FederatedData, root: Path) -> Path:
 
     Examples
     --------
-    >>> root = write_shared_sites(build_federated_data(cfg), run_dir / "site_data")  # doctest: +SKIP
+    >>> data = build_federated_data(cfg)  # doctest: +SKIP
+    >>> root = write_shared_sites(data, run_dir / "site_data")  # doctest: +SKIP
     >>> open_site(root, 3).site_id  # doctest: +SKIP
     'site-03'
     """
@@ -79,8 +80,9 @@ def open_site(root: Path, index: int) -> SiteData:
     for split in SPLITS:
         start, stop = meta["offsets"][split][index], meta["offsets"][split][index + 1]
         x, y = arrays[split]
-        splits[split] = ArrayDataset(np.array(x[start:stop]), np.array(y[start:stop]),
-                                     int(meta["num_classes"]))
+        splits[split] = ArrayDataset(
+            np.array(x[start:stop]), np.array(y[start:stop]), int(meta["num_classes"])
+        )
     return SiteData(sites[index], splits["train"], splits["val"], splits["test"])
 
 

@@ -82,8 +82,9 @@ def _share_cpus(cfg: FedInferConfig) -> None:
         scheduled_launcher,
     )
 
-    if HydraConfig.get().mode == RunMode.MULTIRUN and scheduled_launcher(HydraConfig.get().launcher):
-        _use_job_allocation(cfg, launcher_target=str(HydraConfig.get().launcher.get("_target_")))
+    launcher = HydraConfig.get().launcher
+    if HydraConfig.get().mode == RunMode.MULTIRUN and scheduled_launcher(launcher):
+        _use_job_allocation(cfg, launcher_target=str(launcher.get("_target_")))
         return
     n_jobs = launcher_jobs(HydraConfig.get().launcher)
     if n_jobs is None or HydraConfig.get().mode != RunMode.MULTIRUN:
