@@ -130,6 +130,18 @@ def test_auto_without_a_cluster_names_the_key(
         backend_config(load_config(["simulation.ray_address=auto"]))
 
 
+def test_auto_with_a_stale_cluster_file_fails_fast(
+    ray_tmpdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto reads `ray start`'s cluster file; a dead head there is an error, not a retry loop."""
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    with pytest.raises(ConfigError, match=r"simulation\.ray_address.*no Ray head answers"):
+        backend_config(load_config(["simulation.ray_address=auto"]))
+
+
 def test_a_dead_address_fails_fast_and_names_the_key() -> None:
     cfg = load_config([f"simulation.ray_address=127.0.0.1:{_free_port()}"])
     with pytest.raises(ConfigError, match=r"simulation\.ray_address.*no Ray head answers"):

@@ -89,7 +89,9 @@ def _auto_address() -> str:
     env = os.environ.get("RAY_ADDRESS")
     if env:
         return env
-    cluster_file = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    # Where `ray start` records its head: Ray's default temp dir, found as Ray finds it.
+    system_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    cluster_file = Path(system_tmp) / "ray" / "ray_current_cluster"
     try:
         found = cluster_file.read_text().strip()
     except FileNotFoundError:

@@ -204,7 +204,10 @@ def launcher_jobs(launcher: Mapping[str, object]) -> int | None:
 
 
 def scheduled_launcher(launcher: Mapping[str, object]) -> bool:
-    """Whether a Hydra launcher hands each job to a scheduler (submitit's Slurm or local
-    executor, Hydra's Ray launcher) that grants it ``simulation.job_cpus`` CPUs."""
+    """Whether a Hydra launcher hands each job to a scheduler that grants its share.
+
+    submitit's Slurm and local executors and Hydra's Ray launcher ask for
+    ``simulation.job_cpus`` CPUs per job (``conf/hydra/launcher/*.yaml``).
+    """
     target = str(launcher.get("_target_", ""))
     return "hydra_submitit_launcher" in target or "hydra_ray_launcher" in target
