@@ -163,3 +163,16 @@ def test_backend_config_private_by_default_and_gpu_fractions_pass_through() -> N
     assert config["init_args"]["address"] == "local", "never a cluster left by `ray start`"
     assert config["init_args"]["num_cpus"] == 2
     assert config["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.25}
+
+
+@pytest.mark.gpu
+def test_gpu_fractions_reach_the_site_actors(out_dir: Path) -> None:
+    """federation.client_gpus=0.5: two sites share one GPU, and the sites train on it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = tiny_config(*RAY_SIM, "federation.client_gpus=0.5", "simulation.device=cuda")
+    assert backend_config(cfg)["client_resources"]["num_gpus"] == 0.5
+    result = run_simulation(cfg, output_dir=out_dir)
+    assert result.results["status"] == "completed" and len(result.results["rounds"]) == 2
