@@ -228,6 +228,21 @@ class SimulationConfig:
     num_cpus: int | None = None
     """CPUs this run's Ray instance may use (None: all); a parallel sweep gives each job its
     share."""
+    ray_address: str | None = None
+    """Ray cluster to run the sites on: ``null`` (default) starts a private local Ray instance
+    for this run (never one left by ``ray start``); ``auto`` joins the cluster started on this
+    machine by ``ray start``; ``host:port`` (a head's GCS address) or ``ray://host:port`` (Ray
+    Client) joins that cluster."""
+    job_cpus: int = 2
+    """CPUs of one sweep job run by a scheduler (``hydra/launcher=slurm``, ``slurm_local`` or
+    ``ray_cluster``): the launcher asks for this many (Slurm ``cpus_per_task``, Ray
+    ``num_cpus``) and the job's torch threads and private Ray instance use exactly these."""
+    job_gpus: int = 0
+    """GPUs of one scheduled sweep job (Slurm ``gpus_per_node``, Ray ``num_gpus``); the sites
+    share them through ``federation.client_gpus``."""
+    shared_data: bool = True
+    """Ray runtime: write the sites' data once into ``<run dir>/site_data/`` as ``.npy`` files
+    that the actors memory-map, instead of every actor rebuilding the whole federation."""
 
 
 @dataclass

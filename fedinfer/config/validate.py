@@ -8,6 +8,7 @@ from fedinfer.config.schema import FedInferConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
 
 __all__ = [
+    "check_ray_address",
     "DATASETS",
     "DROP_STAGES",
     "MEAN_STRATEGIES",
@@ -127,6 +128,9 @@ def _check_federation(cfg: FedInferConfig, problems: list[str]) -> None:
         problems.append(f"`strategy.trim_beta` must be in [0, 0.5) (got {cfg.strategy.trim_beta})")
     _positive(problems, "seed", cfg.seed, strict=False)
     _one_of(problems, "simulation.runtime", cfg.simulation.runtime, ("inprocess", "ray"))
+    ray_problem = check_ray_address(cfg.simulation.ray_address)
+    if ray_problem:
+        problems.append(ray_problem)
 
 
 def validate_privacy(privacy: PrivacyConfig) -> None:
@@ -230,3 +234,17 @@ def _check_serving(cfg: FedInferConfig, problems: list[str]) -> None:
     _one_of(problems, "serving.backend", cfg.serving.backend, ("int8", "onnx", "torch"))
     _positive(problems, "serving.max_batch_size", cfg.serving.max_batch_size)
     _positive(problems, "serving.max_queue_delay_ms", cfg.serving.max_queue_delay_ms, strict=False)
+
+
+def check_ray_address(address: str | None) -> str | None:
+    """The problem with ``simulation.ray_address`` as written, or None (no network access)."""
+    if address is None or address == "auto":
+        return None
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return (
+            f"`simulation.ray_address`={address!r} is not a Ray address; use null (a private "
+            "local Ray), auto (the cluster `ray start` began here), host:port or ray://host:port"
+        )
+    return None

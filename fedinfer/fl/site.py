@@ -22,6 +22,7 @@ from flwr.app import Context
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.crypto.at_rest import StateKey, resolve_state_key
 from fedinfer.data import SiteData, build_federated_data, load_site_file, site_name
+from fedinfer.data.shared import open_site
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.models import build_model
@@ -68,17 +69,26 @@ SiteResolver = Callable[[Context], SiteEnv]
 
 
 def simulation_resolver(
-    cfg: FedInferConfig, *, output_dir: Path, coordinator_public_key: Path | None
+    cfg: FedInferConfig,
+    *,
+    output_dir: Path,
+    coordinator_public_key: Path | None,
+    data_dir: Path | None = None,
 ) -> SiteResolver:
     """Sites of a simulation: partition ``i`` is ``site-0i`` with state in ``sites/<id>/``.
 
     Their state is plaintext unless ``$FEDINFER_STATE_KEY_FILE`` names a state key, which
     then encrypts every simulated site's state (one key for all: they share a machine).
+    With ``data_dir`` (written by :func:`fedinfer.data.shared.write_shared_sites`) a site maps
+    its rows from those files instead of rebuilding the whole federation in each actor.
     """
 
     def resolve(context: Context) -> SiteEnv:
         index = int(context.node_config[NodeConfigKeys.PARTITION_ID])
-        data = build_federated_data(cfg).sites[index]
+        if data_dir is not None:
+            data = open_site(data_dir, index)
+        else:
+            data = build_federated_data(cfg).sites[index]
         state_dir = output_dir / "sites" / data.site_id
         return SiteEnv(
             site_id=data.site_id,

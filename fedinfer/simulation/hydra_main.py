@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.store import conf_dir, register_configs
-from fedinfer.errors import FedInferError
+from fedinfer.errors import ConfigError, FedInferError
 
 __all__ = ["hydra_simulate", "simulate_job"]
 
@@ -75,8 +75,17 @@ def _share_cpus(cfg: FedInferConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from fedinfer.simulation.sweeps import available_cpus, job_cpu_share, launcher_jobs
+    from fedinfer.simulation.sweeps import (
+        available_cpus,
+        job_cpu_share,
+        launcher_jobs,
+        scheduled_launcher,
+    )
 
+    launcher = HydraConfig.get().launcher
+    if HydraConfig.get().mode == RunMode.MULTIRUN and scheduled_launcher(launcher):
+        _use_job_allocation(cfg, launcher_target=str(launcher.get("_target_")))
+        return
     n_jobs = launcher_jobs(HydraConfig.get().launcher)
     if n_jobs is None or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
@@ -87,6 +96,29 @@ def _share_cpus(cfg: FedInferConfig) -> None:
     torch.set_num_threads(share)
     if cfg.simulation.num_cpus is None:
         cfg.simulation.num_cpus = share
+
+
+def _use_job_allocation(cfg: FedInferConfig, *, launcher_target: str) -> None:
+    """A scheduled job (Slurm, Ray launcher) uses exactly the CPUs its launcher asked for."""
+    import torch
+
+    if "hydra_ray_launcher" in launcher_target and cfg.simulation.runtime == "ray":
+        # Flower's Ray runtime inside a Ray task never got its actors here (hung for minutes).
+        raise ConfigError(
+            "`simulation.runtime`=ray cannot run inside a job of hydra/launcher=ray_cluster "
+            "(each job already is a Ray task); set simulation.runtime=inprocess, or use "
+            "hydra/launcher=slurm or simulation.ray_address for Ray"
+        )
+
+    job_cpus = cfg.simulation.job_cpus
+    if job_cpus < 1 or job_cpus < cfg.federation.client_cpus:
+        raise ConfigError(
+            f"`simulation.job_cpus`={job_cpus} must be >= 1 and >= `federation.client_cpus`="
+            f"{cfg.federation.client_cpus} (one site per job at least); raise simulation.job_cpus"
+        )
+    torch.set_num_threads(job_cpus)
+    if cfg.simulation.num_cpus is None and cfg.simulation.ray_address is None:
+        cfg.simulation.num_cpus = job_cpus
 
 
 class _OursOrWarnings(logging.Filter):

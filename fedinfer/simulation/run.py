@@ -19,11 +19,13 @@ from fedinfer.artifacts import generate_signing_key, save_public_key, save_signi
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
 from fedinfer.data import build_federated_data
+from fedinfer.data.shared import write_shared_sites
 from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
 from fedinfer.fl.site import simulation_resolver
 from fedinfer.reporting.progress import RoundPrinter
+from fedinfer.simulation.ray_backend import backend_config
 
 __all__ = ["SimulationResult", "run_simulation"]
 
@@ -75,10 +77,13 @@ def run_simulation(
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
     signing_key, public_key = _coordinator_keys(output_dir)
+    data_dir = None
+    if cfg.simulation.runtime == "ray" and cfg.simulation.shared_data:
+        data_dir = write_shared_sites(data, output_dir / "site_data")  # mapped by every actor
     client_app = build_client_app(
         config_fn=lambda context: cfg,
         resolver_fn=lambda c: simulation_resolver(
-            c, output_dir=output_dir, coordinator_public_key=public_key
+            c, output_dir=output_dir, coordinator_public_key=public_key, data_dir=data_dir
         ),
     )
     run_id = uuid.uuid4().hex[:12]
@@ -138,24 +143,17 @@ def _run_on_ray(cfg: FedInferConfig, client_app: ClientApp, main: Any) -> None:
     server_app.main()(main)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    backend_config: dict[str, Any] = {
-        "client_resources": {
-            "num_cpus": cfg.federation.client_cpus,
-            "num_gpus": cfg.federation.client_gpus,
-        },
-        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
-    }
-    if cfg.simulation.num_cpus is not None:  # a parallel sweep's share of the machine
-        backend_config["init_args"]["num_cpus"] = cfg.simulation.num_cpus
+    import ray
+
+    # Inside a Ray task (Hydra's Ray launcher) Ray is already up and Flower joins it: leave it up.
+    owns_ray = not ray.is_initialized()
     try:
         flwr_run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=cfg.federation.num_sites,
-            backend_config=backend_config,
+            backend_config=backend_config(cfg),
         )
     finally:
-        import ray
-
-        if ray.is_initialized():  # stop Ray's daemons with the run, not at interpreter exit
+        if owns_ray and ray.is_initialized():  # stop Ray's daemons with the run, not at exit
             ray.shutdown()

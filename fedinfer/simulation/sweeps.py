@@ -29,6 +29,7 @@ __all__ = [
     "inspects_only",
     "job_cpu_share",
     "launcher_jobs",
+    "scheduled_launcher",
     "resolve_sweep",
     "split_hydra_args",
     "sweep_arguments",
@@ -200,3 +201,13 @@ def launcher_jobs(launcher: Mapping[str, object]) -> int | None:
     """How many jobs a Hydra launcher config runs at once (None: the sequential basic launcher)."""
     n_jobs = launcher.get("n_jobs")
     return int(n_jobs) if isinstance(n_jobs, int) else None
+
+
+def scheduled_launcher(launcher: Mapping[str, object]) -> bool:
+    """Whether a Hydra launcher hands each job to a scheduler that grants its share.
+
+    submitit's Slurm and local executors and Hydra's Ray launcher ask for
+    ``simulation.job_cpus`` CPUs per job (``conf/hydra/launcher/*.yaml``).
+    """
+    target = str(launcher.get("_target_", ""))
+    return "hydra_submitit_launcher" in target or "hydra_ray_launcher" in target
