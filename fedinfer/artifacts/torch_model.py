@@ -9,17 +9,21 @@ import torch
 from torch import nn
 
 from fedinfer.artifacts.manifest import ModelManifest
-from fedinfer.config.schema import ModelConfig
+from fedinfer.config.schema import ModelConfig, PrivacyConfig
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.models import build_model
 
 __all__ = ["load_torch_model", "model_config_of", "weights_from_module"]
 
+_DERIVED_KEYS = ("num_parameters",)
+"""Keys of a manifest's ``model`` dict that describe the model rather than configure it."""
+
 
 def model_config_of(manifest: ModelManifest) -> ModelConfig:
     """Return the :class:`ModelConfig` recorded in ``manifest``."""
+    fields = {k: v for k, v in manifest.model.items() if k not in _DERIVED_KEYS}
     try:
-        return ModelConfig(**manifest.model)
+        return ModelConfig(**fields)
     except TypeError as exc:
         raise ModelIntegrityError(f"manifest 'model' is not a ModelConfig: {exc}") from None
 
@@ -32,17 +36,23 @@ def load_torch_model(weights: Mapping[str, np.ndarray], manifest: ModelManifest)
     >>> weights, manifest = ModelStore(root).load()  # doctest: +SKIP
     >>> model = load_torch_model(weights, manifest)  # doctest: +SKIP
     """
+    cfg = model_config_of(manifest)
     try:
-        model = build_model(
-            model_config_of(manifest),
-            input_dim=manifest.input_dim,
-            num_classes=manifest.num_classes,
-        )
+        model = build_model(cfg, input_dim=manifest.input_dim, num_classes=manifest.num_classes)
     except ConfigError as exc:
         raise ModelIntegrityError(f"manifest describes an invalid model: {exc}") from None
     state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError:
+            if cfg.name != "custom":
+                raise
+            # Trained under DP with privacy.fix_model: the same module, Opacus-fixed.
+            from fedinfer.models.custom import dp_compatible
+
+            model, _ = dp_compatible(model, PrivacyConfig(mode="dpsgd", fix_model=True))
+            model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise ModelIntegrityError(

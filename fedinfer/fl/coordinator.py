@@ -29,7 +29,7 @@ from fedinfer.fl.loop import EvaluateFn, FederationState, RoundRecord, run_round
 from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.strategy import build_strategy
-from fedinfer.models import build_model
+from fedinfer.models import build_model, describe_model
 from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.reporting.results import ResultsWriter, plot_accuracy, write_json_atomic
@@ -61,16 +61,18 @@ class CoordinatorResult:
 def initial_arrays(cfg: FedInferConfig, shape: ModelShape) -> ArrayRecord:
     """The seeded initial global model."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes)
+    model = build_model(
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+    )
     return weights_to_arrays(get_weights(model))
 
 
 def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDataset) -> EvaluateFn:
     """Evaluate the global model on a held-out split at the coordinator (simulation only)."""
     device = select_device(cfg.simulation.device)
-    model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes).to(
-        device
-    )
+    model = build_model(
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+    ).to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         set_weights(model, arrays_to_weights(arrays))
@@ -117,6 +119,9 @@ def run_coordinator(
     ):
         state, run_id = checkpoint.state, checkpoint.run_id
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
+    writer.data["model"] = describe_model(
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+    )
     writer.data["rounds"] = [r.to_json() for r in state.history]
     printer = printer or RoundPrinter(
         num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress

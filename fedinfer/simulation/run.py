@@ -23,6 +23,7 @@ from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
 from fedinfer.fl.site import simulation_resolver
+from fedinfer.models.custom import allow_target
 from fedinfer.reporting.progress import RoundPrinter
 
 __all__ = ["SimulationResult", "run_simulation"]
@@ -70,6 +71,10 @@ def run_simulation(
     >>> result = run_simulation(cfg, output_dir=Path("outputs/demo"))  # doctest: +SKIP
     """
     validate_config(cfg)
+    if cfg.model.name == "custom" and cfg.model._target_:
+        # A simulation's own config is every simulated site's config, so its model target
+        # is allowed here (a deployed site names its own allow-list, fedinfer.models.custom).
+        allow_target(cfg.model._target_)
     data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
