@@ -76,6 +76,8 @@ def run_simulation(
         # is allowed here (a deployed site names its own allow-list, fedinfer.models.custom).
         allow_target(cfg.model._target_)
     data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
+    if cfg.model.name == "custom" and cfg.model.input_shape is None:
+        cfg.model.input_shape = list(data.sample_shape)  # e.g. digits: [1, 8, 8]
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
