@@ -283,3 +283,22 @@ def test_served_image_model_shows_and_checks_its_shape(
                            "data": x[0].ravel().tolist()}]}  # fmt: skip
         reply = httpx.post(f"{url}/v2/models/custom/infer", json=bad)
         assert reply.status_code == 400 and "[batch, 1, 8, 8] or [batch, 64]" in reply.text
+
+
+def test_simulation_refuses_batchnorm_counters_under_secagg_before_any_site_starts(
+    allowed: None, tmp_path: Path
+) -> None:
+    from fedinfer.simulation import run_simulation
+
+    cfg = tiny_config(
+        "dataset=digits", "model=custom", f"model._target_={TARGET}", "privacy=none",
+        "secagg=on",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"num_batches_tracked.*int64.*privacy.fix_model=true"):
+        run_simulation(cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
+    cfg = tiny_config(
+        "dataset=digits", "model=custom", f"model._target_={TARGET}", "privacy=dpsgd",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"net\.features\.1 \(BatchNorm2d\).*fix_model=true"):
+        run_simulation(cfg, output_dir=tmp_path / "run2")

@@ -27,17 +27,23 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = "examples.images.net.DigitsCnn"
 
 
-def overrides(*, sites: int, rounds: int, runtime: str, epsilon: float) -> list[str]:
-    """The Hydra overrides of the example's federation."""
+def overrides(
+    *, sites: int, rounds: int, runtime: str, epsilon: float, dp: bool = True
+) -> list[str]:
+    """The Hydra overrides of the example's federation (``dp=False``: the no-DP baseline)."""
+    privacy = (
+        ["privacy=dpsgd", "privacy.fix_model=true", f"privacy.target_epsilon={epsilon}"]
+        if dp
+        # BatchNorm stays without DP-SGD; its int64 counter cannot go through secure aggregation.
+        else ["privacy=none", "secagg=off"]
+    )
     return [
         "dataset=digits",  # the data layer says (1, 8, 8): model.input_shape defaults to it
         "model=custom",
         f"model._target_={TARGET}",
         "+model.kwargs.channels=16",
-        "privacy=dpsgd",
-        "privacy.fix_model=true",  # BatchNorm -> GroupNorm, reported in results.json
-        f"privacy.target_epsilon={epsilon}",
-        "secagg=on",
+        *privacy,  # dpsgd + fix_model: BatchNorm -> GroupNorm, reported in results.json
+        *(["secagg=on"] if dp else []),
         f"federation.num_sites={sites}",
         f"federation.rounds={rounds}",
         "federation.batch_size=64",
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--runtime", choices=("ray", "inprocess"), default="ray")
+    parser.add_argument("--no-dp", action="store_true", help="the baseline without DP-SGD")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]  # Ray workers import the model too
@@ -118,7 +125,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     from fedinfer.simulation import run_simulation
 
     cfg = load_config(
-        overrides(sites=args.sites, rounds=args.rounds, runtime=args.runtime, epsilon=args.epsilon)
+        overrides(
+            sites=args.sites,
+            rounds=args.rounds,
+            runtime=args.runtime,
+            epsilon=args.epsilon,
+            dp=not args.no_dp,
+        )
     )
     out = args.out.resolve()
     result = run_simulation(cfg, output_dir=out)

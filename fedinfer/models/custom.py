@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedinfer.config.schema import ModelConfig, PrivacyConfig
+from fedinfer.config.schema import FedInferConfig, ModelConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "check_target_allowed",
     "dp_compatible",
     "input_shape_of",
+    "preflight",
 ]
 
 ALLOW_ENV = "FEDINFER_MODEL_TARGETS"
@@ -208,3 +209,25 @@ def dp_compatible(
         )
     logger.info("privacy.fix_model replaced %s", "; ".join(replaced))
     return fixed, replaced
+
+
+def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
+    """Build the run's custom model once before any site starts; raise a one-line error.
+
+    Catches, before Ray starts: a target off the allow-list, a bad constructor, a layer
+    DP-SGD cannot train, and (with secure aggregation, which sums float vectors) a
+    non-float buffer such as BatchNorm's ``num_batches_tracked``.
+    """
+    from fedinfer.models.registry import build_model
+
+    model = build_model(
+        cfg.model, input_dim=input_dim, num_classes=num_classes, privacy=cfg.privacy
+    )
+    if cfg.secagg.enabled:
+        for name, value in model.state_dict().items():
+            if not value.is_floating_point():
+                raise ConfigError(
+                    f"secure aggregation sums float arrays, but the model's {name!r} is "
+                    f"{str(value.dtype).removeprefix('torch.')} (a BatchNorm counter?); use "
+                    "privacy=dpsgd privacy.fix_model=true, a model without it, or secagg=off"
+                )

@@ -23,7 +23,7 @@ from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
 from fedinfer.fl.site import simulation_resolver
-from fedinfer.models.custom import allow_target
+from fedinfer.models.custom import allow_target, preflight
 from fedinfer.reporting.progress import RoundPrinter
 
 __all__ = ["SimulationResult", "run_simulation"]
@@ -78,6 +78,8 @@ def run_simulation(
     data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
     if cfg.model.name == "custom" and cfg.model.input_shape is None:
         cfg.model.input_shape = list(data.sample_shape)  # e.g. digits: [1, 8, 8]
+    if cfg.model.name == "custom":
+        preflight(cfg, input_dim=data.input_dim, num_classes=data.num_classes)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
