@@ -302,3 +302,31 @@ def test_simulation_refuses_batchnorm_counters_under_secagg_before_any_site_star
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"net\.features\.1 \(BatchNorm2d\).*fix_model=true"):
         run_simulation(cfg, output_dir=tmp_path / "run2")
+
+
+def test_config_errors_name_the_key() -> None:
+    from fedinfer.config.validate import validate_config
+
+    with pytest.raises(ConfigError, match=r"model._target_` is required for model=custom"):
+        validate_config(tiny_config("model=custom"))
+    with pytest.raises(ConfigError, match=r"model.input_shape` applies to model=custom only"):
+        build_model(ModelConfig(name="mlp", input_shape=[64]), input_dim=64, num_classes=10)
+    with pytest.raises(ConfigError, match=r"cannot be imported.*PYTHONPATH"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(ALLOW_ENV, "no_such_pkg.*")
+            build_model(_cfg(_target_="no_such_pkg.Net"), input_dim=64, num_classes=10)
+
+
+def test_fix_is_reported_once_per_run(
+    allowed: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedinfer.models.custom import preflight
+
+    cfg = tiny_config(
+        "dataset=digits", "model=custom", f"model._target_={TARGET}",
+        "model.input_shape=[1,8,8]", "privacy=dpsgd", "privacy.fix_model=true",
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="fedinfer.models.custom"):
+        preflight(cfg, input_dim=64, num_classes=10)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "net.features.1: BatchNorm2d -> GroupNorm" in caplog.records[0].getMessage()

@@ -134,8 +134,9 @@ def build_custom(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> Shape
     try:
         factory = get_object(target)
     except Exception as exc:  # ImportError, AttributeError, hydra's own wrapping
+        reason = " ".join(str(exc.__cause__ or exc).split())
         raise ConfigError(
-            f"`model._target_` {target!r} cannot be imported ({exc}); "
+            f"`model._target_` {target!r} cannot be imported ({reason}); "
             "put its package on PYTHONPATH or install it"
         ) from None
     try:
@@ -149,7 +150,7 @@ def build_custom(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> Shape
     try:
         net = instantiate({"_target_": target, **kwargs}, _recursive_=False, _convert_="all")
     except Exception as exc:  # the user's constructor may raise anything
-        cause = exc.__cause__ or exc
+        cause = " ".join(str(exc.__cause__ or exc).split())
         raise ConfigError(
             f"`model._target_` {target!r} failed to build with model.kwargs {cfg.kwargs}: {cause}"
         ) from None
@@ -207,7 +208,8 @@ def dp_compatible(
             f"privacy.fix_model=true could not make layer {remaining[0]} DP-compatible; "
             "change the model"
         )
-    logger.info("privacy.fix_model replaced %s", "; ".join(replaced))
+    # Every party builds the model every round; preflight() reports the fix once per run.
+    logger.debug("privacy.fix_model replaced %s", "; ".join(replaced))
     return fixed, replaced
 
 
@@ -218,11 +220,16 @@ def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
     DP-SGD cannot train, and (with secure aggregation, which sums float vectors) a
     non-float buffer such as BatchNorm's ``num_batches_tracked``.
     """
-    from fedinfer.models.registry import build_model
-
-    model = build_model(
-        cfg.model, input_dim=input_dim, num_classes=num_classes, privacy=cfg.privacy
+    model, replaced = dp_compatible(
+        build_custom(cfg.model, input_dim=input_dim, num_classes=num_classes), cfg.privacy
     )
+    if replaced:
+        logger.warning(
+            "privacy.fix_model replaced %d layer(s) of %s for DP-SGD: %s",
+            len(replaced),
+            cfg.model._target_,
+            "; ".join(replaced),
+        )
     if cfg.secagg.enabled:
         for name, value in model.state_dict().items():
             if not value.is_floating_point():
