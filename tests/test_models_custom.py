@@ -330,3 +330,38 @@ def test_fix_is_reported_once_per_run(
         preflight(cfg, input_dim=64, num_classes=10)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "net.features.1: BatchNorm2d -> GroupNorm" in caplog.records[0].getMessage()
+
+
+def test_a_site_serves_the_signed_onnx_graph_without_importing_the_code(
+    evil_module: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedinfer.models.custom import export_graph
+    from fedinfer.serving.backends import build_backend
+
+    monkeypatch.setenv(ALLOW_ENV, "evil_site_pkg.Net")  # the coordinator has the code
+    cfg = tiny_config(
+        "model=custom", "model._target_=evil_site_pkg.Net", "privacy=none", "secagg=off"
+    )
+    model = build_model(cfg.model, input_dim=64, num_classes=10).eval()
+    weights = weights_from_module(model)
+    graph = export_graph(cfg, weights, input_dim=64, num_classes=10)
+    assert graph is not None
+    key = generate_signing_key()
+    out = write_artifact(
+        tmp_path / "v1", weights=weights, model_cfg=cfg.model, input_dim=64, num_classes=10,
+        version=1, server_round=1, metrics={}, privacy={}, run_id="r", signing_key=key,
+        onnx_graph=graph,
+    )  # fmt: skip
+    evil_module.unlink()
+    monkeypatch.delitem(sys.modules, "evil_site_pkg")
+    monkeypatch.delenv(ALLOW_ENV)  # the serving site allows nothing
+    manifest = verify_artifact(out, public_key=key.public_key())
+    stored = read_weights(out, manifest)
+    backend = build_backend("onnx", stored, manifest)
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(backend.predict(x), model(torch.from_numpy(x)).numpy(), atol=1e-4)
+    assert not evil_module.exists() and "evil_site_pkg" not in sys.modules
+    with pytest.raises(ModelIntegrityError, match="allow-list"):  # torch needs the code
+        build_backend("torch", stored, manifest)
+    assert not evil_module.exists()

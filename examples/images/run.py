@@ -7,8 +7,9 @@ One command, from the repository root::
 Steps: (1) a simulation of 4 sites trains ``examples.images.net.DigitsCnn`` on scikit-learn's
 bundled digits as ``(1, 8, 8)`` images (nothing downloaded; BatchNorm replaced by GroupNorm
 because of ``privacy.fix_model=true``); (2) site-00 serves its signed model with
-``fedinfer serve --backend onnx`` in its own process; (3) tritonclient sends ``[n, 1, 8, 8]``
-images; (4) ``fedinfer predict`` scores an NPZ of images offline.
+``fedinfer serve --backend onnx`` in its own process, from the ONNX graph signed into the
+artifact, with no model code on its allow-list; (3) tritonclient sends ``[n, 1, 8, 8]``
+images; (4) ``fedinfer predict --backend onnx`` scores an NPZ of images offline.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def overrides(
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    # The serving site's own allow-list: it imports this module and nothing else.
-    env["FEDINFER_MODEL_TARGETS"] = TARGET
+    # The serving site allows no model code at all: the artifact carries the signed ONNX
+    # graph, which ONNX Runtime runs as data (--backend torch would need the allow-list).
+    env.pop("FEDINFER_MODEL_TARGETS", None)
     return env
 
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     subprocess.run(
         [sys.executable, "-m", "fedinfer.cli", "predict", "--model-store", str(store),
          "--input", str(out / "images.npz"), "--output", str(out / "predictions.csv"),
-         "--public-key", str(public_key), "--no-progress"],
+         "--public-key", str(public_key), "--backend", "onnx", "--no-progress"],
         env=_env(), check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     import pandas as pd

@@ -73,6 +73,7 @@ def write_artifact(
     signing_key: Ed25519PrivateKey,
     name: str | None = None,
     class_labels: list[str] | None = None,
+    onnx_graph: bytes | None = None,
 ) -> Path:
     """Write a signed model artifact into ``out_dir`` (created; must not exist or be empty).
 
@@ -104,6 +105,9 @@ def write_artifact(
         Model name served at ``/v2/models/{name}`` (default: ``model_cfg.name``).
     class_labels : list[str] or None
         Optional human-readable class names (default: None).
+    onnx_graph : bytes or None
+        The model's checked ONNX export, stored (and signed) with the weights under
+        ``ONNX_GRAPH_KEY`` so a site can serve it without importing the model's code.
 
     Returns
     -------
@@ -119,6 +123,10 @@ def write_artifact(
     """
     _check_write_args(version, server_round, input_dim, num_classes, class_labels)
     arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    if onnx_graph is not None:
+        from fedinfer.artifacts.torch_model import ONNX_GRAPH_KEY
+
+        arrays[ONNX_GRAPH_KEY] = np.frombuffer(onnx_graph, dtype=np.uint8).copy()
     model_dict = jsonable(dataclasses.asdict(model_cfg), where="model_cfg")
     input_shape = _input_shape(model_cfg, input_dim)
     blob = st_save(arrays)

@@ -30,6 +30,7 @@ from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.strategy import build_strategy
 from fedinfer.models import build_model, describe_model
+from fedinfer.models.custom import export_graph
 from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.reporting.results import ResultsWriter, plot_accuracy, write_json_atomic
@@ -199,9 +200,10 @@ def _write_final_artifact(
         import shutil
 
         shutil.rmtree(target)
+    weights = arrays_to_weights(state.arrays)
     return write_artifact(
         target,
-        weights=arrays_to_weights(state.arrays),
+        weights=weights,
         model_cfg=cfg.model,
         input_dim=shape.input_dim,
         num_classes=shape.num_classes,
@@ -211,6 +213,9 @@ def _write_final_artifact(
         privacy=privacy,
         run_id=run_id,
         signing_key=signing_key,
+        onnx_graph=export_graph(
+            cfg, weights, input_dim=shape.input_dim, num_classes=shape.num_classes
+        ),
     )
 
 

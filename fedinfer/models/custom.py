@@ -39,6 +39,7 @@ __all__ = [
     "build_custom",
     "check_target_allowed",
     "dp_compatible",
+    "export_graph",
     "input_shape_of",
     "preflight",
 ]
@@ -238,3 +239,38 @@ def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
                     f"{str(value.dtype).removeprefix('torch.')} (a BatchNorm counter?); use "
                     "privacy=dpsgd privacy.fix_model=true, a model without it, or secagg=off"
                 )
+
+
+def export_graph(
+    cfg: FedInferConfig,
+    weights: Mapping[str, Any],
+    *,
+    input_dim: int,
+    num_classes: int,
+) -> bytes | None:
+    """The custom model's ONNX graph for its artifact (flat ``(batch, input_dim)`` input).
+
+    Exported where the code already runs (the coordinator) and checked against eager torch,
+    so sites can serve the signed graph without importing the code. None for built-in
+    models, and (with a warning) when export or the check fails: sites then need the
+    target on their allow-list to serve it with torch.
+    """
+    if cfg.model.name != "custom":
+        return None
+    import numpy as np
+
+    from fedinfer.errors import ServingError
+    from fedinfer.models.registry import build_model
+    from fedinfer.serving.backends import export_onnx
+
+    model = build_model(
+        cfg.model, input_dim=input_dim, num_classes=num_classes, privacy=cfg.privacy
+    )
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}, strict=True
+    )
+    try:
+        return export_onnx(model.eval(), input_shape=(input_dim,))
+    except ServingError as exc:
+        logger.warning("the model artifact carries no ONNX graph: %s", exc)
+        return None

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedinfer.artifacts import INPUT_NAME, OUTPUT_NAME, ModelManifest, load_torch_model
+from fedinfer.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelManifest,
+    load_torch_model,
+    split_onnx_graph,
+)
 from fedinfer.errors import ConfigError, ServingError
 
 __all__ = [
@@ -91,7 +97,14 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, model: nn.Module, *, input_dim: int, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None,
+        *,
+        input_dim: int,
+        threads: int | None = None,
+        graph: bytes | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -101,8 +114,12 @@ class OnnxBackend:
         # Idle ORT worker threads spin by default, burning the CPU that the server's event
         # loop needs on a small box; sleeping costs microseconds per batch at most.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if graph is None:
+            if model is None:
+                raise TypeError("OnnxBackend needs a model or an ONNX graph")
+            graph = export_onnx(model, input_shape=(input_dim,))
         self.session = ort.InferenceSession(
-            export_onnx(model, input_shape=(input_dim,)),
+            graph,
             options,
             providers=["CPUExecutionProvider"],
         )
@@ -269,6 +286,10 @@ def build_backend(
     """
     if name not in BACKEND_NAMES:
         raise ConfigError(f"`--backend` is {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    graph = split_onnx_graph(weights)[1]
+    if name == "onnx" and graph is not None and prune_amount == 0:
+        # The signed graph is data: served without importing the model's Python code.
+        return OnnxBackend(None, input_dim=manifest.input_dim, threads=threads, graph=graph)
     model = prune_model(load_torch_model(weights, manifest), prune_amount)
     if name == "torch":
         return TorchBackend(model)
