@@ -130,12 +130,15 @@ def build_custom(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> Shape
     kwargs = dict(cfg.kwargs or {})
     _reject_nested_targets(kwargs, "model.kwargs")
     shape = input_shape_of(cfg, input_dim)
-    from hydra.utils import get_object, instantiate
+    import importlib
 
+    from hydra.utils import instantiate
+
+    module_name, _, attr = target.rpartition(".")
     try:
-        factory = get_object(target)
-    except Exception as exc:  # ImportError, AttributeError, hydra's own wrapping
-        reason = " ".join(str(exc.__cause__ or exc).split())
+        factory = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own errors
+        reason = " ".join(str(exc).split())
         raise ConfigError(
             f"`model._target_` {target!r} cannot be imported ({reason}); "
             "put its package on PYTHONPATH or install it"
