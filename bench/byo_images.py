@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    paths = [str(ROOT), os.environ.get("PYTHONPATH")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
 
     from examples.images.run import overrides
     from fedinfer.config import load_config
@@ -66,9 +67,14 @@ def main() -> None:
     rows: dict[str, list[float]] = {"centralized": [], "federated, no DP": [], "federated, DP": []}
     eps: list[float] = []
     for seed in args.seeds:
-        base = dict(sites=4, rounds=args.rounds, runtime="inprocess", epsilon=8.0)
-        plain = load_config([*overrides(**base, dp=False), f"seed={seed}", "simulation.progress=false"])  # type: ignore[arg-type]
-        private = load_config([*overrides(**base, dp=True), f"seed={seed}", "simulation.progress=false"])  # type: ignore[arg-type]
+        extra = [f"seed={seed}", "simulation.progress=false"]
+        plain, private = (
+            load_config(
+                [*overrides(sites=4, rounds=args.rounds, runtime="inprocess", epsilon=8.0, dp=dp),
+                 *extra]
+            )  # fmt: skip
+            for dp in (False, True)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             r_plain = run_simulation(plain, output_dir=Path(tmp) / "plain")
             r_dp = run_simulation(private, output_dir=Path(tmp) / "dp")

@@ -32,8 +32,9 @@ def test_images_example_trains_with_dp_secagg_serves_and_predicts(
     assert summary["served_accuracy"] > 0.5, "well above chance (0.1)"  # type: ignore[operator]
     assert summary["predict_rows"] == 200 and summary["predict_agrees_with_server"]
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["secagg"]["enabled"] and results["config"]["privacy"]["mode"] == "dpsgd"
-    assert results["config"]["model"]["input_shape"] == [1, 8, 8]  # from the data layer
+    config = results["config"]
+    assert config["secagg"]["enabled"] and config["privacy"]["mode"] == "dpsgd"
+    assert config["model"]["input_shape"] == [1, 8, 8]  # from the data layer
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [-1, 1, 8, 8]
     assert manifest["model"]["_target_"] == "examples.images.net.DigitsCnn"
