@@ -26,11 +26,18 @@ from fedinfer.artifacts.signing import (
     save_signing_key,
 )
 from fedinfer.artifacts.store import ModelStore
-from fedinfer.artifacts.torch_model import load_torch_model, model_config_of, weights_from_module
+from fedinfer.artifacts.torch_model import (
+    ONNX_GRAPH_KEY,
+    load_torch_model,
+    model_config_of,
+    split_onnx_graph,
+    weights_from_module,
+)
 
 __all__ = [
     "INPUT_NAME",
     "MANIFEST_FILE",
+    "ONNX_GRAPH_KEY",
     "OUTPUT_NAME",
     "WEIGHTS_FILE",
     "ModelManifest",
@@ -41,6 +48,7 @@ __all__ = [
     "load_public_key",
     "load_signing_key",
     "load_torch_model",
+    "split_onnx_graph",
     "model_config_of",
     "read_manifest",
     "read_weights",

@@ -17,6 +17,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -72,6 +73,7 @@ def write_artifact(
     signing_key: Ed25519PrivateKey,
     name: str | None = None,
     class_labels: list[str] | None = None,
+    onnx_graph: bytes | None = None,
 ) -> Path:
     """Write a signed model artifact into ``out_dir`` (created; must not exist or be empty).
 
@@ -103,6 +105,9 @@ def write_artifact(
         Model name served at ``/v2/models/{name}`` (default: ``model_cfg.name``).
     class_labels : list[str] or None
         Optional human-readable class names (default: None).
+    onnx_graph : bytes or None
+        The model's checked ONNX export, stored (and signed) with the weights under
+        ``ONNX_GRAPH_KEY`` so a site can serve it without importing the model's code.
 
     Returns
     -------
@@ -118,7 +123,12 @@ def write_artifact(
     """
     _check_write_args(version, server_round, input_dim, num_classes, class_labels)
     arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    if onnx_graph is not None:
+        from fedinfer.artifacts.torch_model import ONNX_GRAPH_KEY
+
+        arrays[ONNX_GRAPH_KEY] = np.frombuffer(onnx_graph, dtype=np.uint8).copy()
     model_dict = jsonable(dataclasses.asdict(model_cfg), where="model_cfg")
+    input_shape = _input_shape(model_cfg, input_dim)
     blob = st_save(arrays)
     manifest = ModelManifest(
         name=name or model_cfg.name,
@@ -126,7 +136,7 @@ def write_artifact(
         server_round=server_round,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         model=model_dict,
-        inputs=(TensorSpec(INPUT_NAME, (-1, input_dim), "FP32"),),
+        inputs=(TensorSpec(INPUT_NAME, (-1, *input_shape), "FP32"),),
         outputs=(TensorSpec(OUTPUT_NAME, (-1, num_classes), "FP32"),),
         weights_sha256=hashlib.sha256(blob).hexdigest(),
         run_id=run_id,
@@ -136,7 +146,13 @@ def write_artifact(
         weights_file=WEIGHTS_FILE,
         format=MANIFEST_FORMAT,
     )
-    _check_weights_fit(arrays, manifest)
+    model = _check_weights_fit(arrays, manifest)
+    if model_cfg.name == "custom":  # a user's module: say how big it is
+        from fedinfer.models import count_parameters
+
+        manifest = dataclasses.replace(
+            manifest, model={**model_dict, "num_parameters": count_parameters(model)}
+        )
     signed = dataclasses.replace(manifest, signature=_signature(signing_key, manifest))
     return _write_atomically(Path(out_dir), blob, signed)
 
@@ -163,11 +179,23 @@ def _check_write_args(
         )
 
 
-def _check_weights_fit(arrays: Mapping[str, np.ndarray], manifest: ModelManifest) -> None:
+def _input_shape(model_cfg: ModelConfig, input_dim: int) -> tuple[int, ...]:
+    if model_cfg.input_shape is None:
+        return (input_dim,)
+    shape = tuple(int(d) for d in model_cfg.input_shape)
+    if not shape or any(d < 1 for d in shape) or math.prod(shape) != input_dim:
+        raise ConfigError(
+            f"`model.input_shape` {list(shape)} does not fit input_dim {input_dim}; "
+            f"its product must be {input_dim}"
+        )
+    return shape
+
+
+def _check_weights_fit(arrays: Mapping[str, np.ndarray], manifest: ModelManifest) -> Any:
     from fedinfer.artifacts.torch_model import load_torch_model  # torch import is heavy
 
     try:
-        load_torch_model(arrays, manifest)
+        return load_torch_model(arrays, manifest)
     except ModelIntegrityError as exc:
         raise ConfigError(f"refusing to sign weights that do not fit the model: {exc}") from None
 

@@ -85,8 +85,13 @@ class ModelManifest:
 
     @property
     def input_dim(self) -> int:
-        """Features per sample (the last dimension of the single input)."""
-        return self.inputs[0].shape[-1]
+        """Features per sample: the product of the single input's non-batch dimensions."""
+        return math.prod(self.inputs[0].shape[1:])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape, e.g. ``(1, 8, 8)`` (``(input_dim,)`` for flat models)."""
+        return tuple(self.inputs[0].shape[1:])
 
     @property
     def num_classes(self) -> int:

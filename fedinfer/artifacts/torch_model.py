@@ -9,17 +9,40 @@ import torch
 from torch import nn
 
 from fedinfer.artifacts.manifest import ModelManifest
-from fedinfer.config.schema import ModelConfig
+from fedinfer.config.schema import ModelConfig, PrivacyConfig
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.models import build_model
 
-__all__ = ["load_torch_model", "model_config_of", "weights_from_module"]
+__all__ = [
+    "ONNX_GRAPH_KEY",
+    "load_torch_model",
+    "model_config_of",
+    "split_onnx_graph",
+    "weights_from_module",
+]
+
+ONNX_GRAPH_KEY = "__onnx_graph__"
+"""A uint8 tensor in an artifact's weights holding the model's ONNX graph (custom models): signed
+with the weights, and served by ONNX Runtime without importing the model's Python code."""
+
+
+def split_onnx_graph(
+    weights: Mapping[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], bytes | None]:
+    """The weights without the embedded ONNX graph, and the graph's bytes (None if absent)."""
+    rest = {k: v for k, v in weights.items() if k != ONNX_GRAPH_KEY}
+    graph = weights.get(ONNX_GRAPH_KEY)
+    return rest, (np.asarray(graph, dtype=np.uint8).tobytes() if graph is not None else None)
+
+_DERIVED_KEYS = ("num_parameters",)
+"""Keys of a manifest's ``model`` dict that describe the model rather than configure it."""
 
 
 def model_config_of(manifest: ModelManifest) -> ModelConfig:
     """Return the :class:`ModelConfig` recorded in ``manifest``."""
+    fields = {k: v for k, v in manifest.model.items() if k not in _DERIVED_KEYS}
     try:
-        return ModelConfig(**manifest.model)
+        return ModelConfig(**fields)
     except TypeError as exc:
         raise ModelIntegrityError(f"manifest 'model' is not a ModelConfig: {exc}") from None
 
@@ -32,17 +55,24 @@ def load_torch_model(weights: Mapping[str, np.ndarray], manifest: ModelManifest)
     >>> weights, manifest = ModelStore(root).load()  # doctest: +SKIP
     >>> model = load_torch_model(weights, manifest)  # doctest: +SKIP
     """
+    cfg = model_config_of(manifest)
+    weights, _ = split_onnx_graph(weights)
     try:
-        model = build_model(
-            model_config_of(manifest),
-            input_dim=manifest.input_dim,
-            num_classes=manifest.num_classes,
-        )
+        model = build_model(cfg, input_dim=manifest.input_dim, num_classes=manifest.num_classes)
     except ConfigError as exc:
         raise ModelIntegrityError(f"manifest describes an invalid model: {exc}") from None
     state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError:
+            if cfg.name != "custom":
+                raise
+            # Trained under DP with privacy.fix_model: the same module, Opacus-fixed.
+            from fedinfer.models.custom import dp_compatible
+
+            model, _ = dp_compatible(model, PrivacyConfig(mode="dpsgd", fix_model=True))
+            model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise ModelIntegrityError(

@@ -8,6 +8,7 @@ points convert with ``OmegaConf.to_object``. ``MISSING`` marks required keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -77,6 +78,14 @@ class ModelConfig:
     """cnn1d only: convolution channels."""
     groups: int = 8
     """cnn1d only: GroupNorm groups (BatchNorm is never used: DP-SGD forbids it)."""
+    _target_: str | None = None
+    """custom only: import path of a ``torch.nn.Module`` class (``my_pkg.nets.Net``); a site
+    imports it only if its own ``$FEDINFER_MODEL_TARGETS`` allow-list names it."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """custom only: keyword arguments of the constructor (``model.kwargs.width=64``)."""
+    input_shape: list[int] | None = None
+    """Per-sample input shape, e.g. ``[1, 8, 8]``; its product must equal the data's feature
+    count. None: the flat ``[input_dim]``. Inputs are reshaped to ``(batch, *input_shape)``."""
 
 
 @dataclass
@@ -157,6 +166,9 @@ class PrivacyConfig:
     """central: noise multiplier of Flower's server-side DP wrapper."""
     central_adaptive: bool = False
     """central: use adaptive clipping instead of fixed."""
+    fix_model: bool = False
+    """dpsgd: replace layers Opacus cannot train privately (BatchNorm -> GroupNorm, ...) with
+    ``opacus.validators.ModuleValidator.fix``; the replacement is logged and reported."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ __all__ = [
 
 DATASETS = ("breast_cancer", "csv", "digits", "mnist1d")
 PARTITIONS = ("dirichlet", "iid", "shards")
-MODELS = ("cnn1d", "logreg", "mlp")
+MODELS = ("cnn1d", "custom", "logreg", "mlp")
 MEAN_STRATEGIES = ("fedadam", "fedavg", "fedavgm", "fedprox")
 ROBUST_STRATEGIES = ("fedmedian", "krum", "trimmed_mean")
 PRIVACY_MODES = ("central", "dpsgd", "none")
@@ -105,6 +105,13 @@ def _check_data(cfg: FedInferConfig, problems: list[str]) -> None:
             f"(got {cfg.partition.val_fraction} + {cfg.partition.test_fraction})"
         )
     _one_of(problems, "model.name", cfg.model.name, MODELS)
+    if cfg.model.name == "custom" and not cfg.model._target_:
+        problems.append(
+            "`model._target_` is required for model=custom; set model._target_=my_pkg.nets.Net"
+        )
+    shape = cfg.model.input_shape
+    if shape is not None and (not shape or any(d < 1 for d in shape)):
+        problems.append(f"`model.input_shape` must be positive sizes like [1, 8, 8] (got {shape})")
 
 
 def _check_federation(cfg: FedInferConfig, problems: list[str]) -> None:

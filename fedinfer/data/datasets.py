@@ -44,11 +44,16 @@ class ArrayDataset:
         int64 labels in ``[0, num_classes)`` of shape ``(n,)``.
     num_classes : int
         Number of classes (labels are re-indexed to ``0..num_classes-1``).
+    sample_shape : tuple[int, ...] or None
+        The natural per-sample shape of the flat rows, e.g. ``(1, 8, 8)`` for digit images
+        (None: just ``(input_dim,)``). A custom model with no ``model.input_shape`` of its
+        own gets this one.
     """
 
     x: np.ndarray
     y: np.ndarray
     num_classes: int
+    sample_shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -60,7 +65,7 @@ class ArrayDataset:
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """The samples at ``indices`` (labels keep the parent's class count)."""
-        return ArrayDataset(self.x[indices], self.y[indices], self.num_classes)
+        return ArrayDataset(self.x[indices], self.y[indices], self.num_classes, self.sample_shape)
 
 
 def cache_dir(cfg: DatasetConfig) -> Path:
@@ -150,7 +155,8 @@ def _sklearn(name: str) -> ArrayDataset:
     else:
         x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)  # features span 5 orders of magnitude
     y = np.asarray(bunch.target, dtype=np.int64)
-    return ArrayDataset(x.astype(np.float32), y, int(y.max()) + 1)
+    shape = (1, 8, 8) if name == "digits" else None  # 8x8 grey images, stored flat
+    return ArrayDataset(x.astype(np.float32), y, int(y.max()) + 1, shape)
 
 
 def read_table(path: Path, *, label_column: str) -> ArrayDataset:

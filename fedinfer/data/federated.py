@@ -64,6 +64,11 @@ class FederatedData:
         """Number of classes."""
         return self.sites[0].num_classes
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The per-sample shape (``(1, 8, 8)`` for digits; else ``(input_dim,)``)."""
+        return self.sites[0].train.sample_shape or (self.input_dim,)
+
 
 def site_name(index: int) -> str:
     """The id of the simulated site with partition index ``index`` (``site-00`` ...)."""
@@ -128,6 +133,7 @@ def _build_cached(
         np.concatenate([s.test.x for s in sites]),
         np.concatenate([s.test.y for s in sites]),
         sites[0].num_classes,
+        sites[0].train.sample_shape,
     )
     return FederatedData(sites, pooled_test)
 

@@ -29,7 +29,8 @@ from fedinfer.fl.loop import EvaluateFn, FederationState, RoundRecord, run_round
 from fedinfer.fl.messages import Keys, MessageTypes
 from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.strategy import build_strategy
-from fedinfer.models import build_model
+from fedinfer.models import build_model, describe_model
+from fedinfer.models.custom import export_graph
 from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.privacy.noise import provides_dp
@@ -62,16 +63,18 @@ class CoordinatorResult:
 def initial_arrays(cfg: FedInferConfig, shape: ModelShape) -> ArrayRecord:
     """The seeded initial global model."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes)
+    model = build_model(
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+    )
     return weights_to_arrays(get_weights(model))
 
 
 def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDataset) -> EvaluateFn:
     """Evaluate the global model on a held-out split at the coordinator (simulation only)."""
     device = select_device(cfg.simulation.device)
-    model = build_model(cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes).to(
-        device
-    )
+    model = build_model(
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+    ).to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         set_weights(model, arrays_to_weights(arrays))
@@ -119,6 +122,9 @@ def run_coordinator(
         state, run_id = checkpoint.state, checkpoint.run_id
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
     writer.data["dp"] = provides_dp(cfg.privacy)  # false: no DP, or replayable noise (not DP)
+    writer.data["model"] = describe_model(
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+    )
     writer.data["rounds"] = [r.to_json() for r in state.history]
     printer = printer or RoundPrinter(
         num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress
@@ -210,9 +216,10 @@ def _write_final_artifact(
         import shutil
 
         shutil.rmtree(target)
+    weights = arrays_to_weights(state.arrays)
     return write_artifact(
         target,
-        weights=arrays_to_weights(state.arrays),
+        weights=weights,
         model_cfg=cfg.model,
         input_dim=shape.input_dim,
         num_classes=shape.num_classes,
@@ -222,6 +229,9 @@ def _write_final_artifact(
         privacy=privacy,
         run_id=run_id,
         signing_key=signing_key,
+        onnx_graph=export_graph(
+            cfg, weights, input_dim=shape.input_dim, num_classes=shape.num_classes
+        ),
     )
 
 

@@ -119,9 +119,10 @@ def from_run_config(run_config: dict[str, Any]) -> FedInferConfig:
         if parts[0] in SITE_ONLY_GROUPS:
             continue  # a coordinator cannot set a site's policy
         if len(parts) == 2 and parts[0] in groups and parts[1] in schema[parts[0]].keys():
-            is_list = OmegaConf.is_list(schema[parts[0]]._get_node(parts[1]))
+            node = schema[parts[0]]._get_node(parts[1])
+            is_json = OmegaConf.is_list(node) or OmegaConf.is_dict(node)  # lists, model.kwargs
             nested.setdefault(parts[0], {})[parts[1]] = (
-                json.loads(value) if is_list and isinstance(value, str) else value
+                json.loads(value) if is_json and isinstance(value, str) else value
             )
         elif len(parts) == 1 and parts[0] in groups:
             nested[parts[0]] = value

@@ -186,7 +186,12 @@ def local_train(
         loader_seed = round_seed(cfg.seed, env.site_id, server_round)
     device = select_device(cfg.simulation.device)
     fed = cfg.federation
-    model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=env.data.num_classes)
+    model = build_model(
+        cfg.model,
+        input_dim=env.data.input_dim,
+        num_classes=env.data.num_classes,
+        privacy=cfg.privacy,
+    )
     set_weights(model, global_weights)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=fed.lr, momentum=fed.momentum)
@@ -236,7 +241,12 @@ def local_evaluate(
 ) -> dict[str, float]:
     """Evaluate the global model on the site's local test split."""
     device = select_device(cfg.simulation.device)
-    model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=env.data.num_classes)
+    model = build_model(
+        cfg.model,
+        input_dim=env.data.input_dim,
+        num_classes=env.data.num_classes,
+        privacy=cfg.privacy,
+    )
     set_weights(model, global_weights)
     result = evaluate(model.to(device), env.data.test, device=device)
     return {

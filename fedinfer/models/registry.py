@@ -2,7 +2,8 @@
 
 Every model takes a float32 batch of shape ``(batch, input_dim)`` and returns
 logits of shape ``(batch, num_classes)``, so the serving side can treat all of
-them alike.
+them alike. A custom model (``model=custom``, :mod:`fedinfer.models.custom`) also
+accepts ``(batch, *input_shape)``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedinfer.config.schema import ModelConfig
+from fedinfer.config.schema import ModelConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "describe_model"]
 
 
 class Cnn1d(nn.Module):
@@ -86,9 +87,16 @@ _BUILDERS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "mlp": _mlp,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(_BUILDERS))
+"""The built-in models (``custom`` is a user's module, see :mod:`fedinfer.models.custom`)."""
 
 
-def build_model(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> nn.Module:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    input_dim: int,
+    num_classes: int,
+    privacy: PrivacyConfig | None = None,
+) -> nn.Module:
     """Build the model named by ``cfg.name``.
 
     Parameters
@@ -99,6 +107,10 @@ def build_model(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> nn.Mod
         Number of input features per sample.
     num_classes : int
         Number of output classes (logits).
+    privacy : PrivacyConfig or None
+        The run's privacy config: under DP-SGD the model is checked (and, with
+        ``privacy.fix_model``, fixed) for Opacus. Every party that builds the model of one
+        run (coordinator, sites) passes the same config, so all build the same structure.
 
     Returns
     -------
@@ -107,14 +119,26 @@ def build_model(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> nn.Mod
 
     Examples
     --------
-    >>> from fedinfer.config.schema import ModelConfig
+    >>> from fedinfer.config.schema import ModelConfig, PrivacyConfig
     >>> model = build_model(ModelConfig(name="mlp"), input_dim=40, num_classes=10)
     """
+    if cfg.name == "custom":
+        from fedinfer.models.custom import build_custom, dp_compatible
+
+        model, _ = dp_compatible(
+            build_custom(cfg, input_dim=input_dim, num_classes=num_classes), privacy
+        )
+        return model
+    if cfg.input_shape is not None:
+        raise ConfigError(
+            "`model.input_shape` applies to model=custom only; the built-in models take flat "
+            "vectors (drop model.input_shape or use model=custom)"
+        )
     builder = _BUILDERS.get(cfg.name)
     if builder is None:
         raise ConfigError(
             f"`model.name` is {cfg.name!r}, which is not a known model; "
-            f"choose one of {', '.join(MODEL_NAMES)} (e.g. model=cnn1d)"
+            f"choose one of {', '.join(MODEL_NAMES)} or custom (e.g. model=cnn1d)"
         )
     if input_dim <= 0 or num_classes < 2:
         raise ConfigError(
@@ -126,3 +150,26 @@ def build_model(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> nn.Mod
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_model(
+    cfg: ModelConfig, *, input_dim: int, num_classes: int, privacy: PrivacyConfig | None = None
+) -> dict[str, object]:
+    """What results.json reports about the model: name, target, kwargs, shape, size, DP fixes."""
+    replaced: list[str] = []
+    if cfg.name == "custom":
+        from fedinfer.models.custom import build_custom, dp_compatible
+
+        model, replaced = dp_compatible(
+            build_custom(cfg, input_dim=input_dim, num_classes=num_classes), privacy
+        )
+    else:
+        model = build_model(cfg, input_dim=input_dim, num_classes=num_classes)
+    return {
+        "name": cfg.name,
+        "target": cfg._target_,
+        "kwargs": dict(cfg.kwargs or {}),
+        "input_shape": list(cfg.input_shape) if cfg.input_shape else [input_dim],
+        "num_parameters": count_parameters(model),
+        "dp_fixes": replaced,
+    }

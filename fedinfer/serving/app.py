@@ -470,13 +470,20 @@ class InferenceApp:
                 400, f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}"
             )
         d = model.manifest.input_dim
-        if len(tensor.shape) != 2 or tensor.shape[1] != d:
+        sample = list(model.manifest.input_shape)
+        # The manifest's shape ([batch, 1, 8, 8]), or its flat form [batch, 64].
+        if tuple(tensor.shape[1:]) not in (tuple(sample), (d,)):
+            flat = f" or [batch, {d}]" if len(sample) > 1 else ""
             raise HttpError(
-                400, f"input {spec.name!r} must have shape [batch, {d}], got {list(tensor.shape)}"
+                400,
+                f"input {spec.name!r} must have shape [batch, {', '.join(map(str, sample))}]"
+                f"{flat}, got {list(tensor.shape)}",
             )
         if tensor.shape[0] == 0:
             raise HttpError(400, f"input {spec.name!r} is an empty batch")
         x: np.ndarray = tensor.array
+        if x.ndim != 2:
+            x = x.reshape(x.shape[0], d)  # backends take flat rows; the model reshapes them
         # The common path is one elementwise test and one reduction; the rows are only
         # located for the error message.
         if self.limits.nonfinite == "reject" and not np.isfinite(x).all():

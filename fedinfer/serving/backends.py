@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedinfer.artifacts import INPUT_NAME, OUTPUT_NAME, ModelManifest, load_torch_model
+from fedinfer.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelManifest,
+    load_torch_model,
+    split_onnx_graph,
+)
 from fedinfer.errors import ConfigError, ServingError
 
 __all__ = [
@@ -29,6 +35,8 @@ __all__ = [
     "BackendCheck",
     "build_backend",
     "check_backend",
+    "check_onnx_export",
+    "export_onnx",
     "prune_model",
 ]
 
@@ -89,7 +97,14 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, model: nn.Module, *, input_dim: int, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None,
+        *,
+        input_dim: int,
+        threads: int | None = None,
+        graph: bytes | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -99,8 +114,14 @@ class OnnxBackend:
         # Idle ORT worker threads spin by default, burning the CPU that the server's event
         # loop needs on a small box; sleeping costs microseconds per batch at most.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if graph is None:
+            if model is None:
+                raise TypeError("OnnxBackend needs a model or an ONNX graph")
+            graph = export_onnx(model, input_shape=(input_dim,))
         self.session = ort.InferenceSession(
-            export_onnx(model, input_dim=input_dim), options, providers=["CPUExecutionProvider"]
+            graph,
+            options,
+            providers=["CPUExecutionProvider"],
         )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -109,26 +130,102 @@ class OnnxBackend:
         return out
 
 
-def export_onnx(model: nn.Module, *, input_dim: int) -> bytes:
-    """Export ``model`` to ONNX bytes with a dynamic batch dimension."""
+def export_onnx(
+    model: nn.Module,
+    *,
+    input_dim: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    check: bool = True,
+) -> bytes:
+    """Export ``model`` to ONNX bytes with a dynamic batch dimension, checked against torch.
+
+    The input is ``(batch, *input_shape)`` (``input_shape`` defaults to ``(input_dim,)``).
+    With ``check`` the exported graph is run by ONNX Runtime on random inputs of two batch
+    sizes and compared with eager torch (:func:`check_onnx_export`).
+
+    Raises
+    ------
+    ServingError
+        The model cannot be exported, or the exported graph disagrees with torch.
+    """
+    if input_shape is None:
+        if input_dim is None:
+            raise TypeError("export_onnx needs input_dim or input_shape")
+        input_shape = (input_dim,)
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is "legacy" in torch 2.13 but needs no extra
-        # package (the dynamo exporter requires onnxscript); the output is identical
-        # for these static feed-forward models and is checked against torch in tests.
-        # Its tracer also emits TracerWarnings about Python control flow it constant-folds.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (torch.zeros(2, input_dim),),
-            buffer,  # type: ignore[arg-type]
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return buffer.getvalue()
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter is "legacy" in torch 2.13 but needs no extra
+            # package (the dynamo exporter requires onnxscript); the output is checked against
+            # torch below. Its tracer also emits TracerWarnings about Python control flow.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(),
+                (torch.zeros(2, *input_shape),),
+                buffer,  # type: ignore[arg-type]
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many types for unsupported code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ServingError(
+            f"the model cannot be exported to ONNX ({first[:300]}); serve it with --backend torch"
+        ) from None
+    onnx_bytes = buffer.getvalue()
+    if check:
+        check_onnx_export(model, onnx_bytes, input_shape=tuple(input_shape))
+    return onnx_bytes
+
+
+def check_onnx_export(
+    model: nn.Module,
+    onnx_bytes: bytes,
+    *,
+    input_shape: tuple[int, ...],
+    batch_sizes: tuple[int, ...] = (1, 5),
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> float:
+    """Run the ONNX graph and eager torch on the same random inputs; return the largest gap.
+
+    The inputs come from the OS CSPRNG-seeded generator (no fixed seed) and span several
+    batch sizes, so a batch axis frozen into the graph is caught too.
+
+    Raises
+    ------
+    ServingError
+        ONNX Runtime cannot run the graph, or its logits differ beyond ``atol``/``rtol``.
+    """
+    import onnxruntime as ort
+
+    rng = np.random.default_rng()
+    worst = 0.0
+    try:
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+        for batch in batch_sizes:
+            x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+            with torch.inference_mode():
+                expected = model.eval()(torch.from_numpy(x)).numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            if got.shape != expected.shape or not np.allclose(got, expected, atol=atol, rtol=rtol):
+                gap = float(np.abs(got - expected).max()) if got.shape == expected.shape else -1
+                raise ServingError(
+                    f"the ONNX export disagrees with torch at batch size {batch} (shape "
+                    f"{list(got.shape)} vs {list(expected.shape)}, max |diff| {gap:.3g}); "
+                    "serve it with --backend torch"
+                )
+            worst = max(worst, float(np.abs(got - expected).max()))
+    except ServingError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types
+        raise ServingError(
+            f"ONNX Runtime cannot run the exported model ({str(exc)[:300]}); "
+            "serve it with --backend torch"
+        ) from None
+    return worst
 
 
 def prune_model(model: nn.Module, amount: float) -> nn.Module:
@@ -189,6 +286,10 @@ def build_backend(
     """
     if name not in BACKEND_NAMES:
         raise ConfigError(f"`--backend` is {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    graph = split_onnx_graph(weights)[1]
+    if name == "onnx" and graph is not None and prune_amount == 0:
+        # The signed graph is data: served without importing the model's Python code.
+        return OnnxBackend(None, input_dim=manifest.input_dim, threads=threads, graph=graph)
     model = prune_model(load_torch_model(weights, manifest), prune_amount)
     if name == "torch":
         return TorchBackend(model)

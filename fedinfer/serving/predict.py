@@ -162,6 +162,8 @@ def _npz_frames(path: Path, chunk_size: int, id_column: str | None) -> Iterator[
                 f"{path}: NPZ input needs the features in an array named 'x' (found {npz.files})"
             )
         x = npz["x"]
+        if x.ndim > 2:  # images etc.: one flat row per sample, the model reshapes it
+            x = x.reshape(x.shape[0], -1)
         if x.ndim != 2:
             raise DataError(f"{path}: 'x' must be 2-D (rows, features), got shape {x.shape}")
         ids = npz[id_column] if id_column and id_column in npz.files else None

@@ -24,6 +24,7 @@ from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
 from fedinfer.fl.site import simulation_resolver
+from fedinfer.models.custom import allow_target, preflight
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.simulation.ray_backend import backend_config
 
@@ -72,7 +73,15 @@ def run_simulation(
     >>> result = run_simulation(cfg, output_dir=Path("outputs/demo"))  # doctest: +SKIP
     """
     validate_config(cfg)
+    if cfg.model.name == "custom" and cfg.model._target_:
+        # A simulation's own config is every simulated site's config, so its model target
+        # is allowed here (a deployed site names its own allow-list, fedinfer.models.custom).
+        allow_target(cfg.model._target_)
     data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
+    if cfg.model.name == "custom" and cfg.model.input_shape is None:
+        cfg.model.input_shape = list(data.sample_shape)  # e.g. digits: [1, 8, 8]
+    if cfg.model.name == "custom":
+        preflight(cfg, input_dim=data.input_dim, num_classes=data.num_classes)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
