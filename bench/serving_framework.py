@@ -5,6 +5,7 @@ metrics) under the same uvicorn; the FastAPI variant routes ``POST /v2/models/{n
 through a FastAPI route with a ``Request`` and a ``Response`` object, the way a FastAPI
 implementation would. The load generator is a second process (bench/serving_loadgen.py).
 
+    pip install -e ".[bench]"   # FastAPI: a benchmark dependency, not a runtime one
     python bench/serving_framework.py
 """
 
