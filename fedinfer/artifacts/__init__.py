@@ -5,6 +5,8 @@ coordinator's Ed25519 key; loading never executes code. See
 :mod:`fedinfer.artifacts.artifact` and :mod:`fedinfer.artifacts.store`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fedinfer.artifacts.artifact import (
     INPUT_NAME,
     MANIFEST_FILE,
@@ -26,13 +28,15 @@ from fedinfer.artifacts.signing import (
     save_signing_key,
 )
 from fedinfer.artifacts.store import ModelStore
-from fedinfer.artifacts.torch_model import (
-    ONNX_GRAPH_KEY,
-    load_torch_model,
-    model_config_of,
-    split_onnx_graph,
-    weights_from_module,
-)
+
+if TYPE_CHECKING:
+    from fedinfer.artifacts.torch_model import (
+        ONNX_GRAPH_KEY,
+        load_torch_model,
+        model_config_of,
+        split_onnx_graph,
+        weights_from_module,
+    )
 
 __all__ = [
     "INPUT_NAME",
@@ -59,3 +63,22 @@ __all__ = [
     "weights_from_module",
     "write_artifact",
 ]
+
+# The torch half is imported on first use: a store can be listed, verified and rolled back
+# without torch (`fedinfer models list` starts in a fraction of a second).
+_TORCH_NAMES = (
+    "ONNX_GRAPH_KEY",
+    "load_torch_model",
+    "model_config_of",
+    "split_onnx_graph",
+    "weights_from_module",
+)
+_LAZY = dict.fromkeys(_TORCH_NAMES, "fedinfer.artifacts.torch_model")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 
 from fedinfer.config.schema import FedInferConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
@@ -11,6 +13,7 @@ __all__ = [
     "check_ray_address",
     "DATASETS",
     "DROP_STAGES",
+    "did_you_mean",
     "MEAN_STRATEGIES",
     "MODELS",
     "PARTITIONS",
@@ -30,9 +33,28 @@ DROP_STAGES = ("before_keys", "after_keys", "after_upload")
 _FIX = "set it in conf/ or on the command line"
 
 
+def did_you_mean(word: str, choices: Sequence[str], *, template: str = "`{}`") -> str:
+    """``"; did you mean X?"`` for the choice closest to a mistyped ``word``, or ``""``.
+
+    Examples
+    --------
+    >>> did_you_mean("federaton.num_sites", ["federation.num_sites", "federation.rounds"])
+    '; did you mean `federation.num_sites`?'
+    >>> did_you_mean("zzz", ["fedavg"])
+    ''
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close and "." in word:  # a typo in the section alone: match the last part too
+        leaf = word.rpartition(".")[2]
+        close = [c for c in choices if c.rpartition(".")[2] == leaf][:1]
+        close = difflib.get_close_matches(word, close, n=1, cutoff=0.4)
+    return f"; did you mean {template.format(close[0])}?" if close else ""
+
+
 def _one_of(problems: list[str], key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        problems.append(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}")
+        hint = did_you_mean(str(value), allowed, template=f"{key}={{}}")
+        problems.append(f"`{key}` is {value!r} (choose one of {', '.join(allowed)}){hint}")
 
 
 def _positive(problems: list[str], key: str, value: float, *, strict: bool = True) -> None:

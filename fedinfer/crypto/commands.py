@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
         description="Keep the key OUTSIDE the state directory and back it up offline: "
         "losing it loses the state it encrypts.",
     )
-    init.add_argument("file", type=Path, metavar="FILE")
+    init.add_argument(
+        "file", type=Path, metavar="FILE", help="the key file to create, outside the state"
+    )
     init.add_argument(
         "--state-dir",
         type=Path,
@@ -35,8 +37,16 @@ def register(subparsers: Any) -> None:
         "encrypt-state",
         help="encrypt a plaintext site state directory in place (stop the site first)",
     )
-    enc.add_argument("state_dir", type=Path, metavar="STATE_DIR")
-    enc.add_argument("--state-key", type=Path, required=True, metavar="FILE")
+    enc.add_argument(
+        "state_dir", type=Path, metavar="STATE_DIR", help="the site's state directory"
+    )
+    enc.add_argument(
+        "--state-key",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the key to encrypt with (fedinfer keys init-site-key)",
+    )
     enc.set_defaults(func=_encrypt_state)
     rekey = sub.add_parser(
         "rekey",
@@ -44,9 +54,15 @@ def register(subparsers: Any) -> None:
         description="Crash-safe: every file is replaced atomically and the same command, "
         "run again, finishes an interrupted rekey. Keep the old key until it has finished.",
     )
-    rekey.add_argument("state_dir", type=Path, metavar="STATE_DIR")
-    rekey.add_argument("--old-key", type=Path, required=True, metavar="FILE")
-    rekey.add_argument("--new-key", type=Path, required=True, metavar="FILE")
+    rekey.add_argument(
+        "state_dir", type=Path, metavar="STATE_DIR", help="the site's encrypted state directory"
+    )
+    rekey.add_argument(
+        "--old-key", type=Path, required=True, metavar="FILE", help="the key it is sealed with"
+    )
+    rekey.add_argument(
+        "--new-key", type=Path, required=True, metavar="FILE", help="the key to seal it with"
+    )
     rekey.set_defaults(func=_rekey)
 
 

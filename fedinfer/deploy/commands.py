@@ -34,7 +34,7 @@ def _add_certs(subparsers: Any) -> None:
     init = sub.add_parser(
         "init", help="create a PKI directory (CA, TLS cert, signing key, site keys)"
     )
-    init.add_argument("out_dir", type=Path)
+    init.add_argument("out_dir", type=Path, metavar="DIR", help="the PKI directory to create")
     init.add_argument(
         "--coordinator-host",
         action="append",
@@ -47,7 +47,7 @@ def _add_certs(subparsers: Any) -> None:
     )
     init.set_defaults(func=_certs_init)
     add = sub.add_parser("add-site", help="add a site: a new node key pair, or only its public key")
-    add.add_argument("name")
+    add.add_argument("name", metavar="NAME", help="the new site's name")
     add.add_argument("--pki", type=Path, required=True, help="the `certs init` directory")
     add.add_argument(
         "--public-key",
@@ -58,14 +58,16 @@ def _add_certs(subparsers: Any) -> None:
     renew = sub.add_parser(
         "renew-server", help="issue a new SuperLink certificate (restart the coordinator after)"
     )
-    renew.add_argument("--pki", type=Path, required=True)
+    renew.add_argument("--pki", type=Path, required=True, help="the `certs init` directory")
     renew.add_argument(
         "--coordinator-host", action="append", help="replace the host names (repeatable)"
     )
-    renew.add_argument("--days", type=int, default=397)
+    renew.add_argument(
+        "--days", type=int, default=397, help="certificate validity (default: 397 days)"
+    )
     renew.set_defaults(func=_certs_renew)
     show = sub.add_parser("show", help="sites, names and expiry dates")
-    show.add_argument("--pki", type=Path, required=True)
+    show.add_argument("--pki", type=Path, required=True, help="the `certs init` directory")
     show.set_defaults(func=_certs_show)
 
 

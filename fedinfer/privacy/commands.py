@@ -1,4 +1,4 @@
-"""``fedinfer privacy show SITE_STATE_DIR``: a site's privacy ledger, history and totals."""
+"""``fedinfer privacy show STATE_DIR``: a site's privacy ledger, history and totals."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-from fedinfer.privacy.report import print_ledger
-
 __all__ = ["register"]
 
 
 def _show(namespace: argparse.Namespace) -> int:
+    from fedinfer.console import make_console
     from fedinfer.crypto.at_rest import resolve_state_key
+    from fedinfer.privacy.report import print_ledger
 
     state_dir = Path(namespace.state_dir)
     key = resolve_state_key(namespace.state_key, protects=[state_dir])
-    print_ledger(state_dir, Console(highlight=False, soft_wrap=True), key=key)
+    print_ledger(state_dir, make_console(), key=key)
     return 0
 
 
@@ -30,7 +28,7 @@ def register(subparsers: Any) -> None:
         "show", help="print a site's ledger: every round charged and the totals"
     )
     show.add_argument(
-        "state_dir", metavar="SITE_STATE_DIR", help="the site's state directory (holds ledger.json)"
+        "state_dir", metavar="STATE_DIR", help="the site's state directory (holds ledger.json)"
     )
     show.add_argument(
         "--state-key",

@@ -2,7 +2,7 @@
 
 ``fedinfer sweep NAME [OVERRIDES...]`` runs a ready-made sweep from
 ``simulations/`` as a Hydra multirun, then reports on it;
-``fedinfer report SWEEP_DIR`` summarises any multirun directory.
+``fedinfer report SWEEP_DIR`` summarizes any multirun directory.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
 
 from fedinfer.errors import ConfigError
 
@@ -23,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add the ``report`` and ``sweep`` sub-commands."""
     report = subparsers.add_parser(
         "report",
-        help="summarise a sweep: table (report.csv) and plots in the sweep directory",
+        help="summarize a sweep: table (report.csv) and plots in the sweep directory",
         description="One row per Hydra job of SWEEP_DIR (failed jobs included): swept parameters "
         "against final/best accuracy, rounds to --target, max epsilon, wall time and status; "
         "writes report.csv and plots (accuracy per round, privacy-utility, seeds) into SWEEP_DIR.",
@@ -87,6 +84,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from fedinfer.console import make_console
     from fedinfer.simulation.hydra_main import hydra_simulate
     from fedinfer.simulation.sweeps import (
         available_sweeps,
@@ -107,7 +107,7 @@ def _sweep(args: argparse.Namespace) -> int:
         )
     path = resolve_sweep(args.name)
     sweep_dir = Path("multirun") / path.stem / time.strftime("%Y-%m-%d_%H-%M-%S")
-    Console(highlight=False, soft_wrap=True).print(
+    make_console().print(
         f"[bold]sweep {path.stem}[/]: {escape(sweep_description(path))}"
     )
     code = hydra_simulate(
@@ -118,7 +118,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if code != 0 or not args.report or inspects_only(split_hydra_args(args.overrides)[0]):
         return code
     if "${" in str(report_dir) or not report_dir.is_dir():
-        Console().print(
+        make_console().print(
             f"run `fedinfer report <sweep dir>` on the directory Hydra wrote ({report_dir})"
         )
         return code
@@ -127,9 +127,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _list_sweeps(sweeps: dict[str, Path]) -> None:
+    from rich.markup import escape
+
+    from fedinfer.console import make_console
     from fedinfer.simulation.sweeps import sweep_description, sweeps_dir
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console()
     if not sweeps:
         console.print(f"no sweeps in {sweeps_dir()}")
         return

@@ -17,7 +17,11 @@ class RoundPrinter:
     def __init__(
         self, *, num_rounds: int, console: Console | None = None, enabled: bool = True
     ) -> None:
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        if console is None:
+            from fedinfer.console import make_console
+
+            console = make_console()
+        self.console = console
         self.num_rounds = num_rounds
         self.enabled = enabled
         self.started = time.perf_counter()

@@ -143,7 +143,10 @@ def _seeds_for_terminal(seeds: pd.DataFrame) -> pd.DataFrame:
 
 def print_report(report: SweepReport, console: Console | None = None) -> None:
     """Show the report as rich tables, then where the files went."""
-    console = console or Console()
+    if console is None:
+        from fedinfer.console import make_console
+
+        console = make_console()
     shared = " ".join(f"{k}={v}" for k, v in report.constant.items())
     console.print(
         _rich_table(

@@ -24,6 +24,10 @@ _STATE_KEY_HELP = (
 )
 
 
+_STORE_HELP = "the site's ModelStore directory (a site's STATE_DIR/models)"
+_TOKENS_HELP = "the server's tokens file (`fedinfer serve --auth-tokens`)"
+
+
 def _add_state_key(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-key", type=Path, metavar="FILE", help=_STATE_KEY_HELP)
 
@@ -55,7 +59,7 @@ def _add_serve(subparsers: Any) -> None:
         help="serve a site's model store over the Open Inference Protocol (KServe v2)",
         description="Serve the current version of a ModelStore; hot-swaps new versions.",
     )
-    p.add_argument("--model-store", type=Path, required=True, help="the site's ModelStore")
+    p.add_argument("--model-store", type=Path, required=True, help=_STORE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default: 8080)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
@@ -147,7 +151,12 @@ def _add_serve(subparsers: Any) -> None:
     )
     _add_prune_amount(p)
     _add_limits(p)
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="server log level (default: info)",
+    )
     _add_state_key(p)
     p.set_defaults(func=_serve)
 
@@ -278,7 +287,7 @@ def _add_predict(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict", help="score a CSV / Parquet / NPZ file with the store's current model"
     )
-    p.add_argument("--model-store", type=Path, required=True)
+    p.add_argument("--model-store", type=Path, required=True, help=_STORE_HELP)
     p.add_argument("--input", type=Path, required=True, help=".csv, .parquet or .npz")
     p.add_argument("--output", type=Path, required=True, help=".csv, .parquet or .npz")
     p.add_argument("--id-column", help="column (NPZ: array) that identifies rows")
@@ -288,16 +297,26 @@ def _add_predict(subparsers: Any) -> None:
         help="column skipped as a feature if present (default: label)",
     )
     p.add_argument("--version", type=int, help="score with this stored version (default: current)")
-    p.add_argument("--backend", choices=("torch", "int8", "onnx"), default="torch")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "int8", "onnx"),
+        default="torch",
+        help="inference backend (default: torch)",
+    )
     _add_prune_amount(p)
     p.add_argument(
         "--public-key",
         type=Path,
         help="coordinator public key: re-verify the model's signature first",
     )
-    p.add_argument("--chunk-size", type=int, default=8192)
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8192,
+        help="rows read and scored at a time (default: 8192)",
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_state_key(p)
     p.set_defaults(func=_predict)
 
@@ -341,29 +360,51 @@ def _add_models(subparsers: Any) -> None:
     p = subparsers.add_parser("models", help="inspect or roll back a site's model store")
     sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="stored versions and which one is current")
-    ls.add_argument("--model-store", type=Path, required=True)
+    ls.add_argument("--model-store", type=Path, required=True, help=_STORE_HELP)
     _add_state_key(ls)
     ls.set_defaults(func=_models_list)
     rb = sub.add_parser("rollback", help="serve an older version again (servers follow)")
-    rb.add_argument("--model-store", type=Path, required=True)
+    rb.add_argument("--model-store", type=Path, required=True, help=_STORE_HELP)
     rb.add_argument("--to", type=int, help="version (default: the newest older than current)")
     _add_state_key(rb)
     rb.set_defaults(func=_models_rollback)
 
 
 def _models_list(ns: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from fedinfer.console import make_console
+
     store = _store(ns)
     current = store.current_version()
+    table = Table(title=f"Model store {ns.model_store}", header_style="bold")
+    for header in ("current", "version", "round", "created (UTC)", "name", "model"):
+        table.add_column(header, justify="right" if header in ("version", "round") else "left")
+    table.add_column("metrics")
+    table.add_column("privacy")
     for version in store.versions():
         m = store.manifest(version)
-        mark = "*" if version == current else " "
-        print(
-            f"{mark} v{version}  round {m.server_round}  {m.created}  {m.name}  "
-            f"metrics {json.dumps(m.metrics)}  privacy {json.dumps(m.privacy)}"
+        table.add_row(
+            "*" if version == current else "",
+            f"v{version}",
+            str(m.server_round),
+            m.created,
+            m.name,
+            str(m.model.get("name", "")),
+            _pairs(m.metrics),
+            _pairs(m.privacy),
         )
+    console = make_console()
+    console.print(table)
     if current is None:
-        print("(no current version)")
+        console.print("(no current version)")
     return 0
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    """``accuracy=0.91 loss=0.3``: floats to 4 significant digits."""
+    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return " ".join(shown)
 
 
 def _models_rollback(ns: argparse.Namespace) -> int:
@@ -379,16 +420,18 @@ def _add_tokens(subparsers: Any) -> None:
     p = subparsers.add_parser("tokens", help="manage the server's bearer tokens")
     sub = p.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
     add = sub.add_parser("add", help="create a token (printed once; only its hash is stored)")
-    add.add_argument("--file", type=Path, required=True)
-    add.add_argument("--principal", required=True)
+    add.add_argument("--file", type=Path, required=True, help=_TOKENS_HELP)
+    add.add_argument(
+        "--principal", required=True, help="who the token is for (its name in the audit log)"
+    )
     add.add_argument(
         "--role", action="append", choices=("infer", "admin"), required=True, help="repeatable"
     )
     add.add_argument("--rate-limit", type=float, help="requests/s for this principal")
     add.set_defaults(func=_tokens_add)
     rev = sub.add_parser("revoke", help="delete every token of a principal")
-    rev.add_argument("--file", type=Path, required=True)
-    rev.add_argument("--principal", required=True)
+    rev.add_argument("--file", type=Path, required=True, help=_TOKENS_HELP)
+    rev.add_argument("--principal", required=True, help="whose tokens to delete")
     rev.set_defaults(func=_tokens_revoke)
 
 
