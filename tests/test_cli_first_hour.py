@@ -291,3 +291,11 @@ def test_a_piped_console_is_as_wide_as_its_table(monkeypatch: pytest.MonkeyPatch
     make_console(file=buffer).print(table)
     assert "a long column header 7" in buffer.getvalue()
     assert len({len(line) for line in buffer.getvalue().splitlines()}) == 1  # no wrapped cell
+
+
+def test_deploy_overrides_get_the_same_checks(tmp_path: Path) -> None:
+    """`deploy local` and `coordinator` compose with load_config: same one line, nothing made."""
+    done = fedinfer("deploy", "local", "--workdir", str(tmp_path / "d"), "federaton.num_sites=3",
+                    cwd=tmp_path)  # fmt: skip
+    assert "did you mean `federation.num_sites=3`?" in assert_one_line_error(done, "deploy")
+    assert not (tmp_path / "d").exists()

@@ -78,7 +78,7 @@ def test_robust_strategy_allowed_without_secagg() -> None:
 
 
 def test_unknown_group_option_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="dataset/foo"):
+    with pytest.raises(ConfigError, match="`dataset=foo` is not a dataset option"):
         load_config(["dataset=foo"])
 
 

@@ -45,14 +45,19 @@ def load_config(overrides: Sequence[str] = (), *, config_name: str = "config") -
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from fedinfer.config.overrides import check_overrides
+
     register_configs()
+    conf = conf_dir()
+    check_overrides(overrides, conf=conf)  # one line with "did you mean", before Hydra's
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        with initialize_config_dir(config_dir=str(conf), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
             result = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
+        first = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
         raise ConfigError(
-            f"cannot compose the config with overrides {list(overrides)}: {exc}"
+            f"cannot compose the config with overrides {list(overrides)}: {first}"
         ) from exc
     assert isinstance(result, FedInferConfig)
     return result
