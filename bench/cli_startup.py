@@ -64,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trees", nargs="+", type=Path, default=[ROOT], metavar="DIR")
     parser.add_argument("--repeat", type=int, default=7, metavar="N")
+    parser.add_argument("--match", default="", metavar="TEXT", help="only commands containing it")
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +72,7 @@ def main() -> None:
         header = " | ".join(f"{t.name or t} (s, median) | torch" for t in trees)
         print(f"| command | {header} |" + (" ratio |" if len(trees) == 2 else ""))
         print("|---" * (1 + 2 * len(trees) + (len(trees) == 2)) + "|")
-        for template in COMMANDS:
+        for template in [c for c in COMMANDS if args.match in " ".join(c)]:
             cells, medians = [], []
             for tree in trees:
                 times = []
