@@ -138,6 +138,16 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_command(word: str) -> int:
+    import difflib
+
+    close = difflib.get_close_matches(word, ["simulate", *_COMMAND_MODULES], n=1)
+    hint = f"; did you mean `fedinfer {close[0]}`?" if close else ""
+    print(f"fedinfer: error: unknown command {word!r}{hint}", file=sys.stderr)
+    print("Try 'fedinfer --help'.", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedinfer`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -148,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedinfer.simulation.hydra_main import hydra_simulate
 
         return hydra_simulate(args[1:])
+    if args and not args[0].startswith("-") and args[0] not in _COMMAND_MODULES:
+        return _unknown_command(args[0])
     parser = _build_parser(args[0] if args else None)
     namespace = parser.parse_args(args)
     if namespace.show_version:

@@ -299,3 +299,12 @@ def test_deploy_overrides_get_the_same_checks(tmp_path: Path) -> None:
                     cwd=tmp_path)  # fmt: skip
     assert "did you mean `federation.num_sites=3`?" in assert_one_line_error(done, "deploy")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_mistyped_command_suggests_the_closest(tmp_path: Path) -> None:
+    done = fedinfer("simulat", "federation.rounds=1", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2
+    assert lines[0] == (
+        "fedinfer: error: unknown command 'simulat'; did you mean `fedinfer simulate`?"
+    )

@@ -166,7 +166,7 @@ options:
 
 
 def simulate_help(conf: Path) -> str:
-    """``fedinfer simulate --help``: usage, overrides, config groups and keys (no Hydra import)."""
+    """``fedinfer simulate --help``: usage, overrides, config groups and keys (no torch import)."""
     import shutil
 
     import yaml
