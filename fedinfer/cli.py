@@ -73,7 +73,9 @@ def _metavar(action: argparse.Action) -> str:
         return _METAVARS[action.dest]
     if action.type is Path:
         return "DIR" if action.dest.endswith(_DIR_SUFFIXES) else "FILE"
-    return {int: "N", float: "NUMBER"}.get(action.type, "VALUE")  # type: ignore[call-overload]
+    if action.type is int:
+        return "N"
+    return "NUMBER" if action.type is float else "VALUE"
 
 
 def _tidy(parser: argparse.ArgumentParser) -> None:
