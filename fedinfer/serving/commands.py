@@ -297,6 +297,21 @@ def _add_predict(subparsers: Any) -> None:
     )
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    header = p.add_mutually_exclusive_group()
+    header.add_argument(
+        "--no-header",
+        dest="header",
+        action="store_false",
+        default=None,
+        help="CSV has no header row: read row 1 as data, name columns 0, 1, ... "
+        "(default: refuse a first row whose names are all numbers)",
+    )
+    header.add_argument(
+        "--header",
+        dest="header",
+        action="store_true",
+        help="CSV's first row is its header even if every name is a number",
+    )
     p.add_argument("--no-progress", action="store_true")
     _add_state_key(p)
     p.set_defaults(func=_predict)
@@ -321,6 +336,7 @@ def _predict(ns: argparse.Namespace) -> int:
         version=ns.version,
         progress=not ns.no_progress,
         public_key=load_public_key(ns.public_key) if ns.public_key else None,
+        header=ns.header,
     )
     for row, reason in report.bad_rows[:20]:
         print(f"row {row}: {reason}", file=sys.stderr)
