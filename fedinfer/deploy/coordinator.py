@@ -168,7 +168,8 @@ def run_coordinator_service(opts: CoordinatorOptions) -> int:
             run_id = _launch(opts, layout, pki, cli, nodes)
             status = _follow(opts, layout, cli, run_id)
             outcome = status.removeprefix(f"{_FINISHED}:")  # Flower's "finished:completed"
-            print(f"federation {outcome}; results in {layout.output_dir / RESULTS_FILE}", flush=True)
+            results = layout.output_dir / RESULTS_FILE
+            print(f"federation {outcome}; results in {results}", flush=True)
             if opts.keep_alive:
                 print("keeping the SuperLink up for the sites (Ctrl-C to stop)", flush=True)
                 _idle(opts)
