@@ -20,6 +20,7 @@ from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
 from fedinfer.data import build_federated_data
 from fedinfer.data.shared import write_shared_sites
+from fedinfer.errors import ConfigError
 from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
@@ -73,6 +74,7 @@ def run_simulation(
     >>> result = run_simulation(cfg, output_dir=Path("outputs/demo"))  # doctest: +SKIP
     """
     validate_config(cfg)
+    _check_secagg_floor(cfg)
     if cfg.model.name == "custom" and cfg.model._target_:
         # A simulation's own config is every simulated site's config, so its model target
         # is allowed here (a deployed site names its own allow-list, fedinfer.models.custom).
@@ -130,6 +132,19 @@ def run_simulation(
         raise RuntimeError("the simulation ended without a result; see the Flower log above")
     result: CoordinatorResult = outcome["result"]
     return SimulationResult(output_dir=output_dir, results=result.results, coordinator=result)
+
+
+def _check_secagg_floor(cfg: FedInferConfig) -> None:
+    """Refuse a federation whose every site would refuse every secure-aggregation round."""
+    floor = cfg.secagg.site_min_participants
+    if cfg.secagg.enabled and cfg.federation.num_sites < floor:
+        raise ConfigError(
+            f"`federation.num_sites`={cfg.federation.num_sites} is below "
+            f"`secagg.site_min_participants`={floor}: every simulated site would refuse every "
+            "secure-aggregation round (with two, a site can subtract its own update from the "
+            f"sum); set federation.num_sites>={floor}, secagg.site_min_participants="
+            f"{cfg.federation.num_sites} or secagg=off"
+        )
 
 
 @contextlib.contextmanager

@@ -64,10 +64,13 @@ def job_summary(results: dict[str, Any], *, output_dir: Path, servers: str) -> l
     ...              "max_epsilon": 3.0, "dp": True}, output_dir=Path("/o"), servers="x")[1]
     'Run completed: 2 rounds, final accuracy 0.7500, max epsilon 3.000'
     """
-    rounds = len(results.get("rounds") or [])
+    records = list(results.get("rounds") or [])
+    rounds, aggregated = len(records), sum(bool(r.get("aggregated", True)) for r in records)
     status = str(results.get("status", "completed"))
     accuracy = _number(results.get("final_accuracy"))
     outcome = f"Run {status}: {plural(rounds, 'round')}"
+    if aggregated < rounds:  # e.g. every site refused: the model never moved
+        outcome += f" ({aggregated} aggregated: see the warnings above)"
     if status == "stopped" and results.get("stop_reason"):
         outcome += f" ({results['stop_reason']})"
     outcome += f", final accuracy {accuracy:.4f}" if accuracy is not None else ", no accuracy"
