@@ -253,3 +253,10 @@ def test_cli_predict_strict_reports_the_first_bad_row_and_column(
         "row 2: non-numeric value in column 'f9'",
         "row 5: missing (NaN) value in column 'f0'",
     ]
+
+
+def test_cli_predict_of_one_row_says_row(tmp_path: Path, store, table: pd.DataFrame, capsys):
+    src, out = tmp_path / "one.csv", tmp_path / "o.csv"
+    table.head(1).to_csv(src, index=False)
+    assert cli_main(_predict_args(store, src, out, "--id-column", "patient")) == 0
+    assert "scored 1 of 1 row with version 1" in capsys.readouterr().out

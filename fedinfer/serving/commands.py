@@ -319,6 +319,7 @@ def _add_predict(subparsers: Any) -> None:
 
 def _predict(ns: argparse.Namespace) -> int:
     from fedinfer.artifacts import load_public_key
+    from fedinfer.reporting.text import plural
     from fedinfer.serving.predict import predict_file
 
     if ns.chunk_size < 1:
@@ -342,12 +343,13 @@ def _predict(ns: argparse.Namespace) -> int:
         print(f"row {row}: {reason}", file=sys.stderr)
     if len(report.bad_rows) > 20:
         print(
-            f"... and {len(report.bad_rows) - 20} more bad rows (see the 'error' column)",
+            f"... and {plural(len(report.bad_rows) - 20, 'more bad row')} "
+            "(see the 'error' column)",
             file=sys.stderr,
         )
     print(
-        f"scored {report.rows - len(report.bad_rows)} of {report.rows} rows with version "
-        f"{report.model_version} -> {report.output}"
+        f"scored {report.rows - len(report.bad_rows)} of {plural(report.rows, 'row')} with "
+        f"version {report.model_version} -> {report.output}"
     )
     return 0
 
