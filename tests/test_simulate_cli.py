@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-TINY_SERVED = (  # 2 sites, DP, every site serves at the end
+TINY_SERVED = (  # 2 sites, DP, every site serves at the end: about 12 s a run
     "simulation.runtime=inprocess",
     "secagg=off",
     "dataset.num_samples=600",
@@ -32,8 +32,6 @@ def _simulate(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedinfer.cli", "simulate", *args]
 
 
-@pytest.mark.slow  # a federation, then 2 site servers: about 30 s (tests/test_sweeps.py
-# checks the same lines of a run without serving in the default suite)
 def test_simulate_ends_with_output_dir_accuracy_epsilon_and_stopped_servers(
     tmp_path: Path,
 ) -> None:
@@ -62,7 +60,6 @@ def test_simulate_ends_with_output_dir_accuracy_epsilon_and_stopped_servers(
     assert "[fedinfer.run]" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow  # a federation, then 2 site servers: about 30 s
 def test_keep_alive_lists_live_urls_until_ctrl_c(tmp_path: Path) -> None:
     """serving.keep_alive=true: the summary lists URLs that answer; Ctrl-C stops them, exit 0."""
     # Prepare
