@@ -260,3 +260,22 @@ def test_cli_predict_of_one_row_says_row(tmp_path: Path, store, table: pd.DataFr
     table.head(1).to_csv(src, index=False)
     assert cli_main(_predict_args(store, src, out, "--id-column", "patient")) == 0
     assert "scored 1 of 1 row with version 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("no_header", [False, True], ids=["header", "no-header"])
+def test_cli_predict_names_the_row_with_too_many_values(
+    tmp_path: Path, store, table: pd.DataFrame, no_header: bool, capsys
+) -> None:
+    # Prepare: data row 3 has one value too many
+    src, out = tmp_path / "ragged.csv", tmp_path / "o.csv"
+    features = table[[f"f{i}" for i in range(INPUT_DIM)]].head(5)
+    lines = features.to_csv(index=False, header=not no_header).splitlines()
+    lines[2 if no_header else 3] += ",0.5"
+    src.write_text("\n".join(lines) + "\n")
+    # Execute
+    extra = ["--no-header"] if no_header else []
+    code = cli_main(_predict_args(store, src, out, "--strict", *extra))
+    first = capsys.readouterr().err.splitlines()[0]
+    # Assert
+    assert code == 2 and not out.exists()
+    assert f"row 3 has {INPUT_DIM + 1} values but the file has {INPUT_DIM} columns" in first

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -205,7 +206,17 @@ def _read_frames(
                 yield batch.to_pandas()
         else:
             yield from _npz_frames(path, chunk_size, id_column)
-    except (pd.errors.ParserError, ValueError, OSError) as exc:
+    except pd.errors.ParserError as exc:
+        ragged = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if ragged is None:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        expected, line, saw = (int(v) for v in ragged.groups())
+        row = line - (0 if names else 1)  # pandas counts the header line
+        raise DataError(
+            f"{path}: row {row} has {saw} values but the file has {expected} columns; "
+            "fix that row (a stray comma or an unquoted value with a comma)"
+        ) from None
+    except (ValueError, OSError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
