@@ -287,16 +287,6 @@ def _add_predict(subparsers: Any) -> None:
         default="label",
         help="column skipped as a feature if present (default: label)",
     )
-    p.add_argument("--version", type=int, help="score with this stored version (default: current)")
-    p.add_argument("--backend", choices=("torch", "int8", "onnx"), default="torch")
-    _add_prune_amount(p)
-    p.add_argument(
-        "--public-key",
-        type=Path,
-        help="coordinator public key: re-verify the model's signature first",
-    )
-    p.add_argument("--chunk-size", type=int, default=8192)
-    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     header = p.add_mutually_exclusive_group()
     header.add_argument(
         "--no-header",
@@ -312,6 +302,16 @@ def _add_predict(subparsers: Any) -> None:
         action="store_true",
         help="CSV's first row is its header even if every name is a number",
     )
+    p.add_argument("--version", type=int, help="score with this stored version (default: current)")
+    p.add_argument("--backend", choices=("torch", "int8", "onnx"), default="torch")
+    _add_prune_amount(p)
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        help="coordinator public key: re-verify the model's signature first",
+    )
+    p.add_argument("--chunk-size", type=int, default=8192)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--no-progress", action="store_true")
     _add_state_key(p)
     p.set_defaults(func=_predict)
