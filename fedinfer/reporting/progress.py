@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 from fedinfer.fl.loop import RoundRecord
-from fedinfer.reporting.text import log_to_file
 
 __all__ = ["RoundPrinter"]
 
@@ -25,6 +24,7 @@ class RoundPrinter:
         self.enabled = enabled
         self.started = time.perf_counter()
         self._header_done = False
+        self.console = _LoggedConsole(self.console)  # type: ignore[assignment]
 
     def line(self, record: RoundRecord) -> None:
         """Print one round.
@@ -35,8 +35,13 @@ class RoundPrinter:
         so the sample-weighted site evaluation equals ``acc`` exactly; in DP mode sites
         refuse evaluation by default (their policy's ``allow_evaluation``).
         """
+        if not self.enabled:
+            return
         if not self._header_done:
-            self._show("round    acc       loss     max-eps  ok/refused/failed  round-s  elapsed-s")
+            self.console.print(
+                "[bold]round    acc       loss     max-eps  "
+                "ok/refused/failed  round-s  elapsed-s[/]"
+            )
             self._header_done = True
         fed = record.federated.get("eval-accuracy")
         if record.accuracy is not None:
@@ -47,20 +52,26 @@ class RoundPrinter:
         eps = max(record.epsilon.values(), default=None)
         eps_txt = f"{eps:7.3f}" if eps is not None else "     - "
         sites = f"{len(record.sites)}/{len(record.refused)}/{len(record.failed)}"
-        self._show(
+        self.console.print(
             f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>9}   {loss:>7}  "
             f"{eps_txt}  "
-            f"{sites:^17}  {record.duration_s:7.2f}  {time.perf_counter() - self.started:9.1f}",
-            style="",
+            f"{sites:^17}  {record.duration_s:7.2f}  {time.perf_counter() - self.started:9.1f}"
         )
 
-    def _show(self, text: str, *, style: str = "bold") -> None:
-        log_to_file(text)  # the run's log holds the table even with progress off
-        if self.enabled:
-            self.console.print(escape(text), style=style or None)
-
     def message(self, text: str) -> None:
-        """Print a status line (rich markup)."""
-        log_to_file(Text.from_markup(text).plain)
+        """Print a status line."""
         if self.enabled:
             self.console.print(text)
+
+
+class _LoggedConsole:
+    """A console whose every printed line also goes to the run's log file (plain text)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+
+    def print(self, text: str, **kwargs: Any) -> None:
+        from fedinfer.reporting.text import log_to_file
+
+        log_to_file(Text.from_markup(text).plain)
+        self._console.print(text, **kwargs)
