@@ -122,16 +122,12 @@ class LocalDeployment:
         """``name``'s state key (None when the deployment keeps state in plaintext)."""
         return StateKey.load(self.state_key_file(name)) if self.encrypt_state else None
 
-    def check(self) -> FedInferConfig:
+    def check(self) -> None:
         """Every check of the options and config that needs no file: nothing is written yet."""
         from fedinfer.privacy.noise import refuse_reproducible_noise
 
         if self.workdir.exists() and not self.workdir.is_dir():
             raise ConfigError(f"`--workdir` {self.workdir} is a file; choose a directory")
-        if self.coordinator_dir.exists():
-            raise ConfigError(
-                f"{self.workdir} holds an earlier deployment; delete it or choose another --workdir"
-            )
         cfg = load_config(self.overrides)
         validate_config(cfg)  # what the coordinator would refuse, before PKI, keys and data
         refuse_reproducible_noise(cfg.privacy.reproducible_noise, where="`fedinfer deploy local`")
@@ -144,11 +140,15 @@ class LocalDeployment:
                 f"two, a site can subtract its own update from the sum); use --sites {floor}, "
                 f"or add secagg.site_min_participants={cfg.federation.num_sites} or secagg=off"
             )
-        return cfg
 
     def prepare(self) -> list[str]:
         """Keys and data; returns the coordinator's overrides including the model shape."""
-        cfg = self.check()
+        self.check()
+        if self.coordinator_dir.exists():
+            raise ConfigError(
+                f"{self.workdir} holds an earlier deployment; delete it or choose another --workdir"
+            )
+        cfg = load_config(self.overrides)
         files = write_site_files(cfg, self.workdir / "data", names=self.names)
         init_pki(self.pki.root, hosts=["127.0.0.1", "localhost"], sites=self.names)
         if self.encrypt_state:
@@ -270,8 +270,7 @@ class LocalDeployment:
         model_name = (
             ModelStore(layout.models, key=self.state_key(name)).manifest(expect_version).name
         )
-        with np.load(self.workdir / "data" / f"{name}.npz") as data:
-            x, y = data["x"][:4], data["y"][:4]
+        x = np.load(self.workdir / "data" / f"{name}.npz")["x"][:4]
         answer: dict[str, Any] = {}
 
         def serves_expected() -> bool:
@@ -285,7 +284,15 @@ class LocalDeployment:
             interval_s=0.5,
             what=f"{name} to serve version {expect_version}",
         )
-        return {"site": name, "url": url, "labels": y.tolist(), **answer}
+        return {"site": name, "url": url, "labels": self.true_labels(name, len(x)), **answer}
+
+    def true_labels(self, name: str, n: int) -> list[int] | None:
+        """The labels of ``name``'s first ``n`` samples (None when its data is not one NPZ)."""
+        path = self.workdir / "data" / f"{name}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return [int(v) for v in data["y"][:n]] if "y" in data.files else None
 
     def stop(self) -> None:
         """SIGTERM every site, then the coordinator (each stops its own children)."""
@@ -387,13 +394,15 @@ def demo_line(answer: dict[str, Any]) -> str:
     """
     output = answer["outputs"][0]
     predicted = np.asarray(output["data"]).reshape(output["shape"]).argmax(axis=1).tolist()
-    labels = [int(v) for v in answer["labels"]]
-    right = sum(p == t for p, t in zip(predicted, labels, strict=True))
-    return (
+    line = (
         f"{answer['site']}: {answer['url']} model {answer['model_name']} "
-        f"v{answer['model_version']} predicts {predicted}, true labels {labels} "
-        f"({right} of {len(labels)} right)"
+        f"v{answer['model_version']} predicts {predicted}"
     )
+    labels = answer.get("labels")
+    if labels is None:
+        return line
+    right = sum(p == t for p, t in zip(predicted, labels, strict=True))
+    return f"{line}, true labels {labels} ({right} of {len(labels)} right)"
 
 
 def _follow_coordinator(coordinator: ManagedProcess) -> int:
