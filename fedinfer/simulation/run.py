@@ -20,7 +20,6 @@ from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
 from fedinfer.data import build_federated_data
 from fedinfer.data.shared import write_shared_sites
-from fedinfer.errors import ConfigError
 from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
@@ -136,6 +135,8 @@ def run_simulation(
 
 def _check_secagg_floor(cfg: FedInferConfig) -> None:
     """Refuse a federation whose every site would refuse every secure-aggregation round."""
+    from fedinfer.errors import ConfigError
+
     floor = cfg.secagg.site_min_participants
     if cfg.secagg.enabled and cfg.federation.num_sites < floor:
         raise ConfigError(
