@@ -344,3 +344,23 @@ def test_parallel_jobs_that_cannot_fit_are_refused() -> None:
     """n_jobs * client_cpus > cores would oversubscribe: the error names the key and the fix."""
     with pytest.raises(ConfigError, match=r"hydra\.launcher\.n_jobs.*<= 4"):
         job_cpu_share(n_jobs=5, cores=8, client_cpus=2.0)
+
+
+def test_fedinfer_sweep_with_a_failed_job_still_reports_and_exits_1(tmp_path: Path) -> None:
+    """`fedinfer sweep`: the tally, then the report (which shows the failure), then exit 1."""
+    # Execute: the noniid sweep cut to 2 tiny jobs, the second on a bad value
+    sweep = tmp_path / "noniid"
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "fedinfer.cli", "sweep", "noniid",
+            "simulation.runtime=inprocess", "simulation.progress=false",
+            "dataset.num_samples=600", "federation.num_sites=2", "federation.rounds=1",
+            "model=logreg", "partition.alpha=0.5,-1", "seed=1", f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    # Assert
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert f"Sweep: 2 jobs: 1 completed, 1 failed -> {sweep.resolve()}" in completed.stdout
+    table = pd.read_csv(sweep / REPORT_CSV)
+    assert table["status"].tolist() == ["completed", "failed"]
