@@ -46,7 +46,11 @@ def test_readme_makes_a_csv_from_a_run_and_predict_scores_every_row(tmp_path: Pa
     # Execute
     proc = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -40,7 +40,11 @@ def test_simulate_ends_with_output_dir_accuracy_epsilon_and_stopped_servers(
     out = tmp_path / "run"
     proc = subprocess.run(
         _simulate(*TINY_SERVED, f"hydra.run.dir={out}"),
-        cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     results = json.loads((out / "results.json").read_text())
     # Assert: the last three lines, with the numbers of results.json
@@ -68,7 +72,10 @@ def test_keep_alive_lists_live_urls_until_ctrl_c(tmp_path: Path) -> None:
         _simulate(
             *TINY_SERVED, "serving.keep_alive=true", "privacy=none", f"hydra.run.dir={out}"
         ),
-        cwd=tmp_path, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
