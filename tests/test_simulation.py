@@ -254,3 +254,10 @@ def test_fewer_sites_than_the_secagg_floor_are_refused_before_anything_runs(
     with pytest.raises(ConfigError, match=r"`federation.num_sites`=2 .*site_min_participants`=3"):
         run_simulation(cfg, output_dir=out_dir)
     assert not out_dir.exists()
+
+
+def test_sampling_fewer_sites_than_the_secagg_floor_is_refused(out_dir: Path) -> None:
+    cfg = tiny_config("federation.num_sites=10", "federation.fraction_train=0.2", "secagg=on")
+    with pytest.raises(ConfigError, match=r"`federation.fraction_train`=0.2 samples 2 of 10"):
+        run_simulation(cfg, output_dir=out_dir)
+    assert not out_dir.exists()

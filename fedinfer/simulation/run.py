@@ -136,16 +136,26 @@ def run_simulation(
 def _check_secagg_floor(cfg: FedInferConfig) -> None:
     """Refuse a federation whose every site would refuse every secure-aggregation round."""
     from fedinfer.errors import ConfigError
+    from fedinfer.fl.strategy import sampled_per_round
 
-    floor = cfg.secagg.site_min_participants
-    if cfg.secagg.enabled and cfg.federation.num_sites < floor:
+    floor, num_sites = cfg.secagg.site_min_participants, cfg.federation.num_sites
+    if not cfg.secagg.enabled or sampled_per_round(cfg, num_sites) >= floor:
+        return
+    why = (
+        f"every simulated site would refuse every secure-aggregation round under "
+        f"`secagg.site_min_participants`={floor} (with two, a site can subtract its own update "
+        "from the sum)"
+    )
+    if num_sites < floor:
         raise ConfigError(
-            f"`federation.num_sites`={cfg.federation.num_sites} is below "
-            f"`secagg.site_min_participants`={floor}: every simulated site would refuse every "
-            "secure-aggregation round (with two, a site can subtract its own update from the "
-            f"sum); set federation.num_sites>={floor}, secagg.site_min_participants="
-            f"{cfg.federation.num_sites} or secagg=off"
+            f"`federation.num_sites`={num_sites} is below {floor}: {why}; set "
+            f"federation.num_sites>={floor}, secagg.site_min_participants={num_sites} or secagg=off"
         )
+    raise ConfigError(
+        f"`federation.fraction_train`={cfg.federation.fraction_train} samples "
+        f"{sampled_per_round(cfg, num_sites)} of {num_sites} sites a round: {why}; raise "
+        f"federation.fraction_train or federation.min_sites to reach {floor}, or secagg=off"
+    )
 
 
 @contextlib.contextmanager
