@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedinfer.cli import main as cli_main
-from fedinfer.deploy.local import demo_line
+from fedinfer.deploy.local import LocalDeployment, demo_line
 
 BAD = [
     (["--rounds", "0"], "`--rounds` must be >= 1 (got 0)"),
@@ -82,3 +83,13 @@ def test_two_sites_below_the_secure_aggregation_floor_are_refused(tmp_path: Path
     first = capsys.readouterr().err.splitlines()[0]
     assert code == 2 and "`secagg.site_min_participants`=3" in first and "--sites 3" in first
     assert not workdir.exists()
+
+
+def test_true_labels_are_the_site_files_first_labels(tmp_path: Path) -> None:
+    overrides = ["model=logreg", "dataset.num_samples=600", "secagg=off"]
+    deployment = LocalDeployment(tmp_path / "d", num_sites=2, rounds=1, overrides=overrides)
+    deployment.prepare()
+    with np.load(tmp_path / "d" / "data" / "site-01.npz") as data:
+        expected = data["y"][:4].tolist()
+    assert deployment.true_labels("site-01", 4) == expected
+    assert deployment.true_labels("site-09", 4) is None  # no such file: the demo line has none
