@@ -32,6 +32,12 @@ def test_the_table_lists_every_charge_and_the_cumulative_totals(tmp_path: Path) 
     assert show_ledger(tmp_path / "ledger.json") == text
 
 
+def test_one_charge_of_one_run_is_counted_in_the_singular(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5, num_samples=5000)
+    ledger.charge(server_round=1, run_id="r", noise_multiplier=1.1, sample_rate=0.01, steps=1)
+    assert "composed over 1 charge, 1 run, 1 step)" in show_ledger(tmp_path)
+
+
 def test_print_ledger_writes_to_the_console(tmp_path: Path) -> None:
     # Prepare
     PrivacyLedger.open(tmp_path, accountant="prv", delta=None, num_samples=100).charge(

@@ -147,3 +147,135 @@ def test_cli_predict_reports_bad_rows_and_wrong_columns(
     assert ok == 0 and "row 1: missing (NaN) value in column 'f0'" in ok_io.err
     assert "scored 24 of 25 rows" in ok_io.out
     assert wrong == 2 and "41 feature columns" in wrong_io.err
+
+
+def _predict_args(store, src: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "predict",
+        "--model-store",
+        str(store.root),
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_cli_predict_refuses_a_csv_whose_header_is_a_data_row(
+    tmp_path: Path, store, table: pd.DataFrame, capsys
+) -> None:
+    """A headerless CSV must not lose its first row to pandas' header inference."""
+    # Prepare: 10 rows of features, no header row
+    src, out = tmp_path / "noheader.csv", tmp_path / "o.csv"
+    table[[f"f{i}" for i in range(INPUT_DIM)]].head(10).to_csv(src, index=False, header=False)
+    # Execute
+    code = cli_main(_predict_args(store, src, out))
+    io = capsys.readouterr()
+    # Assert: one line naming both fixes, nothing written
+    assert code == 2 and not out.exists()
+    first = io.err.splitlines()[0]
+    assert "first row" in first and "--no-header" in first and "header row" in first
+    assert "Traceback" not in io.err
+
+
+def test_cli_predict_no_header_scores_every_row(
+    tmp_path: Path, store, table: pd.DataFrame, capsys
+) -> None:
+    # Prepare: id in column 0, then the features, no header row
+    src, out = tmp_path / "noheader.csv", tmp_path / "o.csv"
+    frame = table[["patient", *(f"f{i}" for i in range(INPUT_DIM))]].head(10)
+    frame.to_csv(src, index=False, header=False)
+    # Execute
+    code = cli_main(_predict_args(store, src, out, "--no-header", "--id-column", "0"))
+    io = capsys.readouterr()
+    scored = pd.read_csv(out, dtype={"0": str})
+    # Assert: all 10 rows, in order, with the first row's prediction right
+    assert code == 0 and "scored 10 of 10 rows" in io.out
+    assert scored["0"].tolist() == table["patient"].head(10).tolist()
+    expected = _expected_classes(store, _features(table.head(10)))
+    assert scored["predicted_class"].astype(int).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        [str(i) for i in range(INPUT_DIM)],  # pandas' names for a bare array
+        [str(i) for i in range(1, INPUT_DIM + 1)],
+    ],
+    ids=["from-0", "from-1"],
+)
+def test_cli_predict_accepts_numbered_column_names_as_a_header(
+    tmp_path: Path, store, table: pd.DataFrame, header: list[str], capsys
+) -> None:
+    src, out = tmp_path / "numbered.csv", tmp_path / "o.csv"
+    frame = table[[f"f{i}" for i in range(INPUT_DIM)]].head(5)
+    frame.set_axis(header, axis=1).to_csv(src, index=False)
+    assert cli_main(_predict_args(store, src, out)) == 0
+    assert "scored 5 of 5 rows" in capsys.readouterr().out
+
+
+def test_cli_predict_header_option_overrides_the_check(
+    tmp_path: Path, store, table: pd.DataFrame, capsys
+) -> None:
+    """Column names that happen to be numbers (years, codes) can be forced as a header."""
+    src, out = tmp_path / "years.csv", tmp_path / "o.csv"
+    frame = table[[f"f{i}" for i in range(INPUT_DIM)]].head(5)
+    frame.set_axis([str(1980 + 2 * i) for i in range(INPUT_DIM)], axis=1).to_csv(src, index=False)
+    assert cli_main(_predict_args(store, src, out)) == 2
+    capsys.readouterr()
+    assert cli_main(_predict_args(store, src, out, "--header")) == 0
+    assert "scored 5 of 5 rows" in capsys.readouterr().out
+
+
+def test_cli_predict_strict_reports_the_first_bad_row_and_column(
+    tmp_path: Path, store, table: pd.DataFrame, capsys
+) -> None:
+    """Bad values in several columns: --strict names the earliest row, not the first column's."""
+    # Prepare: row 5 bad in f0, row 2 bad in f9 (a later column), both in one chunk
+    frame = table.astype({"f9": object})
+    frame.loc[4, "f0"] = np.nan
+    frame.loc[1, "f9"] = "abc"
+    src, out = tmp_path / "in.csv", tmp_path / "o.csv"
+    frame.to_csv(src, index=False)
+    # Execute
+    strict = cli_main(_predict_args(store, src, out, "--id-column", "patient", "--strict"))
+    strict_io = capsys.readouterr()
+    strict_wrote = out.exists()
+    lenient = cli_main(_predict_args(store, src, out, "--id-column", "patient"))
+    lenient_io = capsys.readouterr()
+    # Assert
+    assert strict == 2 and not strict_wrote
+    assert "row 2: non-numeric value in column 'f9'" in strict_io.err.splitlines()[0]
+    assert lenient == 0
+    assert lenient_io.err.splitlines()[:2] == [
+        "row 2: non-numeric value in column 'f9'",
+        "row 5: missing (NaN) value in column 'f0'",
+    ]
+
+
+def test_cli_predict_of_one_row_says_row(tmp_path: Path, store, table: pd.DataFrame, capsys):
+    src, out = tmp_path / "one.csv", tmp_path / "o.csv"
+    table.head(1).to_csv(src, index=False)
+    assert cli_main(_predict_args(store, src, out, "--id-column", "patient")) == 0
+    assert "scored 1 of 1 row with version 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("no_header", [False, True], ids=["header", "no-header"])
+def test_cli_predict_names_the_row_with_too_many_values(
+    tmp_path: Path, store, table: pd.DataFrame, no_header: bool, capsys
+) -> None:
+    # Prepare: data row 3 has one value too many
+    src, out = tmp_path / "ragged.csv", tmp_path / "o.csv"
+    features = table[[f"f{i}" for i in range(INPUT_DIM)]].head(5)
+    lines = features.to_csv(index=False, header=not no_header).splitlines()
+    lines[2 if no_header else 3] += ",0.5"
+    src.write_text("\n".join(lines) + "\n")
+    # Execute
+    extra = ["--no-header"] if no_header else []
+    code = cli_main(_predict_args(store, src, out, "--strict", *extra))
+    first = capsys.readouterr().err.splitlines()[0]
+    # Assert
+    assert code == 2 and not out.exists()
+    assert f"row 3 has {INPUT_DIM + 1} values but the file has {INPUT_DIM} columns" in first

@@ -12,6 +12,7 @@ from flwr.app import Message
 
 from fedinfer.artifacts import ModelStore, load_public_key, read_weights, verify_artifact
 from fedinfer.config import ModelConfig
+from fedinfer.errors import ConfigError
 from fedinfer.fl.grid import InProcessGrid
 from fedinfer.fl.messages import Keys
 from fedinfer.models import build_model
@@ -243,3 +244,20 @@ def test_central_dp_mode_runs(out_dir: Path) -> None:
     assert data["status"] == "completed" and all(r["aggregated"] for r in data["rounds"])
     assert data["config"]["privacy"]["mode"] == "central"
     assert result.final_accuracy is not None
+
+
+def test_fewer_sites_than_the_secagg_floor_are_refused_before_anything_runs(
+    out_dir: Path,
+) -> None:
+    """Two sites under a site floor of 3: every round would be refused, so refuse the run."""
+    cfg = tiny_config("federation.num_sites=2", "secagg=on")
+    with pytest.raises(ConfigError, match=r"`federation.num_sites`=2 .*site_min_participants`=3"):
+        run_simulation(cfg, output_dir=out_dir)
+    assert not out_dir.exists()
+
+
+def test_sampling_fewer_sites_than_the_secagg_floor_is_refused(out_dir: Path) -> None:
+    cfg = tiny_config("federation.num_sites=10", "federation.fraction_train=0.2", "secagg=on")
+    with pytest.raises(ConfigError, match=r"`federation.fraction_train`=0.2 samples 2 of 10"):
+        run_simulation(cfg, output_dir=out_dir)
+    assert not out_dir.exists()

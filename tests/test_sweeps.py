@@ -53,7 +53,9 @@ SWEEP = (  # 2 jobs: a tiny DP federation, and one that fails on a bad value
 
 # ------------------------------------------------------------------ the real multirun
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sweep_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """Run `fedinfer simulate -m ...` as a user would, in a process of its own (+ MLflow)."""
     root = tmp_path_factory.mktemp("sweep")
     tracking = (
@@ -78,8 +80,31 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
         check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return root / "multirun"
+    return root / "multirun", completed
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(sweep_run: tuple[Path, subprocess.CompletedProcess[str]]) -> Path:
+    return sweep_run[0]
+
+
+def test_multirun_ends_with_a_tally_and_fails_when_a_job_failed(
+    sweep_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """Each job says where it wrote and what it reached; the sweep tallies its jobs, exit 1."""
+    sweep_dir, completed = sweep_run
+    results = json.loads((sweep_dir / "0" / "results.json").read_text())
+    lines = completed.stdout.splitlines()
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert f"Output directory: {(sweep_dir / '0').resolve()}" in lines
+    assert (
+        f"Run completed: 2 rounds, final accuracy {results['final_accuracy']:.4f}, "
+        f"max epsilon {results['max_epsilon']:.3f}"
+    ) in lines
+    assert "Site servers: not started (serving.enabled=false)." in lines
+    tally = lines[lines.index(f"Sweep: 2 jobs: 1 completed, 1 failed -> {sweep_dir.resolve()}") :]
+    assert tally[1].startswith("  job 1 failed: ConfigError: `partition.alpha` must be > 0")
+    assert tally[2:] == [f"Summarize it: fedinfer report {sweep_dir.resolve()}"]
 
 
 def test_multirun_writes_results_json_per_job(sweep_dir: Path) -> None:
@@ -319,3 +344,23 @@ def test_parallel_jobs_that_cannot_fit_are_refused() -> None:
     """n_jobs * client_cpus > cores would oversubscribe: the error names the key and the fix."""
     with pytest.raises(ConfigError, match=r"hydra\.launcher\.n_jobs.*<= 4"):
         job_cpu_share(n_jobs=5, cores=8, client_cpus=2.0)
+
+
+def test_fedinfer_sweep_with_a_failed_job_still_reports_and_exits_1(tmp_path: Path) -> None:
+    """`fedinfer sweep`: the tally, then the report (which shows the failure), then exit 1."""
+    # Execute: the noniid sweep cut to 2 tiny jobs, the second on a bad value
+    sweep = tmp_path / "noniid"
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "fedinfer.cli", "sweep", "noniid",
+            "simulation.runtime=inprocess", "simulation.progress=false",
+            "dataset.num_samples=600", "federation.num_sites=2", "federation.rounds=1",
+            "model=logreg", "partition.alpha=0.5,-1", "seed=1", f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    # Assert
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert f"Sweep: 2 jobs: 1 completed, 1 failed -> {sweep.resolve()}" in completed.stdout
+    table = pd.read_csv(sweep / REPORT_CSV)
+    assert table["status"].tolist() == ["completed", "failed"]

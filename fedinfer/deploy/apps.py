@@ -192,8 +192,11 @@ def build_deploy_server_app() -> ServerApp:
                 printer=printer,
                 resume=runtime.resume,
             )
+            version, deployed = result.results.get("model_version"), result.deployed
             printer.message(
-                f"published version {result.results.get('model_version')} to {result.deployed}"
+                f"published version {version} to {', '.join(sorted(deployed))}"
+                if version is not None
+                else "published no model: no round was aggregated"
             )
         if result.state.stop_reason and not result.deployed:
             raise FedInferError(f"federation stopped: {result.state.stop_reason}")

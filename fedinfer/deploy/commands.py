@@ -314,11 +314,7 @@ def _add_deploy(subparsers: Any) -> None:
 def _deploy_local(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.local import deploy_local
 
-    if ns.sites < 2:
-        raise ConfigError(
-            "`--sites` must be >= 2 (secure aggregation and FedAvg need at least two)"
-        )
-    return deploy_local(
+    return deploy_local(  # checks every option and the config before writing anything
         workdir=ns.workdir,
         num_sites=ns.sites,
         rounds=ns.rounds,

@@ -38,6 +38,7 @@ import httpx
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
+from fedinfer.reporting.text import plural
 from fedinfer.privacy.noise import refuse_reproducible_noise
 from fedinfer.deploy.apps import COORDINATOR_DIR_ENV, CoordinatorRuntime, model_shape
 from fedinfer.deploy.bundle import write_app_bundle
@@ -166,7 +167,9 @@ def run_coordinator_service(opts: CoordinatorOptions) -> int:
                 _stop_stale_runs(cli)
             run_id = _launch(opts, layout, pki, cli, nodes)
             status = _follow(opts, layout, cli, run_id)
-            print(f"federation {status}; results in {layout.output_dir / RESULTS_FILE}", flush=True)
+            outcome = status.removeprefix(f"{_FINISHED}:")  # Flower's "finished:completed"
+            results = layout.output_dir / RESULTS_FILE
+            print(f"federation {outcome}; results in {results}", flush=True)
             if opts.keep_alive:
                 print("keeping the SuperLink up for the sites (Ctrl-C to stop)", flush=True)
                 _idle(opts)
@@ -320,8 +323,8 @@ def _launch(
     )
     resumed = " (resumed)" if opts.resume else ""
     print(
-        f"federation started: Flower run {run_id}, {cfg.federation.rounds} rounds, "
-        f"{len(nodes)} registered sites{resumed}",
+        f"federation started: Flower run {run_id}, {plural(cfg.federation.rounds, 'round')}, "
+        f"{plural(len(nodes), 'registered site')}{resumed}",
         flush=True,
     )
     return run_id

@@ -31,6 +31,7 @@ import numpy as np
 
 from fedinfer.artifacts import INPUT_NAME, ModelStore
 from fedinfer.config import FedInferConfig, load_config
+from fedinfer.config.validate import validate_config
 from fedinfer.crypto.at_rest import StateKey
 from fedinfer.data import site_name
 from fedinfer.deploy.certs import Pki, init_pki
@@ -47,7 +48,7 @@ from fedinfer.errors import ConfigError, FedInferError
 from fedinfer.policy import POLICY_FILENAME
 from fedinfer.reporting.results import RESULTS_FILE
 
-__all__ = ["LocalDeployment", "deploy_local", "infer"]
+__all__ = ["LocalDeployment", "check_options", "demo_line", "deploy_local", "infer"]
 
 
 def infer(url: str, *, model_name: str, x: np.ndarray, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -121,8 +122,28 @@ class LocalDeployment:
         """``name``'s state key (None when the deployment keeps state in plaintext)."""
         return StateKey.load(self.state_key_file(name)) if self.encrypt_state else None
 
+    def check(self) -> None:
+        """Every check of the options and config that needs no file: nothing is written yet."""
+        from fedinfer.privacy.noise import refuse_reproducible_noise
+
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise ConfigError(f"`--workdir` {self.workdir} is a file; choose a directory")
+        cfg = load_config(self.overrides)
+        validate_config(cfg)  # what the coordinator would refuse, before PKI, keys and data
+        refuse_reproducible_noise(cfg.privacy.reproducible_noise, where="`fedinfer deploy local`")
+        floor = cfg.secagg.site_min_participants
+        if cfg.secagg.enabled and cfg.federation.num_sites < floor:
+            # Every site would refuse every round: a federation that publishes nothing.
+            raise ConfigError(
+                f"`--sites` {cfg.federation.num_sites} is below `secagg.site_min_participants`="
+                f"{floor}: each site refuses secure aggregation with fewer participants (with "
+                f"two, a site can subtract its own update from the sum); use --sites {floor}, "
+                f"or add secagg.site_min_participants={cfg.federation.num_sites} or secagg=off"
+            )
+
     def prepare(self) -> list[str]:
         """Keys and data; returns the coordinator's overrides including the model shape."""
+        self.check()
         if self.coordinator_dir.exists():
             raise ConfigError(
                 f"{self.workdir} holds an earlier deployment; delete it or choose another --workdir"
@@ -263,7 +284,15 @@ class LocalDeployment:
             interval_s=0.5,
             what=f"{name} to serve version {expect_version}",
         )
-        return {"site": name, "url": url, **answer}
+        return {"site": name, "url": url, "labels": self.true_labels(name, len(x)), **answer}
+
+    def true_labels(self, name: str, n: int) -> list[int] | None:
+        """The labels of ``name``'s first ``n`` samples (None when its data is not one NPZ)."""
+        path = self.workdir / "data" / f"{name}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return [int(v) for v in data["y"][:n]] if "y" in data.files else None
 
     def stop(self) -> None:
         """SIGTERM every site, then the coordinator (each stops its own children)."""
@@ -281,7 +310,12 @@ def deploy_local(
     keep_alive: bool = False,
     encrypt_state: bool = True,
 ) -> int:
-    """Run :class:`LocalDeployment` end to end and print what every site's server answered."""
+    """Run :class:`LocalDeployment` end to end and print what every site's server answered.
+
+    Raises :class:`~fedinfer.errors.ConfigError` for a bad option or config before
+    anything is written.
+    """
+    check_options(num_sites=num_sites, rounds=rounds, port=port)
     deployment = LocalDeployment(
         workdir,
         num_sites=num_sites,
@@ -292,7 +326,7 @@ def deploy_local(
     )
     with signals_raise_shutdown():
         try:
-            coordinator_overrides = deployment.prepare()
+            coordinator_overrides = deployment.prepare()  # checks first, then writes
             print(
                 f"deployment in {deployment.workdir}: logs in {deployment.workdir / 'logs'}",
                 flush=True,
@@ -307,7 +341,15 @@ def deploy_local(
                     file=sys.stderr,
                 )
                 return 1
-            _ask_every_site(deployment, version=int(deployment.results()["model_version"]))
+            version = deployment.results().get("model_version")
+            if version is None:
+                print(
+                    "the federation published no model (no round was aggregated); see "
+                    f"{deployment.workdir / 'logs'}",
+                    file=sys.stderr,
+                )
+                return 1
+            _ask_every_site(deployment, version=int(version))
             if keep_alive:
                 print("sites keep serving; Ctrl-C stops them", flush=True)
                 while True:
@@ -319,16 +361,48 @@ def deploy_local(
             deployment.stop()
 
 
+def check_options(*, num_sites: int, rounds: int, port: int) -> None:
+    """Refuse bad ``deploy local`` options, naming each (one ConfigError for all of them)."""
+    problems = []
+    if num_sites < 2:
+        problems.append(
+            f"`--sites` must be >= 2 (got {num_sites}): secure aggregation and FedAvg need two"
+        )
+    if rounds < 1:
+        problems.append(f"`--rounds` must be >= 1 (got {rounds})")
+    if not 0 <= port <= 65535:
+        problems.append(f"`--port` must be 0 (a free port) or 1-65535 (got {port})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _ask_every_site(deployment: LocalDeployment, *, version: int) -> None:
     for name in deployment.names:
         answer = deployment.ask_site(name, expect_version=version)
-        output = answer["outputs"][0]
-        predicted = np.asarray(output["data"]).reshape(output["shape"]).argmax(axis=1).tolist()
-        print(
-            f"{name}: {answer['url']} model {answer['model_name']} v{answer['model_version']} "
-            f"predicts {predicted}",
-            flush=True,
-        )
+        print(demo_line(answer), flush=True)
+
+
+def demo_line(answer: dict[str, Any]) -> str:
+    """One site's demo answer, its predictions next to the true labels of those rows.
+
+    Examples
+    --------
+    >>> demo_line({"site": "site-00", "url": "http://127.0.0.1:1", "model_name": "mlp",
+    ...            "model_version": "2", "labels": [1, 0],
+    ...            "outputs": [{"shape": [2, 2], "data": [0.1, 0.9, 0.3, 0.7]}]})
+    'site-00: http://127.0.0.1:1 model mlp v2 predicts [1, 1], true labels [1, 0] (1 of 2 right)'
+    """
+    output = answer["outputs"][0]
+    predicted = np.asarray(output["data"]).reshape(output["shape"]).argmax(axis=1).tolist()
+    line = (
+        f"{answer['site']}: {answer['url']} model {answer['model_name']} "
+        f"v{answer['model_version']} predicts {predicted}"
+    )
+    labels = answer.get("labels")
+    if labels is None:
+        return line
+    right = sum(p == t for p, t in zip(predicted, labels, strict=True))
+    return f"{line}, true labels {labels} ({right} of {len(labels)} right)"
 
 
 def _follow_coordinator(coordinator: ManagedProcess) -> int:

@@ -164,7 +164,8 @@ def render_status(status: dict[str, Any]) -> str:
         )
         lines.append(f"coordinator  {coord['workdir']}  [{procs}]  fleet {coord['fleet']}")
         lines.append(
-            f"  run {coord['flower_run']}: {coord['run_status']}, rounds {coord['rounds_done']}/"
+            f"  run {coord['flower_run']}: {str(coord['run_status']).removeprefix('finished:')}, "
+            f"rounds {coord['rounds_done']}/"
             f"{coord['rounds_planned']}, model version {coord['model_version']}, "
             f"deployed {coord['deployed']}"
         )

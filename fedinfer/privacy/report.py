@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fedinfer.crypto.at_rest import StateKey
 from fedinfer.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
+from fedinfer.reporting.text import plural
 
 __all__ = ["ledger_table", "print_ledger", "show_ledger"]
 
@@ -38,8 +39,9 @@ def _totals(ledger: PrivacyLedger) -> str:
     runs = len({entry.run_id for entry in ledger.entries})
     return (
         f"epsilon = {ledger.epsilon:.4f} at delta = {ledger.delta:.3g} "
-        f"({ledger.accountant} accountant, composed over {len(ledger.entries)} charges, "
-        f"{runs} runs, {ledger.total_steps} steps)"
+        f"({ledger.accountant} accountant, composed over "
+        f"{plural(len(ledger.entries), 'charge')}, {plural(runs, 'run')}, "
+        f"{plural(ledger.total_steps, 'step')})"
         + (
             f"; {len(ledger.reservations)} open reservation(s) (rounds training, or crashed) "
             "also count against the budget"

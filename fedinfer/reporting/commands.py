@@ -88,6 +88,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from fedinfer.console import make_console
     from fedinfer.simulation.hydra_main import hydra_simulate
+    from fedinfer.simulation.summary import JOB_FAILED
     from fedinfer.simulation.sweeps import (
         available_sweeps,
         explicit_sweep_dir,
@@ -115,7 +116,9 @@ def _sweep(args: argparse.Namespace) -> int:
     )
     written = explicit_sweep_dir(args.overrides)
     report_dir = Path(written) if written is not None else sweep_dir
-    if code != 0 or not args.report or inspects_only(split_hydra_args(args.overrides)[0]):
+    if code not in (0, JOB_FAILED) or not args.report:
+        return code  # JOB_FAILED: some jobs failed; the report shows them
+    if inspects_only(split_hydra_args(args.overrides)[0]):
         return code
     if "${" in str(report_dir) or not report_dir.is_dir():
         make_console().print(
@@ -123,7 +126,7 @@ def _sweep(args: argparse.Namespace) -> int:
         )
         return code
     args.sweep_dir = report_dir
-    return _report(args)
+    return _report(args) or code
 
 
 def _list_sweeps(sweeps: dict[str, Path]) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from fedinfer.fl.loop import RoundRecord
 
@@ -26,6 +28,7 @@ class RoundPrinter:
         self.enabled = enabled
         self.started = time.perf_counter()
         self._header_done = False
+        self.console = _LoggedConsole(self.console)  # type: ignore[assignment]
 
     def line(self, record: RoundRecord) -> None:
         """Print one round.
@@ -63,3 +66,16 @@ class RoundPrinter:
         """Print a status line."""
         if self.enabled:
             self.console.print(text)
+
+
+class _LoggedConsole:
+    """A console whose every printed line also goes to the run's log file (plain text)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+
+    def print(self, text: str, **kwargs: Any) -> None:
+        from fedinfer.reporting.text import log_to_file
+
+        log_to_file(Text.from_markup(text).plain)
+        self._console.print(text, **kwargs)

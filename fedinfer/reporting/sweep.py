@@ -21,15 +21,18 @@ import yaml
 
 from fedinfer.errors import DataError
 from fedinfer.reporting.results import RESULTS_FILE
+from fedinfer.reporting.text import plural
 
 __all__ = [
     "SEED_KEY",
     "JobResult",
+    "is_failure",
     "job_labels",
     "load_sweep",
     "report_table",
     "seed_summary",
     "swept_keys",
+    "tally_lines",
     "target_column",
 ]
 
@@ -263,3 +266,31 @@ def seed_summary(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame | Non
             row[f"{metric}_std"] = ok[metric].std(ddof=0) if len(ok) else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def is_failure(status: str) -> bool:
+    """Whether a job with this status failed: ``failed``, or ``missing`` / ``running`` (killed)."""
+    return status not in ("completed", "stopped")
+
+
+def tally_lines(jobs: Sequence[JobResult], sweep_dir: Path) -> list[str]:
+    """What a multirun did: ``N jobs: a completed, b failed -> DIR``, each failure, the next step.
+
+    Examples
+    --------
+    >>> tally_lines([JobResult("0", {}, "completed"), JobResult("1", {}, "failed", error="bad")],
+    ...             Path("/s"))  # doctest: +NORMALIZE_WHITESPACE
+    ['Sweep: 2 jobs: 1 completed, 1 failed -> /s', '  job 1 failed: bad',
+     'Summarize it: fedinfer report /s']
+    """
+    counts = {"completed": 0, "stopped": 0, "failed": 0}
+    for job in jobs:
+        counts["failed" if is_failure(job.status) else job.status] += 1
+    parts = [f"{n} {s}" for s, n in counts.items() if n or s != "stopped"]
+    lines = [f"Sweep: {plural(len(jobs), 'job')}: {', '.join(parts)} -> {sweep_dir}"]
+    lines += [
+        f"  job {job.job} {job.status}: {job.error or 'no error recorded'}"
+        for job in jobs
+        if is_failure(job.status)
+    ]
+    return [*lines, f"Summarize it: fedinfer report {sweep_dir}"]

@@ -296,6 +296,21 @@ def _add_predict(subparsers: Any) -> None:
         default="label",
         help="column skipped as a feature if present (default: label)",
     )
+    header = p.add_mutually_exclusive_group()
+    header.add_argument(
+        "--no-header",
+        dest="header",
+        action="store_false",
+        default=None,
+        help="CSV has no header row: read row 1 as data, name columns 0, 1, ... "
+        "(default: refuse a first row whose names are all numbers)",
+    )
+    header.add_argument(
+        "--header",
+        dest="header",
+        action="store_true",
+        help="CSV's first row is its header even if every name is a number",
+    )
     p.add_argument("--version", type=int, help="score with this stored version (default: current)")
     p.add_argument(
         "--backend",
@@ -323,6 +338,7 @@ def _add_predict(subparsers: Any) -> None:
 
 def _predict(ns: argparse.Namespace) -> int:
     from fedinfer.artifacts import load_public_key
+    from fedinfer.reporting.text import plural
     from fedinfer.serving.predict import predict_file
 
     if ns.chunk_size < 1:
@@ -340,17 +356,19 @@ def _predict(ns: argparse.Namespace) -> int:
         version=ns.version,
         progress=not ns.no_progress,
         public_key=load_public_key(ns.public_key) if ns.public_key else None,
+        header=ns.header,
     )
     for row, reason in report.bad_rows[:20]:
         print(f"row {row}: {reason}", file=sys.stderr)
     if len(report.bad_rows) > 20:
         print(
-            f"... and {len(report.bad_rows) - 20} more bad rows (see the 'error' column)",
+            f"... and {plural(len(report.bad_rows) - 20, 'more bad row')} "
+            "(see the 'error' column)",
             file=sys.stderr,
         )
     print(
-        f"scored {report.rows - len(report.bad_rows)} of {report.rows} rows with version "
-        f"{report.model_version} -> {report.output}"
+        f"scored {report.rows - len(report.bad_rows)} of {plural(report.rows, 'row')} with "
+        f"version {report.model_version} -> {report.output}"
     )
     return 0
 

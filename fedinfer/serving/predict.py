@@ -5,11 +5,18 @@ order and ids, and gain ``predicted_class``, ``prob_<class>`` columns and an
 ``error`` column. A bad row (missing or non-numeric value, NaN/inf) is
 reported with its 1-based data row number and reason and left unscored; with
 ``strict=True`` the first bad row stops the run instead.
+
+A CSV's first row is its header. When every name in it is a number (other than
+the column numbers ``0..n-1`` or ``1..n`` that writers give unnamed columns),
+the file most likely has no header and pandas would silently eat a data row, so
+the run is refused unless ``header`` says which it is.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,6 +69,7 @@ def predict_file(
     version: int | None = None,
     progress: bool = True,
     public_key: Ed25519PublicKey | None = None,
+    header: bool | None = None,
 ) -> PredictReport:
     """Score ``input_path`` into ``output_path`` (format by extension, written atomically).
 
@@ -88,6 +96,10 @@ def predict_file(
     public_key : Ed25519PublicKey or None
         If given, the model's signature is verified again before scoring (default: None;
         the hash is always checked).
+    header : bool or None
+        CSV only: ``True`` the first row is the header, ``False`` there is none and
+        columns are named by their number ``"0"``, ``"1"``, ... (so ``id_column="0"``);
+        ``None`` refuses a first row that looks like data (default: None).
 
     Examples
     --------
@@ -102,7 +114,8 @@ def predict_file(
     weights, manifest = store.load(version, public_key=public_key)
     model = build_backend(backend, weights, manifest, prune_amount=prune_amount)
     report = PredictReport(Path(output_path), model_version=manifest.version)
-    chunks = _read_chunks(Path(input_path), in_kind, chunk_size, id_column)
+    csv_header = _csv_header(Path(input_path), header) if in_kind == "csv" else None
+    chunks = _read_chunks(Path(input_path), in_kind, chunk_size, id_column, csv_header)
     writer = _Writer(Path(output_path), out_kind)
     try:
         with _progress_bar(progress, _count_rows(Path(input_path), in_kind)) as advance:
@@ -119,17 +132,52 @@ def predict_file(
     return report
 
 
+def _csv_header(path: Path, header: bool | None) -> list[str] | None:
+    """Column names of a headerless CSV (by number), or None when row 1 is the header."""
+    if header is True:
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        first = next(csv.reader(fh), [])
+    if header is False:
+        return [str(i) for i in range(len(first))]
+    if _looks_like_data(first):
+        raise DataError(
+            f"--input {path}: the first row looks like data, not a header (every column "
+            f"name is a number: {', '.join(first[:3])}, ...); pass --no-header to score it "
+            "as a row, or add a header row (--header if it already is one)"
+        )
+    return None
+
+
+def _looks_like_data(names: list[str]) -> bool:
+    values: list[float] = []
+    for name in (n.strip() for n in names):
+        if not name:  # an unnamed (index) column: pandas writes its name empty
+            continue
+        try:
+            values.append(float(name))
+        except ValueError:
+            return False
+    numbered = [list(map(float, range(k, k + len(values)))) for k in (0, 1)]
+    return bool(values) and values not in numbered
+
+
 def _read_chunks(
-    path: Path, kind: str, chunk_size: int, id_column: str | None
+    path: Path,
+    kind: str,
+    chunk_size: int,
+    id_column: str | None,
+    names: list[str] | None = None,
 ) -> Iterator[tuple[int, pd.Series | None, pd.DataFrame]]:
     start = 0
-    for frame in _read_frames(path, kind, chunk_size, id_column):
+    for frame in _read_frames(path, kind, chunk_size, id_column, names):
         ids = None
         if id_column is not None:
             if id_column not in frame.columns:
+                hint = "" if names else "; without a header row, use --no-header --id-column 0"
                 raise DataError(
                     f"--id-column {id_column!r} is not in {path} "
-                    f"(columns: {list(frame.columns)[:10]})"
+                    f"(columns: {list(frame.columns)[:10]}){hint}"
                 )
             ids = frame[id_column].reset_index(drop=True)
             frame = frame.drop(columns=[id_column])
@@ -138,12 +186,19 @@ def _read_chunks(
 
 
 def _read_frames(
-    path: Path, kind: str, chunk_size: int, id_column: str | None
+    path: Path,
+    kind: str,
+    chunk_size: int,
+    id_column: str | None,
+    names: list[str] | None = None,
 ) -> Iterator[pd.DataFrame]:
     try:
         if kind == "csv":
             dtype = {id_column: str} if id_column else None
-            yield from pd.read_csv(path, chunksize=chunk_size, dtype=dtype)
+            header = None if names else "infer"
+            yield from pd.read_csv(
+                path, chunksize=chunk_size, dtype=dtype, header=header, names=names
+            )
         elif kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -151,7 +206,17 @@ def _read_frames(
                 yield batch.to_pandas()
         else:
             yield from _npz_frames(path, chunk_size, id_column)
-    except (pd.errors.ParserError, ValueError, OSError) as exc:
+    except pd.errors.ParserError as exc:
+        ragged = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if ragged is None:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        expected, line, saw = (int(v) for v in ragged.groups())
+        row = line - (0 if names else 1)  # pandas counts the header line
+        raise DataError(
+            f"{path}: row {row} has {saw} values but the file has {expected} columns; "
+            "fix that row (a stray comma or an unquoted value with a comma)"
+        ) from None
+    except (ValueError, OSError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
@@ -209,7 +274,7 @@ def _score_chunk(
             "use --id-column / --label-column to exclude non-features"
         )
     x, reasons = _coerce(features)
-    for offset, reason in reasons.items():
+    for offset, reason in sorted(reasons.items()):  # row order, not column order
         if strict:
             raise DataError(f"row {start + offset + 1}: {reason} (--strict)")
         report.bad_rows.append((start + offset + 1, reason))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.store import conf_dir, register_configs
 from fedinfer.errors import ConfigError, FedInferError
+from fedinfer.reporting.text import FILE_ONLY
 
 __all__ = ["hydra_simulate", "simulate_job"]
 
@@ -32,7 +33,7 @@ def simulate_job(cfg: DictConfig) -> float | None:
 
     from fedinfer.reporting.results import RESULTS_FILE, write_json_atomic
     from fedinfer.simulation.run import run_simulation
-    from fedinfer.simulation.serve_demo import serve_sites
+    from fedinfer.simulation.summary import finish_job
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     _quiet_libraries()
@@ -44,8 +45,7 @@ def simulate_job(cfg: DictConfig) -> float | None:
         if typed.tracking.run_name is None:
             typed.tracking.run_name = HydraConfig.get().job.override_dirname or None
         result = run_simulation(typed, output_dir=output_dir)
-        if typed.serving.enabled:
-            serve_sites(typed, output_dir=output_dir)
+        finish_job(typed, result.results, output_dir=result.output_dir)  # serving, summary
         return result.final_accuracy
     except (FedInferError, Exception) as exc:
         is_user_error = isinstance(exc, FedInferError)
@@ -129,6 +129,13 @@ class _OursOrWarnings(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.startswith("fedinfer")
 
 
+class _NotShownTwice(logging.Filter):
+    """Keep lines the terminal already shows (rich) out of console handlers: files only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, FILE_ONLY, False)
+
+
 def _quiet_libraries() -> None:
     """Hydra logs every library's INFO records; keep fedinfer's and everyone's warnings.
 
@@ -139,6 +146,9 @@ def _quiet_libraries() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _OursOrWarnings) for f in handler.filters):
             handler.addFilter(_OursOrWarnings())
+        is_console = not isinstance(handler, logging.FileHandler)
+        if is_console and not any(isinstance(f, _NotShownTwice) for f in handler.filters):
+            handler.addFilter(_NotShownTwice())
 
 
 _HELP = """\

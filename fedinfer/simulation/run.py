@@ -73,6 +73,7 @@ def run_simulation(
     >>> result = run_simulation(cfg, output_dir=Path("outputs/demo"))  # doctest: +SKIP
     """
     validate_config(cfg)
+    _check_secagg_floor(cfg)
     if cfg.model.name == "custom" and cfg.model._target_:
         # A simulation's own config is every simulated site's config, so its model target
         # is allowed here (a deployed site names its own allow-list, fedinfer.models.custom).
@@ -130,6 +131,31 @@ def run_simulation(
         raise RuntimeError("the simulation ended without a result; see the Flower log above")
     result: CoordinatorResult = outcome["result"]
     return SimulationResult(output_dir=output_dir, results=result.results, coordinator=result)
+
+
+def _check_secagg_floor(cfg: FedInferConfig) -> None:
+    """Refuse a federation whose every site would refuse every secure-aggregation round."""
+    from fedinfer.errors import ConfigError
+    from fedinfer.fl.strategy import sampled_per_round
+
+    floor, num_sites = cfg.secagg.site_min_participants, cfg.federation.num_sites
+    if not cfg.secagg.enabled or sampled_per_round(cfg, num_sites) >= floor:
+        return
+    why = (
+        f"every simulated site would refuse every secure-aggregation round under "
+        f"`secagg.site_min_participants`={floor} (with two, a site can subtract its own update "
+        "from the sum)"
+    )
+    if num_sites < floor:
+        raise ConfigError(
+            f"`federation.num_sites`={num_sites} is below {floor}: {why}; set "
+            f"federation.num_sites>={floor}, secagg.site_min_participants={num_sites} or secagg=off"
+        )
+    raise ConfigError(
+        f"`federation.fraction_train`={cfg.federation.fraction_train} samples "
+        f"{sampled_per_round(cfg, num_sites)} of {num_sites} sites a round: {why}; raise "
+        f"federation.fraction_train or federation.min_sites to reach {floor}, or secagg=off"
+    )
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from fedinfer.config.schema import FedInferConfig
 from fedinfer.crypto.at_rest import resolve_state_key
 from fedinfer.data import build_federated_data
 from fedinfer.errors import ServingError
+from fedinfer.reporting.text import log_to_file, plural
 from fedinfer.serving.launch import SiteServer
 
-__all__ = ["SiteAnswer", "query_site", "serve_sites"]
+__all__ = ["SiteAnswer", "query_site", "site_servers"]
 
 _DEMO_ROWS = 32
 
@@ -72,17 +74,14 @@ def query_site(url: str, model_name: str, x: np.ndarray, y: np.ndarray, site_id:
     )
 
 
-def serve_sites(
-    cfg: FedInferConfig, *, output_dir: Path, console: Console | None = None
-) -> list[SiteAnswer]:
+@contextlib.contextmanager
+def site_servers(
+    cfg: FedInferConfig, *, output_dir: Path, console: Console
+) -> Iterator[list[SiteAnswer]]:
     """Start every site's server on its model store, query each once, print a table.
 
-    Servers stop afterwards unless ``serving.keep_alive`` (then they run until Ctrl-C).
+    Yields the answers while the servers run; they stop when the block ends.
     """
-    if console is None:
-        console = Console(highlight=False, soft_wrap=True)
-        if not console.is_terminal:  # pipes and logs default to 80 columns
-            console = Console(highlight=False, soft_wrap=True, width=110)
     data = {s.site_id: s for s in build_federated_data(cfg).sites}
     public_key = output_dir / "coordinator" / "signing.pub"
     servers: dict[str, SiteServer] = {}
@@ -100,15 +99,17 @@ def serve_sites(
             max_queue_delay_ms=cfg.serving.max_queue_delay_ms,
             port=cfg.serving.base_port + len(servers) if cfg.serving.base_port else 0,
         )
-    console.print(f"Starting {len(servers)} site inference servers ...")
+    if not servers:
+        yield []
+        return
+    console.print(f"Starting {plural(len(servers), 'site inference server')} ...")
     with contextlib.ExitStack() as stack:
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda s: stack.enter_context(s), servers.values()))
-        model_name = cfg.model.name
         answers = [
             query_site(
                 server.url,
-                model_name,
+                cfg.model.name,
                 data[site].test.x[:_DEMO_ROWS],
                 data[site].test.y[:_DEMO_ROWS],
                 site,
@@ -116,25 +117,20 @@ def serve_sites(
             for site, server in servers.items()
         ]
         _print_answers(console, answers)
-        if cfg.serving.keep_alive:
-            console.print("Site servers keep running (serving.keep_alive=true); Ctrl-C stops them.")
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(1)
-    return answers
+        yield answers
 
 
 def _print_answers(console: Console, answers: list[SiteAnswer]) -> None:
+    # No endpoint column: unless serving.keep_alive, the servers stop right after this table.
     table = Table(title="Every site serves the global model (Open Inference Protocol over HTTP)")
-    for column in ("site", "endpoint", "model version", "rows", "accuracy", "latency ms"):
+    for column in ("site", "model version", "rows", "accuracy", "latency ms"):
         table.add_column(column, no_wrap=True)
     for a in answers:
         table.add_row(
-            a.site_id,
-            a.url,
-            a.model_version,
-            str(a.rows),
-            f"{a.accuracy:.3f}",
-            f"{a.latency_ms:.1f}",
+            a.site_id, a.model_version, str(a.rows), f"{a.accuracy:.3f}", f"{a.latency_ms:.1f}"
         )
     console.print(table)
+    log_to_file(
+        "demo requests: "
+        + "; ".join(f"{a.site_id} v{a.model_version} accuracy {a.accuracy:.3f}" for a in answers)
+    )
