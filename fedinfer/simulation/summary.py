@@ -41,10 +41,9 @@ JOB_FAILED = 1
 
 def console_for_output() -> Console:
     """A console that keeps long lines whole when piped (rich defaults pipes to 80 columns)."""
-    console = Console(highlight=False, soft_wrap=True)
-    if not console.is_terminal:
-        console = Console(highlight=False, soft_wrap=True, width=110)
-    return console
+    from fedinfer.console import make_console
+
+    return make_console()
 
 
 def _say(console: Console, lines: Sequence[str], *, log: bool = True) -> None:
