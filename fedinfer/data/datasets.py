@@ -26,6 +26,7 @@ __all__ = [
     "cache_dir",
     "load_dataset",
     "read_table",
+    "with_task",
 ]
 
 DATASET_NAMES = ("breast_cancer", "csv", "digits", "mnist1d")
@@ -34,16 +35,19 @@ _TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".npz")
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Features and integer labels held in memory.
+    """Features and labels held in memory.
 
     Attributes
     ----------
     x : numpy.ndarray
         float32 features of shape ``(n, input_dim)``.
     y : numpy.ndarray
-        int64 labels in ``[0, num_classes)`` of shape ``(n,)``.
+        The labels of the task (:mod:`fedinfer.tasks`): int64 ``(n,)`` in
+        ``[0, num_classes)`` (multiclass, binary), float32 0/1 ``(n, num_classes)``
+        (multilabel) or float32 ``(n,)`` / ``(n, num_classes)`` targets (regression).
     num_classes : int
-        Number of classes (labels are re-indexed to ``0..num_classes-1``).
+        Size of the label space: classes (labels are re-indexed to ``0..num_classes-1``;
+        2 for binary), labels (multilabel) or targets (regression).
     sample_shape : tuple[int, ...] or None
         The natural per-sample shape of the flat rows, e.g. ``(1, 8, 8)`` for digit images
         (None: just ``(input_dim,)``). A custom model with no ``model.input_shape`` of its
@@ -79,7 +83,7 @@ def cache_dir(cfg: DatasetConfig) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fedinfer"
 
 
-def load_dataset(cfg: DatasetConfig, *, seed: int) -> ArrayDataset:
+def load_dataset(cfg: DatasetConfig, *, seed: int, task: str = "multiclass") -> ArrayDataset:
     """Load the pooled dataset named by ``cfg.name`` (a single file for ``csv``).
 
     Parameters
@@ -88,6 +92,8 @@ def load_dataset(cfg: DatasetConfig, *, seed: int) -> ArrayDataset:
         The ``dataset`` config group.
     seed : int
         Generation seed (MNIST-1D only; the other sets are fixed).
+    task : str
+        ``task.kind``: how the labels are read and checked (default: ``"multiclass"``).
 
     Examples
     --------
@@ -96,13 +102,13 @@ def load_dataset(cfg: DatasetConfig, *, seed: int) -> ArrayDataset:
     (64, 10)
     """
     if cfg.name == "mnist1d":
-        return _mnist1d(cfg, seed=seed)
+        return with_task(_mnist1d(cfg, seed=seed), task, where="dataset=mnist1d")
     if cfg.name in ("digits", "breast_cancer"):
-        return _sklearn(cfg.name)
+        return with_task(_sklearn(cfg.name), task, where=f"dataset={cfg.name}")
     if cfg.name == "csv":
         if cfg.path is None:
             raise ConfigError("`dataset.path` is required for dataset=csv; set dataset.path=FILE")
-        return read_table(Path(cfg.path), label_column=cfg.label_column)
+        return read_table(Path(cfg.path), label_column=cfg.label_column, task=task)
     raise ConfigError(
         f"`dataset.name` is {cfg.name!r}, which is not a known dataset; "
         f"choose one of {', '.join(DATASET_NAMES)} (e.g. dataset=mnist1d)"
@@ -159,11 +165,27 @@ def _sklearn(name: str) -> ArrayDataset:
     return ArrayDataset(x.astype(np.float32), y, int(y.max()) + 1, shape)
 
 
-def read_table(path: Path, *, label_column: str) -> ArrayDataset:
-    """Read a CSV, Parquet or NPZ file of numeric features and an integer label column.
+def with_task(data: ArrayDataset, task: str, *, where: str) -> ArrayDataset:
+    """``data`` with its labels checked and converted for ``task`` (:mod:`fedinfer.tasks`).
+
+    Multiclass labels stay as they are; a one-line :class:`DataError` names ``where``
+    when the labels do not fit the task (e.g. ``task=binary`` on ten classes).
+    """
+    if task == "multiclass":
+        return data
+    from fedinfer.tasks import prepare_labels
+
+    y, num_classes = prepare_labels(data.y, task, where=where)
+    return ArrayDataset(data.x, y, num_classes, data.sample_shape)
+
+
+def read_table(path: Path, *, label_column: str, task: str = "multiclass") -> ArrayDataset:
+    """Read a CSV, Parquet or NPZ file of numeric features and a label column.
 
     NPZ files hold either arrays ``x`` and ``y`` (or ``label_column``), or one
-    array per column.
+    array per column. A 2-D ``y`` is a multi-label matrix or several regression targets.
+    Labels are read for ``task`` (``task.kind``): class ids for multiclass and binary,
+    floats for regression (:func:`with_task`).
     """
     if not path.exists():
         raise DataError(
@@ -179,7 +201,10 @@ def read_table(path: Path, *, label_column: str) -> ArrayDataset:
         x, y = _read_npz(path, label_column)
     else:
         x, y = _read_frame(path, label_column)
-    return _reindex_labels(x, y, path)
+    if task in ("regression", "multilabel"):  # no class re-indexing of floats or 0/1 vectors
+        _check_features(x, y, path)
+        return with_task(ArrayDataset(x.astype(np.float32), y, 0), task, where=str(path))
+    return with_task(_reindex_labels(x, y, path), task, where=str(path))
 
 
 def _read_frame(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -220,12 +245,7 @@ def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         return x, arrays[label_column]
 
 
-def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
-    """Validate the table; keep integer labels as class ids, map other labels to sorted ids.
-
-    Integer labels are kept as they are so that per-site files agree on class ids
-    even when a site lacks some classes.
-    """
+def _check_features(x: np.ndarray, y: np.ndarray, path: Path) -> None:
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise DataError(f"{str(path)!r}: expected 2-D features with one label per row")
     if x.shape[0] == 0:
@@ -233,6 +253,20 @@ def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
     if not np.isfinite(x).all():
         raise DataError(
             f"{str(path)!r} contains NaN or infinite feature values; clean or impute them"
+        )
+
+
+def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
+    """Validate the table; keep integer labels as class ids, map other labels to sorted ids.
+
+    Integer labels are kept as they are so that per-site files agree on class ids
+    even when a site lacks some classes.
+    """
+    _check_features(x, y, path)
+    if y.ndim != 1:
+        raise DataError(
+            f"{str(path)!r}: labels have shape {y.shape[1:]} per row; task.kind=multiclass needs "
+            "one class per row (task=multilabel or task=regression take 2-D labels)"
         )
     if np.issubdtype(y.dtype, np.number) and np.all(np.mod(y, 1) == 0) and y.min() >= 0:
         labels = y.astype(np.int64)
