@@ -2,16 +2,16 @@
 
 One task per federation, ``task.kind`` (group ``task``):
 
-==============  ======================  ==============  =====================  =========================
-kind            labels ``y``            model outputs   loss                   metrics (first: headline)
-==============  ======================  ==============  =====================  =========================
-``multiclass``  int64 ``(n,)`` in 0..K  K logits        cross-entropy          accuracy, f1 (macro)
-``binary``      int64 ``(n,)`` in {0,1} 1 logit         BCE with logits        accuracy, auc, f1
-``multilabel``  float32 ``(n, K)`` 0/1  K logits        BCE with logits        accuracy (exact), f1
-                                                                               (micro), auc (macro)
-``regression``  float32 ``(n,)``/(n,K)  K values        mean squared error     rmse, mae, r2
-==============  ======================  ==============  =====================  =========================
+* ``multiclass``: int64 labels ``(n,)`` in ``0..K-1``; K logits; cross-entropy;
+  metrics accuracy, f1 (macro).
+* ``binary``: int64 labels ``(n,)`` in {0, 1}; one logit; BCE with logits;
+  metrics accuracy, auc, f1.
+* ``multilabel``: float32 0/1 labels ``(n, K)``; K logits; BCE with logits;
+  metrics accuracy (exact match), f1 (micro), auc (macro over labels).
+* ``regression``: float32 targets ``(n,)`` or ``(n, K)``; K values; mean squared error;
+  metrics rmse, mae, r2.
 
+The first metric is the headline (progress table, ``final_accuracy`` / ``final_metrics``).
 The data layer's ``num_classes`` is the size of the label space (classes; 2 for binary;
 labels; regression targets); :func:`num_outputs` is the model's output width. Served outputs
 (:func:`serve_outputs`): ``logits``, ``probabilities`` and ``predicted_class`` (multiclass,

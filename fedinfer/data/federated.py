@@ -96,7 +96,8 @@ def build_federated_data(cfg: FedInferConfig) -> FederatedData:
 
     Labels are read for ``task.kind``. A label-aware partitioner (dirichlet, shards) splits
     the classes; on a regression target it splits ``task.partition_bins`` quantile bins of
-    the target, on multi-label data the distinct label sets (:func:`fedinfer.tasks.partition_labels`).
+    the target, on multi-label data the distinct label sets
+    (:func:`fedinfer.tasks.partition_labels`).
     """
     return _build_cached(
         _freeze(cfg.dataset),

@@ -3,8 +3,9 @@
 Rows stream through in chunks (memory stays flat for large files), keep their
 order and ids, and gain the task's output columns and an ``error`` column:
 ``predicted_class`` and ``prob_<class>`` (multiclass; binary: ``prob_0``, ``prob_1``),
-``label_<j>`` and ``prob_<j>`` (multilabel), ``value`` or ``value_<j>`` (regression). A bad row (missing or non-numeric value, NaN/inf) is
-reported with its 1-based data row number and reason and left unscored; with
+``label_<j>`` and ``prob_<j>`` (multilabel), ``value`` or ``value_<j>`` (regression). A bad
+row (missing or non-numeric value, NaN/inf) is reported with its 1-based data row number and
+reason and left unscored; with
 ``strict=True`` the first bad row stops the run instead.
 """
 

@@ -1,0 +1,343 @@
+"""Tasks (issue 13): multi-class, binary, multi-label and regression, from labels to served outputs.
+
+Metrics are checked against ``sklearn.metrics`` on the same predictions; every task is trained
+in a small real federation, served over a real socket and scored by ``fedinfer predict``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config
+from serving_harness import options_for, running_server
+from sklearn import metrics as skm
+
+from fedinfer.artifacts import ModelStore, load_torch_model
+from fedinfer.config.validate import validate_config
+from fedinfer.data import build_federated_data
+from fedinfer.errors import ConfigError, DataError
+from fedinfer.serving.predict import predict_file
+from fedinfer.simulation import run_simulation
+from fedinfer.tasks import (
+    auc_score,
+    compute_metrics,
+    num_outputs,
+    partition_labels,
+    prepare_labels,
+    serve_outputs,
+    task_spec,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+# --------------------------------------------------------------------------- metrics vs sklearn
+
+
+def test_multiclass_metrics_match_sklearn() -> None:
+    y = RNG.integers(0, 5, size=300)
+    logits = RNG.normal(size=(300, 5)) + np.eye(5)[y] * 1.5
+    pred = logits.argmax(1)
+    got = compute_metrics("multiclass", y, logits)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert got["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3], ids=["t0.5", "t0.3"])
+def test_binary_metrics_match_sklearn(threshold: float) -> None:
+    y = RNG.integers(0, 2, size=400)
+    logit = RNG.normal(size=400) + (y - 0.5) * 1.2
+    pred = (_sigmoid(logit) >= threshold).astype(int)
+    got = compute_metrics("binary", y, logit[:, None], threshold=threshold)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert got["auc"] == pytest.approx(skm.roc_auc_score(y, logit))
+    assert got["f1"] == pytest.approx(skm.f1_score(y, pred, zero_division=0))
+
+
+def test_multilabel_metrics_match_sklearn() -> None:
+    y = RNG.integers(0, 2, size=(250, 4))
+    logits = RNG.normal(size=(250, 4)) + (y - 0.5) * 2.0
+    pred = (_sigmoid(logits) >= 0.5).astype(int)
+    got = compute_metrics("multilabel", y.astype(np.float32), logits)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))  # exact match
+    assert got["f1"] == pytest.approx(skm.f1_score(y, pred, average="micro", zero_division=0))
+    assert got["auc"] == pytest.approx(skm.roc_auc_score(y, logits, average="macro"))
+
+
+@pytest.mark.parametrize("targets", [1, 3], ids=["one-target", "three-targets"])
+def test_regression_metrics_match_sklearn(targets: int) -> None:
+    y = RNG.normal(size=(200, targets)) * 10 + 3
+    pred = y + RNG.normal(size=(200, targets)) * 4
+    labels = y[:, 0] if targets == 1 else y
+    got = compute_metrics("regression", labels, pred)
+    assert got["rmse"] == pytest.approx(skm.root_mean_squared_error(labels, pred.squeeze()))
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(labels, pred.squeeze()))
+    assert got["r2"] == pytest.approx(skm.r2_score(labels, pred.squeeze()))
+
+
+def test_auc_averages_tied_scores_like_sklearn() -> None:
+    y = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+    score = np.array([0.1, 0.4, 0.4, 0.4, 0.9, 0.1, 0.4, 0.2])  # ties across classes
+    assert auc_score(y, score) == pytest.approx(skm.roc_auc_score(y, score))
+    assert auc_score(np.zeros(4), np.arange(4.0)) is None  # one class: undefined, left out
+
+
+# --------------------------------------------------------------------------- labels and config
+
+
+def test_labels_that_do_not_fit_the_task_give_one_line_errors() -> None:
+    with pytest.raises(DataError, match=r"task.kind=binary needs labels 0 and 1") as exc:
+        prepare_labels(np.array([0, 1, 2]), "binary", where="d.csv")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(DataError, match="multilabel needs a 0/1 label matrix"):
+        prepare_labels(np.array([0, 1, 1]), "multilabel", where="d.npz")
+    with pytest.raises(DataError, match="NaN or infinity"):
+        prepare_labels(np.array([0.5, np.nan]), "regression", where="d.csv")
+    with pytest.raises(DataError, match="needs one class per sample"):
+        prepare_labels(np.zeros((3, 2), dtype=int), "binary", where="d.npz")
+
+
+def test_task_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"`task.kind` is 'ranking'; choose one of"):
+        validate_config(tiny_config("task.kind=ranking", "privacy=none", "secagg=off"))
+    with pytest.raises(ConfigError, match=r"`task.kind`=multilabel needs 0/1 label vectors"):
+        validate_config(tiny_config("task=multilabel", "dataset=digits"))
+    with pytest.raises(ConfigError, match=r"`task.threshold` must be in \(0, 1\)"):
+        validate_config(tiny_config("task=binary", "task.threshold=1.5"))
+
+
+def test_binary_task_on_ten_classes_is_refused_before_training(out_dir: Path) -> None:
+    cfg = tiny_config("task=binary", "dataset=digits", "privacy=none", "secagg=off")
+    with pytest.raises(DataError, match=r"dataset=digits: task.kind=binary needs labels 0 and 1"):
+        run_simulation(cfg, output_dir=out_dir)
+
+
+def test_a_custom_model_whose_output_does_not_fit_the_task_is_refused(out_dir: Path) -> None:
+    """torch.nn.Linear with 10 outputs cannot be a 1-target regression: one line, before Ray."""
+    cfg = tiny_config(
+        "task=regression",
+        "dataset=digits",
+        "privacy=none",
+        "secagg=off",
+        "model=custom",
+        "model._target_=torch.nn.Linear",
+        "+model.kwargs.in_features=64",
+        "+model.kwargs.out_features=10",
+        "model.input_shape=[64]",
+    )
+    with pytest.raises(ConfigError) as exc:
+        run_simulation(cfg, output_dir=out_dir)
+    message = str(exc.value)
+    assert "outputs (2, 10)" in message and "task.kind=regression needs (batch, 1)" in message
+    assert "\n" not in message
+
+
+def test_regression_partitions_quantile_bins_of_the_target() -> None:
+    """No class labels to skew on a continuous target: dirichlet/shards split quantile bins."""
+    target = RNG.normal(size=1000)
+    bins = partition_labels(target, "regression", bins=10)
+    assert sorted(np.unique(bins).tolist()) == list(range(10))
+    assert np.bincount(bins).min() >= 95  # equal-frequency bins
+    order = np.argsort(target)
+    assert np.all(np.diff(bins[order]) >= 0)  # bins follow the target's order
+    cfg = tiny_config(
+        "task=regression", "dataset=digits", "partition=shards", "partition.labels_per_site=1"
+    )
+    sites = build_federated_data(cfg).sites
+    ranges = [(s.train.y.min(), s.train.y.max()) for s in sites]
+    assert all(s.train.y.dtype == np.float32 for s in sites)
+    assert len({r for r in ranges}) > 1  # sites hold different parts of the target's range
+
+
+def test_num_outputs_and_served_outputs_per_task() -> None:
+    assert [num_outputs(k, 3) for k in ("binary", "multiclass", "multilabel", "regression")] == [
+        1,
+        3,
+        3,
+        3,
+    ]
+    raw = np.array([[0.0, 2.0], [-3.0, 0.1]], dtype=np.float32)
+    out = serve_outputs("multilabel", raw, threshold=0.5)
+    assert out["predicted_labels"].tolist() == [[1, 1], [0, 1]]
+    np.testing.assert_allclose(out["probabilities"], _sigmoid(raw), rtol=1e-6)
+    assert set(serve_outputs("regression", raw)) == {"values"}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _digits_multilabel(path: Path) -> Path:
+    """Digits with three 0/1 labels per image: even, greater than 4, has a closed loop."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    d = digits.target
+    y = np.stack([d % 2 == 0, d > 4, np.isin(d, [0, 6, 8, 9])], axis=1).astype(np.int64)
+    np.savez(path, x=(digits.data / 16.0).astype(np.float32), y=y)
+    return path
+
+
+def _diabetes(path: Path) -> Path:
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    np.savez(path, x=x.astype(np.float32) * 20, y=((y - y.mean()) / y.std()).astype(np.float32))
+    return path
+
+
+@dataclass
+class Trained:
+    task: str
+    out: Path
+    results: dict
+    store: ModelStore
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def _overrides(task: str, tmp: Path) -> list[str]:
+    if task == "multiclass":
+        return ["dataset=digits"]
+    if task == "binary":
+        return ["task=binary", "dataset=breast_cancer"]
+    if task == "multilabel":
+        path = _digits_multilabel(tmp / "m.npz")
+        return ["task=multilabel", "dataset=csv", f"dataset.path={path}"]
+    return ["task=regression", "dataset=csv", f"dataset.path={_diabetes(tmp / 'd.npz')}"]
+
+
+@pytest.fixture(
+    scope="module", params=["multiclass", "binary", "multilabel", "regression"], ids=str
+)
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    task = request.param
+    tmp = tmp_path_factory.mktemp(task)
+    cfg = tiny_config(
+        *_overrides(task, tmp),
+        "model=mlp",
+        "model.hidden_sizes=[16]",
+        "privacy=none",
+        "secagg=off",
+        "partition=dirichlet",
+        "partition.alpha=1.0",
+        "federation.rounds=3",
+        "federation.lr=0.05",
+    )
+    result = run_simulation(cfg, output_dir=tmp / "run")
+    data = build_federated_data(cfg)
+    store = ModelStore(tmp / "run" / "sites" / "site-00" / "models")
+    return Trained(
+        task, tmp / "run", result.results, store, data.pooled_test.x, data.pooled_test.y
+    )
+
+
+def _raw(store: ModelStore, x: np.ndarray) -> np.ndarray:
+    weights, manifest = store.load()
+    with torch.inference_mode():
+        return load_torch_model(weights, manifest)(torch.from_numpy(x)).numpy()
+
+
+def test_each_task_reports_its_metrics_as_sklearn_computes_them(trained: Trained) -> None:
+    """results.json's held-out metrics are sklearn's on the final model's predictions."""
+    spec = task_spec(trained.task)
+    rounds = trained.results["rounds"]
+    assert all(list(r["metrics"]) == [m for m in spec.metrics] for r in rounds)
+    assert trained.results["task"]["kind"] == trained.task
+    assert (trained.out / "metrics.png").stat().st_size > 0
+    final = trained.results["final_metrics"]
+    raw, y = _raw(trained.store, trained.test_x), trained.test_y
+    if trained.task == "regression":
+        assert trained.results["final_accuracy"] is None
+        assert final["rmse"] == pytest.approx(skm.root_mean_squared_error(y, raw[:, 0]), rel=1e-5)
+        assert final["mae"] == pytest.approx(skm.mean_absolute_error(y, raw[:, 0]), rel=1e-5)
+        assert final["r2"] == pytest.approx(skm.r2_score(y, raw[:, 0]), rel=1e-4, abs=1e-5)
+        assert final["r2"] > 0  # it learned something: better than predicting the mean
+        return
+    if trained.task == "multiclass":
+        pred = raw.argmax(1)
+        assert final["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"), rel=1e-6)
+    elif trained.task == "binary":
+        pred = (raw[:, 0] >= 0).astype(int)
+        assert final["auc"] == pytest.approx(skm.roc_auc_score(y, raw[:, 0]), rel=1e-6)
+        assert final["f1"] == pytest.approx(skm.f1_score(y, pred), rel=1e-6)
+    else:
+        pred = (raw >= 0).astype(int)
+        assert final["f1"] == pytest.approx(skm.f1_score(y, pred, average="micro"), rel=1e-6)
+        assert final["auc"] == pytest.approx(skm.roc_auc_score(y, raw), rel=1e-6)
+    assert final["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert trained.results["final_accuracy"] == final["accuracy"]
+
+
+def test_the_manifest_records_the_task_and_the_round_table_shows_its_metrics(
+    trained: Trained,
+) -> None:
+    manifest = json.loads((trained.out / "model" / "manifest.json").read_text())
+    assert manifest["task"]["kind"] == trained.task
+    assert manifest["metrics"].keys() >= set(task_spec(trained.task).metrics)
+    assert trained.store.load()[1].task_kind == trained.task  # signed and verified on load
+
+
+def test_each_task_is_served_with_its_outputs_over_a_socket(trained: Trained) -> None:
+    spec = task_spec(trained.task)
+    x = trained.test_x[:7]
+    expected = serve_outputs(trained.task, _raw(trained.store, x))
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    with running_server(options_for(trained.store.root)) as url:
+        with httpx.Client(base_url=url, trust_env=False) as client:
+            meta = client.get(f"/v2/models/{trained.store.load()[1].name}").json()
+            answer = client.post(f"/v2/models/{meta['name']}/infer", json=body).json()
+            wrong = client.post(
+                f"/v2/models/{meta['name']}/infer",
+                json={**body, "outputs": [{"name": "no_such_output"}]},
+            )
+    assert [o["name"] for o in meta["outputs"]] == list(spec.outputs)
+    assert meta["parameters"]["task"] == trained.task
+    served = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in answer["outputs"]}
+    assert list(served) == list(spec.outputs)
+    for name in spec.outputs:
+        np.testing.assert_allclose(served[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert wrong.status_code == 400 and str(list(spec.outputs)) in wrong.json()["error"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "npz"], ids=["csv", "npz"])
+def test_predict_writes_the_task_outputs(trained: Trained, tmp_path: Path, fmt: str) -> None:
+    x = trained.test_x[:9]
+    src = tmp_path / "in.npz"
+    np.savez(src, x=x)
+    out = tmp_path / f"out.{fmt}"
+    predict_file(trained.store, input_path=src, output_path=out, progress=False)
+    expected = serve_outputs(trained.task, _raw(trained.store, x))
+    if fmt == "npz":
+        with np.load(out, allow_pickle=False) as arrays:
+            got = {k: arrays[k] for k in arrays.files}
+    else:
+        got = pd.read_csv(out)
+    if trained.task == "regression":
+        values = got["values"][:, 0] if fmt == "npz" else got["value"].to_numpy()
+        np.testing.assert_allclose(values, expected["values"][:, 0], rtol=1e-5)
+    elif trained.task == "multilabel":
+        labels = (
+            got["predicted_labels"]
+            if fmt == "npz"
+            else got[[c for c in got.columns if c.startswith("label_")]].to_numpy()
+        )
+        np.testing.assert_array_equal(labels, expected["predicted_labels"])
+    else:
+        np.testing.assert_array_equal(
+            np.asarray(got["predicted_class"]), expected["predicted_class"]
+        )
+        if trained.task == "binary" and fmt == "csv":
+            np.testing.assert_allclose(got["prob_1"], expected["probabilities"][:, 0], rtol=1e-5)
+            np.testing.assert_allclose(got["prob_0"] + got["prob_1"], 1.0, rtol=1e-5)
