@@ -341,3 +341,47 @@ def test_predict_writes_the_task_outputs(trained: Trained, tmp_path: Path, fmt: 
         if trained.task == "binary" and fmt == "csv":
             np.testing.assert_allclose(got["prob_1"], expected["probabilities"][:, 0], rtol=1e-5)
             np.testing.assert_allclose(got["prob_0"] + got["prob_1"], 1.0, rtol=1e-5)
+
+
+def test_a_deployment_carries_the_task_to_the_coordinator_and_the_sites(tmp_path: Path) -> None:
+    """The coordinator is told only shapes; the site reads its own file for the task."""
+    from fedinfer.data import load_site_file
+    from fedinfer.deploy.apps import model_shape
+    from fedinfer.fl.run_config import from_run_config, to_run_config
+
+    cfg = tiny_config("task=regression", "deployment.input_dim=10", "deployment.num_classes=1")
+    shape = model_shape(from_run_config(to_run_config(cfg)))  # what a SuperLink's app sees
+    assert (shape.task, shape.num_outputs) == ("regression", 1)
+    path = _diabetes(tmp_path / "site.npz")
+    site = load_site_file(
+        path, site_id="site-a", label_column="y", partition=cfg.partition, seed=0,
+        num_classes=1, task="regression",
+    )  # fmt: skip
+    assert site.train.y.dtype == np.float32 and site.num_classes == 1
+    with pytest.raises(ConfigError, match=r"1 targets per row but .*`deployment.num_classes`=2"):
+        load_site_file(
+            path, site_id="site-a", label_column="y", partition=cfg.partition, seed=0,
+            num_classes=2, task="regression",
+        )  # fmt: skip
+
+
+def test_a_regression_sweep_reports_its_rmse_and_counts_as_finished() -> None:
+    from fedinfer.reporting.sweep import JobResult, report_table, seed_summary
+    from fedinfer.reporting.tracking import round_metrics
+
+    jobs = [
+        JobResult(
+            job=str(seed),
+            overrides={"seed": str(seed)},
+            status="completed",
+            final_metrics={"rmse": 0.7 + seed / 10, "mae": 0.5, "r2": 0.4},
+        )
+        for seed in (0, 1)
+    ]
+    table = report_table(jobs)
+    assert table["final_rmse"].tolist() == pytest.approx([0.7, 0.8])
+    summary = seed_summary(table, ["seed"])
+    assert summary is not None and int(summary["seeds"][0]) == 2
+    assert summary["final_rmse_mean"][0] == pytest.approx(0.75)
+    flat = round_metrics({"round": 1, "accuracy": None, "metrics": {"rmse": 0.7, "r2": 0.4}})
+    assert flat == {"rmse": 0.7, "r2": 0.4}
