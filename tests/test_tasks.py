@@ -385,3 +385,33 @@ def test_a_regression_sweep_reports_its_rmse_and_counts_as_finished() -> None:
     assert summary["final_rmse_mean"][0] == pytest.approx(0.75)
     flat = round_metrics({"round": 1, "accuracy": None, "metrics": {"rmse": 0.7, "r2": 0.4}})
     assert flat == {"rmse": 0.7, "r2": 0.4}
+
+
+def test_the_task_is_signed_a_rewritten_task_is_refused(tmp_path: Path) -> None:
+    """Attack: whoever can write the artifact turns a regression model's ``values`` into class
+    labels by editing ``task.kind``; the signature covers the task, so verification fails."""
+    from fedinfer.artifacts import generate_signing_key, verify_artifact, write_artifact
+    from fedinfer.config.schema import ModelConfig
+    from fedinfer.errors import ModelIntegrityError
+    from fedinfer.models import build_model
+
+    key = generate_signing_key()
+    cfg = ModelConfig(name="logreg")
+    model = build_model(cfg, input_dim=10, num_classes=1)
+    art = write_artifact(
+        tmp_path / "v1",
+        weights={k: v.numpy() for k, v in model.state_dict().items()},
+        model_cfg=cfg, input_dim=10, num_classes=1, version=1, server_round=1,
+        metrics={"rmse": 0.7}, privacy={}, run_id="r", signing_key=key,
+        task={"kind": "regression", "num_classes": 1},
+    )  # fmt: skip
+    assert verify_artifact(art, public_key=key.public_key()).task_kind == "regression"
+    doc = json.loads((art / "manifest.json").read_text())
+    doc["task"]["kind"] = "binary"  # one logit either way: the weights still fit
+    (art / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelIntegrityError):
+        verify_artifact(art, public_key=key.public_key())
+    doc["task"] = {"kind": "ranking"}
+    (art / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelIntegrityError, match="'task' must be an object with a known 'kind'"):
+        verify_artifact(art, public_key=key.public_key())
