@@ -415,3 +415,52 @@ def test_the_task_is_signed_a_rewritten_task_is_refused(tmp_path: Path) -> None:
     (art / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ModelIntegrityError, match="'task' must be an object with a known 'kind'"):
         verify_artifact(art, public_key=key.public_key())
+
+
+def test_tritonclient_reads_every_task_output_in_binary_and_the_demo_scores_it(
+    trained: Trained,
+) -> None:
+    import tritonclient.http as triton
+
+    from fedinfer.simulation.serve_demo import query_site
+
+    spec = task_spec(trained.task)
+    x, y = trained.test_x[:16], trained.test_y[:16]
+    expected = serve_outputs(trained.task, _raw(trained.store, x))
+    name = trained.store.load()[1].name
+    with running_server(options_for(trained.store.root)) as url:
+        client = triton.InferenceServerClient(url=url.removeprefix("http://"))
+        inp = triton.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        wanted = [triton.InferRequestedOutput(o, binary_data=True) for o in spec.outputs]
+        result = client.infer(name, inputs=[inp], outputs=wanted)
+        client.close()
+        answer = query_site(url, name, x, y, "site-00", task=trained.task)
+    for output in spec.outputs:
+        np.testing.assert_allclose(result.as_numpy(output), expected[output], rtol=1e-5, atol=1e-6)
+    assert answer.metric == spec.headline
+    scored = compute_metrics(trained.task, y, _raw(trained.store, x))[spec.headline]
+    assert answer.accuracy == pytest.approx(scored, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["regression", "multilabel"], ids=str)
+def test_the_backend_check_measures_each_task(kind: str) -> None:
+    """An approximate backend is judged by what the task serves: a regression backend that
+    adds error is refused on its RMSE, a multi-label one on flipped labels."""
+    from fedinfer.errors import ServingError
+    from fedinfer.serving.backends import check_backend
+
+    class Fixed:
+        def __init__(self, out: np.ndarray, name: str) -> None:
+            self.out, self.name = out, name
+
+        def predict(self, x: np.ndarray) -> np.ndarray:
+            return self.out
+
+    raw = RNG.normal(size=(200, 3)).astype(np.float32)
+    y = raw.copy() if kind == "regression" else (raw > 0).astype(np.float32)
+    exact = check_backend(Fixed(raw, "onnx"), Fixed(raw, "torch"), raw, y, task=kind)
+    assert exact.accuracy_drop == pytest.approx(0.0, abs=1e-9) and exact.agreement == 1.0
+    worse = raw + RNG.normal(size=raw.shape).astype(np.float32) * 0.5
+    with pytest.raises(ServingError, match="backend 'int8' loses"):
+        check_backend(Fixed(worse, "int8"), Fixed(raw, "torch"), raw, y, task=kind)
