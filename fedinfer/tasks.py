@@ -159,7 +159,8 @@ def _multilabel(y: np.ndarray, where: str) -> tuple[np.ndarray, int]:
     if y.ndim != 2 or y.shape[1] < 1:
         raise DataError(
             f"{where}: task.kind=multilabel needs a 0/1 label matrix of shape (n, labels), got "
-            f"shape {y.shape}; store labels as a 2-D `y` array in an NPZ file"
+            f"shape {y.shape}; name several label columns (dataset.label_column='a,b,c') or store "
+            "a 2-D `y` array in an NPZ file"
         )
     if not np.isin(y, (0, 1)).all():
         raise DataError(f"{where}: task.kind=multilabel needs labels 0 or 1 only")

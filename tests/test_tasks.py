@@ -486,3 +486,25 @@ def test_dp_sgd_and_secure_aggregation_train_every_task(task: str, tmp_path: Pat
     assert set(results["final_metrics"]) == set(task_spec(task).metrics)
     assert results["final_metrics"]["auc"] > 0.5  # better than chance after 2 private rounds
     assert all(set(m) == {"epsilon", "num-examples"} for m in last["sites"].values())
+
+
+def test_several_csv_label_columns_make_a_multilabel_matrix(tmp_path: Path) -> None:
+    """``dataset.label_column='a,b,c'``: a 2-D ``y`` from a CSV; a missing column is named."""
+    x = RNG.normal(size=(120, 5)).astype(np.float32)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
+    for j, name in enumerate("abc"):
+        frame[name] = (x[:, j] > 0).astype(int)
+    frame.to_csv(tmp_path / "tags.csv", index=False)
+    cfg = tiny_config(
+        "task=multilabel", "dataset=csv", f"dataset.path={tmp_path / 'tags.csv'}",
+        "dataset.label_column='a,b,c'", "partition=dirichlet", "federation.num_sites=3",
+    )  # fmt: skip
+    validate_config(cfg)
+    data = build_federated_data(cfg)
+    assert data.num_classes == 3 and data.input_dim == 5
+    assert data.sites[0].train.y.shape[1] == 3 and data.sites[0].train.y.dtype == np.float32
+    with pytest.raises(DataError, match="'d' is not a column"):
+        build_federated_data(tiny_config(
+            "task=multilabel", "dataset=csv", f"dataset.path={tmp_path / 'tags.csv'}",
+            "dataset.label_column='a,d'",
+        ))  # fmt: skip

@@ -44,7 +44,9 @@ class DatasetConfig:
     path: str | None = None
     """csv only: one file to partition, or a directory with one file per site."""
     label_column: str = "label"
-    """csv only: the column (or NPZ array) holding integer class labels."""
+    """csv only: the column (or NPZ array) holding the labels: integer classes, or floats for
+    ``task=regression``; ``'a,b,c'`` (quoted for Hydra) names several CSV/Parquet columns (``task=multilabel``, or
+    several regression targets)."""
     cache_dir: str | None = None
     """Where generated datasets are cached (default: ``$FEDINFER_CACHE`` or ~/.cache/fedinfer)."""
 

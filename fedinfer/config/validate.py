@@ -96,7 +96,8 @@ def _check_task(cfg: FedInferConfig, problems: list[str]) -> None:
     if task.kind == "multilabel" and cfg.dataset.name != "csv":
         problems.append(
             f"`task.kind`=multilabel needs 0/1 label vectors, which dataset={cfg.dataset.name} "
-            "does not have; use dataset=csv with an NPZ file holding a 2-D `y`"
+            "does not have; use dataset=csv with an NPZ file holding a 2-D `y`, or a CSV/Parquet "
+            "file and dataset.label_column='a,b,c'"
         )
 
 

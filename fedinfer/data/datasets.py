@@ -25,6 +25,7 @@ __all__ = [
     "ArrayDataset",
     "cache_dir",
     "load_dataset",
+    "label_columns",
     "read_table",
     "with_task",
 ]
@@ -208,24 +209,34 @@ def read_table(path: Path, *, label_column: str, task: str = "multiclass") -> Ar
 
 
 def _read_frame(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a CSV/Parquet file; ``a,b,c`` names several label columns
+    (a multi-label matrix or several regression targets, read as a 2-D ``y``)."""
     import pandas as pd
 
     try:
         frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # pandas raises many types for malformed files
         raise DataError(f"cannot read {str(path)!r}: {exc}") from exc
-    if label_column not in frame.columns:
+    names = label_columns(label_column)
+    missing = [c for c in names if c not in frame.columns]
+    if missing:
         raise DataError(
-            f"`dataset.label_column` {label_column!r} is not a column of {str(path)!r}; "
+            f"`dataset.label_column` {missing[0]!r} is not a column of {str(path)!r}; "
             f"columns are {list(frame.columns)[:20]}"
         )
-    features = frame.drop(columns=[label_column])
+    features = frame.drop(columns=names)
     non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise DataError(
             f"{str(path)!r}: feature columns must be numeric; not numeric: {non_numeric[:10]}"
         )
-    return features.to_numpy(dtype=np.float32), frame[label_column].to_numpy()
+    labels = frame[names[0]].to_numpy() if len(names) == 1 else frame[names].to_numpy()
+    return features.to_numpy(dtype=np.float32), labels
+
+
+def label_columns(label_column: str) -> list[str]:
+    """The label column names of ``dataset.label_column`` (comma-separated for several)."""
+    return [c.strip() for c in label_column.split(",") if c.strip()] or [label_column]
 
 
 def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:

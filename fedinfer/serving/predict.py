@@ -202,8 +202,11 @@ def _score_chunk(
     report: PredictReport,
     strict: bool,
 ) -> pd.DataFrame:
-    if label_column is not None and label_column in features.columns:
-        features = features.drop(columns=[label_column])
+    if label_column is not None:  # one column, or `a,b,c` (multi-label / several targets)
+        from fedinfer.data.datasets import label_columns
+
+        present = [c for c in label_columns(label_column) if c in features.columns]
+        features = features.drop(columns=present)
     if features.shape[1] != manifest.input_dim:
         raise DataError(
             f"input has {features.shape[1]} feature columns but model "
