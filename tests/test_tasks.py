@@ -508,3 +508,21 @@ def test_several_csv_label_columns_make_a_multilabel_matrix(tmp_path: Path) -> N
             "task=multilabel", "dataset=csv", f"dataset.path={tmp_path / 'tags.csv'}",
             "dataset.label_column='a,d'",
         ))  # fmt: skip
+
+
+def test_the_round_table_shows_the_task_metrics() -> None:
+    import io
+
+    from rich.console import Console
+
+    from fedinfer.fl.loop import RoundRecord
+    from fedinfer.reporting.progress import RoundPrinter
+
+    out = io.StringIO()
+    printer = RoundPrinter(num_rounds=2, console=Console(file=out, width=150), task="regression")
+    printer.line(RoundRecord(round=1, loss=0.5, metrics={"rmse": 0.71, "mae": 0.52, "r2": 0.41}))
+    printer.line(RoundRecord(round=2, federated={"eval-rmse": 0.65}))  # a deployment: sites' mean
+    header, first, second = out.getvalue().splitlines()
+    assert header.split()[1:4] == ["rmse", "mae", "r2"] and "acc" not in header
+    assert first.split()[1:5] == ["0.7100", "0.5200", "0.4100", "0.5000"]
+    assert second.split()[1] == "0.6500*"
