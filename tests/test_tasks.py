@@ -526,3 +526,16 @@ def test_the_round_table_shows_the_task_metrics() -> None:
     assert header.split()[1:4] == ["rmse", "mae", "r2"] and "acc" not in header
     assert first.split()[1:5] == ["0.7100", "0.5200", "0.4100", "0.5000"]
     assert second.split()[1] == "0.6500*"
+
+
+def test_sites_never_send_an_auc_that_cannot_be_averaged(tmp_path: Path) -> None:
+    """A site whose test split holds one class has no AUC; Flower's weighted average of a key
+    that some replies lack is silently biased, so no site sends one (the pooled AUC is exact)."""
+    cfg = tiny_config(
+        "task=binary", "dataset=breast_cancer", "privacy=none", "secagg=off", "model=logreg",
+        "partition=shards", "partition.labels_per_site=1", "federation.rounds=1",
+    )  # fmt: skip
+    results = run_simulation(cfg, output_dir=tmp_path / "run").results
+    first = results["rounds"][0]
+    assert "eval-auc" not in first["federated"] and "eval-f1" in first["federated"]
+    assert 0.0 <= first["metrics"]["auc"] <= 1.0

@@ -264,10 +264,11 @@ def local_evaluate(
         task=cfg.task.kind,
         threshold=cfg.task.threshold,
     )
-    # the sites' eval-* metrics are averaged by sample count: exact for accuracy, MAE and MSE,
-    # an approximation for AUC, F1 and RMSE (the coordinator's pooled evaluation is exact)
+    # The sites' eval-* metrics are averaged by sample count: exact for accuracy and MAE, an
+    # approximation for F1 and RMSE. AUC is a ranking over all samples, undefined on a split with
+    # one class, and an average that misses a key is silently biased: it is not sent.
     return {
         "num-examples": float(result.num_examples),
         "eval-loss": result.loss,
-        **{f"eval-{name}": value for name, value in result.metrics.items()},
+        **{f"eval-{name}": value for name, value in result.metrics.items() if name != "auc"},
     }
