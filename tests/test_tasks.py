@@ -539,3 +539,28 @@ def test_sites_never_send_an_auc_that_cannot_be_averaged(tmp_path: Path) -> None
     first = results["rounds"][0]
     assert "eval-auc" not in first["federated"] and "eval-f1" in first["federated"]
     assert 0.0 <= first["metrics"]["auc"] <= 1.0
+
+
+def test_several_regression_targets_train_serve_and_predict(tmp_path: Path) -> None:
+    """A 2-D ``y`` of two targets: two outputs, per-target metrics averaged (as sklearn's
+    uniform average), served ``values`` of shape [-1, 2], predict columns value_0, value_1."""
+    x = RNG.normal(size=(400, 5)).astype(np.float32)
+    y = (x @ RNG.normal(size=(5, 2)) + RNG.normal(size=(400, 2)) * 0.1).astype(np.float32)
+    np.savez(tmp_path / "two.npz", x=x, y=y)
+    cfg = tiny_config(
+        "task=regression", "dataset=csv", f"dataset.path={tmp_path / 'two.npz'}",
+        "model=logreg", "privacy=none", "secagg=off", "partition=dirichlet", "federation.rounds=3",
+    )  # fmt: skip
+    results = run_simulation(cfg, output_dir=tmp_path / "run").results
+    assert results["task"]["num_outputs"] == 2 and results["final_metrics"]["r2"] > 0.5
+    store = ModelStore(tmp_path / "run" / "sites" / "site-00" / "models")
+    with running_server(options_for(store.root)) as url:
+        meta = httpx.get(f"{url}/v2/models/logreg", trust_env=False).json()
+    assert meta["outputs"] == [{"name": "values", "datatype": "FP32", "shape": [-1, 2]}]
+    np.savez(tmp_path / "in.npz", x=x[:5])
+    predict_file(
+        store, input_path=tmp_path / "in.npz", output_path=tmp_path / "out.csv", progress=False
+    )
+    scored = pd.read_csv(tmp_path / "out.csv")
+    assert list(scored.columns) == ["value_0", "value_1", "error"]
+    np.testing.assert_allclose(scored[["value_0", "value_1"]], _raw(store, x[:5]), rtol=1e-5)
