@@ -74,6 +74,7 @@ def write_artifact(
     name: str | None = None,
     class_labels: list[str] | None = None,
     onnx_graph: bytes | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a signed model artifact into ``out_dir`` (created; must not exist or be empty).
 
@@ -108,6 +109,9 @@ def write_artifact(
     onnx_graph : bytes or None
         The model's checked ONNX export, stored (and signed) with the weights under
         ``ONNX_GRAPH_KEY`` so a site can serve it without importing the model's code.
+    task : Mapping or None
+        The learning task, at least ``{"kind": ...}`` (:mod:`fedinfer.tasks`); it sets what a
+        site serves (probabilities, labels or values). None: not recorded (multiclass).
 
     Returns
     -------
@@ -121,7 +125,7 @@ def write_artifact(
     ...                       server_round=3, metrics={"accuracy": 0.91}, privacy={"epsilon": 2.1},
     ...                       run_id="run-1", signing_key=key)  # doctest: +SKIP
     """
-    _check_write_args(version, server_round, input_dim, num_classes, class_labels)
+    _check_write_args(version, server_round, input_dim, num_classes, class_labels, task)
     arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
     if onnx_graph is not None:
         from fedinfer.artifacts.torch_model import ONNX_GRAPH_KEY
@@ -143,6 +147,7 @@ def write_artifact(
         metrics=jsonable(dict(metrics), where="metrics"),
         privacy=jsonable(dict(privacy), where="privacy"),
         class_labels=tuple(class_labels) if class_labels is not None else None,
+        task=jsonable(dict(task), where="task") if task is not None else None,
         weights_file=WEIGHTS_FILE,
         format=MANIFEST_FORMAT,
     )
@@ -163,14 +168,18 @@ def _check_write_args(
     input_dim: int,
     num_classes: int,
     class_labels: list[str] | None,
+    task: Mapping[str, Any] | None = None,
 ) -> None:
     if type(version) is not int or version < 1:
         raise ConfigError(f"artifact `version` must be an integer >= 1 (got {version!r})")
     if type(server_round) is not int or server_round < 0:
         raise ConfigError(f"artifact `server_round` must be an integer >= 0 (got {server_round!r})")
-    if input_dim <= 0 or num_classes < 2:
+    kind = str(task.get("kind", "multiclass")) if task is not None else "multiclass"
+    least = 2 if kind == "multiclass" else 1  # binary: one logit; regression: one value
+    if input_dim <= 0 or num_classes < least:
         raise ConfigError(
-            f"need input_dim > 0 and num_classes >= 2 (got {input_dim}, {num_classes})"
+            f"need input_dim > 0 and num_classes >= {least} for task {kind} "
+            f"(got {input_dim}, {num_classes})"
         )
     if class_labels is not None and len(class_labels) != num_classes:
         raise ConfigError(

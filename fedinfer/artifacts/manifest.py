@@ -78,6 +78,9 @@ class ModelManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     class_labels: tuple[str, ...] | None = None
+    task: dict[str, Any] | None = None
+    """The learning task (:mod:`fedinfer.tasks`): ``{"kind": "regression", "num_classes": 1,
+    ...}``; None (artifacts written before tasks existed): multiclass. Signed when present."""
     weights_file: str = "weights.safetensors"
     format: str = MANIFEST_FORMAT
     signature: dict[str, str] | None = None
@@ -98,6 +101,16 @@ class ModelManifest:
         """Number of logits (the last dimension of the single output)."""
         return self.outputs[0].shape[-1]
 
+    @property
+    def task_kind(self) -> str:
+        """``multiclass``, ``binary``, ``multilabel`` or ``regression``."""
+        return str((self.task or {}).get("kind", "multiclass"))
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold on probabilities (binary, multilabel; default 0.5)."""
+        return float((self.task or {}).get("threshold", 0.5))
+
     def to_dict(self, *, with_signature: bool = True) -> dict[str, Any]:
         """JSON-ready dict; ``with_signature=False`` gives the signed content."""
         data: dict[str, Any] = {
@@ -116,6 +129,8 @@ class ModelManifest:
             "privacy": self.privacy,
             "run_id": self.run_id,
         }
+        if self.task is not None:  # absent from older artifacts, whose signatures must verify
+            data["task"] = self.task
         if with_signature:
             data["signature"] = self.signature
         return data
@@ -145,6 +160,8 @@ class ModelManifest:
             or (isinstance(labels, list) and all(isinstance(x, str) for x in labels)),
             "'class_labels' must be null or a list of strings",
         )
+        task = data.get("task")
+        _require(task is None or _valid_task(task), "'task' must be an object with a known 'kind'")
         sig = data.get("signature")
         _require(
             sig is None
@@ -164,6 +181,7 @@ class ModelManifest:
             metrics=data["metrics"],
             privacy=data["privacy"],
             class_labels=tuple(labels) if labels is not None else None,
+            task=task,
             weights_file=data["weights_file"],
             format=data["format"],
             signature=sig,
@@ -187,7 +205,16 @@ _TYPES: dict[str, type] = {
     "privacy": dict,
     "run_id": str,
 }
-_FIELDS = set(_TYPES) | {"format", "inputs", "outputs", "class_labels", "signature"}
+_FIELDS = set(_TYPES) | {"format", "inputs", "outputs", "class_labels", "task", "signature"}
+
+
+def _valid_task(task: Any) -> bool:
+    from fedinfer.tasks import TASK_KINDS
+
+    if not isinstance(task, dict) or task.get("kind") not in TASK_KINDS:
+        return False
+    threshold = task.get("threshold", 0.5)
+    return type(threshold) in (int, float) and 0 < threshold < 1
 
 
 def _require(ok: bool, reason: str) -> None:

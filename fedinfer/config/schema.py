@@ -28,6 +28,7 @@ __all__ = [
     "SimulationConfig",
     "SitePolicy",
     "StrategyConfig",
+    "TaskConfig",
     "TrackingConfig",
 ]
 
@@ -43,9 +44,26 @@ class DatasetConfig:
     path: str | None = None
     """csv only: one file to partition, or a directory with one file per site."""
     label_column: str = "label"
-    """csv only: the column (or NPZ array) holding integer class labels."""
+    """csv only: the column (or NPZ array) holding the labels: integer classes, or floats for
+    ``task=regression``; ``'a,b,c'`` (quoted for Hydra) names several CSV/Parquet columns (``task=multilabel``, or
+    several regression targets)."""
     cache_dir: str | None = None
     """Where generated datasets are cached (default: ``$FEDINFER_CACHE`` or ~/.cache/fedinfer)."""
+
+
+@dataclass
+class TaskConfig:
+    """What is learned from the labels (group ``task``; table in :mod:`fedinfer.tasks`)."""
+
+    kind: str = "multiclass"
+    """``multiclass`` (integer classes), ``binary`` (labels 0/1, one logit), ``multilabel``
+    (0/1 label vectors) or ``regression`` (float targets, MSE). Sets the loss, the metrics in
+    the round table and results.json, and what a served model outputs."""
+    threshold: float = 0.5
+    """binary, multilabel: a probability at or above it predicts 1 (served labels, accuracy,
+    F1)."""
+    partition_bins: int = 10
+    """regression: dirichlet / shards partition quantile bins of the target (iid ignores it)."""
 
 
 @dataclass
@@ -282,7 +300,8 @@ class DeploymentConfig:
     """Features per sample; the coordinator builds the model from it (``fedinfer coordinator``
     needs it)."""
     num_classes: int | None = None
-    """Classes of the federation; sites check their labels against it."""
+    """Classes of the federation (multilabel: labels; regression: targets, usually 1); sites
+    check their labels against it."""
     connect_timeout_s: float = 600.0
     """How long the coordinator waits for ``federation.num_sites`` sites before round 1
     (it starts with ``federation.min_sites`` if fewer came)."""
@@ -293,6 +312,7 @@ class FedInferConfig:
     """The root config: everything a federation run needs."""
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -82,6 +82,7 @@ def validate_config(cfg: FedInferConfig) -> None:
     """
     problems: list[str] = []
     _check_data(cfg, problems)
+    _check_task(cfg, problems)
     _check_federation(cfg, problems)
     _check_privacy(cfg.privacy, problems)
     if cfg.privacy.mode == "central" and cfg.strategy.name not in ("fedavg", "fedprox"):
@@ -103,6 +104,23 @@ def _check_site_policy(cfg: FedInferConfig, problems: list[str]) -> None:
         validate_policy(cfg.site_policy, source="site_policy")
     except ConfigError as exc:
         problems.append(str(exc))  # "site_policy: `max_epsilon` must be ..."
+
+
+def _check_task(cfg: FedInferConfig, problems: list[str]) -> None:
+    from fedinfer.tasks import TASK_KINDS
+
+    task = cfg.task
+    _one_of(problems, "task.kind", task.kind, TASK_KINDS)
+    if task.kind in ("binary", "multilabel") and not 0 < task.threshold < 1:
+        problems.append(f"`task.threshold` must be in (0, 1) (got {task.threshold})")
+    if task.kind == "regression" and task.partition_bins < 2:
+        problems.append(f"`task.partition_bins` must be >= 2 (got {task.partition_bins})")
+    if task.kind == "multilabel" and cfg.dataset.name != "csv":
+        problems.append(
+            f"`task.kind`=multilabel needs 0/1 label vectors, which dataset={cfg.dataset.name} "
+            "does not have; use dataset=csv with an NPZ file holding a 2-D `y`, or a CSV/Parquet "
+            "file and dataset.label_column='a,b,c'"
+        )
 
 
 def _check_data(cfg: FedInferConfig, problems: list[str]) -> None:

@@ -25,7 +25,9 @@ __all__ = [
     "ArrayDataset",
     "cache_dir",
     "load_dataset",
+    "label_columns",
     "read_table",
+    "with_task",
 ]
 
 DATASET_NAMES = ("breast_cancer", "csv", "digits", "mnist1d")
@@ -34,16 +36,19 @@ _TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".npz")
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Features and integer labels held in memory.
+    """Features and labels held in memory.
 
     Attributes
     ----------
     x : numpy.ndarray
         float32 features of shape ``(n, input_dim)``.
     y : numpy.ndarray
-        int64 labels in ``[0, num_classes)`` of shape ``(n,)``.
+        The labels of the task (:mod:`fedinfer.tasks`): int64 ``(n,)`` in
+        ``[0, num_classes)`` (multiclass, binary), float32 0/1 ``(n, num_classes)``
+        (multilabel) or float32 ``(n,)`` / ``(n, num_classes)`` targets (regression).
     num_classes : int
-        Number of classes (labels are re-indexed to ``0..num_classes-1``).
+        Size of the label space: classes (labels are re-indexed to ``0..num_classes-1``;
+        2 for binary), labels (multilabel) or targets (regression).
     sample_shape : tuple[int, ...] or None
         The natural per-sample shape of the flat rows, e.g. ``(1, 8, 8)`` for digit images
         (None: just ``(input_dim,)``). A custom model with no ``model.input_shape`` of its
@@ -79,7 +84,7 @@ def cache_dir(cfg: DatasetConfig) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fedinfer"
 
 
-def load_dataset(cfg: DatasetConfig, *, seed: int) -> ArrayDataset:
+def load_dataset(cfg: DatasetConfig, *, seed: int, task: str = "multiclass") -> ArrayDataset:
     """Load the pooled dataset named by ``cfg.name`` (a single file for ``csv``).
 
     Parameters
@@ -88,6 +93,8 @@ def load_dataset(cfg: DatasetConfig, *, seed: int) -> ArrayDataset:
         The ``dataset`` config group.
     seed : int
         Generation seed (MNIST-1D only; the other sets are fixed).
+    task : str
+        ``task.kind``: how the labels are read and checked (default: ``"multiclass"``).
 
     Examples
     --------
@@ -96,13 +103,13 @@ def load_dataset(cfg: DatasetConfig, *, seed: int) -> ArrayDataset:
     (64, 10)
     """
     if cfg.name == "mnist1d":
-        return _mnist1d(cfg, seed=seed)
+        return with_task(_mnist1d(cfg, seed=seed), task, where="dataset=mnist1d")
     if cfg.name in ("digits", "breast_cancer"):
-        return _sklearn(cfg.name)
+        return with_task(_sklearn(cfg.name), task, where=f"dataset={cfg.name}")
     if cfg.name == "csv":
         if cfg.path is None:
             raise ConfigError("`dataset.path` is required for dataset=csv; set dataset.path=FILE")
-        return read_table(Path(cfg.path), label_column=cfg.label_column)
+        return read_table(Path(cfg.path), label_column=cfg.label_column, task=task)
     raise ConfigError(
         f"`dataset.name` is {cfg.name!r}, which is not a known dataset; "
         f"choose one of {', '.join(DATASET_NAMES)} (e.g. dataset=mnist1d)"
@@ -159,11 +166,27 @@ def _sklearn(name: str) -> ArrayDataset:
     return ArrayDataset(x.astype(np.float32), y, int(y.max()) + 1, shape)
 
 
-def read_table(path: Path, *, label_column: str) -> ArrayDataset:
-    """Read a CSV, Parquet or NPZ file of numeric features and an integer label column.
+def with_task(data: ArrayDataset, task: str, *, where: str) -> ArrayDataset:
+    """``data`` with its labels checked and converted for ``task`` (:mod:`fedinfer.tasks`).
+
+    Multiclass labels stay as they are; a one-line :class:`DataError` names ``where``
+    when the labels do not fit the task (e.g. ``task=binary`` on ten classes).
+    """
+    if task == "multiclass":
+        return data
+    from fedinfer.tasks import prepare_labels
+
+    y, num_classes = prepare_labels(data.y, task, where=where)
+    return ArrayDataset(data.x, y, num_classes, data.sample_shape)
+
+
+def read_table(path: Path, *, label_column: str, task: str = "multiclass") -> ArrayDataset:
+    """Read a CSV, Parquet or NPZ file of numeric features and a label column.
 
     NPZ files hold either arrays ``x`` and ``y`` (or ``label_column``), or one
-    array per column.
+    array per column. A 2-D ``y`` is a multi-label matrix or several regression targets.
+    Labels are read for ``task`` (``task.kind``): class ids for multiclass and binary,
+    floats for regression (:func:`with_task`).
     """
     if not path.exists():
         raise DataError(
@@ -179,28 +202,41 @@ def read_table(path: Path, *, label_column: str) -> ArrayDataset:
         x, y = _read_npz(path, label_column)
     else:
         x, y = _read_frame(path, label_column)
-    return _reindex_labels(x, y, path)
+    if task in ("regression", "multilabel"):  # no class re-indexing of floats or 0/1 vectors
+        _check_features(x, y, path)
+        return with_task(ArrayDataset(x.astype(np.float32), y, 0), task, where=str(path))
+    return with_task(_reindex_labels(x, y, path), task, where=str(path))
 
 
 def _read_frame(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a CSV/Parquet file; ``a,b,c`` names several label columns
+    (a multi-label matrix or several regression targets, read as a 2-D ``y``)."""
     import pandas as pd
 
     try:
         frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # pandas raises many types for malformed files
         raise DataError(f"cannot read {str(path)!r}: {exc}") from exc
-    if label_column not in frame.columns:
+    names = label_columns(label_column)
+    missing = [c for c in names if c not in frame.columns]
+    if missing:
         raise DataError(
-            f"`dataset.label_column` {label_column!r} is not a column of {str(path)!r}; "
+            f"`dataset.label_column` {missing[0]!r} is not a column of {str(path)!r}; "
             f"columns are {list(frame.columns)[:20]}"
         )
-    features = frame.drop(columns=[label_column])
+    features = frame.drop(columns=names)
     non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise DataError(
             f"{str(path)!r}: feature columns must be numeric; not numeric: {non_numeric[:10]}"
         )
-    return features.to_numpy(dtype=np.float32), frame[label_column].to_numpy()
+    labels = frame[names[0]].to_numpy() if len(names) == 1 else frame[names].to_numpy()
+    return features.to_numpy(dtype=np.float32), labels
+
+
+def label_columns(label_column: str) -> list[str]:
+    """The label column names of ``dataset.label_column`` (comma-separated for several)."""
+    return [c.strip() for c in label_column.split(",") if c.strip()] or [label_column]
 
 
 def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -220,12 +256,7 @@ def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         return x, arrays[label_column]
 
 
-def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
-    """Validate the table; keep integer labels as class ids, map other labels to sorted ids.
-
-    Integer labels are kept as they are so that per-site files agree on class ids
-    even when a site lacks some classes.
-    """
+def _check_features(x: np.ndarray, y: np.ndarray, path: Path) -> None:
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise DataError(f"{str(path)!r}: expected 2-D features with one label per row")
     if x.shape[0] == 0:
@@ -233,6 +264,20 @@ def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
     if not np.isfinite(x).all():
         raise DataError(
             f"{str(path)!r} contains NaN or infinite feature values; clean or impute them"
+        )
+
+
+def _reindex_labels(x: np.ndarray, y: np.ndarray, path: Path) -> ArrayDataset:
+    """Validate the table; keep integer labels as class ids, map other labels to sorted ids.
+
+    Integer labels are kept as they are so that per-site files agree on class ids
+    even when a site lacks some classes.
+    """
+    _check_features(x, y, path)
+    if y.ndim != 1:
+        raise DataError(
+            f"{str(path)!r}: labels have shape {y.shape[1:]} per row; task.kind=multiclass needs "
+            "one class per row (task=multilabel or task=regression take 2-D labels)"
         )
     if np.issubdtype(y.dtype, np.number) and np.all(np.mod(y, 1) == 0) and y.min() >= 0:
         labels = y.astype(np.int64)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedinfer.config.schema import DatasetConfig, FedInferConfig, PartitionConfig
+from fedinfer.config.schema import DatasetConfig, FedInferConfig, PartitionConfig, TaskConfig
 from fedinfer.data.datasets import ArrayDataset, load_dataset, read_table
 from fedinfer.data.partition import partition_indices
 from fedinfer.errors import ConfigError
@@ -92,13 +92,23 @@ def _stable_hash(text: str) -> int:
 
 
 def build_federated_data(cfg: FedInferConfig) -> FederatedData:
-    """Build every site's splits for a simulation (cached per process)."""
+    """Build every site's splits for a simulation (cached per process).
+
+    Labels are read for ``task.kind``. A label-aware partitioner (dirichlet, shards) splits
+    the classes; on a regression target it splits ``task.partition_bins`` quantile bins of
+    the target, on multi-label data the distinct label sets
+    (:func:`fedinfer.tasks.partition_labels`).
+    """
     return _build_cached(
-        _freeze(cfg.dataset), _freeze(cfg.partition), cfg.federation.num_sites, cfg.seed
+        _freeze(cfg.dataset),
+        _freeze(cfg.partition),
+        cfg.federation.num_sites,
+        cfg.seed,
+        _freeze(cfg.task),
     )
 
 
-def _freeze(obj: DatasetConfig | PartitionConfig) -> tuple[tuple[str, object], ...]:
+def _freeze(obj: DatasetConfig | PartitionConfig | TaskConfig) -> tuple[tuple[str, object], ...]:
     return tuple(sorted(vars(obj).items()))
 
 
@@ -108,9 +118,14 @@ def _build_cached(
     partition_items: tuple[tuple[str, object], ...],
     num_sites: int,
     seed: int,
+    task_items: tuple[tuple[str, object], ...] = (),
 ) -> FederatedData:
+    from fedinfer.tasks import partition_labels
+
     dataset_cfg = DatasetConfig(**dict(dataset_items))  # type: ignore[arg-type]
     partition_cfg = PartitionConfig(**dict(partition_items))  # type: ignore[arg-type]
+    task_cfg = TaskConfig(**dict(task_items))  # type: ignore[arg-type]
+    task = task_cfg.kind
     site_files = _site_files(dataset_cfg)
     if site_files is not None:
         if len(site_files) != num_sites:
@@ -118,12 +133,15 @@ def _build_cached(
                 f"`dataset.path` holds {len(site_files)} site files but `federation.num_sites`="
                 f"{num_sites}; set federation.num_sites={len(site_files)}"
             )
-        tables = [read_table(f, label_column=dataset_cfg.label_column) for f in site_files]
+        tables = [
+            read_table(f, label_column=dataset_cfg.label_column, task=task) for f in site_files
+        ]
         num_classes = max(t.num_classes for t in tables)
         parts = [ArrayDataset(t.x, t.y, num_classes) for t in tables]
     else:
-        pooled = load_dataset(dataset_cfg, seed=seed)
-        indices = partition_indices(pooled.y, num_sites=num_sites, cfg=partition_cfg, seed=seed)
+        pooled = load_dataset(dataset_cfg, seed=seed, task=task)
+        groups = partition_labels(pooled.y, task, bins=task_cfg.partition_bins)
+        indices = partition_indices(groups, num_sites=num_sites, cfg=partition_cfg, seed=seed)
         parts = [pooled.subset(idx) for idx in indices]
     sites = [
         split_site(part, site_id=site_name(i), cfg=partition_cfg, seed=seed)
@@ -160,10 +178,18 @@ def load_site_file(
     partition: PartitionConfig,
     seed: int,
     num_classes: int | None = None,
+    task: str = "multiclass",
 ) -> SiteData:
-    """Load a deployed site's own data file and split it locally."""
-    table = read_table(path, label_column=label_column)
-    if num_classes is not None:
+    """Load a deployed site's own data file and split it locally (labels read for ``task``)."""
+    table = read_table(path, label_column=label_column, task=task)
+    if num_classes is not None and task in ("multilabel", "regression"):
+        if table.num_classes != num_classes:
+            what = "labels" if task == "multilabel" else "targets"
+            raise ConfigError(
+                f"{str(path)!r} has {table.num_classes} {what} per row but the federation has "
+                f"`deployment.num_classes`={num_classes}"
+            )
+    elif num_classes is not None:
         if table.num_classes > num_classes:
             raise ConfigError(
                 f"{str(path)!r} has label {table.num_classes - 1} but the federation has "

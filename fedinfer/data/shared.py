@@ -56,7 +56,8 @@ def write_shared_sites(data: FederatedData, root: Path) -> Path:
         parts = [getattr(site, split) for site in data.sites]
         offsets[split] = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
         np.save(root / f"{split}_x.npy", np.concatenate([p.x for p in parts]).astype(np.float32))
-        np.save(root / f"{split}_y.npy", np.concatenate([p.y for p in parts]).astype(np.int64))
+        # int64 class ids, or float32 targets / label vectors (fedinfer.tasks): kept as they are
+        np.save(root / f"{split}_y.npy", np.concatenate([p.y for p in parts]))
     index = {
         "sites": [site.site_id for site in data.sites],
         "num_classes": data.num_classes,

@@ -106,9 +106,13 @@ def model_shape(cfg: FedInferConfig) -> ModelShape:
             "deployment.num_classes=10 for mnist1d)"
         )
     assert dep.input_dim is not None and dep.num_classes is not None
-    if dep.input_dim < 1 or dep.num_classes < 2:
-        raise ConfigError("`deployment.input_dim` must be >= 1 and `deployment.num_classes` >= 2")
-    return ModelShape(input_dim=dep.input_dim, num_classes=dep.num_classes)
+    least = 2 if cfg.task.kind in ("multiclass", "binary") else 1  # labels / targets: >= 1
+    if dep.input_dim < 1 or dep.num_classes < least:
+        raise ConfigError(
+            f"`deployment.input_dim` must be >= 1 and `deployment.num_classes` >= {least} for "
+            f"task.kind={cfg.task.kind} (multilabel: labels; regression: targets)"
+        )
+    return ModelShape(input_dim=dep.input_dim, num_classes=dep.num_classes, task=cfg.task.kind)
 
 
 def wait_for_sites(grid: Grid, cfg: FedInferConfig, *, poll_s: float = 1.0) -> int:

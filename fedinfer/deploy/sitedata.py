@@ -42,8 +42,11 @@ def write_site_files(cfg: FedInferConfig, directory: Path, *, names: Sequence[st
     >>> files.input_dim, files.num_classes  # doctest: +SKIP
     (40, 10)
     """
-    pooled = load_dataset(cfg.dataset, seed=cfg.seed)
-    parts = partition_indices(pooled.y, num_sites=len(names), cfg=cfg.partition, seed=cfg.seed)
+    from fedinfer.tasks import partition_labels
+
+    pooled = load_dataset(cfg.dataset, seed=cfg.seed, task=cfg.task.kind)
+    groups = partition_labels(pooled.y, cfg.task.kind, bins=cfg.task.partition_bins)
+    parts = partition_indices(groups, num_sites=len(names), cfg=cfg.partition, seed=cfg.seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -34,7 +34,13 @@ from fedinfer.models.custom import export_graph
 from fedinfer.reporting import tracking
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.privacy.noise import provides_dp
-from fedinfer.reporting.results import ResultsWriter, plot_accuracy, write_json_atomic
+from fedinfer.reporting.results import (
+    ResultsWriter,
+    plot_accuracy,
+    plot_metrics,
+    write_json_atomic,
+)
+from fedinfer.tasks import num_outputs, task_spec
 from fedinfer.training import evaluate, get_weights, select_device, set_weights
 
 __all__ = ["CoordinatorResult", "ModelShape", "run_coordinator"]
@@ -48,6 +54,14 @@ class ModelShape:
 
     input_dim: int
     num_classes: int
+    """Size of the label space: classes, labels (multilabel) or targets (regression)."""
+    task: str = "multiclass"
+    """``task.kind`` (:mod:`fedinfer.tasks`)."""
+
+    @property
+    def num_outputs(self) -> int:
+        """The model's output width (one logit for binary)."""
+        return num_outputs(self.task, self.num_classes)
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ def initial_arrays(cfg: FedInferConfig, shape: ModelShape) -> ArrayRecord:
     """The seeded initial global model."""
     torch.manual_seed(cfg.seed)
     model = build_model(
-        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_outputs, privacy=cfg.privacy
     )
     return weights_to_arrays(get_weights(model))
 
@@ -73,13 +87,15 @@ def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDatas
     """Evaluate the global model on a held-out split at the coordinator (simulation only)."""
     device = select_device(cfg.simulation.device)
     model = build_model(
-        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_outputs, privacy=cfg.privacy
     ).to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         set_weights(model, arrays_to_weights(arrays))
-        result = evaluate(model, test, device=device)
-        return {"accuracy": result.accuracy, "loss": result.loss}
+        result = evaluate(
+            model, test, device=device, task=cfg.task.kind, threshold=cfg.task.threshold
+        )
+        return {**result.metrics, "loss": result.loss}
 
     return evaluate_fn
 
@@ -123,11 +139,12 @@ def run_coordinator(
     writer = ResultsWriter(output_dir, cfg=cfg, run_id=run_id)
     writer.data["dp"] = provides_dp(cfg.privacy)  # false: no DP, or replayable noise (not DP)
     writer.data["model"] = describe_model(
-        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_classes, privacy=cfg.privacy
+        cfg.model, input_dim=shape.input_dim, num_classes=shape.num_outputs, privacy=cfg.privacy
     )
+    writer.data["task"] = _task_summary(cfg, shape)
     writer.data["rounds"] = [r.to_json() for r in state.history]
     printer = printer or RoundPrinter(
-        num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress
+        num_rounds=cfg.federation.rounds, enabled=cfg.simulation.progress, task=cfg.task.kind
     )
     started = time.perf_counter()
     tracking.start_run(cfg, run_id=run_id)
@@ -177,6 +194,7 @@ def run_coordinator(
         deployed=deployed,
     )
     plot_accuracy(writer.data, output_dir / "accuracy.png")
+    plot_metrics(writer.data, output_dir / "metrics.png")
     tracking.finish_run(
         cfg, status=writer.data["status"], output_dir=output_dir, results=writer.data
     )
@@ -198,6 +216,7 @@ def _write_final_artifact(
 ) -> Path:
     last = state.history[-1]
     metrics = {
+        **last.metrics,
         "accuracy": last.accuracy,
         "loss": last.loss,
         **{f"federated-{k}": v for k, v in last.federated.items()},
@@ -222,7 +241,8 @@ def _write_final_artifact(
         weights=weights,
         model_cfg=cfg.model,
         input_dim=shape.input_dim,
-        num_classes=shape.num_classes,
+        num_classes=shape.num_outputs,
+        task=_task_summary(cfg, shape),
         version=version,
         server_round=state.completed_round,
         metrics={k: v for k, v in metrics.items() if v is not None},
@@ -230,9 +250,24 @@ def _write_final_artifact(
         run_id=run_id,
         signing_key=signing_key,
         onnx_graph=export_graph(
-            cfg, weights, input_dim=shape.input_dim, num_classes=shape.num_classes
+            cfg, weights, input_dim=shape.input_dim, num_classes=shape.num_outputs
         ),
     )
+
+
+def _task_summary(cfg: FedInferConfig, shape: ModelShape) -> dict[str, object]:
+    """The task as results.json and the manifest record it (read back by serving)."""
+    spec = task_spec(cfg.task.kind)
+    summary: dict[str, object] = {
+        "kind": spec.kind,
+        "num_classes": shape.num_classes,
+        "num_outputs": shape.num_outputs,
+        "loss": spec.loss_name,
+        "metrics": list(spec.metrics),
+    }
+    if spec.kind in ("binary", "multilabel"):
+        summary["threshold"] = cfg.task.threshold
+    return summary
 
 
 def _central_dp_report(

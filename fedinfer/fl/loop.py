@@ -41,7 +41,10 @@ class RoundRecord:
 
     round: int
     accuracy: float | None = None
+    """The coordinator's held-out accuracy (None: regression, or no central evaluation)."""
     loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every held-out metric of the task (:mod:`fedinfer.tasks`), e.g. rmse, mae, r2."""
     federated: dict[str, float] = field(default_factory=dict)
     train: dict[str, float] = field(default_factory=dict)
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -177,6 +180,7 @@ def run_rounds(
         if evaluate_fn is not None:
             central = evaluate_fn(server_round, state.arrays) or {}
             record.accuracy, record.loss = central.get("accuracy"), central.get("loss")
+            record.metrics = {k: v for k, v in central.items() if k != "loss"}
 
         record.duration_s = time.perf_counter() - started
         state.completed_round = server_round

@@ -26,6 +26,7 @@ from fedinfer.data.shared import open_site
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.models import build_model
+from fedinfer.tasks import num_outputs
 from fedinfer.training import (
     evaluate,
     get_weights,
@@ -120,6 +121,7 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
             partition=cfg.partition,
             seed=cfg.seed,
             num_classes=num_classes,
+            task=cfg.task.kind,
         )
         key = node.get(NodeConfigKeys.COORDINATOR_PUBLIC_KEY)
         state_dir = Path(str(node[NodeConfigKeys.STATE_DIR]))
@@ -189,7 +191,7 @@ def local_train(
     model = build_model(
         cfg.model,
         input_dim=env.data.input_dim,
-        num_classes=env.data.num_classes,
+        num_classes=num_outputs(cfg.task.kind, env.data.num_classes),
         privacy=cfg.privacy,
     )
     set_weights(model, global_weights)
@@ -223,12 +225,19 @@ def local_train(
         )
     else:
         result = train_epochs(
-            model, loader, optimizer, epochs=fed.local_epochs, device=device, after_step=after_step
+            model,
+            loader,
+            optimizer,
+            epochs=fed.local_epochs,
+            device=device,
+            after_step=after_step,
+            task=cfg.task.kind,
+            threshold=cfg.task.threshold,
         )
     metrics = {
         "num-examples": float(len(env.data.train)),
         "train-loss": result.loss,
-        "train-accuracy": result.accuracy,
+        **({"train-accuracy": result.accuracy} if result.accuracy is not None else {}),
         "steps": float(result.steps),
         "train-time-s": time.perf_counter() - started,
         **privacy_metrics,
@@ -244,13 +253,22 @@ def local_evaluate(
     model = build_model(
         cfg.model,
         input_dim=env.data.input_dim,
-        num_classes=env.data.num_classes,
+        num_classes=num_outputs(cfg.task.kind, env.data.num_classes),
         privacy=cfg.privacy,
     )
     set_weights(model, global_weights)
-    result = evaluate(model.to(device), env.data.test, device=device)
+    result = evaluate(
+        model.to(device),
+        env.data.test,
+        device=device,
+        task=cfg.task.kind,
+        threshold=cfg.task.threshold,
+    )
+    # The sites' eval-* metrics are averaged by sample count: exact for accuracy and MAE, an
+    # approximation for F1 and RMSE. AUC is a ranking over all samples, undefined on a split with
+    # one class, and an average that misses a key is silently biased: it is not sent.
     return {
         "num-examples": float(result.num_examples),
         "eval-loss": result.loss,
-        "eval-accuracy": result.accuracy,
+        **{f"eval-{name}": value for name, value in result.metrics.items() if name != "auc"},
     }

@@ -116,5 +116,7 @@ def _train(
             device=device,
             after_step=after_step,
             skip_empty=False,
+            task=cfg.task.kind,
+            threshold=cfg.task.threshold,
         )
     return result, private

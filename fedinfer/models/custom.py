@@ -234,6 +234,7 @@ def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
             cfg.model._target_,
             "; ".join(replaced),
         )
+    _check_output_shape(model, cfg, input_dim=input_dim, num_outputs=num_classes)
     if cfg.secagg.enabled:
         for name, value in model.state_dict().items():
             if not value.is_floating_point():
@@ -242,6 +243,38 @@ def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
                     f"{str(value.dtype).removeprefix('torch.')} (a BatchNorm counter?); use "
                     "privacy=dpsgd privacy.fix_model=true, a model without it, or secagg=off"
                 )
+
+
+def _check_output_shape(
+    model: nn.Module, cfg: FedInferConfig, *, input_dim: int, num_outputs: int
+) -> None:
+    """One forward pass of two zero samples: the output must be ``(2, num_outputs)``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, input_dim))
+    except Exception as exc:  # the user's forward may raise anything
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"`model._target_` {cfg.model._target_!r} fails on a batch of shape "
+            f"(2, *{list(input_shape_of(cfg.model, input_dim))}): {reason}; check model.input_shape"
+        ) from None
+    finally:
+        model.train(was_training)
+    kind = cfg.task.kind
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = {
+            "binary": "1 logit (binary: P(class 1) = sigmoid)",
+            "regression": f"{num_outputs} value(s), one per target",
+            "multilabel": f"{num_outputs} logits, one per label",
+        }.get(kind, f"{num_outputs} logits, one per class")
+        raise ConfigError(
+            f"`model._target_` {cfg.model._target_!r} outputs {got} for a batch of 2, but "
+            f"task.kind={kind} needs (batch, {num_outputs}): {what}; change the model's output "
+            "layer (its constructor gets num_classes = that width) or task.kind"
+        )
 
 
 def export_graph(

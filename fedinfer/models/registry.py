@@ -106,7 +106,8 @@ def build_model(
     input_dim : int
         Number of input features per sample.
     num_classes : int
-        Number of output classes (logits).
+        Output width: logits of the classes (one for a binary task), or regression targets
+        (:func:`fedinfer.tasks.num_outputs`).
     privacy : PrivacyConfig or None
         The run's privacy config: under DP-SGD the model is checked (and, with
         ``privacy.fix_model``, fixed) for Opacus. Every party that builds the model of one
@@ -140,9 +141,9 @@ def build_model(
             f"`model.name` is {cfg.name!r}, which is not a known model; "
             f"choose one of {', '.join(MODEL_NAMES)} or custom (e.g. model=cnn1d)"
         )
-    if input_dim <= 0 or num_classes < 2:
+    if input_dim <= 0 or num_classes < 1:
         raise ConfigError(
-            f"a model needs input_dim > 0 and at least 2 classes (got {input_dim}, {num_classes})"
+            f"a model needs input_dim > 0 and at least 1 output (got {input_dim}, {num_classes})"
         )
     return builder(cfg, input_dim, num_classes)
 

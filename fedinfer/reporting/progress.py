@@ -9,21 +9,34 @@ from rich.console import Console
 from rich.text import Text
 
 from fedinfer.fl.loop import RoundRecord
+from fedinfer.tasks import task_spec
 
 __all__ = ["RoundPrinter"]
 
+_SHORT = {"accuracy": "acc"}
+
 
 class RoundPrinter:
-    """Prints a header, then one aligned line per round with accuracy and elapsed time."""
+    """Prints a header, then one aligned line per round with the task's metrics and times.
+
+    The metric columns are the task's (:mod:`fedinfer.tasks`): ``acc f1`` (multiclass),
+    ``acc auc f1`` (binary), ``acc f1 auc`` (multilabel), ``rmse mae r2`` (regression).
+    """
 
     def __init__(
-        self, *, num_rounds: int, console: Console | None = None, enabled: bool = True
+        self,
+        *,
+        num_rounds: int,
+        console: Console | None = None,
+        enabled: bool = True,
+        task: str = "multiclass",
     ) -> None:
         if console is None:
             from fedinfer.console import make_console
 
             console = make_console()
         self.console = console
+        self.metrics = task_spec(task).metrics
         self.num_rounds = num_rounds
         self.enabled = enabled
         self.started = time.perf_counter()
@@ -33,34 +46,42 @@ class RoundPrinter:
     def line(self, record: RoundRecord) -> None:
         """Print one round.
 
-        ``acc`` is the coordinator's held-out accuracy, or without one (a deployment) the
-        sites' sample-weighted evaluation, marked ``*``. There is no separate federated
-        column: in a simulation the held-out split is the union of the sites' test splits,
-        so the sample-weighted site evaluation equals ``acc`` exactly; in DP mode sites
+        Each metric (``acc`` ...) is the coordinator's held-out value, or without one (a
+        deployment) the sites' sample-weighted evaluation, marked ``*``. There is no separate
+        federated column: in a simulation the held-out split is the union of the sites' test
+        splits, so the sample-weighted site accuracy equals ``acc`` exactly; in DP mode sites
         refuse evaluation by default (their policy's ``allow_evaluation``).
         """
         if not self.enabled:
             return
         if not self._header_done:
+            columns = "".join(f"{_SHORT.get(m, m):<10}" for m in self.metrics)
             self.console.print(
-                "[bold]round    acc       loss     max-eps  "
+                f"[bold]round    {columns}loss     max-eps  "
                 "ok/refused/failed  round-s  elapsed-s[/]"
             )
             self._header_done = True
-        fed = record.federated.get("eval-accuracy")
-        if record.accuracy is not None:
-            accuracy = f"{record.accuracy:.4f} "
-        else:
-            accuracy = f"{fed:.4f}*" if fed is not None else "   -   "
+        values = "".join(f"{self._value(record, m):<10}" for m in self.metrics)
         loss = f"{record.loss:.4f}" if record.loss is not None else "   -  "
         eps = max(record.epsilon.values(), default=None)
         eps_txt = f"{eps:7.3f}" if eps is not None else "     - "
         sites = f"{len(record.sites)}/{len(record.refused)}/{len(record.failed)}"
         self.console.print(
-            f"{record.round:>3}/{self.num_rounds:<3} {accuracy:>9}   {loss:>7}  "
+            f"{record.round:>3}/{self.num_rounds:<3}  {values}{loss:>7}  "
             f"{eps_txt}  "
             f"{sites:^17}  {record.duration_s:7.2f}  {time.perf_counter() - self.started:9.1f}"
         )
+
+    @staticmethod
+    def _value(record: RoundRecord, name: str) -> str:
+        """The held-out value, else the sites' weighted evaluation marked ``*``, else ``-``."""
+        central = record.metrics.get(name)
+        if central is None and name == "accuracy":
+            central = record.accuracy
+        if central is not None:
+            return f"{central:.4f} "
+        fed = record.federated.get(f"eval-{name}")
+        return f"{fed:.4f}*" if fed is not None else "   -   "
 
     def message(self, text: str) -> None:
         """Print a status line."""

@@ -133,7 +133,8 @@ def _rich_table(
 def _seeds_for_terminal(seeds: pd.DataFrame) -> pd.DataFrame:
     """``mean ± std`` in one cell per metric, so the table fits a terminal."""
     frame = seeds.loc[:, [c for c in seeds.columns if not c.endswith(("_mean", "_std"))]].copy()
-    for metric in ("final_accuracy", "best_accuracy", "max_epsilon"):
+    metrics = [c.removesuffix("_mean") for c in seeds.columns if c.endswith("_mean")]
+    for metric in metrics:  # final_accuracy, best_accuracy, (final_rmse ...), max_epsilon
         frame[metric] = [
             "-" if pd.isna(m) else f"{_cell(m)} ± {_cell(sd)}"
             for m, sd in zip(seeds[f"{metric}_mean"], seeds[f"{metric}_std"], strict=True)

@@ -1,4 +1,5 @@
-"""``results.json`` and ``accuracy.png`` of a run, written atomically after every round."""
+"""``results.json``, ``accuracy.png`` and ``metrics.png`` of a run, written atomically after
+every round."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ __all__ = [
     "RESULTS_FILE",
     "ResultsWriter",
     "plot_accuracy",
+    "plot_metrics",
     "software_versions",
     "write_json_atomic",
 ]
@@ -69,6 +71,7 @@ class ResultsWriter:
             "versions": software_versions(),
             "rounds": [],
             "final_accuracy": None,
+            "final_metrics": {},
         }
 
     def add_round(self, record: dict[str, Any], *, elapsed_s: float) -> None:
@@ -87,11 +90,63 @@ class ResultsWriter:
         accuracies = [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
         self.data["final_accuracy"] = accuracies[-1] if accuracies else None
         self.data["best_accuracy"] = max(accuracies, default=None)
+        evaluated = [r["metrics"] for r in rounds if r.get("metrics")]
+        self.data["final_metrics"] = dict(evaluated[-1]) if evaluated else {}
+        self.data["best_metrics"] = _best_metrics(evaluated)
         self.data.update(fields)
         self._save()
 
     def _save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+_LOWER_IS_BETTER = ("rmse", "mae", "loss")
+
+
+def _best_metrics(evaluated: list[dict[str, float]]) -> dict[str, float]:
+    """Best value of each metric over the rounds (lowest for errors, highest otherwise)."""
+    best: dict[str, float] = {}
+    for metrics in evaluated:
+        for name, value in metrics.items():
+            if value is None:
+                continue
+            pick = min if name in _LOWER_IS_BETTER else max
+            best[name] = pick(best.get(name, value), value)
+    return best
+
+
+def plot_metrics(results: dict[str, Any], path: Path) -> Path | None:
+    """One panel per held-out metric of the task (rmse/mae/r2, auc/f1 ...) by round.
+
+    ``None`` if no round has a central evaluation.
+    """
+    rounds = [r for r in results["rounds"] if r.get("metrics")]
+    if not rounds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rounds[-1]["metrics"])
+    kind = (results.get("task") or {}).get("kind", "multiclass")
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        points = [(r["round"], r["metrics"][name]) for r in rounds if name in r["metrics"]]
+        ax.plot(*zip(*points, strict=True), marker="o", label="global (pooled test)")
+        fed = [
+            (r["round"], r["federated"][f"eval-{name}"])
+            for r in rounds
+            if f"eval-{name}" in r.get("federated", {})
+        ]
+        if fed:
+            ax.plot(*zip(*fed, strict=True), linestyle="--", label="federated (site-weighted)")
+        ax.set(xlabel="round", ylabel=name, title=f"{kind}: {name}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> Path | None:
@@ -113,7 +168,8 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path | None:
     ax_acc.set(xlabel="round", ylabel="accuracy", title="Global model accuracy", ylim=(0, 1))
     ax_acc.legend()
     ax_loss.plot(x, [r["loss"] for r in rounds], marker="o", color="tab:red")
-    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Global model loss")
+    loss_name = (results.get("task") or {}).get("loss", "cross-entropy")
+    ax_loss.set(xlabel="round", ylabel=loss_name, title="Global model loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

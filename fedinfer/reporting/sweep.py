@@ -51,6 +51,8 @@ class JobResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     final_accuracy: float | None = None
     best_accuracy: float | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    """Every held-out metric of the task after the last round (rmse, mae, r2; f1, auc ...)."""
     max_epsilon: float | None = None
     elapsed_s: float | None = None
     error: str | None = None
@@ -136,6 +138,9 @@ def _load_job(job_dir: Path, root: Path) -> JobResult:
         rounds=list(data.get("rounds") or []),
         final_accuracy=_float(data.get("final_accuracy")),
         best_accuracy=_float(data.get("best_accuracy")),
+        final_metrics={
+            str(k): float(v) for k, v in (data.get("final_metrics") or {}).items() if _number(v)
+        },
         max_epsilon=_float(data.get("max_epsilon")),
         elapsed_s=_float(data.get("elapsed_s")),
         error=data.get("error") or data.get("stop_reason") or error,
@@ -205,10 +210,13 @@ def report_table(jobs: Sequence[JobResult], *, target: float | None = None) -> p
     """One row per job: swept parameters, then status and the outcome columns.
 
     Columns: ``job``, each swept key, ``status``, ``rounds``, ``final_accuracy``,
-    ``best_accuracy``, ``rounds_to_<target>`` (with ``target``), ``max_epsilon``,
+    ``best_accuracy``, ``final_<metric>`` for a task without accuracy (``final_rmse``,
+    ``final_mae``, ``final_r2``), ``rounds_to_<target>`` (with ``target``), ``max_epsilon``,
     ``elapsed_s``, ``error``.
     """
     keys = swept_keys(jobs)
+    # tasks without an accuracy (regression) get their own columns: final_rmse, final_mae ...
+    extra = sorted({m for j in jobs if "accuracy" not in j.final_metrics for m in j.final_metrics})
     rows = []
     for job in jobs:
         row: dict[str, Any] = {"job": job.job, **{k: job.overrides.get(k) for k in keys}}
@@ -218,6 +226,7 @@ def report_table(jobs: Sequence[JobResult], *, target: float | None = None) -> p
             final_accuracy=job.final_accuracy,
             best_accuracy=job.best_accuracy,
         )
+        row.update({f"final_{m}": job.final_metrics.get(m) for m in extra})
         if target is not None:
             row[target_column(target)] = job.rounds_to(target)
         row.update(max_epsilon=job.max_epsilon, elapsed_s=job.elapsed_s, error=job.error)
@@ -251,7 +260,9 @@ def seed_summary(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame | Non
     if SEED_KEY not in keys:
         return None
     group_keys = [k for k in keys if k != SEED_KEY]
-    finished = table.assign(ok=table["final_accuracy"].notna())
+    extra = [c for c in table.columns if c.startswith("final_") and c != "final_accuracy"]
+    # a finished job has a final metric: accuracy, or e.g. final_rmse for regression
+    finished = table.assign(ok=table[["final_accuracy", *extra]].notna().any(axis=1))
     grouped = (
         finished.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), finished)]
     )
@@ -261,7 +272,7 @@ def seed_summary(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame | Non
         ok = frame[frame["ok"]]
         row: dict[str, Any] = dict(zip(group_keys, values, strict=True))
         row.update(seeds=len(ok), failed=int((~frame["ok"]).sum()))
-        for metric in ("final_accuracy", "best_accuracy", "max_epsilon"):
+        for metric in ("final_accuracy", "best_accuracy", *extra, "max_epsilon"):
             row[f"{metric}_mean"] = ok[metric].mean() if len(ok) else None
             row[f"{metric}_std"] = ok[metric].std(ddof=0) if len(ok) else None
         rows.append(row)

@@ -25,7 +25,7 @@ __all__ = ["finish_run", "flatten_config", "round_metrics", "start_run", "track_
 _MAX_BATCH = 100  # MLflow's limit of params / metrics in one log_batch call
 _MAX_PARAM_CHARS = 6000
 _TERMINAL_STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "failed": "FAILED"}
-_ARTIFACTS = ("results.json", "accuracy.png", "model/manifest.json")
+_ARTIFACTS = ("results.json", "accuracy.png", "metrics.png", "model/manifest.json")
 
 _active: dict[str, Any] = {}  # "client", "run_id" of the run being tracked
 
@@ -65,6 +65,7 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
     {'accuracy': 0.9, 'epsilon/site-00': 1.5, 'max_epsilon': 1.5}
     """
     metrics: dict[str, Any] = {"accuracy": record.get("accuracy"), "loss": record.get("loss")}
+    metrics.update({k: v for k, v in (record.get("metrics") or {}).items() if k != "accuracy"})
     for group in ("federated", "train", "epsilon"):
         for key, value in (record.get(group) or {}).items():
             metrics[f"{group}/{key}"] = value
@@ -143,8 +144,11 @@ def finish_run(
         return
     client, run_id = _active.pop("client"), _active.pop("run_id")
     client.set_tag(run_id, "fedinfer.status", status)
-    for key in ("final_accuracy", "best_accuracy", "max_epsilon", "elapsed_s"):
-        value = (results or {}).get(key)
+    summary = dict(results or {})
+    summary.update({f"final_{k}": v for k, v in (summary.get("final_metrics") or {}).items()})
+    keys = ("final_accuracy", "best_accuracy", "max_epsilon", "elapsed_s")
+    for key in (*keys, *(k for k in summary if k.startswith("final_") and k not in keys)):
+        value = summary.get(key)
         if isinstance(value, int | float) and math.isfinite(value):
             client.log_metric(run_id, key, float(value))
     for name in _ARTIFACTS if output_dir is not None else ():

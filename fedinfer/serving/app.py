@@ -53,6 +53,7 @@ from fedinfer.serving.model_manager import (
     ModelNotReady,
 )
 from fedinfer.serving.oip import HEADER_LENGTH, OipError, encode_infer_response, parse_infer_request
+from fedinfer.tasks import output_specs, task_spec
 
 __all__ = ["OUTPUT_NAMES", "AppLimits", "InferenceApp"]
 
@@ -64,6 +65,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "predicted_class")
+"""The outputs of a multiclass (and binary) model; other tasks serve their own
+(:func:`fedinfer.tasks.task_spec`: ``predicted_labels``, ``values``)."""
 _MODEL_ROUTE = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$"
 )
@@ -387,10 +390,13 @@ class InferenceApp:
             raise HttpError(exc.status, str(exc)) from None
         model = await self._resolve(version)
         x = self._validate_input(request.inputs, model)
-        wanted = _requested_outputs(request.outputs, request.binary_output)
+        available = task_spec(model.manifest.task_kind).outputs
+        wanted = _requested_outputs(request.outputs, request.binary_output, available)
         ex.rows = len(x)
         outputs, batch_size, model = await self._submit(x, model, version)
         ex.version, ex.batch_size = model.version, batch_size
+        if any(name not in outputs for name, _ in wanted):  # swapped to a model of another task
+            raise HttpError(409, "the model changed to another task mid-request; retry")
         encode = functools.partial(
             encode_infer_response,
             model_name=model.manifest.name,
@@ -532,7 +538,6 @@ class InferenceApp:
                 404, f"version {version} cannot be read (details in the server log)"
             ) from None
         spec = manifest.inputs[0].to_dict()
-        classes = manifest.num_classes
         return (
             200,
             [],
@@ -542,12 +547,9 @@ class InferenceApp:
                     "versions": [str(v) for v in versions],
                     "platform": f"fedinfer_{self.manager.backend_name}",
                     "inputs": [spec],
-                    "outputs": [
-                        {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-                        {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
-                    ],
+                    "outputs": output_specs(manifest.task_kind, manifest.num_classes),
                     "parameters": {
+                        "task": manifest.task_kind,
                         "version": manifest.version,
                         "current_version": current.version,
                         "server_round": manifest.server_round,
@@ -647,13 +649,15 @@ def _decode_body(body: bytes, encoding: bytes | None, limit: int) -> bytes:
 
 
 def _requested_outputs(
-    requested: tuple[Any, ...] | None, binary_default: bool
+    requested: tuple[Any, ...] | None,
+    binary_default: bool,
+    available: tuple[str, ...] = OUTPUT_NAMES,
 ) -> list[tuple[str, bool]]:
     if requested is None:
-        return [(name, binary_default) for name in OUTPUT_NAMES]
-    unknown = [o.name for o in requested if o.name not in OUTPUT_NAMES]
+        return [(name, binary_default) for name in available]
+    unknown = [o.name for o in requested if o.name not in available]
     if unknown:
-        raise HttpError(400, f"unknown output(s) {unknown}; available: {list(OUTPUT_NAMES)}")
+        raise HttpError(400, f"unknown output(s) {unknown}; available: {list(available)}")
     return [(o.name, o.binary) for o in requested]
 
 

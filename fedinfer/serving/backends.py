@@ -326,6 +326,8 @@ def check_backend(
     y: np.ndarray | None = None,
     *,
     max_accuracy_drop: float = 0.01,
+    task: str = "multiclass",
+    threshold: float = 0.5,
 ) -> BackendCheck:
     """Compare ``backend`` with the float ``reference``; raise if it loses too much.
 
@@ -336,28 +338,56 @@ def check_backend(
     x : np.ndarray
         float32 ``(n, input_dim)`` samples (a labelled validation split when available).
     y : np.ndarray or None
-        Integer labels of ``x``; without them the drop is the disagreement rate.
+        Labels of ``x`` (:mod:`fedinfer.tasks`); without them the drop is the disagreement
+        rate.
     max_accuracy_drop : float
-        Largest tolerated drop (default: 0.01, one percentage point).
+        Largest tolerated drop (default: 0.01, one percentage point). Regression: the
+        largest relative RMSE increase (0.01: 1 %), or without labels the largest share
+        of outputs off by more than 1 % of the float outputs' spread.
+    task : str
+        ``task.kind`` of the model: what "predicted the same" means (default: multiclass).
+    threshold : float
+        Decision threshold of binary and multi-label models (default: 0.5).
 
     Raises
     ------
     ServingError
         The backend's drop exceeds ``max_accuracy_drop``.
     """
+    from fedinfer.tasks import compute_metrics, serve_outputs
+
     ours, ref = backend.predict(x), reference.predict(x)
-    pred, ref_pred = ours.argmax(axis=1), ref.argmax(axis=1)
+    if task == "regression":
+        tolerance = 0.01 * float(np.std(ref)) + 1e-6
+        close = np.all(np.abs(ours - ref).reshape(len(x), -1) <= tolerance, axis=1)
+        float_acc = acc = None
+        if y is not None:  # "accuracy" of a regression model: 1 - relative RMSE increase
+            ref_rmse = compute_metrics(task, y, ref)["rmse"]
+            our_rmse = compute_metrics(task, y, ours)["rmse"]
+            float_acc, acc = 1.0, 1.0 - (our_rmse - ref_rmse) / max(ref_rmse, 1e-12)
+        agreement = float(close.mean())
+    else:
+        name = "predicted_labels" if task == "multilabel" else "predicted_class"
+        pred = serve_outputs(task, ours, threshold=threshold)[name].reshape(len(x), -1)
+        ref_pred = serve_outputs(task, ref, threshold=threshold)[name].reshape(len(x), -1)
+        agreement = float(np.all(pred == ref_pred, axis=1).mean())
+        float_acc = acc = None
+        if y is not None:
+            labels = np.asarray(y).reshape(len(x), -1)
+            float_acc = float(np.all(ref_pred == labels, axis=1).mean())
+            acc = float(np.all(pred == labels, axis=1).mean())
     check = BackendCheck(
         backend=backend.name,
         samples=len(x),
-        agreement=float((pred == ref_pred).mean()),
+        agreement=agreement,
         max_abs_logit_diff=float(np.abs(ours - ref).max()),
-        float_accuracy=None if y is None else float((ref_pred == y).mean()),
-        accuracy=None if y is None else float((pred == y).mean()),
+        float_accuracy=float_acc,
+        accuracy=acc,
     )
     if check.accuracy_drop > max_accuracy_drop:
+        what = "of its RMSE" if task == "regression" else "accuracy"
         raise ServingError(
-            f"backend {backend.name!r} loses {check.accuracy_drop:.2%} accuracy against the float "
+            f"backend {backend.name!r} loses {check.accuracy_drop:.2%} {what} against the float "
             f"model on {check.samples} samples (tolerance {max_accuracy_drop:.2%}); use "
             "--backend torch, lower --prune-amount, or raise --max-accuracy-drop"
         )

@@ -33,6 +33,7 @@ from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
 from fedinfer.serving.backends import Backend, build_backend, check_backend
 from fedinfer.serving.batcher import DynamicBatcher
 from fedinfer.serving.metrics import ServingMetrics
+from fedinfer.tasks import serve_outputs
 
 __all__ = [
     "BatchingOptions",
@@ -75,16 +76,16 @@ class LoadedModel:
     batcher: DynamicBatcher
 
 
-def run_outputs(backend: Backend, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Forward ``x`` and derive every served output (logits, probabilities, predicted_class)."""
-    logits = np.asarray(backend.predict(x), dtype=np.float32)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return {
-        "logits": logits,
-        "probabilities": exp / exp.sum(axis=1, keepdims=True),
-        "predicted_class": logits.argmax(axis=1).astype(np.int64),
-    }
+def run_outputs(
+    backend: Backend, x: np.ndarray, *, task: str = "multiclass", threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Forward ``x`` and derive every served output of ``task`` (``fedinfer.tasks``).
+
+    Multiclass: logits, probabilities, predicted_class; binary: the same with one logit and
+    P(class 1); multilabel: logits, probabilities, predicted_labels; regression: values.
+    """
+    raw = np.asarray(backend.predict(x), dtype=np.float32)
+    return serve_outputs(task, raw, threshold=threshold)
 
 
 class ModelManager:
@@ -310,7 +311,9 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         backend, manifest = await loop.run_in_executor(self._load_pool, self._load_sync, version)
         batcher = DynamicBatcher(
-            lambda x: run_outputs(backend, x),
+            lambda x: run_outputs(
+                backend, x, task=manifest.task_kind, threshold=manifest.threshold
+            ),
             executor=self._infer_pool,
             max_batch_size=self.batching.max_batch_size,
             max_queue_delay_s=self.batching.max_queue_delay_ms / 1000.0,
@@ -341,10 +344,16 @@ class ModelManager:
                 x,
                 y,
                 max_accuracy_drop=self.max_accuracy_drop,
+                task=manifest.task_kind,
+                threshold=manifest.threshold,
             )
             logger.info("backend check v%d: %s", version, check)
         for rows in sorted({1, self.batching.max_batch_size}):  # warm both code paths
-            run_outputs(backend, np.zeros((rows, manifest.input_dim), dtype=np.float32))
+            run_outputs(
+                backend,
+                np.zeros((rows, manifest.input_dim), dtype=np.float32),
+                task=manifest.task_kind,
+            )
         return backend, manifest
 
     def loaded_versions(self) -> list[int]:

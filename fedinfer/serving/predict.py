@@ -1,9 +1,11 @@
 """Batch scoring of CSV / Parquet / NPZ files with the store's current model.
 
 Rows stream through in chunks (memory stays flat for large files), keep their
-order and ids, and gain ``predicted_class``, ``prob_<class>`` columns and an
-``error`` column. A bad row (missing or non-numeric value, NaN/inf) is
-reported with its 1-based data row number and reason and left unscored; with
+order and ids, and gain the task's output columns and an ``error`` column:
+``predicted_class`` and ``prob_<class>`` (multiclass; binary: ``prob_0``, ``prob_1``),
+``label_<j>`` and ``prob_<j>`` (multilabel), ``value`` or ``value_<j>`` (regression). A bad
+row (missing or non-numeric value, NaN/inf) is reported with its 1-based data row number and
+reason and left unscored; with
 ``strict=True`` the first bad row stops the run instead.
 
 A CSV's first row is its header. When every name in it is a number (other than
@@ -265,8 +267,11 @@ def _score_chunk(
     report: PredictReport,
     strict: bool,
 ) -> pd.DataFrame:
-    if label_column is not None and label_column in features.columns:
-        features = features.drop(columns=[label_column])
+    if label_column is not None:  # one column, or `a,b,c` (multi-label / several targets)
+        from fedinfer.data.datasets import label_columns
+
+        present = [c for c in label_columns(label_column) if c in features.columns]
+        features = features.drop(columns=present)
     if features.shape[1] != manifest.input_dim:
         raise DataError(
             f"input has {features.shape[1]} feature columns but model "
@@ -315,24 +320,70 @@ def _result_frame(
     ids: pd.Series | None,
     id_column: str | None,
 ) -> pd.DataFrame:
-    n, classes = len(x), manifest.num_classes
-    probs = np.full((n, classes), np.nan, dtype=np.float32)
-    predicted = pd.array([pd.NA] * n, dtype="Int64")
-    if good.any():
-        out = run_outputs(model, np.ascontiguousarray(x[good]))
-        probs[good] = out["probabilities"]
-        predicted[good] = out["predicted_class"]
-    labels = list(manifest.class_labels) if manifest.class_labels else None
+    n, width, kind = len(x), manifest.num_classes, manifest.task_kind
+    out = (
+        run_outputs(
+            model, np.ascontiguousarray(x[good]), task=kind, threshold=manifest.threshold
+        )
+        if good.any()
+        else {}
+    )
     data: dict[str, Any] = {}
     if ids is not None:
         data[str(id_column)] = ids.to_numpy()
+    if kind == "regression":
+        values = _fill(n, width, good, out.get("values"))
+        names = ["value"] if width == 1 else [f"value_{j}" for j in range(width)]
+        data.update({name: values[:, j] for j, name in enumerate(names)})
+    elif kind == "multilabel":
+        labels = _fill(n, width, good, out.get("predicted_labels"))
+        probs = _fill(n, width, good, out.get("probabilities"))
+        data.update({f"label_{j}": _nullable_int(labels[:, j]) for j in range(width)})
+        data.update({f"prob_{j}": probs[:, j] for j in range(width)})
+    else:
+        _class_columns(data, manifest, n, good, out)
+    data["error"] = [reasons.get(i, "") for i in range(n)]
+    return pd.DataFrame(data)
+
+
+def _fill(n: int, width: int, good: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """``(n, width)`` float32 with ``values`` in the good rows and NaN elsewhere."""
+    full = np.full((n, width), np.nan, dtype=np.float32)
+    if values is not None:
+        full[good] = values.reshape(-1, width)
+    return full
+
+
+def _nullable_int(column: np.ndarray) -> Any:
+    """A float column with NaN for unscored rows as pandas' nullable Int64."""
+    ints = pd.array(np.nan_to_num(column, nan=-1).astype(np.int64), dtype="Int64")
+    ints[np.isnan(column)] = pd.NA
+    return ints
+
+
+def _class_columns(
+    data: dict[str, Any],
+    manifest: ModelManifest,
+    n: int,
+    good: np.ndarray,
+    out: dict[str, np.ndarray],
+) -> None:
+    """``predicted_class`` [``predicted_label``] ``prob_<class>`` (binary: prob_0, prob_1)."""
+    classes = 2 if manifest.task_kind == "binary" else manifest.num_classes
+    probs = np.full((n, classes), np.nan, dtype=np.float32)
+    predicted = pd.array([pd.NA] * n, dtype="Int64")
+    if good.any():
+        p = out["probabilities"]
+        probs[good] = np.concatenate([1 - p, p], axis=1) if classes == 2 and p.shape[1] == 1 else p
+        predicted[good] = out["predicted_class"]
+    labels = list(manifest.class_labels) if manifest.class_labels else None
+    if labels is not None and len(labels) != classes:
+        labels = None
     data["predicted_class"] = predicted
     if labels is not None:
         data["predicted_label"] = [labels[int(c)] if c is not pd.NA else None for c in predicted]
     for c in range(classes):
         data[f"prob_{labels[c] if labels else c}"] = probs[:, c]
-    data["error"] = [reasons.get(i, "") for i in range(n)]
-    return pd.DataFrame(data)
 
 
 class _Writer:
@@ -378,14 +429,23 @@ class _Writer:
         if not self._frames:
             return
         frame = pd.concat(self._frames, ignore_index=True)
-        prob_cols = [c for c in frame.columns if str(c).startswith("prob_")]
-        arrays = {
-            "predicted_class": frame["predicted_class"].fillna(-1).to_numpy(dtype=np.int64),
-            "probabilities": frame[prob_cols].to_numpy(dtype=np.float32),
-            "error": frame["error"].to_numpy(dtype=str),
-        }
+
+        def columns(prefix: str) -> list[str]:
+            return [c for c in frame.columns if str(c).startswith(prefix)]
+
+        arrays: dict[str, np.ndarray] = {}
+        if "predicted_class" in frame.columns:
+            arrays["predicted_class"] = frame["predicted_class"].fillna(-1).to_numpy(np.int64)
+        if columns("label_"):
+            arrays["predicted_labels"] = frame[columns("label_")].fillna(-1).to_numpy(np.int64)
+        if columns("prob_"):
+            arrays["probabilities"] = frame[columns("prob_")].to_numpy(dtype=np.float32)
+        if columns("value"):
+            arrays["values"] = frame[columns("value")].to_numpy(dtype=np.float32)
+        arrays["error"] = frame["error"].to_numpy(dtype=str)
         first = str(frame.columns[0])
-        if first not in ("predicted_class",):
+        outputs = ("predicted_class", "error", "predicted_label")
+        if first not in outputs and not first.startswith(("label_", "prob_", "value")):
             arrays[first] = frame[first].to_numpy()
         with open(self.tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -417,21 +477,32 @@ class _progress_bar:  # noqa: N801 - used like a function in a with-statement
             self._progress.stop()
 
 
-def read_labelled(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole labelled split: features (float32) and integer labels.
+def read_labelled(
+    path: Path, *, label_column: str = "label", task: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole labelled split: features (float32) and labels.
 
     CSV/Parquet: every column but ``label_column`` is a feature. NPZ: arrays
-    ``x`` and ``y`` (or ``label_column``).
+    ``x`` and ``y`` (or ``label_column``). Labels are int64 class ids, or float32 for a
+    regression or multi-label ``task`` (None: float32 unless every label is an integer).
     """
+    y = _read_labelled(path, label_column)
+    if task is None:
+        task = "multiclass" if y[1].ndim == 1 and np.all(np.mod(y[1], 1) == 0) else "regression"
+    label_dtype = np.float32 if task in ("regression", "multilabel") else np.int64
+    return y[0], y[1].astype(label_dtype)
+
+
+def _read_labelled(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     kind = _format(path, "--validation-data")
     if kind == "npz":
         with np.load(path, allow_pickle=False) as npz:
             key = "y" if "y" in npz.files else label_column
             if "x" not in npz.files or key not in npz.files:
                 raise DataError(f"{path}: NPZ needs arrays 'x' and 'y' (found {npz.files})")
-            return npz["x"].astype(np.float32), npz[key].astype(np.int64)
+            return npz["x"].astype(np.float32), npz[key].astype(np.float64)
     frame = pd.concat(_read_frames(Path(path), kind, 65536, None), ignore_index=True)
     if label_column not in frame.columns:
         raise DataError(f"{path} has no label column {label_column!r}")
-    y = frame.pop(label_column).to_numpy(dtype=np.int64)
+    y = frame.pop(label_column).to_numpy(dtype=np.float64)
     return frame.to_numpy(dtype=np.float32), y

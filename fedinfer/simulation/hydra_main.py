@@ -27,7 +27,11 @@ __all__ = ["hydra_simulate", "simulate_job"]
 
 
 def simulate_job(cfg: DictConfig) -> float | None:
-    """One Hydra job: convert to the typed config, run, then serve. Returns final accuracy."""
+    """One Hydra job: convert to the typed config, run, then serve.
+
+    Returns the final accuracy, or for a task without one (regression) minus the final RMSE, so
+    that larger is better for every task (Optuna's ``direction: maximize``).
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -46,6 +50,9 @@ def simulate_job(cfg: DictConfig) -> float | None:
             typed.tracking.run_name = HydraConfig.get().job.override_dirname or None
         result = run_simulation(typed, output_dir=output_dir)
         finish_job(typed, result.results, output_dir=result.output_dir)  # serving, summary
+        rmse = result.final_metrics.get("rmse")
+        if result.final_accuracy is None and rmse is not None:
+            return -rmse
         return result.final_accuracy
     except (FedInferError, Exception) as exc:
         is_user_error = isinstance(exc, FedInferError)

@@ -47,6 +47,11 @@ class SimulationResult:
         value = self.results.get("final_accuracy")
         return float(value) if value is not None else None
 
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """Every held-out metric of the task after the last round (e.g. rmse, mae, r2)."""
+        return dict(self.results.get("final_metrics") or {})
+
 
 def _coordinator_keys(output_dir: Path) -> tuple[Any, Path]:
     """A fresh Ed25519 model-signing key for this run (private key 0600)."""
@@ -81,8 +86,9 @@ def run_simulation(
     data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
     if cfg.model.name == "custom" and cfg.model.input_shape is None:
         cfg.model.input_shape = list(data.sample_shape)  # e.g. digits: [1, 8, 8]
+    shape = ModelShape(data.input_dim, data.num_classes, cfg.task.kind)
     if cfg.model.name == "custom":
-        preflight(cfg, input_dim=data.input_dim, num_classes=data.num_classes)
+        preflight(cfg, input_dim=data.input_dim, num_classes=shape.num_outputs)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
@@ -104,7 +110,7 @@ def run_simulation(
             outcome["result"] = run_coordinator(
                 grid,
                 cfg=cfg,
-                shape=ModelShape(data.input_dim, data.num_classes),
+                shape=shape,
                 output_dir=output_dir,
                 run_id=run_id,
                 signing_key=signing_key,

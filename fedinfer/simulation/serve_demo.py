@@ -26,6 +26,7 @@ from fedinfer.data import build_federated_data
 from fedinfer.errors import ServingError
 from fedinfer.reporting.text import log_to_file, plural
 from fedinfer.serving.launch import SiteServer
+from fedinfer.tasks import compute_metrics, task_spec
 
 __all__ = ["SiteAnswer", "query_site", "site_servers"]
 
@@ -41,10 +42,21 @@ class SiteAnswer:
     model_version: str
     rows: int
     accuracy: float
+    """The task's headline metric (``metric``): accuracy, or RMSE for regression."""
     latency_ms: float
+    metric: str = "accuracy"
 
 
-def query_site(url: str, model_name: str, x: np.ndarray, y: np.ndarray, site_id: str) -> SiteAnswer:
+def query_site(
+    url: str,
+    model_name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    site_id: str,
+    *,
+    task: str = "multiclass",
+    threshold: float = 0.5,
+) -> SiteAnswer:
     """Send ``x`` to a site's server (OIP JSON) and score the answer against ``y``."""
     body = {
         "inputs": [
@@ -63,14 +75,16 @@ def query_site(url: str, model_name: str, x: np.ndarray, y: np.ndarray, site_id:
     if response.status_code != 200:
         raise ServingError(f"site {site_id} answered {response.status_code}: {response.text[:300]}")
     doc = response.json()
-    logits = np.asarray(doc["outputs"][0]["data"], dtype=np.float32).reshape(len(y), -1)
+    raw = np.asarray(doc["outputs"][0]["data"], dtype=np.float32).reshape(len(y), -1)
+    headline = task_spec(task).headline  # outputs[0]: the logits, or a regression's values
     return SiteAnswer(
         site_id,
         url,
         str(doc.get("model_version")),
         len(y),
-        float((logits.argmax(1) == y).mean()),
+        compute_metrics(task, y, raw, threshold=threshold)[headline],
         latency,
+        headline,
     )
 
 
@@ -113,6 +127,8 @@ def site_servers(
                 data[site].test.x[:_DEMO_ROWS],
                 data[site].test.y[:_DEMO_ROWS],
                 site,
+                task=cfg.task.kind,
+                threshold=cfg.task.threshold,
             )
             for site, server in servers.items()
         ]
@@ -123,7 +139,8 @@ def site_servers(
 def _print_answers(console: Console, answers: list[SiteAnswer]) -> None:
     # No endpoint column: unless serving.keep_alive, the servers stop right after this table.
     table = Table(title="Every site serves the global model (Open Inference Protocol over HTTP)")
-    for column in ("site", "model version", "rows", "accuracy", "latency ms"):
+    metric = answers[0].metric if answers else "accuracy"
+    for column in ("site", "model version", "rows", metric, "latency ms"):
         table.add_column(column, no_wrap=True)
     for a in answers:
         table.add_row(
@@ -132,5 +149,5 @@ def _print_answers(console: Console, answers: list[SiteAnswer]) -> None:
     console.print(table)
     log_to_file(
         "demo requests: "
-        + "; ".join(f"{a.site_id} v{a.model_version} accuracy {a.accuracy:.3f}" for a in answers)
+        + "; ".join(f"{a.site_id} v{a.model_version} {a.metric} {a.accuracy:.3f}" for a in answers)
     )

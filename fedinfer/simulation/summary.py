@@ -72,7 +72,12 @@ def job_summary(results: dict[str, Any], *, output_dir: Path, servers: str) -> l
         outcome += f" ({aggregated} aggregated: see the warnings above)"
     if status == "stopped" and results.get("stop_reason"):
         outcome += f" ({results['stop_reason']})"
-    outcome += f", final accuracy {accuracy:.4f}" if accuracy is not None else ", no accuracy"
+    if accuracy is not None:
+        outcome += f", final accuracy {accuracy:.4f}"
+    else:  # a task without accuracy (regression) reports its own final metrics
+        finals = {k: _number(v) for k, v in (results.get("final_metrics") or {}).items()}
+        shown = [f"final {k} {v:.4f}" for k, v in finals.items() if v is not None]
+        outcome += ", " + ", ".join(shown) if shown else ", no accuracy"
     return [f"Output directory: {output_dir}", f"{outcome}, {_epsilon_text(results)}", servers]
 
 
