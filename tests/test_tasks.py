@@ -109,7 +109,7 @@ def test_labels_that_do_not_fit_the_task_give_one_line_errors() -> None:
 
 
 def test_task_config_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"`task.kind` is 'ranking'; choose one of"):
+    with pytest.raises(ConfigError, match=r"`task.kind` is 'ranking' \(choose one of"):
         validate_config(tiny_config("task.kind=ranking", "privacy=none", "secagg=off"))
     with pytest.raises(ConfigError, match=r"`task.kind`=multilabel needs 0/1 label vectors"):
         validate_config(tiny_config("task=multilabel", "dataset=digits"))
