@@ -1,7 +1,9 @@
 """Per-site data: each site's train / validation / test splits, deterministic by seed.
 
 In a simulation every site rebuilds the same pooled dataset (from the on-disk
-cache) and takes its own partition; in a deployment a site reads its own file.
+cache) and takes its own partition; in a deployment a site reads its own file or
+directory. On-disk datasets (``dataset=folder|shards|function``) stay on disk: a site's
+splits are index views of a :class:`~fedinfer.data.lazy.LazyDataset`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,26 @@ import numpy as np
 
 from fedinfer.config.schema import DatasetConfig, FedInferConfig, PartitionConfig
 from fedinfer.data.datasets import ArrayDataset, load_dataset, read_table
+from fedinfer.data.lazy import ConcatSource, LazyDataset, open_data_dir, open_folder, open_shards
 from fedinfer.data.partition import partition_indices
-from fedinfer.errors import ConfigError
+from fedinfer.errors import ConfigError, DataError
+
+LAZY_DATASETS = ("folder", "function", "shards")
+"""``dataset.name`` values read lazily from disk (never held in memory)."""
+
+_SPLITS = ("train", "val", "test")
+
+SiteDataset = ArrayDataset | LazyDataset
+"""A split: in memory, or read from disk on access."""
+
+DATA_FUNCTION_PREFIX = "py:"
+"""``fedinfer site --data py:my_pkg.data.load_site`` names a data function, not a path."""
 
 __all__ = [
+    "DATA_FUNCTION_PREFIX",
+    "LAZY_DATASETS",
     "FederatedData",
+    "SiteDataset",
     "SiteData",
     "build_federated_data",
     "load_site_file",
@@ -32,9 +49,9 @@ class SiteData:
     """One site's local splits; the raw data never leaves the site."""
 
     site_id: str
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: SiteDataset
+    val: SiteDataset
+    test: SiteDataset
 
     @property
     def input_dim(self) -> int:
@@ -52,7 +69,12 @@ class FederatedData:
     """All sites of a simulation plus the pooled test split for central evaluation."""
 
     sites: list[SiteData]
-    pooled_test: ArrayDataset
+    pooled_test: SiteDataset
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the sites' samples are read from disk on access."""
+        return isinstance(self.sites[0].train, LazyDataset)
 
     @property
     def input_dim(self) -> int:
@@ -75,7 +97,7 @@ def site_name(index: int) -> str:
     return f"site-{index:02d}"
 
 
-def split_site(data: ArrayDataset, *, site_id: str, cfg: PartitionConfig, seed: int) -> SiteData:
+def split_site(data: SiteDataset, *, site_id: str, cfg: PartitionConfig, seed: int) -> SiteData:
     """Shuffle one site's samples and cut them into train / validation / test."""
     n = len(data)
     rng = np.random.default_rng([seed, _stable_hash(site_id)])
@@ -111,7 +133,10 @@ def _build_cached(
 ) -> FederatedData:
     dataset_cfg = DatasetConfig(**dict(dataset_items))  # type: ignore[arg-type]
     partition_cfg = PartitionConfig(**dict(partition_items))  # type: ignore[arg-type]
+    if dataset_cfg.name == "function":
+        return _function_sites(dataset_cfg, num_sites)
     site_files = _site_files(dataset_cfg)
+    parts: list[SiteDataset]
     if site_files is not None:
         if len(site_files) != num_sites:
             raise ConfigError(
@@ -122,20 +147,74 @@ def _build_cached(
         num_classes = max(t.num_classes for t in tables)
         parts = [ArrayDataset(t.x, t.y, num_classes) for t in tables]
     else:
-        pooled = load_dataset(dataset_cfg, seed=seed)
+        pooled = _pooled(dataset_cfg, seed)
         indices = partition_indices(pooled.y, num_sites=num_sites, cfg=partition_cfg, seed=seed)
         parts = [pooled.subset(idx) for idx in indices]
     sites = [
         split_site(part, site_id=site_name(i), cfg=partition_cfg, seed=seed)
         for i, part in enumerate(parts)
     ]
-    pooled_test = ArrayDataset(
-        np.concatenate([s.test.x for s in sites]),
-        np.concatenate([s.test.y for s in sites]),
+    return FederatedData(sites, _pool_tests(sites))
+
+
+def _pooled(cfg: DatasetConfig, seed: int) -> SiteDataset:
+    if cfg.name in ("folder", "shards"):
+        if cfg.path is None:
+            raise ConfigError(f"`dataset.path` is required for dataset={cfg.name}")
+        if cfg.name == "folder":
+            return open_folder(Path(cfg.path))
+        return open_shards(Path(cfg.path), label_column=cfg.label_column)
+    return load_dataset(cfg, seed=seed)
+
+
+def _pool_tests(sites: list[SiteData]) -> SiteDataset:
+    """Every site's test split together (the coordinator's central evaluation in a simulation)."""
+    tests = [s.test for s in sites]
+    if isinstance(tests[0], LazyDataset):
+        lazy = [t for t in tests if isinstance(t, LazyDataset)]
+        if all(t.source is lazy[0].source for t in lazy):  # partitions of one pooled dataset
+            return LazyDataset(
+                lazy[0].source,
+                np.concatenate([t.indices for t in lazy]),
+                np.concatenate([t.y for t in lazy]),
+                lazy[0].num_classes,
+            )
+        joined = ConcatSource([t for t in lazy if len(t)])
+        return LazyDataset(
+            joined, np.arange(len(joined)), np.concatenate([t.y for t in lazy]), lazy[0].num_classes
+        )
+    arrays = [t for t in tests if isinstance(t, ArrayDataset)]
+    return ArrayDataset(
+        np.concatenate([t.x for t in arrays]),
+        np.concatenate([t.y for t in arrays]),
         sites[0].num_classes,
         sites[0].train.sample_shape,
     )
-    return FederatedData(sites, pooled_test)
+
+
+def _function_sites(cfg: DatasetConfig, num_sites: int) -> FederatedData:
+    """Each simulated site's splits from the user's function, called per site and split."""
+    from fedinfer.data.function import load_function_split
+
+    if not cfg._target_:
+        raise ConfigError("`dataset._target_` is required for dataset=function")
+    sites = []
+    for i in range(num_sites):
+        splits = {
+            split: load_function_split(
+                cfg._target_, site_id=site_name(i), split=split, num_classes=cfg.num_classes
+            )
+            for split in ("train", "val", "test")
+        }
+        sites.append(SiteData(site_name(i), **splits))
+    num_classes = max(s.train.num_classes for s in sites)
+    sites = [
+        SiteData(
+            s.site_id, *(getattr(s, split).with_num_classes(num_classes) for split in _SPLITS)
+        )
+        for s in sites
+    ]
+    return FederatedData(sites, _pool_tests(sites))
 
 
 def _site_files(cfg: DatasetConfig) -> list[Path] | None:
@@ -153,7 +232,7 @@ def _site_files(cfg: DatasetConfig) -> list[Path] | None:
 
 
 def load_site_file(
-    path: Path,
+    path: Path | str,
     *,
     site_id: str,
     label_column: str,
@@ -161,13 +240,50 @@ def load_site_file(
     seed: int,
     num_classes: int | None = None,
 ) -> SiteData:
-    """Load a deployed site's own data file and split it locally."""
-    table = read_table(path, label_column=label_column)
+    """Load a deployed site's own data and split it locally.
+
+    ``path`` is a CSV / Parquet / NPZ file (read into memory), a directory (class folders
+    or NPZ/Parquet shards, read lazily), or ``py:my_pkg.data.load_site``, a data function
+    the site's ``$FEDINFER_DATA_TARGETS`` allows, called for each split.
+    """
+    text = str(path)
+    if text.startswith(DATA_FUNCTION_PREFIX):
+        return _site_function(
+            text[len(DATA_FUNCTION_PREFIX) :], site_id=site_id, num_classes=num_classes
+        )
+    table: SiteDataset
+    if Path(text).is_dir():
+        table = open_data_dir(Path(text), label_column=label_column)
+    else:
+        table = read_table(Path(text), label_column=label_column)
     if num_classes is not None:
-        if table.num_classes > num_classes:
-            raise ConfigError(
-                f"{str(path)!r} has label {table.num_classes - 1} but the federation has "
-                f"{num_classes} classes"
-            )
-        table = ArrayDataset(table.x, table.y, num_classes)
+        _check_classes(table, num_classes, text)
+        table = (
+            table.with_num_classes(num_classes)
+            if isinstance(table, LazyDataset)
+            else ArrayDataset(table.x, table.y, num_classes, table.sample_shape)
+        )
     return split_site(table, site_id=site_id, cfg=partition, seed=seed)
+
+
+def _check_classes(table: SiteDataset, num_classes: int, where: str) -> None:
+    if len(table.y) and int(table.y.max()) >= num_classes:
+        raise ConfigError(
+            f"{where!r} has label {int(table.y.max())} but the federation has "
+            f"{num_classes} classes"
+        )
+
+
+def _site_function(target: str, *, site_id: str, num_classes: int | None) -> SiteData:
+    from fedinfer.data.function import load_function_split
+
+    splits = {
+        split: load_function_split(target, site_id=site_id, split=split, num_classes=num_classes)
+        for split in _SPLITS
+    }
+    if num_classes is not None:
+        for split, data in splits.items():
+            _check_classes(data, num_classes, f"{target}({split})")
+    if not len(splits["train"]):
+        raise DataError(f"{target}(site_id={site_id!r}, split='train') returned no samples")
+    return SiteData(site_id, **splits)

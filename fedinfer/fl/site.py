@@ -200,6 +200,7 @@ def local_train(
         batch_size=fed.batch_size,
         shuffle=True,
         seed=loader_seed,
+        num_workers=cfg.dataset.num_workers,
     )
     after_step = None
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0:
