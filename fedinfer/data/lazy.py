@@ -27,13 +27,14 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from fedinfer.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ConcatSource",
@@ -65,8 +66,11 @@ class SampleSource(Protocol):
         ...
 
 
-class LazyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+class LazyDataset:
     """Samples of a :class:`SampleSource` at ``indices``, read on access.
+
+    A map-style dataset (``__len__`` and ``__getitem__``), as ``torch.utils.data.DataLoader``
+    and Opacus' Poisson sampler take it; importing this module does not import torch.
 
     Parameters
     ----------
@@ -100,6 +104,8 @@ class LazyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return int(self.indices.shape[0])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         x = self.read(int(i)).reshape(-1)
         return torch.from_numpy(x), torch.tensor(self.y[i], dtype=torch.int64)
 

@@ -114,7 +114,7 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
             )
         name = str(node.get(NodeConfigKeys.SITE_NAME, site_name(0)))
         data = load_site_file(
-            Path(str(node[NodeConfigKeys.DATA_PATH])),
+            str(node[NodeConfigKeys.DATA_PATH]),  # a path, or py:target (a data function)
             site_id=name,
             label_column=cfg.dataset.label_column,
             partition=cfg.partition,
