@@ -290,3 +290,16 @@ def test_a_custom_cnn_federates_over_png_folders_with_dp(
     assert not (tmp_path / "run" / "site_data").exists()  # nothing copied out of the folder
     ledger = PrivacyLedger.read(tmp_path / "run" / "sites" / "site-00")
     assert ledger.entries and ledger.epsilon > 0
+
+
+def test_lazy_rows_read_only_what_is_sliced(
+    npy_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = open_folder(npy_folder)
+    reads: list[Path] = []
+    original = lazy_module._read_npy
+    monkeypatch.setattr(lazy_module, "_read_npy", lambda p: reads.append(p) or original(p))
+    head = data.x[:4]
+    assert head.shape == (4, 64) and len(reads) == 4
+    np.testing.assert_array_equal(data.x[[7, 2]], np.stack([data.x[7], data.x[2]]))
+    assert data.x.shape == (len(data), 64)

@@ -119,9 +119,9 @@ class LazyDataset:
         return math.prod(self.sample_shape)
 
     @property
-    def x(self) -> np.ndarray:
-        """All features, read into memory: only for small splits (use batches otherwise)."""
-        return self.rows(0, len(self))
+    def x(self) -> LazyRows:
+        """The features as a lazy ``(n, input_dim)`` array: ``data.x[a:b]`` reads those rows."""
+        return LazyRows(self)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Flat float32 features of samples ``start:stop``, shape ``(n, input_dim)``."""
@@ -139,6 +139,39 @@ class LazyDataset:
     def with_num_classes(self, num_classes: int) -> LazyDataset:
         """The same samples, labelled as one of ``num_classes`` classes."""
         return LazyDataset(self.source, self.indices, self.y, num_classes)
+
+
+class LazyRows:
+    """Row access to a :class:`LazyDataset` that reads only the rows asked for.
+
+    Code written for in-memory arrays (``data.x[:32]``) keeps working; ``numpy.asarray``
+    reads every row.
+    """
+
+    def __init__(self, data: LazyDataset) -> None:
+        self._data = data
+
+    @property
+    def shape(self) -> tuple[int, int]:  # noqa: D102
+        return (len(self._data), self._data.input_dim)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self._data))
+            if step == 1:
+                return self._data.rows(start, stop)
+            key = np.arange(start, stop, step)
+        if isinstance(key, int | np.integer):
+            return self._data.read(int(key)).reshape(-1)
+        rows = [self._data.read(int(i)).reshape(-1) for i in np.asarray(key).reshape(-1)]
+        return np.stack(rows) if rows else np.empty((0, self._data.input_dim), np.float32)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        rows = self._data.rows(0, len(self._data))
+        return rows if dtype is None else rows.astype(dtype)
 
 
 class ConcatSource:
