@@ -303,3 +303,63 @@ def test_lazy_rows_read_only_what_is_sliced(
     assert head.shape == (4, 64) and len(reads) == 4
     np.testing.assert_array_equal(data.x[[7, 2]], np.stack([data.x[7], data.x[2]]))
     assert data.x.shape == (len(data), 64)
+
+
+@pytest.mark.slow  # one Ray start: ~30 s on the shared 2-core box
+def test_ray_actors_read_the_folder_themselves_with_workers(
+    npy_folder: Path, tmp_path: Path
+) -> None:
+    """On Flower's Ray runtime nothing is copied out of the folder; DataLoader workers read it."""
+    from fedinfer.simulation import run_simulation
+
+    cfg = tiny_config(
+        "simulation.runtime=ray", "dataset=folder", f"dataset.path={npy_folder}",
+        "dataset.num_workers=1", "model=logreg", "privacy=dpsgd", "secagg=off",
+        "federation.num_sites=2", "federation.rounds=1", "partition=iid",
+    )  # fmt: skip
+    result = run_simulation(cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "site_data").exists()
+    assert result.final_accuracy is not None and result.final_accuracy > 0.2
+    for site in ("site-00", "site-01"):
+        assert PrivacyLedger.read(tmp_path / "run" / "sites" / site).epsilon > 0
+
+
+def test_a_coordinator_cannot_choose_a_deployed_sites_records(
+    npy_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run config's dataset.* (the coordinator's) never selects what a deployed site reads.
+
+    A coordinator asks for a data function of its choosing and absurd worker counts; the site
+    reads its own --data directory, imports nothing, and caps workers at its core count.
+    """
+    import os
+
+    from flwr.app import Context, RecordDict
+
+    from fedinfer.fl.run_config import NodeConfigKeys
+    from fedinfer.fl.site import deployment_resolver
+
+    # Prepare: an importable "data function" that leaves a mark when imported
+    mark = tmp_path / "imported"
+    (tmp_path / "coordinator_pick.py").write_text(
+        f"from pathlib import Path\nPath({str(mark)!r}).touch()\n"
+        "def load_site(site_id, split):\n    raise SystemExit('coordinator data')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(DATA_ALLOW_ENV, "coordinator_pick.*")  # even if the site allowed it
+    cfg = load_config(
+        ["dataset=function", "dataset._target_=coordinator_pick.load_site",
+         "dataset.num_workers=100000", "model=logreg"]
+    )  # fmt: skip
+    node = {NodeConfigKeys.DATA_PATH: str(npy_folder), NodeConfigKeys.STATE_DIR: str(tmp_path),
+            NodeConfigKeys.SITE_NAME: "site-00"}  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    # Execute
+    env = deployment_resolver(cfg, num_classes=10)(context)
+    loader = make_loader(env.data.train, batch_size=8, shuffle=True, seed=0,
+                         num_workers=cfg.dataset.num_workers)  # fmt: skip
+    # Assert
+    assert isinstance(env.data.train, LazyDataset)
+    assert sum(len(getattr(env.data, s)) for s in ("train", "val", "test")) == 1797
+    assert not mark.exists()
+    assert loader.num_workers == (os.cpu_count() or 1)
