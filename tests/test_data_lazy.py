@@ -95,6 +95,9 @@ def test_npz_shards_read_rows_across_shards(
     np.testing.assert_array_equal(data.y, digits.y)
     order = np.random.default_rng(0).permutation(len(data))[:300]  # Poisson-like random access
     np.testing.assert_array_equal(np.stack([data[i][0].numpy() for i in order]), digits.x[order])
+    batch = data.__getitems__(order.tolist())  # the DataLoader's batched fetch: one gather
+    assert all(torch.equal(bx, data[i][0]) and int(by) == int(data.y[i])
+               for (bx, by), i in zip(batch, order, strict=True))  # fmt: skip
     if not compressed:  # uncompressed members are memory-mapped, not decoded
         assert isinstance(data.source._shard(0), np.memmap)  # type: ignore[attr-defined]
 

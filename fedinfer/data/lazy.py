@@ -52,6 +52,7 @@ IMAGE_SUFFIXES = (".png",)
 ARRAY_SUFFIXES = (".npy",)
 SHARD_SUFFIXES = (".npz", ".parquet", ".pq")
 _SHARD_CACHE = 2  # shards a process keeps decoded (compressed NPZ, Parquet)
+_MAP_CACHE = 64  # memory-mapped shards a process keeps open (costs address space, not memory)
 
 
 class SampleSource(Protocol):
@@ -109,9 +110,31 @@ class LazyDataset:
         x = self.read(int(i)).reshape(-1)
         return torch.from_numpy(x), torch.tensor(self.y[i], dtype=torch.int64)
 
+    def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch at once (DataLoader's batched fetch): one gather per shard, not per row."""
+        import torch
+
+        if not len(positions):
+            return []
+        at = np.asarray(positions, dtype=np.int64)
+        x = torch.from_numpy(self.read_many(at).reshape(len(at), -1))
+        y = torch.from_numpy(self.y[at])
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
     def read(self, i: int) -> np.ndarray:
         """Sample ``i``'s features in their natural shape (a :class:`SampleSource` itself)."""
         return self.source.read(int(self.indices[i]))
+
+    def read_many(self, positions: np.ndarray) -> np.ndarray:
+        """Features of several samples, ``(n, *sample_shape)`` float32."""
+        at = self.indices[np.asarray(positions, dtype=np.int64)]
+        many = getattr(self.source, "read_many", None)
+        if many is not None:
+            return np.asarray(many(at), dtype=np.float32)
+        out = np.empty((len(at), *self.sample_shape), dtype=np.float32)
+        for row, index in enumerate(at):
+            out[row] = self.source.read(int(index))
+        return out
 
     @property
     def input_dim(self) -> int:
@@ -125,11 +148,8 @@ class LazyDataset:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Flat float32 features of samples ``start:stop``, shape ``(n, input_dim)``."""
-        stop = min(stop, len(self))
-        out = np.empty((max(stop - start, 0), self.input_dim), dtype=np.float32)
-        for row, i in enumerate(range(start, stop)):
-            out[row] = self.read(i).reshape(-1)
-        return out
+        positions = np.arange(start, min(stop, len(self)))
+        return self.read_many(positions).reshape(len(positions), self.input_dim)
 
     def subset(self, indices: np.ndarray) -> LazyDataset:
         """The samples at ``indices`` (positions in this dataset); nothing is read."""
@@ -358,10 +378,11 @@ def labels_to_ids(labels: np.ndarray, *, where: str) -> tuple[np.ndarray, int]:
 class ShardSource:
     """Rows spread over shard files; a row is read from its shard, never the whole set.
 
-    Uncompressed NPZ members (``np.savez``) are memory-mapped, so any row is one page read.
-    Compressed NPZ (``np.savez_compressed``) and Parquet shards are decoded whole on first
-    use and kept (the last :data:`_SHARD_CACHE` per process): random access across many such
-    shards re-decodes them, so prefer uncompressed NPZ for large data.
+    Uncompressed NPZ members (``np.savez``) are memory-mapped (the last :data:`_MAP_CACHE`
+    shards stay mapped), so any row is a page read. Compressed NPZ (``np.savez_compressed``)
+    and Parquet shards are decoded whole on first use and kept (the last :data:`_SHARD_CACHE`
+    per process): Poisson batches across many such shards re-decode them, so prefer
+    uncompressed NPZ for large data.
     """
 
     def __init__(
@@ -374,9 +395,10 @@ class ShardSource:
         self.x_key = x_key
         self.columns = list(columns) if columns is not None else None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def __getstate__(self) -> dict[str, Any]:  # workers start with an empty cache
-        return {**self.__dict__, "_cache": OrderedDict()}
+    def __getstate__(self) -> dict[str, Any]:  # workers start with empty caches
+        return {**self.__dict__, "_cache": OrderedDict(), "_maps": OrderedDict()}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -385,21 +407,37 @@ class ShardSource:
         k = bisect.bisect_right(self.offsets, index) - 1
         return np.array(self._shard(k)[index - self.offsets[k]], dtype=np.float32)  # a copy
 
+    def read_many(self, indices: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` in that order: one sorted gather per shard touched."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *self.sample_shape), dtype=np.float32)
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        for k in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == k)
+            local = indices[where] - self.offsets[k]
+            order = np.argsort(local, kind="stable")  # ascending offsets: sequential page reads
+            out[where[order]] = self._shard(int(k))[local[order]]
+        return out
+
     def _shard(self, k: int) -> np.ndarray:
-        if k in self._cache:
-            self._cache.move_to_end(k)
-            return self._cache[k]
+        for cache in (self._maps, self._cache):
+            if k in cache:
+                cache.move_to_end(k)
+                return cache[k]
         path = self.shards[k]
-        if path.suffix.lower() == ".npz":
-            x = _npz_memmap(path, self.x_key)
-            if x is None:
+        x = _npz_memmap(path, self.x_key) if path.suffix.lower() == ".npz" else None
+        if x is not None:
+            cache, limit = self._maps, _MAP_CACHE
+        else:
+            cache, limit = self._cache, _SHARD_CACHE
+            if path.suffix.lower() == ".npz":
                 with np.load(path, allow_pickle=False) as arrays:
                     x = np.asarray(arrays[self.x_key], dtype=np.float32)
-        else:
-            x = _read_parquet(path, self.columns or [])
-        self._cache[k] = x
-        while len(self._cache) > _SHARD_CACHE:
-            self._cache.popitem(last=False)
+            else:
+                x = _read_parquet(path, self.columns or [])
+        cache[k] = x
+        while len(cache) > limit:
+            cache.popitem(last=False)
         return x
 
 
