@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,38 @@ def test_a_coordinator_cannot_choose_a_deployed_sites_records(
     assert sum(len(getattr(env.data, s)) for s in ("train", "val", "test")) == 1797
     assert not mark.exists()
     assert loader.num_workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["dataset=folder"], "`dataset.path` is required for dataset=folder"),
+        (["dataset=shards"], "`dataset.path` is required for dataset=shards"),
+        (["dataset=function"], "`dataset._target_` is required for dataset=function"),
+        (["dataset.num_workers=-1"], "`dataset.num_workers` must be >= 0"),
+    ],
+    ids=["folder-path", "shards-path", "function-target", "workers"],
+)
+def test_config_mistakes_name_the_key(overrides: list[str], key: str) -> None:
+    from fedinfer.config.validate import validate_config
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate_config(load_config(overrides))
+
+
+def test_rgb_and_16_bit_pngs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in ("0", "1"):
+        (tmp_path / "rgb" / label).mkdir(parents=True)
+        Image.fromarray(np.full((4, 5, 3), 51, np.uint8)).save(tmp_path / "rgb" / label / "a.png")
+    rgb = open_folder(tmp_path / "rgb")
+    assert rgb.sample_shape == (3, 4, 5)
+    np.testing.assert_allclose(rgb.read(0), 0.2)
+    (tmp_path / "g16" / "0").mkdir(parents=True)
+    (tmp_path / "g16" / "1").mkdir()
+    for label in ("0", "1"):
+        Image.fromarray(np.full((2, 2), 100, np.uint16)).save(tmp_path / "g16" / label / "a.png")
+    grey = open_folder(tmp_path / "g16")
+    assert grey.sample_shape == (1, 2, 2)
+    np.testing.assert_allclose(grey.read(0), 100 / 65535)

@@ -243,12 +243,12 @@ def _read_png(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
+        scale = 65535.0 if image.mode.startswith("I") else 255.0  # 16-bit grey, else 8-bit
         pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[None]  # grey (H, W) -> (1, H, W)
     else:
         pixels = pixels.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W), as torch convolutions take
-    scale = 65535.0 if pixels.max(initial=0) > 255 else 255.0
     return np.ascontiguousarray(pixels / scale, dtype=np.float32)
 
 
