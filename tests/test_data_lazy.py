@@ -406,3 +406,15 @@ def test_rgb_and_16_bit_pngs(tmp_path: Path) -> None:
     grey = open_folder(tmp_path / "g16")
     assert grey.sample_shape == (1, 2, 2)
     np.testing.assert_allclose(grey.read(0), 100 / 65535)
+
+
+def test_a_deployed_site_must_number_its_classes(tmp_path: Path) -> None:
+    """Named class folders are numbered per site: two sites lacking different classes would
+    disagree on the ids, so a deployed site refuses names (a simulation numbers them once)."""
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "a.npy", np.zeros(3, np.float32))
+    assert open_folder(tmp_path).class_names == ("cat", "dog")
+    with pytest.raises(DataError, match="by their integer id 0, 1"):
+        load_site_file(tmp_path, site_id="s", label_column="label",
+                       partition=PartitionConfig(name="iid"), seed=0, num_classes=2)  # fmt: skip

@@ -57,8 +57,9 @@ def test_a_data_function_is_passed_to_the_client_app_verbatim(
         (lambda p: (p / "e" / "3").mkdir(parents=True) or p / "e", "holds no .png or .npy"),
         (lambda p: "py:", "names no function"),
         (lambda p: "py:examples.images.data.load_site", "not on this site's allow-list"),
+        (lambda p: (p / "e" / "0").rename(p / "e" / "cat") and p / "e", "by their integer id"),
     ],
-    ids=["missing-dir", "empty-class-folder", "no-function", "function-not-allowed"],
+    ids=["missing-dir", "empty-class-folder", "no-function", "function-not-allowed", "names"],
 )
 def test_fedinfer_site_refuses_bad_data_in_one_line_before_connecting(
     tmp_path: Path, make: object, message: str

@@ -227,7 +227,10 @@ def _site_files(cfg: DatasetConfig) -> list[Path] | None:
         if p.suffix.lower() in (".csv", ".parquet", ".pq", ".npz")
     )
     if not files:
-        raise ConfigError(f"`dataset.path` directory {cfg.path!r} holds no CSV/Parquet/NPZ files")
+        raise ConfigError(
+            f"`dataset.path` directory {cfg.path!r} holds no CSV/Parquet/NPZ files; for class "
+            "folders of images use dataset=folder"
+        )
     return files
 
 
@@ -257,6 +260,12 @@ def load_site_file(
     else:
         table = read_table(Path(text), label_column=label_column)
     if num_classes is not None:
+        if isinstance(table, LazyDataset) and table.class_names is not None:
+            raise DataError(
+                f"{text!r} names its classes {list(table.class_names[:5])}; in a deployment "
+                "name class folders (or labels) by their integer id 0, 1, ... so that every "
+                "site numbers the classes alike"
+            )
         _check_classes(table, num_classes, text)
         table = (
             table.with_num_classes(num_classes)

@@ -136,7 +136,7 @@ def load_function_split(
         )
     source = TorchSource(dataset, where=where)
     labels = _labels(dataset, source, where)
-    ids, found = labels_to_ids(labels, where=where) if len(labels) else (labels, 2)
+    ids, found, _ = labels_to_ids(labels, where=where) if len(labels) else (labels, 2, None)
     classes = num_classes or getattr(dataset, "num_classes", None) or found
     return LazyDataset(source, np.arange(len(source)), ids, int(classes))
 

@@ -83,6 +83,9 @@ class LazyDataset:
         int64 label of each index (held in memory: 8 bytes a sample).
     num_classes : int
         Number of classes of the federation.
+    class_names : tuple of str or None
+        The class names behind the ids when the data named its classes (folders ``cat``,
+        ``dog``), numbered in sorted order; None when the labels were integers.
 
     Examples
     --------
@@ -91,9 +94,16 @@ class LazyDataset:
     """
 
     def __init__(
-        self, source: SampleSource, indices: np.ndarray, y: np.ndarray, num_classes: int
+        self,
+        source: SampleSource,
+        indices: np.ndarray,
+        y: np.ndarray,
+        num_classes: int,
+        *,
+        class_names: tuple[str, ...] | None = None,
     ) -> None:
         self.source = source
+        self.class_names = class_names
         self.indices = np.asarray(indices, dtype=np.int64)
         self.y = np.asarray(y, dtype=np.int64)
         self.num_classes = int(num_classes)
@@ -154,11 +164,16 @@ class LazyDataset:
     def subset(self, indices: np.ndarray) -> LazyDataset:
         """The samples at ``indices`` (positions in this dataset); nothing is read."""
         idx = np.asarray(indices, dtype=np.int64)
-        return LazyDataset(self.source, self.indices[idx], self.y[idx], self.num_classes)
+        return LazyDataset(
+            self.source, self.indices[idx], self.y[idx], self.num_classes,
+            class_names=self.class_names,
+        )  # fmt: skip
 
     def with_num_classes(self, num_classes: int) -> LazyDataset:
         """The same samples, labelled as one of ``num_classes`` classes."""
-        return LazyDataset(self.source, self.indices, self.y, num_classes)
+        return LazyDataset(
+            self.source, self.indices, self.y, num_classes, class_names=self.class_names
+        )
 
 
 class LazyRows:
@@ -338,8 +353,9 @@ def open_folder(root: Path) -> LazyDataset:
         paths += files
         labels += [folder.name] * len(files)
     shape = _check_shapes(paths)
-    ids, num_classes = labels_to_ids(np.asarray(labels), where=str(root))
-    return LazyDataset(FileSource(paths, shape), np.arange(len(paths)), ids, num_classes)
+    ids, num_classes, names = labels_to_ids(np.asarray(labels), where=str(root))
+    source = FileSource(paths, shape)
+    return LazyDataset(source, np.arange(len(paths)), ids, num_classes, class_names=names)
 
 
 def _check_shapes(paths: Sequence[Path]) -> tuple[int, ...]:
@@ -355,8 +371,14 @@ def _check_shapes(paths: Sequence[Path]) -> tuple[int, ...]:
     return first
 
 
-def labels_to_ids(labels: np.ndarray, *, where: str) -> tuple[np.ndarray, int]:
-    """Integer labels (or integer-named classes) kept as ids; anything else numbered sorted."""
+def labels_to_ids(
+    labels: np.ndarray, *, where: str
+) -> tuple[np.ndarray, int, tuple[str, ...] | None]:
+    """Integer labels (or integer-named classes) kept as ids; anything else numbered sorted.
+
+    Returns the ids, the class count, and the class names when they were not integers (None
+    otherwise): sites that number named classes independently may disagree on the ids.
+    """
     if len(labels) == 0:
         raise DataError(f"{where!r} holds no samples")
     numeric = np.issubdtype(labels.dtype, np.number)
@@ -366,8 +388,9 @@ def labels_to_ids(labels: np.ndarray, *, where: str) -> tuple[np.ndarray, int]:
         ids = labels.astype(str).astype(np.int64)
     else:
         classes, inverse = np.unique(labels.astype(str), return_inverse=True)
-        return inverse.astype(np.int64), max(len(classes), 2)
-    return ids, max(int(ids.max()) + 1, 2)
+        names = tuple(str(c) for c in classes)
+        return inverse.astype(np.int64), max(len(classes), 2), names
+    return ids, max(int(ids.max()) + 1, 2), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,9 +534,9 @@ def _open_npz_shards(root: Path, shards: list[Path], label_column: str) -> LazyD
         lengths.append(x_shape[0])
         labels.append(y)
     assert shape is not None
-    ids, num_classes = labels_to_ids(np.concatenate(labels), where=str(root))
+    ids, num_classes, names = labels_to_ids(np.concatenate(labels), where=str(root))
     source = ShardSource(shards, lengths, shape, x_key="x")
-    return LazyDataset(source, np.arange(len(source)), ids, num_classes)
+    return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=names)
 
 
 def _npz_index(path: Path, label_column: str) -> tuple[tuple[int, ...], np.ndarray]:
@@ -567,9 +590,9 @@ def _open_parquet_shards(root: Path, shards: list[Path], label_column: str) -> L
         lengths.append(rows)
         labels.append(pq.read_table(path, columns=[label_column]).column(0).to_numpy())
     assert columns is not None
-    ids, num_classes = labels_to_ids(np.concatenate(labels), where=str(root))
+    ids, num_classes, names = labels_to_ids(np.concatenate(labels), where=str(root))
     source = ShardSource(shards, lengths, (len(columns),), x_key="", columns=columns)
-    return LazyDataset(source, np.arange(len(source)), ids, num_classes)
+    return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=names)
 
 
 def open_data_dir(root: Path, *, label_column: str = "label") -> LazyDataset:

@@ -34,7 +34,7 @@ from fedinfer.data import load_dataset, load_site_file, partition_indices
 from fedinfer.data.federated import DATA_FUNCTION_PREFIX, SiteDataset
 from fedinfer.data.lazy import LazyDataset
 from fedinfer.data.writers import write_folder, write_shards
-from fedinfer.errors import ConfigError
+from fedinfer.errors import ConfigError, DataError
 from fedinfer.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -117,6 +117,12 @@ def inspect_site_data(
     )  # fmt: skip
     parts: list[SiteDataset] = [site.train, site.val, site.test]
     train = site.train
+    if isinstance(train, LazyDataset) and train.class_names is not None:
+        raise DataError(
+            f"--data {spec} names its classes {list(train.class_names[:5])}; name class "
+            "folders (or labels) by their integer id 0, 1, ... so that every site numbers the "
+            "classes alike"
+        )
     return SiteDataInfo(
         spec=spec,
         num_samples=sum(len(p) for p in parts),
