@@ -17,7 +17,7 @@ from fedinfer.data import (
     LazyDataset,
     build_federated_data,
     load_dataset,
-    load_site_file,
+    load_site_data,
     open_data_dir,
     open_folder,
     open_shards,
@@ -203,7 +203,7 @@ def test_dp_sgd_on_a_lazy_folder_charges_the_exact_sample_rate(
     subset = tmp_path / "site"
     full = open_folder(npy_folder)
     write_folder(ArrayDataset(full.rows(0, 1280), full.y[:1280], 10), subset, sample_shape=SHAPE)
-    site = load_site_file(
+    site = load_site_data(
         subset, site_id="site-00", label_column="label", partition=cfg.partition, seed=0,
         num_classes=10,
     )  # fmt: skip
@@ -223,7 +223,7 @@ def test_dp_sgd_on_a_lazy_folder_charges_the_exact_sample_rate(
 
 def test_a_site_directory_must_fit_the_federation(npy_folder: Path) -> None:
     with pytest.raises(ConfigError, match="has label 9 but the federation has 5 classes"):
-        load_site_file(npy_folder, site_id="s", label_column="label",
+        load_site_data(npy_folder, site_id="s", label_column="label",
                        partition=PartitionConfig(name="iid"), seed=0, num_classes=5)  # fmt: skip
 
 
@@ -261,7 +261,7 @@ def test_a_data_function_off_the_allow_list_is_never_imported(
     with pytest.raises(ConfigError, match=f"FEDINFER_DATA_TARGETS={TARGET}"):
         build_federated_data(cfg)
     with pytest.raises(ConfigError, match="not on this site's allow-list"):
-        load_site_file(f"py:{TARGET}", site_id="site-00", label_column="label",
+        load_site_data(f"py:{TARGET}", site_id="site-00", label_column="label",
                        partition=cfg.partition, seed=0)  # fmt: skip
 
 
@@ -416,5 +416,5 @@ def test_a_deployed_site_must_number_its_classes(tmp_path: Path) -> None:
         np.save(tmp_path / name / "a.npy", np.zeros(3, np.float32))
     assert open_folder(tmp_path).class_names == ("cat", "dog")
     with pytest.raises(DataError, match="by their integer id 0, 1"):
-        load_site_file(tmp_path, site_id="s", label_column="label",
+        load_site_data(tmp_path, site_id="s", label_column="label",
                        partition=PartitionConfig(name="iid"), seed=0, num_classes=2)  # fmt: skip

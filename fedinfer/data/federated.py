@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,7 @@ __all__ = [
     "SiteDataset",
     "SiteData",
     "build_federated_data",
+    "load_site_data",
     "load_site_file",
     "site_name",
     "split_site",
@@ -133,10 +135,9 @@ def _build_cached(
 ) -> FederatedData:
     dataset_cfg = DatasetConfig(**dict(dataset_items))  # type: ignore[arg-type]
     partition_cfg = PartitionConfig(**dict(partition_items))  # type: ignore[arg-type]
-    if dataset_cfg.name == "function":
-        return _function_sites(dataset_cfg, num_sites)
     site_files = _site_files(dataset_cfg)
-    parts: list[SiteDataset]
+    if dataset_cfg.name in LAZY_DATASETS:  # read from disk on access, never loaded here
+        return _lazy_federation(dataset_cfg, partition_cfg, num_sites, seed)
     if site_files is not None:
         if len(site_files) != num_sites:
             raise ConfigError(
@@ -147,7 +148,7 @@ def _build_cached(
         num_classes = max(t.num_classes for t in tables)
         parts = [ArrayDataset(t.x, t.y, num_classes) for t in tables]
     else:
-        pooled = _pooled(dataset_cfg, seed)
+        pooled = load_dataset(dataset_cfg, seed=seed)
         indices = partition_indices(pooled.y, num_sites=num_sites, cfg=partition_cfg, seed=seed)
         parts = [pooled.subset(idx) for idx in indices]
     sites = [
@@ -157,14 +158,24 @@ def _build_cached(
     return FederatedData(sites, _pool_tests(sites))
 
 
-def _pooled(cfg: DatasetConfig, seed: int) -> SiteDataset:
-    if cfg.name in ("folder", "shards"):
-        if cfg.path is None:
-            raise ConfigError(f"`dataset.path` is required for dataset={cfg.name}")
-        if cfg.name == "folder":
-            return open_folder(Path(cfg.path))
-        return open_shards(Path(cfg.path), label_column=cfg.label_column)
-    return load_dataset(cfg, seed=seed)
+def _lazy_federation(
+    cfg: DatasetConfig, partition_cfg: PartitionConfig, num_sites: int, seed: int
+) -> FederatedData:
+    """Sites of an on-disk dataset: index views of one folder / shard set, or function calls."""
+    if cfg.name == "function":
+        return _function_sites(cfg, num_sites)
+    if cfg.path is None:
+        raise ConfigError(f"`dataset.path` is required for dataset={cfg.name}")
+    if cfg.name == "folder":
+        pooled = open_folder(Path(cfg.path))
+    else:
+        pooled = open_shards(Path(cfg.path), label_column=cfg.label_column)
+    indices = partition_indices(pooled.y, num_sites=num_sites, cfg=partition_cfg, seed=seed)
+    sites = [
+        split_site(pooled.subset(idx), site_id=site_name(i), cfg=partition_cfg, seed=seed)
+        for i, idx in enumerate(indices)
+    ]
+    return FederatedData(sites, _pool_tests(sites))
 
 
 def _pool_tests(sites: list[SiteData]) -> SiteDataset:
@@ -235,7 +246,7 @@ def _site_files(cfg: DatasetConfig) -> list[Path] | None:
 
 
 def load_site_file(
-    path: Path | str,
+    path: Path,
     *,
     site_id: str,
     label_column: str,
@@ -243,36 +254,65 @@ def load_site_file(
     seed: int,
     num_classes: int | None = None,
 ) -> SiteData:
-    """Load a deployed site's own data and split it locally.
+    """Load a deployed site's own data file and split it locally."""
+    table = read_table(path, label_column=label_column)
+    if num_classes is not None:
+        if table.num_classes > num_classes:
+            raise ConfigError(
+                f"{str(path)!r} has label {table.num_classes - 1} but the federation has "
+                f"{num_classes} classes"
+            )
+        table = ArrayDataset(table.x, table.y, num_classes)
+    return split_site(table, site_id=site_id, cfg=partition, seed=seed)
 
-    ``path`` is a CSV / Parquet / NPZ file (read into memory), a directory (class folders
-    or NPZ/Parquet shards, read lazily), or ``py:my_pkg.data.load_site``, a data function
-    the site's ``$FEDINFER_DATA_TARGETS`` allows, called for each split.
+
+def load_site_data(
+    spec: Path | str,
+    *,
+    site_id: str,
+    label_column: str,
+    partition: PartitionConfig,
+    seed: int,
+    num_classes: int | None = None,
+    **options: Any,
+) -> SiteData:
+    """Load a deployed site's own data (``fedinfer site --data``) and split it locally.
+
+    ``spec`` is a CSV / Parquet / NPZ file (:func:`load_site_file`, read into memory, which
+    also gets ``options``), a directory (class folders or NPZ/Parquet shards, read lazily), or
+    ``py:my_pkg.data.load_site``, a data function the site's ``$FEDINFER_DATA_TARGETS``
+    allows, called for each split. On-disk data carries integer class labels.
     """
-    text = str(path)
+    text = str(spec)
+    if not text.startswith(DATA_FUNCTION_PREFIX) and not Path(text).is_dir():
+        return load_site_file(
+            Path(text), site_id=site_id, label_column=label_column, partition=partition,
+            seed=seed, num_classes=num_classes, **options,
+        )  # fmt: skip
+    _check_class_labels(options.get("task", "multiclass"), text)
     if text.startswith(DATA_FUNCTION_PREFIX):
         return _site_function(
             text[len(DATA_FUNCTION_PREFIX) :], site_id=site_id, num_classes=num_classes
         )
-    table: SiteDataset
-    if Path(text).is_dir():
-        table = open_data_dir(Path(text), label_column=label_column)
-    else:
-        table = read_table(Path(text), label_column=label_column)
+    table = open_data_dir(Path(text), label_column=label_column)
     if num_classes is not None:
-        if isinstance(table, LazyDataset) and table.class_names is not None:
+        if table.class_names is not None:
             raise DataError(
                 f"{text!r} names its classes {list(table.class_names[:5])}; in a deployment "
                 "name class folders (or labels) by their integer id 0, 1, ... so that every "
                 "site numbers the classes alike"
             )
         _check_classes(table, num_classes, text)
-        table = (
-            table.with_num_classes(num_classes)
-            if isinstance(table, LazyDataset)
-            else ArrayDataset(table.x, table.y, num_classes, table.sample_shape)
-        )
+        table = table.with_num_classes(num_classes)
     return split_site(table, site_id=site_id, cfg=partition, seed=seed)
+
+
+def _check_class_labels(task: str, where: str) -> None:
+    if task not in ("multiclass", "binary"):
+        raise ConfigError(
+            f"`task.kind`={task}: on-disk data ({where}) carries one integer class per sample; "
+            "give multi-label or regression targets as a CSV / Parquet / NPZ file"
+        )
 
 
 def _check_classes(table: SiteDataset, num_classes: int, where: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import struct
 import zipfile
 from collections import OrderedDict
@@ -46,6 +47,7 @@ __all__ = [
     "open_data_dir",
     "open_folder",
     "open_shards",
+    "worker_count",
 ]
 
 IMAGE_SUFFIXES = (".png",)
@@ -207,6 +209,14 @@ class LazyRows:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         rows = self._data.rows(0, len(self._data))
         return rows if dtype is None else rows.astype(dtype)
+
+
+def worker_count(requested: int) -> int:
+    """DataLoader workers to start for ``dataset.num_workers``: never more than the cores.
+
+    The number comes from the run config, which a coordinator writes; a site caps it.
+    """
+    return min(max(int(requested), 0), os.cpu_count() or 1)
 
 
 class ConcatSource:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fedinfer.config.schema import FedInferConfig, PartitionConfig
-from fedinfer.data import load_dataset, load_site_file, partition_indices
+from fedinfer.data import load_dataset, load_site_data, partition_indices
 from fedinfer.data.federated import DATA_FUNCTION_PREFIX, SiteDataset
 from fedinfer.data.lazy import LazyDataset
 from fedinfer.data.writers import write_folder, write_shards
@@ -111,7 +111,7 @@ def inspect_site_data(
             f"--data {spec} does not exist; give a CSV/Parquet/NPZ file, a data directory, "
             "or py:my_pkg.data.load_site"
         )
-    site = load_site_file(
+    site = load_site_data(
         spec, site_id=site_id, label_column=label_column,
         partition=PartitionConfig(name="iid", val_fraction=0.0, test_fraction=0.0), seed=0,
     )  # fmt: skip
@@ -134,7 +134,7 @@ def inspect_site_data(
 
 def sample_rows(spec: str | Path, n: int, *, label_column: str = "label") -> np.ndarray:
     """The first ``n`` samples of a site's data, flat float32 (to query its server)."""
-    site = load_site_file(
+    site = load_site_data(
         data_spec(spec), site_id="probe", label_column=label_column,
         partition=PartitionConfig(name="iid", val_fraction=0.0, test_fraction=0.0), seed=0,
     )  # fmt: skip
@@ -160,18 +160,11 @@ def write_site_files(
     >>> files.input_dim, files.num_classes  # doctest: +SKIP
     (40, 10)
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"site data layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     pooled = load_dataset(cfg.dataset, seed=cfg.seed)
-    shape = tuple(cfg.model.input_shape or pooled.sample_shape or (pooled.input_dim,))
-    if math.prod(shape) != pooled.input_dim:
-        raise ConfigError(
-            f"`model.input_shape` {list(shape)} does not fit the data's {pooled.input_dim} "
-            "features per sample"
-        )
     parts = partition_indices(pooled.y, num_sites=len(names), cfg=cfg.partition, seed=cfg.seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    shape = _sample_shape(cfg, pooled.input_dim, pooled.sample_shape, layout)
     paths = {}
     for name, indices in zip(names, parts, strict=True):
         part = pooled.subset(indices)
@@ -190,6 +183,21 @@ def write_site_files(
         num_classes=pooled.num_classes,
         sample_shape=shape,
     )
+
+
+def _sample_shape(
+    cfg: FedInferConfig, input_dim: int, natural: tuple[int, ...] | None, layout: str
+) -> tuple[int, ...]:
+    """The shape samples are written in: ``model.input_shape``, else the data's own."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"site data layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    shape = tuple(cfg.model.input_shape or natural or (input_dim,))
+    if math.prod(shape) != input_dim:
+        raise ConfigError(
+            f"`model.input_shape` {list(shape)} does not fit the data's {input_dim} "
+            "features per sample"
+        )
+    return shape
 
 
 def _save_npz(path: Path, *, x: np.ndarray, y: np.ndarray) -> Path:

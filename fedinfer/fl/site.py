@@ -21,7 +21,7 @@ from flwr.app import Context
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.crypto.at_rest import StateKey, resolve_state_key
-from fedinfer.data import SiteData, build_federated_data, load_site_file, site_name
+from fedinfer.data import SiteData, build_federated_data, load_site_data, site_name
 from fedinfer.data.shared import open_site
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
@@ -113,8 +113,8 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
                 f"the SuperNode's --node-config lacks {missing}; start sites with `fedinfer site`"
             )
         name = str(node.get(NodeConfigKeys.SITE_NAME, site_name(0)))
-        data = load_site_file(
-            str(node[NodeConfigKeys.DATA_PATH]),  # a path, or py:target (a data function)
+        data = load_site_data(
+            str(node[NodeConfigKeys.DATA_PATH]),  # a file, a directory, or py:target
             site_id=name,
             label_column=cfg.dataset.label_column,
             partition=cfg.partition,

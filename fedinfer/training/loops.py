@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedinfer.data.datasets import ArrayDataset
-from fedinfer.data.lazy import LazyDataset
+from fedinfer.data.lazy import LazyDataset, worker_count
 
 __all__ = [
     "EvalResult",
@@ -73,37 +72,22 @@ def make_loader(
     """A DataLoader with a seeded shuffle over in-memory arrays or a lazy on-disk dataset.
 
     ``num_workers`` processes read a :class:`~fedinfer.data.lazy.LazyDataset`'s samples
-    (default: 0, read in this process); an in-memory dataset never needs them.
+    (default: 0, read in this process; capped at the machine's cores); in-memory arrays
+    need none.
     """
-    dataset: Dataset[tuple[torch.Tensor, ...]]
-    if isinstance(data, LazyDataset):
-        dataset = data  # type: ignore[assignment]
-        # A coordinator's config asks for workers; the site never starts more than it has cores.
-        num_workers = min(max(num_workers, 0), os.cpu_count() or 1)
-    else:
-        dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
-        num_workers = 0
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
-
-
-def _batches(
-    data: ArrayDataset | LazyDataset, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(x, y)`` numpy batches in order; a lazy dataset reads one batch at a time."""
-    for start in range(0, len(data), batch_size):
-        if isinstance(data, LazyDataset):
-            x = data.rows(start, start + batch_size)
-        else:
-            x = data.x[start : start + batch_size]
-        yield x, data.y[start : start + batch_size]
+    if isinstance(data, LazyDataset):
+        workers = worker_count(num_workers)
+        return DataLoader(
+            data,  # type: ignore[arg-type]  # a map-style dataset without torch's base class
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def train_epochs(
@@ -172,11 +156,7 @@ def proximal_step_fn(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    data: ArrayDataset | LazyDataset,
-    *,
-    device: torch.device,
-    batch_size: int = 1024,
+    model: nn.Module, data: ArrayDataset, *, device: torch.device, batch_size: int = 1024
 ) -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` on ``data``."""
     if len(data) == 0:
@@ -184,9 +164,9 @@ def evaluate(
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
-    for x_batch, y_batch in _batches(data, batch_size):
-        x = torch.from_numpy(x_batch).to(device)
-        y = torch.from_numpy(y_batch).to(device)
+    for start in range(0, len(data), batch_size):
+        x = torch.from_numpy(data.x[start : start + batch_size]).to(device)
+        y = torch.from_numpy(data.y[start : start + batch_size]).to(device)
         logits = model(x)
         total_loss += float(criterion(logits, y))
         correct += int((logits.argmax(1) == y).sum())
