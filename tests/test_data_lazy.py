@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_png_folders_read_as_channel_first_images(digits: ArrayDataset, tmp_path
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["memmap", "compressed"])
 def test_npz_shards_read_rows_across_shards(
-    digits: ArrayDataset, tmp_path: Path, compressed: bool
+    digits: ArrayDataset, tmp_path: Path, compressed: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = write_shards(digits, tmp_path / "shards", rows_per_shard=400, sample_shape=SHAPE,
                         compressed=compressed)  # fmt: skip
@@ -99,6 +100,7 @@ def test_npz_shards_read_rows_across_shards(
     batch = data.__getitems__(order.tolist())  # the DataLoader's batched fetch: one gather
     assert all(torch.equal(bx, data[i][0]) and int(by) == int(data.y[i])
                for (bx, by), i in zip(batch, order, strict=True))  # fmt: skip
+    assert ("decoded whole" in caplog.text) == compressed  # 5 compressed shards > cache of 2
     if not compressed:  # uncompressed members are memory-mapped, not decoded
         assert isinstance(data.source._shard(0), np.memmap)  # type: ignore[attr-defined]
 
@@ -418,3 +420,26 @@ def test_a_deployed_site_must_number_its_classes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="by their integer id 0, 1"):
         load_site_data(tmp_path, site_id="s", label_column="label",
                        partition=PartitionConfig(name="iid"), seed=0, num_classes=2)  # fmt: skip
+
+
+def test_the_image_example_reads_png_class_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python examples/images/run.py --png``: the script writes the folders, sites read them."""
+    import os
+    import sys
+
+    from fedinfer.models.custom import ALLOW_ENV
+
+    monkeypatch.setenv(ALLOW_ENV, "")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    from examples.images.run import main
+
+    out = tmp_path / "run"
+    summary = main(["--runtime", "inprocess", "--sites", "3", "--rounds", "1", "--png",
+                    "--out", str(out)])  # fmt: skip
+    assert len(list((out / "images").glob("*/*.png"))) == 1797
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["dataset"]["name"] == "folder" and config["model"]["input_shape"] == [1, 8, 8]
+    assert summary["served_input_shape"] == [-1, 1, 8, 8] and summary["predict_rows"] == 200

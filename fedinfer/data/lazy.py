@@ -21,6 +21,7 @@ object arrays are refused.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import os
 import struct
@@ -53,6 +54,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".png",)
 ARRAY_SUFFIXES = (".npy",)
 SHARD_SUFFIXES = (".npz", ".parquet", ".pq")
+logger = logging.getLogger(__name__)
+
 _SHARD_CACHE = 2  # shards a process keeps decoded (compressed NPZ, Parquet)
 _MAP_CACHE = 64  # memory-mapped shards a process keeps open (costs address space, not memory)
 
@@ -531,9 +534,10 @@ def open_shards(root: Path, *, label_column: str = "label") -> LazyDataset:
 
 
 def _open_npz_shards(root: Path, shards: list[Path], label_column: str) -> LazyDataset:
-    lengths, labels, shape = [], [], None
+    lengths, labels, shape, compressed = [], [], None, 0
     for path in shards:
-        x_shape, y = _npz_index(path, label_column)
+        x_shape, y, packed = _npz_index(path, label_column)
+        compressed += packed
         if shape is None:
             shape, first = x_shape[1:], path
         elif x_shape[1:] != shape:
@@ -544,13 +548,25 @@ def _open_npz_shards(root: Path, shards: list[Path], label_column: str) -> LazyD
         lengths.append(x_shape[0])
         labels.append(y)
     assert shape is not None
+    _warn_decoded(root, compressed, "compressed NPZ")
     ids, num_classes, names = labels_to_ids(np.concatenate(labels), where=str(root))
     source = ShardSource(shards, lengths, shape, x_key="x")
     return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=names)
 
 
-def _npz_index(path: Path, label_column: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """``x``'s shape (from its header) and the labels of one NPZ shard."""
+def _warn_decoded(root: Path, count: int, kind: str) -> None:
+    """Poisson batches touch every shard; more decoded shards than the cache re-decode often."""
+    if count > _SHARD_CACHE:
+        logger.warning(
+            "%s holds %d %s shards: each is decoded whole when a batch needs a row of it, and "
+            "random (Poisson) batches touch them all; save shards with numpy.savez "
+            "(uncompressed, memory-mapped) for fast lazy reads",
+            root, count, kind,
+        )  # fmt: skip
+
+
+def _npz_index(path: Path, label_column: str) -> tuple[tuple[int, ...], np.ndarray, bool]:
+    """``x``'s shape (from its header), the labels and whether ``x`` is compressed."""
     try:
         with zipfile.ZipFile(path) as archive, np.load(path, allow_pickle=False) as arrays:
             if "x" not in arrays.files:
@@ -563,6 +579,7 @@ def _npz_index(path: Path, label_column: str) -> tuple[tuple[int, ...], np.ndarr
                 )
             with archive.open("x.npy") as fh:
                 shape, _ = _npy_header(fh, f"{path}:x")
+            packed = archive.getinfo("x.npy").compress_type != zipfile.ZIP_STORED
             y = arrays[label_key]
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"cannot read shard {str(path)!r}: {exc}") from None
@@ -570,7 +587,7 @@ def _npz_index(path: Path, label_column: str) -> tuple[tuple[int, ...], np.ndarr
         raise DataError(f"shard {str(path)!r} cannot be read without unpickling: {exc}") from None
     if len(shape) < 1 or shape[0] != len(y):
         raise DataError(f"shard {str(path)!r}: `x` has {shape[:1]} rows but {len(y)} labels")
-    return shape, np.asarray(y)
+    return shape, np.asarray(y), packed
 
 
 def _open_parquet_shards(root: Path, shards: list[Path], label_column: str) -> LazyDataset:
@@ -600,6 +617,7 @@ def _open_parquet_shards(root: Path, shards: list[Path], label_column: str) -> L
         lengths.append(rows)
         labels.append(pq.read_table(path, columns=[label_column]).column(0).to_numpy())
     assert columns is not None
+    _warn_decoded(root, len(shards), "Parquet")
     ids, num_classes, names = labels_to_ids(np.concatenate(labels), where=str(root))
     source = ShardSource(shards, lengths, (len(columns),), x_key="", columns=columns)
     return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=names)
