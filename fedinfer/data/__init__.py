@@ -12,7 +12,7 @@ from fedinfer.data.federated import (
     site_name,
     split_site,
 )
-from fedinfer.data.lazy import LazyDataset, open_data_dir, open_folder, open_shards
+from fedinfer.data.lazy import LazyDataset, open_data_dir, open_folder, open_shards, worker_count
 from fedinfer.data.partition import PARTITION_NAMES, partition_indices
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "read_table",
     "site_name",
     "split_site",
+    "worker_count",
 ]

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedinfer.data import LazyDataset, worker_count
 from fedinfer.data.datasets import ArrayDataset
-from fedinfer.data.lazy import LazyDataset, worker_count
 
 __all__ = [
     "EvalResult",
