@@ -29,17 +29,28 @@ TARGET = "examples.images.net.DigitsCnn"
 
 
 def overrides(
-    *, sites: int, rounds: int, runtime: str, epsilon: float, dp: bool = True
+    *,
+    sites: int,
+    rounds: int,
+    runtime: str,
+    epsilon: float,
+    dp: bool = True,
+    image_dir: Path | None = None,
 ) -> list[str]:
-    """The Hydra overrides of the example's federation (``dp=False``: the no-DP baseline)."""
+    """The Hydra overrides of the example's federation (``dp=False``: the no-DP baseline).
+
+    With ``image_dir`` the sites read PNG class folders lazily (``dataset=folder``) instead of
+    the in-memory digits.
+    """
     privacy = (
         ["privacy=dpsgd", "privacy.fix_model=true", f"privacy.target_epsilon={epsilon}"]
         if dp
         # BatchNorm stays without DP-SGD; its int64 counter cannot go through secure aggregation.
         else ["privacy=none", "secagg=off"]
     )
+    data = ["dataset=folder", f"dataset.path={image_dir}"] if image_dir else ["dataset=digits"]
     return [
-        "dataset=digits",  # the data layer says (1, 8, 8): model.input_shape defaults to it
+        *data,  # the data layer says (1, 8, 8): model.input_shape defaults to it
         "model=custom",
         f"model._target_={TARGET}",
         "+model.kwargs.channels=16",
@@ -119,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--runtime", choices=("ray", "inprocess"), default="ray")
     parser.add_argument("--no-dp", action="store_true", help="the baseline without DP-SGD")
+    parser.add_argument(
+        "--png",
+        action="store_true",
+        help="write the digits as PNG class folders (OUT/images/<class>/) and read them lazily",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]  # Ray workers import the model too
@@ -126,6 +142,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     from fedinfer.config import load_config
     from fedinfer.simulation import run_simulation
 
+    out = args.out.resolve()
+    image_dir = None
+    if args.png:
+        from fedinfer.config.schema import DatasetConfig
+        from fedinfer.data import load_dataset
+        from fedinfer.data.writers import write_folder
+
+        image_dir = out / "images"
+        if not image_dir.exists():
+            digits = load_dataset(DatasetConfig(name="digits"), seed=0)
+            write_folder(digits, image_dir, sample_shape=(1, 8, 8), suffix=".png")
     cfg = load_config(
         overrides(
             sites=args.sites,
@@ -133,9 +160,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             runtime=args.runtime,
             epsilon=args.epsilon,
             dp=not args.no_dp,
+            image_dir=image_dir,
         )
     )
-    out = args.out.resolve()
     result = run_simulation(cfg, output_dir=out)
     results = json.loads((out / "results.json").read_text())
 

@@ -38,11 +38,21 @@ class DatasetConfig:
     """Which data the federation trains on (group ``dataset``)."""
 
     name: str = MISSING
-    """``mnist1d``, ``digits``, ``breast_cancer`` or ``csv`` (also Parquet / NPZ files)."""
+    """``mnist1d``, ``digits``, ``breast_cancer``, ``csv`` (also Parquet / NPZ files), or read
+    lazily from disk: ``folder`` (one folder per class of PNG/NPY samples), ``shards`` (a
+    directory of NPZ/Parquet shards) or ``function`` (``dataset._target_``)."""
     num_samples: int = 10_000
     """mnist1d only: how many samples to generate (cached on disk by parameters)."""
     path: str | None = None
-    """csv only: one file to partition, or a directory with one file per site."""
+    """csv: one file to partition, or a directory with one file per site; folder / shards:
+    the directory to read lazily (and partition over the sites of a simulation)."""
+    _target_: str | None = None
+    """function only: import path of ``load_site(site_id, split) -> torch Dataset``; a site
+    imports it only if its own ``$FEDINFER_DATA_TARGETS`` allow-list names it."""
+    num_classes: int | None = None
+    """function only: the class count when the datasets carry no ``targets`` / ``labels``."""
+    num_workers: int = 0
+    """DataLoader worker processes reading samples (0: read in the training process)."""
     label_column: str = "label"
     """csv only: the column (or NPZ array) holding the labels: integer classes, or floats for
     ``task=regression``; ``'a,b,c'`` (quoted for Hydra) names several CSV/Parquet columns (``task=multilabel``, or

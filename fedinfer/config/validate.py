@@ -23,7 +23,7 @@ __all__ = [
     "validate_privacy",
 ]
 
-DATASETS = ("breast_cancer", "csv", "digits", "mnist1d")
+DATASETS = ("breast_cancer", "csv", "digits", "folder", "function", "mnist1d", "shards")
 PARTITIONS = ("dirichlet", "iid", "shards")
 MODELS = ("cnn1d", "custom", "logreg", "mlp")
 MEAN_STRATEGIES = ("fedadam", "fedavg", "fedavgm", "fedprox")
@@ -131,6 +131,16 @@ def _check_data(cfg: FedInferConfig, problems: list[str]) -> None:
         problems.append(
             "`dataset.path` is required for dataset=csv (a file, or a directory of site files)"
         )
+    if cfg.dataset.name in ("folder", "shards") and not cfg.dataset.path:
+        problems.append(
+            f"`dataset.path` is required for dataset={cfg.dataset.name} (the data directory)"
+        )
+    if cfg.dataset.name == "function" and not cfg.dataset._target_:
+        problems.append(
+            "`dataset._target_` is required for dataset=function (my_pkg.data.load_site)"
+        )
+    if cfg.dataset.num_workers < 0:
+        problems.append(f"`dataset.num_workers` must be >= 0 (got {cfg.dataset.num_workers})")
     _one_of(problems, "partition.name", cfg.partition.name, PARTITIONS)
     if cfg.partition.name == "dirichlet":
         _positive(problems, "partition.alpha", cfg.partition.alpha)

@@ -1,7 +1,9 @@
 """Per-site data: each site's train / validation / test splits, deterministic by seed.
 
 In a simulation every site rebuilds the same pooled dataset (from the on-disk
-cache) and takes its own partition; in a deployment a site reads its own file.
+cache) and takes its own partition; in a deployment a site reads its own file or
+directory. On-disk datasets (``dataset=folder|shards|function``) stay on disk: a site's
+splits are index views of a :class:`~fedinfer.data.lazy.LazyDataset`.
 """
 
 from __future__ import annotations
@@ -9,18 +11,35 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedinfer.config.schema import DatasetConfig, FedInferConfig, PartitionConfig, TaskConfig
 from fedinfer.data.datasets import ArrayDataset, load_dataset, read_table
+from fedinfer.data.lazy import ConcatSource, LazyDataset, open_data_dir, open_folder, open_shards
 from fedinfer.data.partition import partition_indices
-from fedinfer.errors import ConfigError
+from fedinfer.errors import ConfigError, DataError
+
+LAZY_DATASETS = ("folder", "function", "shards")
+"""``dataset.name`` values read lazily from disk (never held in memory)."""
+
+_SPLITS = ("train", "val", "test")
+
+SiteDataset = ArrayDataset | LazyDataset
+"""A split: in memory, or read from disk on access."""
+
+DATA_FUNCTION_PREFIX = "py:"
+"""``fedinfer site --data py:my_pkg.data.load_site`` names a data function, not a path."""
 
 __all__ = [
+    "DATA_FUNCTION_PREFIX",
+    "LAZY_DATASETS",
     "FederatedData",
+    "SiteDataset",
     "SiteData",
     "build_federated_data",
+    "load_site_data",
     "load_site_file",
     "site_name",
     "split_site",
@@ -32,9 +51,9 @@ class SiteData:
     """One site's local splits; the raw data never leaves the site."""
 
     site_id: str
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: SiteDataset
+    val: SiteDataset
+    test: SiteDataset
 
     @property
     def input_dim(self) -> int:
@@ -52,7 +71,12 @@ class FederatedData:
     """All sites of a simulation plus the pooled test split for central evaluation."""
 
     sites: list[SiteData]
-    pooled_test: ArrayDataset
+    pooled_test: SiteDataset
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the sites' samples are read from disk on access."""
+        return isinstance(self.sites[0].train, LazyDataset)
 
     @property
     def input_dim(self) -> int:
@@ -75,7 +99,7 @@ def site_name(index: int) -> str:
     return f"site-{index:02d}"
 
 
-def split_site(data: ArrayDataset, *, site_id: str, cfg: PartitionConfig, seed: int) -> SiteData:
+def split_site(data: SiteDataset, *, site_id: str, cfg: PartitionConfig, seed: int) -> SiteData:
     """Shuffle one site's samples and cut them into train / validation / test."""
     n = len(data)
     rng = np.random.default_rng([seed, _stable_hash(site_id)])
@@ -127,6 +151,8 @@ def _build_cached(
     task_cfg = TaskConfig(**dict(task_items))  # type: ignore[arg-type]
     task = task_cfg.kind
     site_files = _site_files(dataset_cfg)
+    if dataset_cfg.name in LAZY_DATASETS:  # read from disk on access, never loaded here
+        return _lazy_federation(dataset_cfg, partition_cfg, num_sites, seed)
     if site_files is not None:
         if len(site_files) != num_sites:
             raise ConfigError(
@@ -147,13 +173,77 @@ def _build_cached(
         split_site(part, site_id=site_name(i), cfg=partition_cfg, seed=seed)
         for i, part in enumerate(parts)
     ]
-    pooled_test = ArrayDataset(
-        np.concatenate([s.test.x for s in sites]),
-        np.concatenate([s.test.y for s in sites]),
+    return FederatedData(sites, _pool_tests(sites))
+
+
+def _lazy_federation(
+    cfg: DatasetConfig, partition_cfg: PartitionConfig, num_sites: int, seed: int
+) -> FederatedData:
+    """Sites of an on-disk dataset: index views of one folder / shard set, or function calls."""
+    if cfg.name == "function":
+        return _function_sites(cfg, num_sites)
+    if cfg.path is None:
+        raise ConfigError(f"`dataset.path` is required for dataset={cfg.name}")
+    if cfg.name == "folder":
+        pooled = open_folder(Path(cfg.path))
+    else:
+        pooled = open_shards(Path(cfg.path), label_column=cfg.label_column)
+    indices = partition_indices(pooled.y, num_sites=num_sites, cfg=partition_cfg, seed=seed)
+    sites = [
+        split_site(pooled.subset(idx), site_id=site_name(i), cfg=partition_cfg, seed=seed)
+        for i, idx in enumerate(indices)
+    ]
+    return FederatedData(sites, _pool_tests(sites))
+
+
+def _pool_tests(sites: list[SiteData]) -> SiteDataset:
+    """Every site's test split together (the coordinator's central evaluation in a simulation)."""
+    tests = [s.test for s in sites]
+    if isinstance(tests[0], LazyDataset):
+        lazy = [t for t in tests if isinstance(t, LazyDataset)]
+        if all(t.source is lazy[0].source for t in lazy):  # partitions of one pooled dataset
+            return LazyDataset(
+                lazy[0].source,
+                np.concatenate([t.indices for t in lazy]),
+                np.concatenate([t.y for t in lazy]),
+                lazy[0].num_classes,
+            )
+        joined = ConcatSource([t for t in lazy if len(t)])
+        return LazyDataset(
+            joined, np.arange(len(joined)), np.concatenate([t.y for t in lazy]), lazy[0].num_classes
+        )
+    arrays = [t for t in tests if isinstance(t, ArrayDataset)]
+    return ArrayDataset(
+        np.concatenate([t.x for t in arrays]),
+        np.concatenate([t.y for t in arrays]),
         sites[0].num_classes,
         sites[0].train.sample_shape,
     )
-    return FederatedData(sites, pooled_test)
+
+
+def _function_sites(cfg: DatasetConfig, num_sites: int) -> FederatedData:
+    """Each simulated site's splits from the user's function, called per site and split."""
+    from fedinfer.data.function import load_function_split
+
+    if not cfg._target_:
+        raise ConfigError("`dataset._target_` is required for dataset=function")
+    sites = []
+    for i in range(num_sites):
+        splits = {
+            split: load_function_split(
+                cfg._target_, site_id=site_name(i), split=split, num_classes=cfg.num_classes
+            )
+            for split in ("train", "val", "test")
+        }
+        sites.append(SiteData(site_name(i), **splits))
+    num_classes = max(s.train.num_classes for s in sites)
+    sites = [
+        SiteData(
+            s.site_id, *(getattr(s, split).with_num_classes(num_classes) for split in _SPLITS)
+        )
+        for s in sites
+    ]
+    return FederatedData(sites, _pool_tests(sites))
 
 
 def _site_files(cfg: DatasetConfig) -> list[Path] | None:
@@ -166,7 +256,10 @@ def _site_files(cfg: DatasetConfig) -> list[Path] | None:
         if p.suffix.lower() in (".csv", ".parquet", ".pq", ".npz")
     )
     if not files:
-        raise ConfigError(f"`dataset.path` directory {cfg.path!r} holds no CSV/Parquet/NPZ files")
+        raise ConfigError(
+            f"`dataset.path` directory {cfg.path!r} holds no CSV/Parquet/NPZ files; for class "
+            "folders of images use dataset=folder"
+        )
     return files
 
 
@@ -197,3 +290,75 @@ def load_site_file(
             )
         table = ArrayDataset(table.x, table.y, num_classes)
     return split_site(table, site_id=site_id, cfg=partition, seed=seed)
+
+
+def load_site_data(
+    spec: Path | str,
+    *,
+    site_id: str,
+    label_column: str,
+    partition: PartitionConfig,
+    seed: int,
+    num_classes: int | None = None,
+    **options: Any,
+) -> SiteData:
+    """Load a deployed site's own data (``fedinfer site --data``) and split it locally.
+
+    ``spec`` is a CSV / Parquet / NPZ file (:func:`load_site_file`, read into memory, which
+    also gets ``options``), a directory (class folders or NPZ/Parquet shards, read lazily), or
+    ``py:my_pkg.data.load_site``, a data function the site's ``$FEDINFER_DATA_TARGETS``
+    allows, called for each split. On-disk data carries integer class labels.
+    """
+    text = str(spec)
+    if not text.startswith(DATA_FUNCTION_PREFIX) and not Path(text).is_dir():
+        return load_site_file(
+            Path(text), site_id=site_id, label_column=label_column, partition=partition,
+            seed=seed, num_classes=num_classes, **options,
+        )  # fmt: skip
+    _check_class_labels(options.get("task", "multiclass"), text)
+    if text.startswith(DATA_FUNCTION_PREFIX):
+        return _site_function(
+            text[len(DATA_FUNCTION_PREFIX) :], site_id=site_id, num_classes=num_classes
+        )
+    table = open_data_dir(Path(text), label_column=label_column)
+    if num_classes is not None:
+        if table.class_names is not None:
+            raise DataError(
+                f"{text!r} names its classes {list(table.class_names[:5])}; in a deployment "
+                "name class folders (or labels) by their integer id 0, 1, ... so that every "
+                "site numbers the classes alike"
+            )
+        _check_classes(table, num_classes, text)
+        table = table.with_num_classes(num_classes)
+    return split_site(table, site_id=site_id, cfg=partition, seed=seed)
+
+
+def _check_class_labels(task: str, where: str) -> None:
+    if task not in ("multiclass", "binary"):
+        raise ConfigError(
+            f"`task.kind`={task}: on-disk data ({where}) carries one integer class per sample; "
+            "give multi-label or regression targets as a CSV / Parquet / NPZ file"
+        )
+
+
+def _check_classes(table: SiteDataset, num_classes: int, where: str) -> None:
+    if len(table.y) and int(table.y.max()) >= num_classes:
+        raise ConfigError(
+            f"{where!r} has label {int(table.y.max())} but the federation has "
+            f"{num_classes} classes"
+        )
+
+
+def _site_function(target: str, *, site_id: str, num_classes: int | None) -> SiteData:
+    from fedinfer.data.function import load_function_split
+
+    splits = {
+        split: load_function_split(target, site_id=site_id, split=split, num_classes=num_classes)
+        for split in _SPLITS
+    }
+    if num_classes is not None:
+        for split, data in splits.items():
+            _check_classes(data, num_classes, f"{target}({split})")
+    if not len(splits["train"]):
+        raise DataError(f"{target}(site_id={site_id!r}, split='train') returned no samples")
+    return SiteData(site_id, **splits)

@@ -195,7 +195,12 @@ def _add_site(subparsers: Any) -> None:
     init.set_defaults(func=_site_init_policy)
     # Required for starting a site, checked in _site: argparse would demand them of init-policy.
     p.add_argument("--name", help="the site's name (its node key was made for it)")
-    p.add_argument("--data", type=Path, help="the site's CSV / Parquet / NPZ file")
+    p.add_argument(
+        "--data",
+        help="the site's data: a CSV / Parquet / NPZ file; a directory read lazily (class "
+        "folders of PNG/NPY samples, or NPZ/Parquet shards); or py:my_pkg.data.load_site, a "
+        "data function named in $FEDINFER_DATA_TARGETS",
+    )
     p.add_argument("--state-dir", type=Path, help="models, ledger, audit log, policy, logs")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator's Fleet gateway")
     p.add_argument("--ca", type=Path, help="the deployment's CA certificate")

@@ -43,7 +43,7 @@ from fedinfer.deploy.process import (
     wait_until,
 )
 from fedinfer.deploy.site import SiteLayout
-from fedinfer.deploy.sitedata import write_site_files
+from fedinfer.deploy.sitedata import sample_rows, write_site_files
 from fedinfer.errors import ConfigError, FedInferError
 from fedinfer.policy import POLICY_FILENAME
 from fedinfer.reporting.results import RESULTS_FILE
@@ -82,6 +82,9 @@ class LocalDeployment:
         Fleet gateway port (0: a free one).
     encrypt_state : bool
         Encrypt each site's state at rest with its own key (default: True).
+    data_layout : str
+        How each site's data is written and handed to ``fedinfer site --data``: ``npz`` (one
+        file, default), ``folder`` / ``png`` (class folders read lazily) or ``shards``.
     """
 
     def __init__(
@@ -93,9 +96,11 @@ class LocalDeployment:
         overrides: Sequence[str] = (),
         port: int = 0,
         encrypt_state: bool = True,
+        data_layout: str = "npz",
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.encrypt_state = encrypt_state
+        self.data_layout = data_layout
         self.names = [site_name(i) for i in range(num_sites)]
         self.overrides = [
             f"federation.num_sites={num_sites}",
@@ -113,6 +118,11 @@ class LocalDeployment:
 
     def site_dir(self, name: str) -> Path:  # noqa: D102
         return self.workdir / "sites" / name
+
+    def data_path(self, name: str) -> Path:
+        """``name``'s data: ``data/<name>.npz``, or the directory ``data/<name>/``."""
+        data = self.workdir / "data"
+        return data / f"{name}.npz" if self.data_layout == "npz" else data / name
 
     def state_key_file(self, name: str) -> Path:
         """Where ``name``'s state key lives: outside its state directory."""
@@ -149,7 +159,20 @@ class LocalDeployment:
                 f"{self.workdir} holds an earlier deployment; delete it or choose another --workdir"
             )
         cfg = load_config(self.overrides)
-        files = write_site_files(cfg, self.workdir / "data", names=self.names)
+        files = write_site_files(
+            cfg, self.workdir / "data", names=self.names, layout=self.data_layout
+        )
+        shape_overrides = []
+        if cfg.model.name == "custom":
+            if cfg.model._target_:
+                from fedinfer.models.custom import allow_target
+
+                # One machine, one config: as in a simulation, the run's own model is allowed
+                # (inherited by the coordinator and every site started from here).
+                allow_target(cfg.model._target_)
+            if cfg.model.input_shape is None:  # the coordinator holds no data to learn it from
+                shape = ",".join(str(d) for d in files.sample_shape)
+                shape_overrides.append(f"model.input_shape=[{shape}]")
         init_pki(self.pki.root, hosts=["127.0.0.1", "localhost"], sites=self.names)
         if self.encrypt_state:
             for name in self.names:
@@ -159,6 +182,7 @@ class LocalDeployment:
             *self.overrides,
             f"deployment.input_dim={files.input_dim}",
             f"deployment.num_classes={files.num_classes}",
+            *shape_overrides,
             "deployment.connect_timeout_s=300",
         ]
 
@@ -229,7 +253,7 @@ class LocalDeployment:
             "--name",
             name,
             "--data",
-            str(self.workdir / "data" / f"{name}.npz"),
+            str(self.data_path(name)),
             "--state-dir",
             str(self.site_dir(name)),
             "--coordinator",
@@ -270,7 +294,7 @@ class LocalDeployment:
         model_name = (
             ModelStore(layout.models, key=self.state_key(name)).manifest(expect_version).name
         )
-        x = np.load(self.workdir / "data" / f"{name}.npz")["x"][:4]
+        x = sample_rows(self.data_path(name), 4)
         answer: dict[str, Any] = {}
 
         def serves_expected() -> bool:

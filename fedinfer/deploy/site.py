@@ -48,6 +48,7 @@ from fedinfer.crypto.at_rest import (
     mark_state_dir,
     resolve_state_key,
 )
+from fedinfer.data.federated import DATA_FUNCTION_PREFIX
 from fedinfer.deploy.flower import flower_env, supernode_argv
 from fedinfer.deploy.process import (
     ManagedProcess,
@@ -56,6 +57,7 @@ from fedinfer.deploy.process import (
     signals_raise_shutdown,
     wait_until,
 )
+from fedinfer.deploy.sitedata import data_spec, inspect_site_data
 from fedinfer.errors import ConfigError, FedInferError, StateKeyError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.reporting.results import write_json_atomic
@@ -117,8 +119,11 @@ class SiteOptions:
     ----------
     name : str
         The site's name (as registered: its node key was made for it).
-    data : Path
-        The site's CSV / Parquet / NPZ file; it never leaves the site.
+    data : Path or str
+        The site's data; it never leaves the site: a CSV / Parquet / NPZ file, a directory
+        read lazily (class folders of PNG/NPY samples, or NPZ/Parquet shards), or
+        ``py:my_pkg.data.load_site`` (allow-listed by ``$FEDINFER_DATA_TARGETS``);
+        see :mod:`fedinfer.deploy.sitedata`.
     state_dir : Path
         The site's persistent state (see the module docstring).
     coordinator : str
@@ -142,7 +147,7 @@ class SiteOptions:
     """
 
     name: str
-    data: Path
+    data: Path | str
     state_dir: Path
     coordinator: str
     ca_cert: Path
@@ -171,7 +176,7 @@ def node_config_toml(opts: SiteOptions) -> str:
     """Return the SuperNode's ``--node-config`` TOML: site name, data path, state, key."""
     entries = {
         NodeConfigKeys.SITE_NAME: opts.name,
-        NodeConfigKeys.DATA_PATH: str(Path(opts.data).resolve()),
+        NodeConfigKeys.DATA_PATH: data_spec(opts.data),
         NodeConfigKeys.STATE_DIR: str(Path(opts.state_dir).resolve()),
         NodeConfigKeys.COORDINATOR_PUBLIC_KEY: str(Path(opts.coordinator_public_key).resolve()),
     }
@@ -185,7 +190,7 @@ def _check(opts: SiteOptions) -> None:
     problems = [
         f"{flag} {path} does not exist"
         for flag, path in (
-            ("--data", opts.data),
+            *([] if str(opts.data).startswith(DATA_FUNCTION_PREFIX) else [("--data", opts.data)]),
             ("--ca", opts.ca_cert),
             ("--key", opts.node_key),
             ("--coordinator-public-key", opts.coordinator_public_key),
@@ -202,6 +207,14 @@ def _check(opts: SiteOptions) -> None:
         )
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _check_data(opts: SiteOptions) -> None:
+    """Open a data directory or function now: its mistakes stop the site before it connects."""
+    spec = str(opts.data)
+    if spec.startswith(DATA_FUNCTION_PREFIX) or Path(spec).is_dir():
+        info = inspect_site_data(spec, site_id=opts.name)
+        print(f"site {opts.name}: data {info.describe()}", flush=True)
 
 
 def policy_path(opts: SiteOptions) -> Path:
@@ -240,6 +253,7 @@ def run_site(opts: SiteOptions) -> int:
     an untrusted certificate, an unregistered key ...).
     """
     _check(opts)
+    _check_data(opts)
     layout = SiteLayout(Path(opts.state_dir).resolve())
     key = _state_key(opts, layout)
     check_policy(opts)

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedinfer.artifacts import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
 from fedinfer.config.schema import FedInferConfig
-from fedinfer.data.datasets import ArrayDataset
+from fedinfer.data.federated import SiteDataset
 from fedinfer.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedinfer.fl.loop import EvaluateFn, FederationState, RoundRecord, run_rounds, site_of
 from fedinfer.fl.messages import Keys, MessageTypes
@@ -83,7 +83,7 @@ def initial_arrays(cfg: FedInferConfig, shape: ModelShape) -> ArrayRecord:
     return weights_to_arrays(get_weights(model))
 
 
-def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: ArrayDataset) -> EvaluateFn:
+def central_evaluate_fn(cfg: FedInferConfig, shape: ModelShape, test: SiteDataset) -> EvaluateFn:
     """Evaluate the global model on a held-out split at the coordinator (simulation only)."""
     device = select_device(cfg.simulation.device)
     model = build_model(
@@ -117,7 +117,7 @@ def run_coordinator(
     output_dir: Path,
     run_id: str,
     signing_key: Ed25519PrivateKey,
-    central_test: ArrayDataset | None = None,
+    central_test: SiteDataset | None = None,
     printer: RoundPrinter | None = None,
     resume: bool = False,
 ) -> CoordinatorResult:

@@ -21,7 +21,7 @@ from flwr.app import Context
 
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.crypto.at_rest import StateKey, resolve_state_key
-from fedinfer.data import SiteData, build_federated_data, load_site_file, site_name
+from fedinfer.data import SiteData, build_federated_data, load_site_data, site_name
 from fedinfer.data.shared import open_site
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
@@ -114,8 +114,8 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
                 f"the SuperNode's --node-config lacks {missing}; start sites with `fedinfer site`"
             )
         name = str(node.get(NodeConfigKeys.SITE_NAME, site_name(0)))
-        data = load_site_file(
-            Path(str(node[NodeConfigKeys.DATA_PATH])),
+        data = load_site_data(
+            str(node[NodeConfigKeys.DATA_PATH]),  # a file, a directory, or py:target
             site_id=name,
             label_column=cfg.dataset.label_column,
             partition=cfg.partition,
@@ -202,6 +202,7 @@ def local_train(
         batch_size=fed.batch_size,
         shuffle=True,
         seed=loader_seed,
+        num_workers=cfg.dataset.num_workers,
     )
     after_step = None
     if cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0:

@@ -19,6 +19,7 @@ from fedinfer.artifacts import generate_signing_key, save_public_key, save_signi
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
 from fedinfer.data import build_federated_data
+from fedinfer.data.function import allow_data_target
 from fedinfer.data.shared import write_shared_sites
 from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
@@ -83,6 +84,8 @@ def run_simulation(
         # A simulation's own config is every simulated site's config, so its model target
         # is allowed here (a deployed site names its own allow-list, fedinfer.models.custom).
         allow_target(cfg.model._target_)
+    if cfg.dataset.name == "function" and cfg.dataset._target_:
+        allow_data_target(cfg.dataset._target_)  # likewise the data function of its sites
     data = build_federated_data(cfg)  # fails fast on bad data, and warms the cache for the sites
     if cfg.model.name == "custom" and cfg.model.input_shape is None:
         cfg.model.input_shape = list(data.sample_shape)  # e.g. digits: [1, 8, 8]
@@ -94,7 +97,8 @@ def run_simulation(
     cfg.output_dir = str(output_dir)
     signing_key, public_key = _coordinator_keys(output_dir)
     data_dir = None
-    if cfg.simulation.runtime == "ray" and cfg.simulation.shared_data:
+    # Data read lazily from disk stays there: every actor indexes it (file names and labels).
+    if cfg.simulation.runtime == "ray" and cfg.simulation.shared_data and not data.lazy:
         data_dir = write_shared_sites(data, output_dir / "site_data")  # mapped by every actor
     client_app = build_client_app(
         config_fn=lambda context: cfg,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedinfer.data import LazyDataset, worker_count
 from fedinfer.data.datasets import ArrayDataset
 from fedinfer.errors import ConfigError
 from fedinfer.tasks import TASK_KINDS, compute_metrics
@@ -101,11 +102,31 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def make_loader(
-    data: ArrayDataset, *, batch_size: int, shuffle: bool, seed: int
+    data: ArrayDataset | LazyDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
 ) -> DataLoader[tuple[torch.Tensor, ...]]:
-    """A DataLoader over in-memory arrays with a seeded shuffle."""
-    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    """A DataLoader with a seeded shuffle over in-memory arrays or a lazy on-disk dataset.
+
+    ``num_workers`` processes read a :class:`~fedinfer.data.lazy.LazyDataset`'s samples
+    (default: 0, read in this process; capped at the machine's cores); in-memory arrays
+    need none.
+    """
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(data, LazyDataset):
+        workers = worker_count(num_workers)
+        return DataLoader(
+            data,  # type: ignore[arg-type]  # a map-style dataset without torch's base class
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 

@@ -1,0 +1,159 @@
+"""A user's data function (``dataset=function dataset._target_=my_pkg.data.load_site``).
+
+Contract: ``load_site(site_id: str, split: str) -> torch.utils.data.Dataset``, called with
+keywords, ``split`` one of ``train``, ``val``, ``test``. The dataset must be indexable
+(``__len__`` and ``__getitem__``; an ``IterableDataset`` cannot be Poisson-sampled) and
+``dataset[i]`` is ``(features, label)``: any array-like features of one shape, and an
+integer class label. Labels are taken from a ``targets`` or ``labels`` attribute when the
+dataset has one (torchvision's convention), else read once by iterating the dataset.
+
+A site imports the function only when its own allow-list names it:
+``$FEDINFER_DATA_TARGETS``, comma-separated exact targets or ``package.prefix.*`` entries,
+exactly as ``$FEDINFER_MODEL_TARGETS`` guards model code. The site decides which records
+train: in a deployment the target comes from the site (``fedinfer site --data
+py:my_pkg.data.load_site``), never from the coordinator.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedinfer.data.lazy import LazyDataset, labels_to_ids
+from fedinfer.errors import ConfigError, DataError
+
+__all__ = [
+    "DATA_ALLOW_ENV",
+    "SPLITS",
+    "TorchSource",
+    "allow_data_target",
+    "check_data_target_allowed",
+    "load_function_split",
+]
+
+DATA_ALLOW_ENV = "FEDINFER_DATA_TARGETS"
+SPLITS = ("train", "val", "test")
+
+
+def _allowed() -> tuple[str, ...]:
+    raw = os.environ.get(DATA_ALLOW_ENV, "")
+    return tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+
+
+def allow_data_target(target: str) -> None:
+    """Add ``target`` to this process's allow-list (a simulation: its config is the sites')."""
+    current = _allowed()
+    if target not in current:
+        os.environ[DATA_ALLOW_ENV] = ",".join((*current, target))
+
+
+def check_data_target_allowed(target: str) -> None:
+    """Raise :class:`ConfigError` unless ``$FEDINFER_DATA_TARGETS`` names ``target``."""
+    if not isinstance(target, str) or not target.replace(".", "").replace("_", "").isalnum():
+        raise ConfigError(f"`dataset._target_` {target!r} is not a dotted import path")
+    for entry in _allowed():
+        if entry == target or (entry.endswith(".*") and target.startswith(entry[:-1])):
+            return
+    raise ConfigError(
+        f"`dataset._target_` {target!r} is not on this site's allow-list; "
+        f"the site operator must set {DATA_ALLOW_ENV}={target} (or a 'package.*' prefix)"
+    )
+
+
+def _import(target: str) -> Callable[..., Any]:
+    check_data_target_allowed(target)
+    module_name, _, attr = target.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own errors
+        reason = " ".join(str(exc).split())
+        raise ConfigError(
+            f"`dataset._target_` {target!r} cannot be imported ({reason}); "
+            "put its package on PYTHONPATH or install it"
+        ) from None
+    if not callable(fn):
+        raise ConfigError(f"`dataset._target_` {target!r} is not a function")
+    return fn  # type: ignore[no-any-return]
+
+
+class TorchSource:
+    """A user's indexable torch Dataset as a :class:`~fedinfer.data.lazy.SampleSource`."""
+
+    def __init__(self, dataset: Any, *, where: str) -> None:
+        self.dataset = dataset
+        self.where = where
+        self.sample_shape = tuple(self.read(0).shape) if len(dataset) else (0,)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, index: int) -> np.ndarray:  # noqa: D102
+        item = self.dataset[index]
+        if not isinstance(item, tuple | list) or len(item) < 2:
+            raise DataError(f"{self.where}[{index}] must be (features, label), got {type(item)}")
+        x = item[0]
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if x.dtype == object:
+            raise DataError(f"{self.where}[{index}] features are not numeric")
+        x = x.astype(np.float32, copy=False)
+        if hasattr(self, "sample_shape") and x.shape != self.sample_shape:
+            raise DataError(
+                f"{self.where}[{index}] has shape {list(x.shape)} but sample 0 has "
+                f"{list(self.sample_shape)}; every sample must have the same shape"
+            )
+        return x
+
+
+def load_function_split(
+    target: str, *, site_id: str, split: str, num_classes: int | None = None
+) -> LazyDataset:
+    """Call the allow-listed ``target`` for one site and split; wrap the result lazily.
+
+    Raises
+    ------
+    ConfigError
+        The target is off the allow-list or cannot be imported.
+    DataError
+        It did not return an indexable dataset of ``(features, label)`` pairs.
+    """
+    fn = _import(target)
+    where = f"{target}(site_id={site_id!r}, split={split!r})"
+    try:
+        dataset = fn(site_id=site_id, split=split)
+    except (ConfigError, DataError):
+        raise
+    except Exception as exc:  # the user's code may raise anything
+        raise DataError(f"{where} failed: {' '.join(str(exc).split())}") from None
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise DataError(
+            f"{where} returned {type(dataset).__name__}, not an indexable torch Dataset "
+            "(__len__ and __getitem__; an IterableDataset cannot be Poisson-sampled for DP)"
+        )
+    source = TorchSource(dataset, where=where)
+    labels = _labels(dataset, source, where)
+    ids, found, _ = labels_to_ids(labels, where=where) if len(labels) else (labels, 2, None)
+    classes = num_classes or getattr(dataset, "num_classes", None) or found
+    return LazyDataset(source, np.arange(len(source)), ids, int(classes))
+
+
+def _labels(dataset: Any, source: TorchSource, where: str) -> np.ndarray:
+    for name in ("targets", "labels"):
+        values = getattr(dataset, name, None)
+        if values is not None and len(values) == len(dataset):
+            return _as_array(values)
+    return np.asarray([_label(dataset[i][1]) for i in range(len(source))], dtype=np.int64)
+
+
+def _as_array(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _label(value: Any) -> int:
+    return int(value.item() if isinstance(value, torch.Tensor | np.ndarray) else value)
