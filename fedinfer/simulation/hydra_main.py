@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fedinfer.config.schema import FedInferConfig
-from fedinfer.config.store import conf_dir, register_configs
+from fedinfer.config.store import check_moved_keys, conf_dir, register_configs
 from fedinfer.errors import ConfigError, FedInferError
 
 __all__ = ["hydra_simulate", "simulate_job"]
@@ -146,6 +146,7 @@ def hydra_simulate(args: Sequence[str]) -> int:
 
     register_configs()
     try:
+        check_moved_keys(args)
         config_path = str(conf_dir())
     except FedInferError as exc:
         print(f"fedinfer simulate: error: {exc}", file=sys.stderr)
