@@ -36,8 +36,6 @@ def test_default_config_is_the_main_job() -> None:
             "privacy.noise_multiplier",
         ),  # neither set
         (["secagg.bits=40"], "secagg.bits"),
-        (["secagg.site_min_threshold_fraction=0.3"], "secagg.site_min_threshold_fraction"),
-        (["secagg.site_min_participants=1"], "secagg.site_min_participants"),
         (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
         (["dataset=csv"], "dataset.path"),
     ],
@@ -50,8 +48,6 @@ def test_default_config_is_the_main_job() -> None:
         "clip-norm",
         "no-noise-no-target",
         "bits",
-        "site-threshold-floor",
-        "site-min-participants",
         "central+secagg",
         "csv-without-path",
     ],
@@ -64,6 +60,22 @@ def test_bad_config_names_the_key(overrides: list[str], key: str) -> None:
     )
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "new_key"),
+    [
+        ("secagg.site_min_threshold_fraction=0.3", "site_policy.secagg_min_threshold"),
+        ("+secagg.site_min_participants=2", "site_policy.secagg_min_participants"),
+    ],
+    ids=["threshold", "participants"],
+)
+def test_a_site_floor_in_the_run_config_names_the_site_policy_key(
+    override: str, new_key: str
+) -> None:
+    """The coordinator's run config no longer carries a site's floors: the error says where."""
+    with pytest.raises(ConfigError, match=new_key.replace(".", r"\.")):
+        load_config([override])
 
 
 def test_every_problem_is_reported_at_once() -> None:

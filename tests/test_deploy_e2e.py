@@ -90,8 +90,6 @@ def scenario(
     workdir = tmp_path_factory.mktemp("deploy") / f"e2e-{os.getpid()}-{request.param}"
     os.environ["FEDINFER_E2E_MARKER"] = str(workdir)  # inherited by every child: finds orphans
     overrides = [*OVERRIDES, request.param]
-    if request.param == "secagg=on":  # two sites: below a site's default floor of 3
-        overrides.append("secagg.site_min_participants=2")
     deployment = LocalDeployment(workdir, num_sites=2, rounds=ROUNDS, overrides=overrides)
     try:
         yield Scenario(deployment, deployment.prepare())

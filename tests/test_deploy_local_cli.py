@@ -81,7 +81,7 @@ def test_two_sites_below_the_secure_aggregation_floor_are_refused(tmp_path: Path
     workdir = tmp_path / "deploy"
     code = cli_main(["deploy", "local", "--workdir", str(workdir), "--sites", "2"])
     first = capsys.readouterr().err.splitlines()[0]
-    assert code == 2 and "`secagg.site_min_participants`=3" in first and "--sites 3" in first
+    assert code == 2 and "`site_policy.secagg_min_participants`=3" in first and "--sites 3" in first
     assert not workdir.exists()
 
 

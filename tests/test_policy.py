@@ -190,6 +190,28 @@ def test_low_secagg_threshold_is_refused(threshold: int, participants: int, key:
         check_secagg_round(SitePolicy(), threshold=threshold, participants=participants)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5], ids=["open", "strict"])
+@pytest.mark.parametrize(
+    ("threshold", "participants"), [(1, 2), (2, 4), (3, 6), (5, 10)], ids=["1of2", "2of4", "3of6", "5of10"]
+)
+def test_a_threshold_of_half_the_participants_is_refused(
+    fraction: float, threshold: int, participants: int
+) -> None:
+    """Two disjoint halves could each reach the threshold: the floor is above n / 2, whatever
+    the policy's fraction (the consistency check rests on it)."""
+    policy = SitePolicy(secagg_min_threshold=fraction, secagg_min_participants=2)
+    with pytest.raises(PolicyViolation, match="^policy secagg_min_threshold:"):
+        check_secagg_round(policy, threshold=threshold, participants=participants)
+    check_secagg_round(policy, threshold=threshold + 1, participants=participants)
+
+
+def test_the_policy_fraction_is_a_minimum_share_of_the_participants() -> None:
+    policy = SitePolicy(secagg_min_threshold=0.75)
+    check_secagg_round(policy, threshold=3, participants=4)  # 3 >= 0.75 x 4
+    with pytest.raises(PolicyViolation, match="^policy secagg_min_threshold:"):
+        check_secagg_round(policy, threshold=3, participants=5)  # 3 < 0.75 x 5
+
+
 def test_evaluation_is_refused_in_dp_mode_unless_allowed() -> None:
     with pytest.raises(PolicyViolation, match="^policy allow_evaluation:"):
         check_evaluate(SitePolicy(), BASE)
@@ -309,6 +331,8 @@ LYING_RUNS = {
     ),
     "secagg-off": (["secagg=off"], "require_secagg"),
     "low-threshold": (["federation.num_sites=6", "secagg.threshold=2"], "secagg_min_threshold"),
+    # Two disjoint halves of 4 could each unmask a sum: the floor is strictly above n / 2.
+    "half-threshold": (["secagg.threshold=2"], "secagg_min_threshold"),
 }
 
 
@@ -334,6 +358,28 @@ def test_every_site_refuses_a_lying_coordinator(out_dir: Path, lie: list[str], k
     assert data["status"] == "stopped" and f"policy {key}" in data["stop_reason"]
     assert "model_version" not in data or data["model_version"] is None
     assert not list((out_dir / "sites").glob("*/ledger.json")), "no site touched its data"
+
+
+@pytest.mark.parametrize(
+    ("site_floor", "aggregated"), [(2, True), (3, False)], ids=["policy-allows-2", "policy-wants-3"]
+)
+def test_the_sites_policy_not_the_run_config_sets_the_secagg_floor(
+    out_dir: Path, site_floor: int, aggregated: bool
+) -> None:
+    """Two sites, secure aggregation on. Whether a site takes part is its policy's call alone:
+    the coordinator's run config carries no floor of its own that a site would obey."""
+    cfg = tiny_config(
+        "federation.num_sites=2",
+        "federation.rounds=1",
+        f"site_policy.secagg_min_participants={site_floor}",
+    )
+    run_simulation(cfg, output_dir=out_dir)
+    first = json.loads((out_dir / "results.json").read_text())["rounds"][0]
+    if aggregated:
+        assert first["aggregated"] and not first["refused"] and len(first["sites"]) == 2
+    else:
+        assert not first["aggregated"] and len(first["refused"]) == 2
+        assert all(r.startswith("policy secagg_min_participants:") for r in first["refused"].values())
 
 
 class CountingGrid(InProcessGrid):

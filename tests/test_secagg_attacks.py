@@ -267,7 +267,8 @@ def test_no_dropout_round_needs_no_consistency_exchange() -> None:
         (5, 2, {}, "threshold 2 of 5"),
         (4, 2, {}, "threshold 2 of 4"),  # exactly half: two disjoint halves
         (2, 2, {}, "below this site's minimum 3"),
-        (5, 3, {"min_threshold_fraction": 0.6}, "threshold 3 of 5"),
+        (5, 3, {"min_threshold_fraction": 0.7}, "threshold 3 of 5"),  # 3 < 0.7 x 5
+        (5, 3, {"min_threshold_fraction": 0.6}, None),  # at least 0.6 x 5, as the policy reads
         (5, 3, {}, None),
         (3, 2, {}, None),
     ],

@@ -10,7 +10,16 @@ import pytest
 import torch
 from flwr.app import Message
 
-from fedinfer.artifacts import ModelStore, load_public_key, read_weights, verify_artifact
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedinfer.artifacts import (
+    ModelStore,
+    generate_signing_key,
+    load_public_key,
+    read_weights,
+    save_signing_key,
+    verify_artifact,
+)
 from fedinfer.config import ModelConfig
 from fedinfer.errors import ConfigError
 from fedinfer.fl.grid import InProcessGrid
@@ -19,6 +28,7 @@ from fedinfer.models import build_model
 from fedinfer.secagg import quantization_bound
 from fedinfer.simulation import run_simulation
 from fedinfer.training import proximal_step_fn
+from tests.artifact_factory import publish_versions
 from tests.conftest import tiny_config
 
 
@@ -71,6 +81,46 @@ def test_same_seed_same_model(tmp_path: Path) -> None:
     )
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_rerun_in_the_same_output_dir_keeps_the_signing_key(out_dir: Path) -> None:
+    """Every site store pinned run 1's key; run 2 in the same directory must sign with it."""
+    # Prepare
+    run_simulation(tiny_config("privacy=none", "secagg=off"), output_dir=out_dir)
+    public_pem = (out_dir / "coordinator" / "signing.pub").read_bytes()
+    # Execute
+    second = run_simulation(tiny_config("privacy=none", "secagg=off"), output_dir=out_dir)
+    # Assert: every site accepted and serves run 2's model
+    assert (out_dir / "coordinator" / "signing.pub").read_bytes() == public_pem
+    version = second.results["model_version"]
+    assert version == 2
+    for site in ("site-00", "site-01", "site-02", "site-03"):
+        assert ModelStore(out_dir / "sites" / site / "models").current_version() == version
+
+
+def _pin_site_store(out_dir: Path, key: Ed25519PrivateKey) -> None:
+    publish_versions(out_dir / "sites" / "site-01", key, [1])  # -> sites/site-01/models
+
+
+def test_rerun_without_the_pinned_key_is_refused_before_training(out_dir: Path) -> None:
+    # Prepare: a site store pinned to a key the output directory does not hold
+    _pin_site_store(out_dir, generate_signing_key())
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"pinned.*hydra\.run\.dir"):
+        run_simulation(tiny_config("privacy=none", "secagg=off"), output_dir=out_dir)
+    assert not (out_dir / "results.json").exists()
+    assert not (out_dir / "coordinator" / "signing.key").exists()
+
+
+def test_rerun_with_another_signing_key_names_the_sites(out_dir: Path) -> None:
+    # Prepare: the stores pinned one key, coordinator/signing.key holds another
+    _pin_site_store(out_dir, generate_signing_key())
+    (out_dir / "coordinator").mkdir(parents=True)
+    save_signing_key(generate_signing_key(), out_dir / "coordinator" / "signing.key")
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"site-01 pinned.*hydra\.run\.dir"):
+        run_simulation(tiny_config("privacy=none", "secagg=off"), output_dir=out_dir)
+    assert not (out_dir / "results.json").exists()
 
 
 def _final_weights(out: Path) -> dict[str, np.ndarray]:
@@ -251,7 +301,7 @@ def test_fewer_sites_than_the_secagg_floor_are_refused_before_anything_runs(
 ) -> None:
     """Two sites under a site floor of 3: every round would be refused, so refuse the run."""
     cfg = tiny_config("federation.num_sites=2", "secagg=on")
-    with pytest.raises(ConfigError, match=r"`federation.num_sites`=2 .*site_min_participants`=3"):
+    with pytest.raises(ConfigError, match=r"`federation.num_sites`=2 .*secagg_min_participants`=3"):
         run_simulation(cfg, output_dir=out_dir)
     assert not out_dir.exists()
 

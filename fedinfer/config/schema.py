@@ -201,7 +201,11 @@ class PrivacyConfig:
 
 @dataclass
 class SecAggConfig:
-    """Secure aggregation (group ``secagg``)."""
+    """Secure aggregation (group ``secagg``): the coordinator's request.
+
+    A site's own floors (fewest participants, lowest threshold) are its policy's
+    (``site_policy.secagg_min_participants``, ``site_policy.secagg_min_threshold``).
+    """
 
     enabled: bool = False
     threshold: float = 0.6
@@ -215,13 +219,6 @@ class SecAggConfig:
     """A site silent this long in a secure-aggregation exchange counts as dropped."""
     on_abort: str = "skip"
     """When a round cannot be unmasked (too few survivors): ``skip`` the round or ``stop``."""
-    site_min_threshold_fraction: float = 0.5
-    """Site-side floor: a site refuses a round whose threshold is not above this fraction of
-    its participants (0.5: two disjoint survivor groups can never both unmask). Read on the
-    site; the site policy is to supply it in a deployment."""
-    site_min_participants: int = 3
-    """Site-side floor: a site refuses a secure-aggregation round with fewer participants
-    (with two, each site can subtract its own update from the aggregate)."""
 
 
 @dataclass

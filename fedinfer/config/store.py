@@ -12,7 +12,25 @@ from omegaconf import OmegaConf
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.errors import ConfigError
 
-__all__ = ["conf_dir", "load_config", "register_configs"]
+__all__ = ["MOVED_KEYS", "check_moved_keys", "conf_dir", "load_config", "register_configs"]
+
+MOVED_KEYS = {
+    "secagg.site_min_threshold_fraction": "site_policy.secagg_min_threshold",
+    "secagg.site_min_participants": "site_policy.secagg_min_participants",
+}
+"""Keys that left the coordinator's config: a site's own floors are its policy's."""
+
+
+def check_moved_keys(overrides: Sequence[str]) -> None:
+    """Raise ConfigError naming the new key for an override of a key in :data:`MOVED_KEYS`."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in MOVED_KEYS:
+            raise ConfigError(
+                f"`{key}` is no longer part of the run config (the coordinator's request): a "
+                f"site's floor is its own policy's `{MOVED_KEYS[key]}` (in a simulation "
+                f"`{MOVED_KEYS[key]}=...`; a deployed site: its policy file)"
+            )
 
 
 def register_configs() -> None:
@@ -45,6 +63,7 @@ def load_config(overrides: Sequence[str] = (), *, config_name: str = "config") -
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    check_moved_keys(overrides)
     from fedinfer.config.overrides import check_overrides
 
     register_configs()

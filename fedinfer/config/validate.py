@@ -272,17 +272,6 @@ def _check_secagg(cfg: FedInferConfig, problems: list[str]) -> None:
             f"(got {sa.threshold})"
         )
     _one_of(problems, "secagg.on_abort", sa.on_abort, ("skip", "stop"))
-    if not 0.5 <= sa.site_min_threshold_fraction < 1:
-        problems.append(
-            "`secagg.site_min_threshold_fraction` must be in [0.5, 1) (got "
-            f"{sa.site_min_threshold_fraction}); below 0.5 two disjoint survivor groups could "
-            "both unmask"
-        )
-    if sa.site_min_participants < 2:
-        problems.append(
-            f"`secagg.site_min_participants` must be >= 2 (got {sa.site_min_participants}); "
-            "secure aggregation needs at least two sites"
-        )
     _one_of(problems, "faults.drop_stage", cfg.faults.drop_stage, DROP_STAGES)
     _positive(problems, "faults.drop_sites", cfg.faults.drop_sites, strict=False)
 

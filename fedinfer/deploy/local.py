@@ -141,14 +141,15 @@ class LocalDeployment:
         cfg = load_config(self.overrides)
         validate_config(cfg)  # what the coordinator would refuse, before PKI, keys and data
         refuse_reproducible_noise(cfg.privacy.reproducible_noise, where="`fedinfer deploy local`")
-        floor = cfg.secagg.site_min_participants
+        floor = cfg.site_policy.secagg_min_participants
         if cfg.secagg.enabled and cfg.federation.num_sites < floor:
             # Every site would refuse every round: a federation that publishes nothing.
             raise ConfigError(
-                f"`--sites` {cfg.federation.num_sites} is below `secagg.site_min_participants`="
-                f"{floor}: each site refuses secure aggregation with fewer participants (with "
-                f"two, a site can subtract its own update from the sum); use --sites {floor}, "
-                f"or add secagg.site_min_participants={cfg.federation.num_sites} or secagg=off"
+                f"`--sites` {cfg.federation.num_sites} is below "
+                f"`site_policy.secagg_min_participants`={floor}: each site refuses secure "
+                "aggregation with fewer participants (with two, a site can subtract its own "
+                f"update from the sum); use --sites {floor}, or add "
+                f"site_policy.secagg_min_participants={cfg.federation.num_sites} or secagg=off"
             )
 
     def prepare(self) -> list[str]:

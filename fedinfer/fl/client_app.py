@@ -155,6 +155,7 @@ def build_client_app(
                 context=context,
                 global_weights=global_weights,
                 server_round=server_round,
+                policy=policy,
             )
             metrics = {
                 k: float(cast(float, v)) for k, v in content.metric_records[Keys.METRICS].items()
@@ -209,7 +210,7 @@ def build_client_app(
         from fedinfer.fl.secagg_site import secagg_setup as setup
 
         cfg, env = env_of(context)
-        return setup(cfg=cfg, env=env, msg=msg, context=context)
+        return setup(env=env, msg=msg, context=context, policy=policy_fn(cfg, context))
 
     @app.query(MessageTypes.SECAGG_CONSISTENCY.split(".")[1])
     @_guarded
@@ -217,7 +218,7 @@ def build_client_app(
         from fedinfer.fl.secagg_site import secagg_consistency as consistency
 
         cfg, env = env_of(context)
-        return consistency(cfg=cfg, env=env, msg=msg, context=context)
+        return consistency(env=env, msg=msg, context=context, policy=policy_fn(cfg, context))
 
     @app.query(MessageTypes.SECAGG_UNMASK.split(".")[1])
     @_guarded
@@ -225,7 +226,7 @@ def build_client_app(
         from fedinfer.fl.secagg_site import secagg_unmask as unmask
 
         cfg, env = env_of(context)
-        return unmask(cfg=cfg, env=env, msg=msg, context=context)
+        return unmask(env=env, msg=msg, context=context, policy=policy_fn(cfg, context))
 
     return app
 

@@ -20,6 +20,7 @@ from fedinfer.errors import FedInferError, SecAggAbort
 from fedinfer.fl.messages import ErrorCodes, Keys
 from fedinfer.fl.secagg_codec import config_to_wire, wire_to_records
 from fedinfer.fl.site import SiteEnv, local_train
+from fedinfer.policy import SitePolicy
 from fedinfer.secagg import (
     ConsistencyRequest,
     RoundConfig,
@@ -59,13 +60,14 @@ def _site_record(env: SiteEnv) -> ConfigRecord:
     return ConfigRecord({Keys.SITE_ID: env.site_id})
 
 
-def _options(cfg: FedInferConfig, store: RunStateStore) -> dict[str, Any]:
-    """The site's own settings for the protocol: its identity key and its floors."""
-    # TODO(policy): the site policy (fedinfer/policy) is to supply the two minimums (and a
-    # list of trusted peer identity keys); today they come from the run config.
+def _options(policy: SitePolicy, store: RunStateStore) -> dict[str, Any]:
+    """The site's own settings for the protocol: its identity key and its policy's floors.
+
+    Never from the run config, which the coordinator writes.
+    """
     return {
-        "min_threshold_fraction": cfg.secagg.site_min_threshold_fraction,
-        "min_participants": cfg.secagg.site_min_participants,
+        "min_threshold_fraction": policy.secagg_min_threshold,
+        "min_participants": policy.secagg_min_participants,
         "identity": store.identity(),
         "require_endorsed": True,
     }
@@ -85,24 +87,24 @@ def _protocol_run_id(wire: dict[str, Any]) -> int:
 
 
 def _load(
-    cfg: FedInferConfig, env: SiteEnv, context: Context, run_id: int
+    policy: SitePolicy, env: SiteEnv, context: Context, run_id: int
 ) -> tuple[RunStateStore, SiteSecAgg]:
     store = RunStateStore(env.state_dir, key=env.state_key)
-    site = SiteSecAgg.from_state(store.load(run_id), **_options(cfg, store))
+    site = SiteSecAgg.from_state(store.load(run_id), **_options(policy, store))
     if site.site_id != context.node_id:
         raise SecAggAbort(f"the secure-aggregation state of run {run_id} is of another node")
     return store, site
 
 
 def secagg_setup(
-    *, cfg: FedInferConfig, env: SiteEnv, msg: Message, context: Context
+    *, env: SiteEnv, msg: Message, context: Context, policy: SitePolicy
 ) -> RecordDict:
     """Reply with this run's public keys; create (and durably save) them only the first time."""
     run_id = _protocol_run_id(_wire(msg))
     store = RunStateStore(env.state_dir, key=env.state_key)
     with store.locked(run_id):
         site, created = open_site(
-            store, site_id=context.node_id, run_id=run_id, **_options(cfg, store)
+            store, site_id=context.node_id, run_id=run_id, **_options(policy, store)
         )
         if created:
             store.save(run_id, site.to_state())
@@ -116,6 +118,7 @@ def secagg_train(
     env: SiteEnv,
     msg: Message,
     context: Context,
+    policy: SitePolicy,
     global_weights: dict[str, np.ndarray],
     server_round: int,
 ) -> RecordDict:
@@ -131,7 +134,7 @@ def secagg_train(
         )
     round_config = RoundConfig.from_wire(_wire(msg))
     run_id = round_config.run_id
-    _, site = _load(cfg, env, context, run_id)
+    _, site = _load(policy, env, context, run_id)
     site.check_round(round_config)  # refuse before training; checked again under the lock
     outcome = local_train(
         cfg=cfg,
@@ -144,7 +147,7 @@ def secagg_train(
     old_vector, _ = flatten_arrays(global_weights)
     store = RunStateStore(env.state_dir, key=env.state_key)
     with store.locked(run_id):
-        _, site = _load(cfg, env, context, run_id)  # fresh: another message may have run
+        _, site = _load(policy, env, context, run_id)  # fresh: another message may have run
         upload = site.mask_update(
             round_config, new_vector - old_vector, weight=len(env.data.train)
         )
@@ -171,7 +174,7 @@ def _dropping(context: Context, server_round: int) -> bool:
 
 
 def secagg_consistency(
-    *, cfg: FedInferConfig, env: SiteEnv, msg: Message, context: Context
+    *, env: SiteEnv, msg: Message, context: Context, policy: SitePolicy
 ) -> RecordDict:
     """Sign the survivor list of the pending round (only asked after a dropout)."""
     wire = _wire(msg)
@@ -183,7 +186,7 @@ def secagg_consistency(
     run_id = _protocol_run_id(wire)
     store = RunStateStore(env.state_dir, key=env.state_key)
     with store.locked(run_id):
-        _, site = _load(cfg, env, context, run_id)
+        _, site = _load(policy, env, context, run_id)
         reply = site.sign_survivors(request)
         store.save(run_id, site.to_state())
     record, _ = wire_to_records(reply.to_wire())
@@ -191,7 +194,7 @@ def secagg_consistency(
 
 
 def secagg_unmask(
-    *, cfg: FedInferConfig, env: SiteEnv, msg: Message, context: Context
+    *, env: SiteEnv, msg: Message, context: Context, policy: SitePolicy
 ) -> RecordDict:
     """Reveal shares of surviving sites' self-mask seeds and seeds shared with dropped sites."""
     wire = _wire(msg)
@@ -203,7 +206,7 @@ def secagg_unmask(
     run_id = _protocol_run_id(wire)
     store = RunStateStore(env.state_dir, key=env.state_key)
     with store.locked(run_id):
-        _, site = _load(cfg, env, context, run_id)
+        _, site = _load(policy, env, context, run_id)
         reply = site.unmask(request)
         store.save(run_id, site.to_state())
     record, _ = wire_to_records(reply.to_wire())

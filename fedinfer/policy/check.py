@@ -179,7 +179,8 @@ def check_train(policy: SitePolicy, cfg: FedInferConfig, *, num_samples: int) ->
 def check_secagg_round(policy: SitePolicy, *, threshold: int, participants: int) -> None:
     """Refuse a secure-aggregation round with too few participants or too low a threshold.
 
-    The floor is ``ceil(secagg_min_threshold * participants)`` shares (and at least 2).
+    The floor is :func:`secagg_threshold_floor`: at least ``secagg_min_threshold`` of the
+    participants and strictly more than half of them, whatever the policy's fraction.
     """
     if participants < policy.secagg_min_participants:
         raise _refuse(
@@ -195,8 +196,16 @@ def check_secagg_round(policy: SitePolicy, *, threshold: int, participants: int)
 
 
 def secagg_threshold_floor(policy: SitePolicy, *, participants: int) -> int:
-    """The fewest Shamir shares the policy accepts for a round of ``participants`` sites."""
-    return max(2, math.ceil(policy.secagg_min_threshold * participants - 1e-9))
+    """The fewest Shamir shares the policy accepts for a round of ``participants`` sites.
+
+    ``ceil(secagg_min_threshold * participants)``, but never at or below half of them (two
+    disjoint survivor groups could each unmask a sum) nor below 2. The site's
+    secure-aggregation code applies the same rule, with this policy's fraction, again
+    before it masks (:func:`fedinfer.secagg.site.threshold_floor`).
+    """
+    from fedinfer.secagg.site import threshold_floor  # the protocol package, loaded on use
+
+    return threshold_floor(policy.secagg_min_threshold, participants=participants)
 
 
 def check_evaluate(policy: SitePolicy, cfg: FedInferConfig) -> None:

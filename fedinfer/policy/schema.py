@@ -49,7 +49,9 @@ class SitePolicy:
     require_secagg: bool = True
     """Refuse to send an update outside secure aggregation."""
     secagg_min_threshold: float = 0.5
-    """Smallest Shamir threshold accepted, as a fraction of the round's participants."""
+    """Smallest Shamir threshold accepted, as a fraction of the round's participants; never
+    at or below half of them, whatever this says (two disjoint survivor groups could then
+    each unmask a sum). Also the floor the site's secure-aggregation code enforces."""
     secagg_min_participants: int = 3
     """Fewest participants of a secure-aggregation round (fewer: the sum reveals too much)."""
     allowed_metrics: list[str] = field(default_factory=lambda: ["epsilon"])

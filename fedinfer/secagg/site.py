@@ -11,9 +11,10 @@ What a site refuses (``SecAggAbort``), and why
 -----------------------------------------------
 - a round where its own public keys are not the ones listed (the coordinator substituted
   keys), where two participants share a key, of another run than the keys were set up
-  for, with fewer than ``min_participants`` participants, or whose threshold is not above
-  ``min_threshold_fraction`` of the participants (default 0.5: two disjoint groups of
-  survivors can then never both reach the threshold);
+  for, with fewer than ``min_participants`` participants, or whose threshold is below
+  ``min_threshold_fraction`` of the participants or not above half of them
+  (:func:`threshold_floor`: two disjoint groups of survivors can then never both reach
+  the threshold);
 - a round number not above every round it already masked for (a replayed or resumed
   round would let the coordinator subtract two sums over survivor sets that differ by
   one site), except the round it masked last if it has not yet signed a survivor list
@@ -47,6 +48,7 @@ or one that starts a *new* run to have the same data masked again.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -84,13 +86,32 @@ from fedinfer.secagg.quantize import encode_contribution
 from fedinfer.secagg.seal import open_share, seal_share, share_associated_data
 from fedinfer.secagg.shamir import Share, split_secret
 
-__all__ = ["SiteSecAgg"]
+__all__ = ["SiteSecAgg", "threshold_floor"]
 
 _PENDING = "pending."
 DEFAULT_MIN_THRESHOLD_FRACTION = 0.5
-"""A site refuses a threshold that is not above this fraction of the participants."""
+"""A site refuses a threshold below this fraction of the participants (and never accepts
+one at or below half of them, whatever the fraction)."""
 DEFAULT_MIN_PARTICIPANTS = 3
 """A site refuses a round with fewer participants (two sites could subtract their own)."""
+
+
+def threshold_floor(min_fraction: float, *, participants: int) -> int:
+    """The fewest Shamir shares a site accepts for a round of ``participants`` sites.
+
+    At least ``min_fraction`` of the participants, strictly more than half of them (two
+    disjoint groups of survivors could otherwise each reach the threshold, and the
+    consistency check rests on there being one), and at least 2. The site policy's check
+    (:func:`fedinfer.policy.secagg_threshold_floor`) is this same rule.
+
+    Examples
+    --------
+    >>> threshold_floor(0.5, participants=4), threshold_floor(0.75, participants=4)
+    (3, 3)
+    >>> threshold_floor(0.75, participants=5), threshold_floor(0.0, participants=2)
+    (4, 2)
+    """
+    return max(2, participants // 2 + 1, math.ceil(min_fraction * participants - 1e-9))
 
 
 class SiteSecAgg:
@@ -112,8 +133,8 @@ class SiteSecAgg:
         The run the keys were set up for; rounds of another run are refused (default:
         None, any run).
     min_threshold_fraction : float, optional
-        Site-side floor: the threshold must be above this fraction of the participants
-        and never at or below half of them (default
+        Site-side floor: the threshold must be at least this fraction of the participants
+        and never at or below half of them (:func:`threshold_floor`; default
         :data:`DEFAULT_MIN_THRESHOLD_FRACTION`). Not part of the state: the site policy
         supplies it at every load.
     min_participants : int, optional
@@ -293,13 +314,13 @@ class SiteSecAgg:
                 f"refusing the round: {n} participants is below this site's minimum "
                 f"{self.min_participants} (site setting `min_participants`)"
             )
-        # Above half the participants whatever the setting: two disjoint groups of survivors
-        # could otherwise each reach the threshold, and the consistency check rests on that.
-        if not config.threshold > max(self.min_threshold_fraction, 0.5) * n:
+        floor = threshold_floor(self.min_threshold_fraction, participants=n)
+        if config.threshold < floor:
             raise SecAggAbort(
-                f"refusing the round: threshold {config.threshold} of {n} participants is not "
-                f"above this site's floor {max(self.min_threshold_fraction, 0.5)} x {n} (site "
-                "setting `min_threshold_fraction`, never below 0.5); raise `secagg.threshold`"
+                f"refusing the round: threshold {config.threshold} of {n} participants is below "
+                f"this site's floor {floor} (at least {self.min_threshold_fraction:g} of them "
+                "and more than half; site setting `min_threshold_fraction`); raise "
+                "`secagg.threshold`"
             )
         if config.server_round <= self.last_round and not self._may_remask(config):
             raise SecAggAbort(

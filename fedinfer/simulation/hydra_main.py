@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fedinfer.config.schema import FedInferConfig
-from fedinfer.config.store import conf_dir, register_configs
+from fedinfer.config.store import check_moved_keys, conf_dir, register_configs
 from fedinfer.errors import ConfigError, FedInferError
 from fedinfer.reporting.text import FILE_ONLY
 
@@ -271,6 +271,7 @@ def hydra_simulate(args: Sequence[str]) -> int:
         print(simulate_help(conf))
         return 0
     try:
+        check_moved_keys(args)
         _preflight(args, conf)
     except ConfigError as exc:
         return _error(exc)

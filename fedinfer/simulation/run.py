@@ -15,12 +15,21 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedinfer.artifacts import generate_signing_key, save_public_key, save_signing_key
+from fedinfer.artifacts import (
+    ModelStore,
+    generate_signing_key,
+    key_fingerprint,
+    load_signing_key,
+    save_public_key,
+    save_signing_key,
+)
+from fedinfer.artifacts.store import SIGNING_KEY_FILE
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.config.validate import validate_config
 from fedinfer.data import build_federated_data
 from fedinfer.data.function import allow_data_target
 from fedinfer.data.shared import write_shared_sites
+from fedinfer.errors import ConfigError, ModelIntegrityError, StateKeyError
 from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
@@ -55,13 +64,52 @@ class SimulationResult:
 
 
 def _coordinator_keys(output_dir: Path) -> tuple[Any, Path]:
-    """A fresh Ed25519 model-signing key for this run (private key 0600)."""
+    """The run's Ed25519 model-signing key: the one ``output_dir`` already holds, else a fresh one.
+
+    Every site's ModelStore pins the coordinator key at its first publish and refuses any
+    other, so a re-used output directory keeps its key (private key 0600). Stores pinned
+    to a key this directory no longer holds are refused here, before any round runs.
+    """
     key_dir = output_dir / "coordinator"
-    key_dir.mkdir(parents=True, exist_ok=True)
-    key = generate_signing_key()
-    save_signing_key(key, key_dir / "signing.key", overwrite=True)
+    key_path = key_dir / "signing.key"
+    key = load_signing_key(key_path) if key_path.is_file() else None
+    _check_site_pins(output_dir, key, key_path)
+    if key is None:
+        key_dir.mkdir(parents=True, exist_ok=True)
+        key = generate_signing_key()
+        save_signing_key(key, key_path)
     public = save_public_key(key, key_dir / "signing.pub")
     return key, public
+
+
+def _check_site_pins(output_dir: Path, key: Any, key_path: Path) -> None:
+    """Raise ConfigError unless every site store in ``output_dir`` can accept ``key``'s models."""
+    pins = _pinned_sites(output_dir)
+    fix = "restore that key file, or run in a new output directory (hydra.run.dir=...)"
+    if key is None and pins:
+        raise ConfigError(
+            f"output directory {output_dir} holds site model stores pinned to a coordinator "
+            f"key, but not the key itself ({key_path}); {fix}"
+        )
+    mine = key_fingerprint(key.public_key()) if key is not None else None
+    foreign = sorted(site for site, pinned in pins.items() if pinned not in (None, mine))
+    if foreign:
+        raise ConfigError(
+            f"{key_path} (key {mine}) is not the key the model stores of {', '.join(foreign)} "
+            f"pinned; {fix}"
+        )
+
+
+def _pinned_sites(output_dir: Path) -> dict[str, str | None]:
+    """Site id -> key fingerprint its model store pinned (None: sealed at rest, checked later)."""
+    pins: dict[str, str | None] = {}
+    for pin in sorted(output_dir.glob(f"sites/*/models/{SIGNING_KEY_FILE}")):
+        try:
+            pinned = ModelStore(pin.parent).pinned_key()
+        except (ModelIntegrityError, StateKeyError):  # the store itself refuses at publish
+            pinned = None
+        pins[pin.parent.parent.name] = key_fingerprint(pinned) if pinned is not None else None
+    return pins
 
 
 def run_simulation(
@@ -148,18 +196,19 @@ def _check_secagg_floor(cfg: FedInferConfig) -> None:
     from fedinfer.errors import ConfigError
     from fedinfer.fl.strategy import sampled_per_round
 
-    floor, num_sites = cfg.secagg.site_min_participants, cfg.federation.num_sites
+    floor, num_sites = cfg.site_policy.secagg_min_participants, cfg.federation.num_sites
     if not cfg.secagg.enabled or sampled_per_round(cfg, num_sites) >= floor:
         return
     why = (
         f"every simulated site would refuse every secure-aggregation round under "
-        f"`secagg.site_min_participants`={floor} (with two, a site can subtract its own update "
-        "from the sum)"
+        f"`site_policy.secagg_min_participants`={floor} (with two, a site can subtract its own "
+        "update from the sum)"
     )
     if num_sites < floor:
         raise ConfigError(
             f"`federation.num_sites`={num_sites} is below {floor}: {why}; set "
-            f"federation.num_sites>={floor}, secagg.site_min_participants={num_sites} or secagg=off"
+            f"federation.num_sites>={floor}, site_policy.secagg_min_participants={num_sites} "
+            "or secagg=off"
         )
     raise ConfigError(
         f"`federation.fraction_train`={cfg.federation.fraction_train} samples "
