@@ -50,6 +50,8 @@ def write_shared_sites(data: FederatedData, root: Path) -> Path:
     >>> open_site(root, 3).site_id  # doctest: +SKIP
     'site-03'
     """
+    if data.lazy:  # copying an on-disk dataset into the run would read all of it
+        raise DataError("on-disk datasets are read lazily by every actor; nothing to share")
     root.mkdir(parents=True, exist_ok=True)
     offsets: dict[str, list[int]] = {}
     for split in SPLITS:
