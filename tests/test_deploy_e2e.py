@@ -89,7 +89,9 @@ def scenario(
 ) -> Iterator[Scenario]:
     workdir = tmp_path_factory.mktemp("deploy") / f"e2e-{os.getpid()}-{request.param}"
     os.environ["FEDINFER_E2E_MARKER"] = str(workdir)  # inherited by every child: finds orphans
-    overrides = [*OVERRIDES, request.param]
+    # Two sites: the operator accepts a secure-aggregation floor of 2 (deploy local refuses
+    # fewer sites than site_policy.secagg_min_participants, default 3).
+    overrides = [*OVERRIDES, request.param, "site_policy.secagg_min_participants=2"]
     deployment = LocalDeployment(workdir, num_sites=2, rounds=ROUNDS, overrides=overrides)
     try:
         yield Scenario(deployment, deployment.prepare())

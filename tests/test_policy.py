@@ -106,11 +106,12 @@ def test_site_with_bad_policy_file_is_a_one_line_error(tmp_path: Path) -> None:
     save_public_key(generate_signing_key(), tmp_path / "coordinator.pub")
     policy = tmp_path / "policy.toml"
     policy.write_text("max_epsilon = 4.0\nnoise = 1.0\n")
+    (tmp_path / "site.npz").write_bytes(b"")  # never opened: the policy is refused first
     args = (
         "--no-serve",
         f"--coordinator-public-key={tmp_path / 'coordinator.pub'}",
         "--name=a",
-        f"--data={tmp_path}",
+        f"--data={tmp_path / 'site.npz'}",
         f"--state-dir={tmp_path / 's'}",
         "--coordinator=127.0.0.1:1",
         f"--ca={tmp_path}",

@@ -89,4 +89,4 @@ def test_show_names_open_reservations(tmp_path: Path) -> None:
     state = tmp_path / "state"
     ledger = _charge(state, None, 1)
     ledger.reserve(server_round=2, run_id="r", max_epsilon=100.0, **ROUND)  # type: ignore[arg-type]
-    assert "1 open reservation(s)" in show_ledger(state)
+    assert "1 open reservation (rounds training" in " ".join(show_ledger(state).split())

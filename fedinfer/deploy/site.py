@@ -253,10 +253,10 @@ def run_site(opts: SiteOptions) -> int:
     an untrusted certificate, an unregistered key ...).
     """
     _check(opts)
-    check_policy(opts)  # the site's own rules first: cheap, and they do not depend on the data
     _check_data(opts)
     layout = SiteLayout(Path(opts.state_dir).resolve())
     key = _state_key(opts, layout)
+    check_policy(opts)
     for directory in (layout.root, layout.models, layout.audit, layout.logs):
         directory.mkdir(parents=True, exist_ok=True)
     os.chmod(layout.root, 0o700)

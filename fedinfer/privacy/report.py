@@ -43,8 +43,8 @@ def _totals(ledger: PrivacyLedger) -> str:
         f"{plural(len(ledger.entries), 'charge')}, {plural(runs, 'run')}, "
         f"{plural(ledger.total_steps, 'step')})"
         + (
-            f"; {len(ledger.reservations)} open reservation(s) (rounds training, or crashed) "
-            "also count against the budget"
+            f"; {plural(len(ledger.reservations), 'open reservation')} (rounds training, or "
+            "crashed) also count against the budget"
             if ledger.reservations
             else ""
         )
