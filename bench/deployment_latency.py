@@ -20,6 +20,7 @@ in-process ClientApp, the forwarder) are measured separately in fresh processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,29 @@ def simulate(overrides: list[str], runtime: str, workdir: Path) -> list[dict[str
     return per_round(run_simulation(cfg, output_dir=workdir / runtime).results)
 
 
-def deploy(overrides: list[str], sites: int, rounds: int, workdir: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def code_from(tree: Path | None) -> Iterator[None]:
+    """Run the deployment's processes (coordinator, sites, ClientApps) from ``tree``'s fedinfer."""
+    previous = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def deploy(
+    overrides: list[str], sites: int, rounds: int, workdir: Path, *, tree: Path | None = None
+) -> dict[str, Any]:
     deployment = LocalDeployment(
-        workdir / "deployment", num_sites=sites, rounds=rounds, overrides=overrides
+        workdir / ("baseline" if tree else "deployment"),
+        num_sites=sites,
+        rounds=rounds,
+        overrides=overrides,
     )
     try:
         coordinator_overrides = deployment.prepare()
@@ -125,6 +147,12 @@ def deploy(overrides: list[str], sites: int, rounds: int, workdir: Path) -> dict
         return {"rounds": per_round(deployment.results()), "total_s": time.perf_counter() - started}
     finally:
         deployment.stop()
+
+
+def deploy_from(tree: Path | None, *args: Any) -> dict[str, Any]:
+    """:func:`deploy` with every process of the deployment running ``tree``'s code."""
+    with code_from(tree):
+        return deploy(*args, tree=tree)
 
 
 def cold_start(code: str, repeats: int = 5) -> float:
@@ -156,6 +184,9 @@ def measure(args: argparse.Namespace, secagg: str, sites: int, workdir: Path) ->
     for runtime in args.runtimes.split(","):
         print(f"-- secagg={secagg} sites={sites} {runtime}", flush=True)
         if runtime == "deployment":
+            if args.baseline is not None:  # interleaved: both under the same machine load
+                print(f"-- secagg={secagg} sites={sites} baseline deployment", flush=True)
+                runs["baseline"] = deploy_from(args.baseline, overrides, sites, args.rounds, workdir)
             runs[runtime] = deploy(overrides, sites, args.rounds, workdir)
         else:
             runs[runtime] = {"rounds": simulate(sim, runtime, workdir)}
@@ -175,13 +206,21 @@ def _exchanges(secagg: str, dep: dict[str, Any]) -> int:
 
 def render(data: dict[str, Any]) -> str:
     cold = data["cold"]
+    base = data.get("baseline")
     lines = [
         f"# Round latency: deployment vs simulation ({data.get('label', '')})",
         "",
         f"Command: `{data['command']}`",
         "",
         f"Machine: {data['machine']}, {data['cores']} CPUs shared with other jobs; absolute "
-        "numbers are noisy, ratios less so. Cold start of a fresh process (median of 5): "
+        "numbers are noisy, ratios less so"
+        + (
+            f"; `baseline` is the deployment of `{base}` run right before this tree's, config "
+            "by config, under the same load"
+            if base
+            else ""
+        )
+        + ". Cold start of a fresh process (median of 5): "
         f"{cold['flower']:.1f} s for Flower's `flwr-clientapp` imports alone, "
         f"{cold['clientapp']:.1f} s importing the in-process ClientApp (torch, opacus, fedinfer)"
         + (
@@ -197,58 +236,62 @@ def render(data: dict[str, Any]) -> str:
         "simulation <= Flower's polling floor (an idle SuperNode sleeps 3 s between polls: "
         "1.5 s per exchange on average) + 1 s per exchange, i.e. 2.5 s per exchange.",
         "",
-        "| secagg | sites | in-process sim | Ray sim | deployment | deployment - Ray | "
-        "exchanges | goal (2.5 s x exchanges) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| secagg | sites | in-process sim | Ray sim |"
+        + (" baseline deployment |" if base else "")
+        + " deployment | deployment - Ray | exchanges | goal (2.5 s x exchanges) |",
+        "|---|---|---|---|" + ("---|" if base else "") + "---|---|---|---|",
     ]
-    for key, runs in data["configs"].items():
-        secagg, sites = runs["secagg"], runs["sites"]
+    for runs in data["configs"].values():
         steady = {
             r: _steady(runs[r]["rounds"], "duration_s") if r in runs else float("nan")
-            for r in ("inprocess", "ray", "deployment")
+            for r in ("inprocess", "ray", "baseline", "deployment")
         }
-        n = _exchanges(secagg, runs["deployment"]) if "deployment" in runs else 0
+        n = _exchanges(runs["secagg"], runs["deployment"]) if "deployment" in runs else 0
         lines.append(
-            f"| {secagg} | {sites} | {steady['inprocess']:.1f} | {steady['ray']:.1f} | "
-            f"{steady['deployment']:.1f} | {steady['deployment'] - steady['ray']:.1f} | {n} | "
+            f"| {runs['secagg']} | {runs['sites']} | {steady['inprocess']:.1f} | "
+            f"{steady['ray']:.1f} |"
+            + (f" {steady['baseline']:.1f} |" if base else "")
+            + f" {steady['deployment']:.1f} | {steady['deployment'] - steady['ray']:.1f} | {n} | "
             f"{2.5 * n:.1f} |"
         )
     lines += [
         "",
         "Where a steady deployment round goes (medians of rounds 2..R, seconds): the train "
         "exchange (push, every SuperNode's next poll, the ClientApp process, the handler, the "
-        "reply, the ServerApp's next poll), of which the slowest site's own training "
-        "(`train-time-s`); the aggregation (with secure aggregation its unmask exchange); the "
-        "evaluate exchange. Overhead per exchange = (round - slowest site's training) / "
-        "exchanges.",
+        "reply, the ServerApp's next pull), the aggregation (with secure aggregation its unmask "
+        "exchange), the evaluate exchange (none in steady DP rounds: the sites' policies refuse "
+        "evaluation in DP mode, and are not asked again). Sites do not release their training "
+        "time in DP mode, so one site's training is taken from the in-process simulation "
+        "(its train stage / sites: the sites train one after another there). Overhead per "
+        "exchange = (round - one site's training) / exchanges.",
         "",
-        "| secagg | sites | round | train exchange | slowest site's training | aggregate (unmask) "
-        "| evaluate exchange | overhead per exchange |",
-        "|---|---|---|---|---|---|---|---|",
+        "| secagg | sites | deployment | round | train exchange | aggregate (unmask) "
+        "| evaluate exchange | one site's training (in-process) | overhead per exchange |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for runs in data["configs"].values():
-        if "deployment" not in runs:
-            continue
-        rows, secagg = runs["deployment"]["rounds"], runs["secagg"]
-        med = {k: _steady(rows, k) for k in rows[0] if k != "round"}
-        n = _exchanges(secagg, runs["deployment"])
-        lines.append(
-            f"| {secagg} | {runs['sites']} | {med['duration_s']:.1f} | {med['train_s']:.1f} | "
-            f"{med['site_train_max_s']:.1f} | {med['aggregate_s']:.1f} | {med['evaluate_s']:.1f} "
-            f"| {(med['duration_s'] - med['site_train_max_s']) / n:.1f} |"
-        )
+        work = _steady(runs["inprocess"]["rounds"], "train_s") / runs["sites"]
+        for variant in ("baseline", "deployment"):
+            if variant not in runs:
+                continue
+            rows = runs[variant]["rounds"]
+            med = {k: _steady(rows, k) for k in rows[0] if k != "round"}
+            n = _exchanges(runs["secagg"], runs[variant])
+            lines.append(
+                f"| {runs['secagg']} | {runs['sites']} | {variant} | {med['duration_s']:.1f} | "
+                f"{med['train_s']:.1f} | {med['aggregate_s']:.1f} | {med['evaluate_s']:.1f} | "
+                f"{work:.2f} | {(med['duration_s'] - work) / n:.1f} |"
+            )
     lines += ["", "Per round (`duration_s`, seconds):", ""]
     for runs in data["configs"].values():
-        runtimes = [r for r in ("inprocess", "ray", "deployment") if r in runs]
+        runtimes = [r for r in ("inprocess", "ray", "baseline", "deployment") if r in runs]
+        totals = ", ".join(
+            f"{r} {runs[r]['total_s']:.0f} s" for r in ("baseline", "deployment") if r in runs
+        )
         lines += [
             f"secagg={runs['secagg']}, {runs['sites']} sites, overrides "
             f"`{' '.join(runs['overrides'])}` (load average at start {runs['load']:.1f})"
-            + (
-                f"; deployment wall time, coordinator start to the last site serving: "
-                f"{runs['deployment']['total_s']:.0f} s"
-                if "deployment" in runs
-                else ""
-            ),
+            + (f"; wall time, coordinator start to the last site serving: {totals}" if totals else ""),
             "",
             "| round | " + " | ".join(runtimes) + " |",
             "|---|" + "---|" * len(runtimes),
@@ -267,6 +310,12 @@ def main() -> None:
     parser.add_argument("--secagg", default="off,on", help="comma-separated: off, on")
     parser.add_argument("--runtimes", default="inprocess,ray,deployment")
     parser.add_argument("--label", default="deployment", help="results/<label>.{json,md}")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree (e.g. `git archive` of an older commit) whose deployment runs "
+        "interleaved with this one's, config by config",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="re-render the saved measurements"
     )
@@ -299,6 +348,7 @@ def main() -> None:
             cold["forwarder"] = cold_start(FORWARDER_IMPORT)
         data = {
             "label": args.label,
+            "baseline": str(args.baseline) if args.baseline else None,
             "command": " ".join(["python bench/deployment_latency.py", *sys.argv[1:]]),
             "machine": platform.machine(),
             "cores": os.cpu_count(),
