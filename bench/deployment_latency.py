@@ -5,15 +5,18 @@ The same config on three runtimes:
 - ``inprocess``: the simulation's sequential in-process grid (ClientApp objects called directly);
 - ``ray``: Flower's simulation runtime (the default of ``fedinfer simulate``);
 - ``deployment``: ``fedinfer deploy local`` (SuperLink + gateway + one SuperNode and one
-  inference server per site, TLS and node authentication, every message a new ClientApp process).
+  inference server per site, TLS and node authentication; every message a new ClientApp process,
+  which forwards it to the site worker).
 
 Per round it reports the coordinator's ``duration_s`` and its stages (``timings`` in
 ``results.json``: the train exchange, aggregation with secure aggregation's unmask exchange, the
-evaluate exchange) next to the slowest site's own training time (``train-time-s``), for secagg
-off and on and 2 and 5 sites. Cold starts of the ClientApp process (Flower's imports alone, the
+evaluate exchange), for secagg off and on and 2 and 5 sites; with ``--baseline`` also the
+deployment of an older source tree, run right before this tree's for each config. Cold starts of the ClientApp process (Flower's imports alone, the
 in-process ClientApp, the forwarder) are measured separately in fresh processes.
 
     python bench/deployment_latency.py --label deployment_after   # -> results/<label>.md
+    # this tree next to an older one (a `git archive` of it), interleaved config by config:
+    cd /tmp && python $REPO/bench/deployment_latency.py --label deployment_after --baseline OLD
     python bench/deployment_latency.py --label deployment_after --report-only  # re-render
 """
 
@@ -323,6 +326,9 @@ def main() -> None:
         "overrides", nargs="*", default=["dataset.num_samples=2000", "federation.local_epochs=1"]
     )
     args = parser.parse_args()
+    if args.baseline is not None and (Path.cwd() / "fedinfer").is_dir():
+        # `python -m fedinfer` puts the working directory before $PYTHONPATH on sys.path
+        raise SystemExit("--baseline: run from a directory without a fedinfer/ package (e.g. /tmp)")
     raw = RESULTS / f"{args.label}.json"
     if args.report_only:
         data = json.loads(raw.read_text())
