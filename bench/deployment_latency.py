@@ -5,23 +5,26 @@ The same config on three runtimes:
 - ``inprocess``: the simulation's sequential in-process grid (ClientApp objects called directly);
 - ``ray``: Flower's simulation runtime (the default of ``fedinfer simulate``);
 - ``deployment``: ``fedinfer deploy local`` (SuperLink + gateway + one SuperNode and one
-  inference server per site, TLS and node authentication, every message a new ClientApp process).
+  inference server per site, TLS and node authentication; every message a new ClientApp process,
+  which forwards it to the site worker).
 
-Per round it reports the coordinator's ``duration_s`` from ``results.json``. The breakdown of
-a steady-state deployment round (rounds 2..R; round 1 also pays warm-ups) adds parts measured
-separately: the ClientApp process cold start (a fresh ``python`` importing Flower's ClientApp
-runner and ours), the sites' own training time (``train-time-s`` each site reports), and Flower's
-polling (SuperNodes poll the SuperLink every 3 s, the ServerApp polls for replies every 3 s, so
-each exchange waits 1.5 s + 1.5 s on average). On one machine all sites' ClientApps share its
-cores, so the same parts are also added up as CPU seconds over the core count.
+Per round it reports the coordinator's ``duration_s`` and its stages (``timings`` in
+``results.json``: the train exchange, aggregation with secure aggregation's unmask exchange, the
+evaluate exchange), for secagg off and on and 2 and 5 sites; with ``--baseline`` also the
+deployment of an older source tree, run right before this tree's for each config. Cold starts of the ClientApp process (Flower's imports alone, the
+in-process ClientApp, the forwarder) are measured separately in fresh processes.
 
-    python bench/deployment_latency.py               # secagg off and on -> results/deployment.md
-    python bench/deployment_latency.py --report-only # re-render from results/deployment.json
+    python bench/deployment_latency.py --label deployment_after   # -> results/<label>.md
+    # this tree next to an older one (a `git archive` of it), interleaved config by config:
+    cd /tmp && python $REPO/bench/deployment_latency.py --label deployment_after --baseline OLD
+    python bench/deployment_latency.py --label deployment_after --report-only  # re-render
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,11 @@ CLIENTAPP_IMPORT = (
     "import flwr.supernode.cli.flwr_clientapp\n"
     "from fedinfer.deploy.apps import build_deploy_client_app\n"
     "build_deploy_client_app()"
+)
+FORWARDER_IMPORT = (
+    "import flwr.supernode.cli.flwr_clientapp\n"
+    "from fedinfer.deploy.forwarder import build_forwarder_app\n"
+    "build_forwarder_app()"
 )
 FIRST_CALLS = """
 import json, tempfile, time
@@ -67,19 +76,22 @@ with tempfile.TemporaryDirectory() as state:
         times.append(time.perf_counter() - started)
 print(json.dumps(times))
 """
-POLL_S = 3.0  # flwr/supernode/start_client_internal.py and flwr/superlink/grid/http_grid.py
 RESULTS = Path(__file__).parent / "results"
 
 
 def per_round(results: dict[str, Any]) -> list[dict[str, float]]:
-    """Coordinator time and the slowest site's training time of every round."""
+    """Coordinator time per round and stage, and the slowest site's training time."""
     rows = []
     for record in results["rounds"]:
         trains = [s.get("train-time-s", 0.0) for s in record["sites"].values()]
+        timings = record.get("timings", {})
         rows.append(
             {
                 "round": record["round"],
                 "duration_s": record["duration_s"],
+                "train_s": timings.get("train", 0.0),
+                "aggregate_s": timings.get("aggregate", 0.0),
+                "evaluate_s": timings.get("evaluate", 0.0),
                 "site_train_max_s": max(trains, default=0.0),
                 "site_train_sum_s": sum(trains),
             }
@@ -99,9 +111,29 @@ def simulate(overrides: list[str], runtime: str, workdir: Path) -> list[dict[str
     return per_round(run_simulation(cfg, output_dir=workdir / runtime).results)
 
 
-def deploy(overrides: list[str], sites: int, rounds: int, workdir: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def code_from(tree: Path | None) -> Iterator[None]:
+    """Run the deployment's processes (coordinator, sites, ClientApps) from ``tree``'s fedinfer."""
+    previous = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def deploy(
+    overrides: list[str], sites: int, rounds: int, workdir: Path, *, tree: Path | None = None
+) -> dict[str, Any]:
     deployment = LocalDeployment(
-        workdir / "deployment", num_sites=sites, rounds=rounds, overrides=overrides
+        workdir / ("baseline" if tree else "deployment"),
+        num_sites=sites,
+        rounds=rounds,
+        overrides=overrides,
     )
     try:
         coordinator_overrides = deployment.prepare()
@@ -118,6 +150,12 @@ def deploy(overrides: list[str], sites: int, rounds: int, workdir: Path) -> dict
         return {"rounds": per_round(deployment.results()), "total_s": time.perf_counter() - started}
     finally:
         deployment.stop()
+
+
+def deploy_from(tree: Path | None, *args: Any) -> dict[str, Any]:
+    """:func:`deploy` with every process of the deployment running ``tree``'s code."""
+    with code_from(tree):
+        return deploy(*args, tree=tree)
 
 
 def cold_start(code: str, repeats: int = 5) -> float:
@@ -139,16 +177,22 @@ def first_calls() -> list[float]:
     return times
 
 
-def measure(args: argparse.Namespace, secagg: str, workdir: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, secagg: str, sites: int, workdir: Path) -> dict[str, Any]:
     overrides = [*args.overrides, f"secagg={secagg}"]
-    sim = [f"federation.num_sites={args.sites}", f"federation.rounds={args.rounds}", *overrides]
+    if secagg == "on" and sites < 3:  # below a site's default secure-aggregation floor of 3
+        overrides.append(f"secagg.site_min_participants={sites}")
+    sim = [f"federation.num_sites={sites}", f"federation.rounds={args.rounds}", *overrides]
     runs: dict[str, Any] = {"overrides": sim, "load": os.getloadavg()[0]}
+    workdir = workdir / f"{secagg}-{sites}"
     for runtime in args.runtimes.split(","):
-        print(f"-- secagg={secagg} {runtime}", flush=True)
+        print(f"-- secagg={secagg} sites={sites} {runtime}", flush=True)
         if runtime == "deployment":
-            runs[runtime] = deploy(overrides, args.sites, args.rounds, workdir / secagg)
+            if args.baseline is not None:  # interleaved: both under the same machine load
+                print(f"-- secagg={secagg} sites={sites} baseline deployment", flush=True)
+                runs["baseline"] = deploy_from(args.baseline, overrides, sites, args.rounds, workdir)
+            runs[runtime] = deploy(overrides, sites, args.rounds, workdir)
         else:
-            runs[runtime] = {"rounds": simulate(sim, runtime, workdir / secagg)}
+            runs[runtime] = {"rounds": simulate(sim, runtime, workdir)}
     return runs
 
 
@@ -157,95 +201,124 @@ def _steady(rows: list[dict[str, float]], key: str) -> float:
     return statistics.median(later)
 
 
+def _exchanges(secagg: str, dep: dict[str, Any]) -> int:
+    """Message exchanges in a steady round: train, (unmask,) and evaluate if the sites allow it."""
+    evaluates = _steady(dep["rounds"], "evaluate_s") > 0.5
+    return 1 + (secagg == "on") + evaluates
+
+
 def render(data: dict[str, Any]) -> str:
+    cold = data["cold"]
+    base = data.get("baseline")
     lines = [
-        "# Round latency: deployment vs simulation",
+        f"# Round latency: deployment vs simulation ({data.get('label', '')})",
         "",
         f"Command: `{data['command']}`",
         "",
         f"Machine: {data['machine']}, {data['cores']} CPUs shared with other jobs; absolute "
-        "numbers are noisy, ratios less so. ClientApp cold start (median of 5 fresh processes): "
-        f"{data['cold']['flower']:.1f} s for Flower's `flwr-clientapp` imports alone, "
-        f"{data['cold']['clientapp']:.1f} s with our ClientApp (torch, opacus, fedinfer). "
-        "In a fresh process the first `local_train` of a site (DP-SGD, 1 epoch) takes "
+        "numbers are noisy, ratios less so"
+        + (
+            f"; `baseline` is the deployment of `{base}` run right before this tree's, config "
+            "by config, under the same load"
+            if base
+            else ""
+        )
+        + ". Cold start of a fresh process (median of 5): "
+        f"{cold['flower']:.1f} s for Flower's `flwr-clientapp` imports alone, "
+        f"{cold['clientapp']:.1f} s importing the in-process ClientApp (torch, opacus, fedinfer)"
+        + (
+            f", {cold['forwarder']:.1f} s importing the forwarder ClientApp"
+            if "forwarder" in cold
+            else ""
+        )
+        + ". In a fresh process the first `local_train` of a site (DP-SGD, 1 epoch) takes "
         f"{data['first_calls'][0]:.1f} s, the next ones {data['first_calls'][1]:.1f} s and "
-        f"{data['first_calls'][2]:.1f} s: a deployment's ClientApp, new for every message, pays "
-        "that warm-up (Opacus and torch first-call set-up) inside every site's `train-time-s`.",
+        f"{data['first_calls'][2]:.1f} s.",
+        "",
+        "Steady round = median `duration_s` of rounds 2..R. Goal (issue 15): deployment minus "
+        "simulation <= Flower's polling floor (an idle SuperNode sleeps 3 s between polls: "
+        "1.5 s per exchange on average) + 1 s per exchange, i.e. 2.5 s per exchange.",
+        "",
+        "| secagg | sites | in-process sim | Ray sim |"
+        + (" baseline deployment |" if base else "")
+        + " deployment | deployment - Ray | exchanges | goal (2.5 s x exchanges) |",
+        "|---|---|---|---|" + ("---|" if base else "") + "---|---|---|---|",
     ]
-    for secagg, runs in data["configs"].items():
-        lines += _config_section(secagg, runs, data)
+    for runs in data["configs"].values():
+        steady = {
+            r: _steady(runs[r]["rounds"], "duration_s") if r in runs else float("nan")
+            for r in ("inprocess", "ray", "baseline", "deployment")
+        }
+        n = _exchanges(runs["secagg"], runs["deployment"]) if "deployment" in runs else 0
+        lines.append(
+            f"| {runs['secagg']} | {runs['sites']} | {steady['inprocess']:.1f} | "
+            f"{steady['ray']:.1f} |"
+            + (f" {steady['baseline']:.1f} |" if base else "")
+            + f" {steady['deployment']:.1f} | {steady['deployment'] - steady['ray']:.1f} | {n} | "
+            f"{2.5 * n:.1f} |"
+        )
+    lines += [
+        "",
+        "Where a steady deployment round goes (medians of rounds 2..R, seconds): the train "
+        "exchange (push, every SuperNode's next poll, the ClientApp process, the handler, the "
+        "reply, the ServerApp's next pull), the aggregation (with secure aggregation its unmask "
+        "exchange), the evaluate exchange (none in steady DP rounds: the sites' policies refuse "
+        "evaluation in DP mode, and are not asked again). Sites do not release their training "
+        "time in DP mode, so one site's training is taken from the in-process simulation "
+        "(its train stage / sites: the sites train one after another there). Overhead per "
+        "exchange = (round - one site's training) / exchanges.",
+        "",
+        "| secagg | sites | deployment | round | train exchange | aggregate (unmask) "
+        "| evaluate exchange | one site's training (in-process) | overhead per exchange |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for runs in data["configs"].values():
+        work = _steady(runs["inprocess"]["rounds"], "train_s") / runs["sites"]
+        for variant in ("baseline", "deployment"):
+            if variant not in runs:
+                continue
+            rows = runs[variant]["rounds"]
+            med = {k: _steady(rows, k) for k in rows[0] if k != "round"}
+            n = _exchanges(runs["secagg"], runs[variant])
+            lines.append(
+                f"| {runs['secagg']} | {runs['sites']} | {variant} | {med['duration_s']:.1f} | "
+                f"{med['train_s']:.1f} | {med['aggregate_s']:.1f} | {med['evaluate_s']:.1f} | "
+                f"{work:.2f} | {(med['duration_s'] - work) / n:.1f} |"
+            )
+    lines += ["", "Per round (`duration_s`, seconds):", ""]
+    for runs in data["configs"].values():
+        runtimes = [r for r in ("inprocess", "ray", "baseline", "deployment") if r in runs]
+        totals = ", ".join(
+            f"{r} {runs[r]['total_s']:.0f} s" for r in ("baseline", "deployment") if r in runs
+        )
+        lines += [
+            f"secagg={runs['secagg']}, {runs['sites']} sites, overrides "
+            f"`{' '.join(runs['overrides'])}` (load average at start {runs['load']:.1f})"
+            + (f"; wall time, coordinator start to the last site serving: {totals}" if totals else ""),
+            "",
+            "| round | " + " | ".join(runtimes) + " |",
+            "|---|" + "---|" * len(runtimes),
+        ]
+        for i in range(len(runs[runtimes[0]]["rounds"])):
+            cells = [f"{runs[r]['rounds'][i]['duration_s']:.1f}" for r in runtimes]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def _config_section(secagg: str, runs: dict[str, Any], data: dict[str, Any]) -> list[str]:
-    runtimes = [r for r in ("inprocess", "ray", "deployment") if r in runs]
-    lines = [
-        "",
-        f"## secagg={secagg}",
-        "",
-        f"Overrides: `{' '.join(runs['overrides'])}` (load average at start {runs['load']:.1f}).",
-        "",
-        "| round | " + " | ".join(runtimes) + " |",
-        "|---|" + "---|" * len(runtimes),
-    ]
-    rounds = len(runs[runtimes[0]]["rounds"])
-    for i in range(rounds):
-        cells = [f"{runs[r]['rounds'][i]['duration_s']:.1f}" for r in runtimes]
-        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    steady = {r: _steady(runs[r]["rounds"], "duration_s") for r in runtimes}
-    cells = " | ".join(f"{steady[r]:.1f}" for r in runtimes)
-    lines.append(f"| steady (median of rounds 2..) | {cells} |")
-    if "deployment" in runs:
-        lines += _breakdown(secagg, runs["deployment"], data, steady["deployment"])
-    return lines
-
-
-def _breakdown(
-    secagg: str, dep: dict[str, Any], data: dict[str, Any], measured: float
-) -> list[str]:
-    sites, cores, cold = data["sites"], data["cores"], data["cold"]["clientapp"]
-    exchanges = 3 if secagg == "on" else 2  # train, (unmask,) evaluate; set-up is round 1 only
-    train_max = _steady(dep["rounds"], "site_train_max_s")
-    train_sum = _steady(dep["rounds"], "site_train_sum_s")
-    polling = exchanges * POLL_S
-    one_machine_per_site = polling + exchanges * cold + train_max
-    shared = polling + (exchanges * sites * cold + train_sum) / cores
-    return [
-        "",
-        f"Deployment wall time, coordinator start to the last site serving the model: "
-        f"{dep['total_s']:.0f} s.",
-        "",
-        f"A steady-state round is {exchanges} message exchanges "
-        f"({'train, unmask, evaluate' if exchanges == 3 else 'train, evaluate'}); in each, every "
-        "site's SuperNode picks the message up on its next poll, starts a fresh ClientApp process, "
-        "runs the handler and pushes the reply, and the ServerApp collects the replies on its "
-        "next poll.",
-        "",
-        "| part of a steady-state deployment round | seconds |",
-        "|---|---|",
-        f"| Flower polling: {exchanges} exchanges x (1.5 s + 1.5 s) | {polling:.1f} |",
-        f"| ClientApp cold start: {exchanges} exchanges x {cold:.1f} s | {exchanges * cold:.1f} |",
-        f"| site training (slowest site's `train-time-s`) | {train_max:.1f} |",
-        f"| **sum, one machine per site** | **{one_machine_per_site:.1f}** |",
-        f"| here, {sites} sites share {cores} cores: polling + ({exchanges} x {sites} cold starts "
-        f"+ all sites' training) / {cores} | **{shared:.1f}** |",
-        f"| **measured** (median `duration_s`, rounds 2..) | **{measured:.1f}** |",
-        "",
-        "The rest of the measured time is the machine's other load and the per-message work of "
-        "Flower's SuperNode/SuperExec and SuperLink (serialising, object store, HTTPS through the "
-        "gateway). The simulation pays only the training (and, on Ray, actor scheduling): its "
-        "ClientApp is imported once and messages are handed over in memory. The fixed per-round "
-        f"cost of a deployment, about {polling + exchanges * cold:.0f} s here, is what a site's "
-        "compute must be large against; it does not grow with model or data size.",
-    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--sites", default="2,5", help="comma-separated federation sizes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--secagg", default="off,on", help="comma-separated: off, on")
     parser.add_argument("--runtimes", default="inprocess,ray,deployment")
+    parser.add_argument("--label", default="deployment", help="results/<label>.{json,md}")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree (e.g. `git archive` of an older commit) whose deployment runs "
+        "interleaved with this one's, config by config",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="re-render the saved measurements"
     )
@@ -253,35 +326,46 @@ def main() -> None:
         "overrides", nargs="*", default=["dataset.num_samples=2000", "federation.local_epochs=1"]
     )
     args = parser.parse_args()
-    raw = RESULTS / "deployment.json"
+    if args.baseline is not None and (Path.cwd() / "fedinfer").is_dir():
+        # `python -m fedinfer` puts the working directory before $PYTHONPATH on sys.path
+        raise SystemExit("--baseline: run from a directory without a fedinfer/ package (e.g. /tmp)")
+    raw = RESULTS / f"{args.label}.json"
     if args.report_only:
         data = json.loads(raw.read_text())
-        if "first_calls" not in data:
-            data["first_calls"] = first_calls()
-            raw.write_text(json.dumps(data, indent=2))
     else:
         workdir = Path(tempfile.mkdtemp(prefix="fedinfer-bench-deploy-"))
+        configs = {}
         try:
-            configs = {s: measure(args, s, workdir) for s in args.secagg.split(",")}
+            for secagg in args.secagg.split(","):
+                for sites in (int(n) for n in args.sites.split(",")):
+                    runs = measure(args, secagg, sites, workdir)
+                    configs[f"secagg={secagg},sites={sites}"] = {
+                        "secagg": secagg,
+                        "sites": sites,
+                        **runs,
+                    }
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         cold = {
             "flower": cold_start("import flwr.supernode.cli.flwr_clientapp"),
             "clientapp": cold_start(CLIENTAPP_IMPORT),
         }
+        if importlib.util.find_spec("fedinfer.deploy.forwarder") is not None:
+            cold["forwarder"] = cold_start(FORWARDER_IMPORT)
         data = {
+            "label": args.label,
+            "baseline": str(args.baseline) if args.baseline else None,
             "command": " ".join(["python bench/deployment_latency.py", *sys.argv[1:]]),
             "machine": platform.machine(),
             "cores": os.cpu_count(),
-            "sites": args.sites,
             "cold": cold,
             "first_calls": first_calls(),
             "configs": configs,
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
         raw.write_text(json.dumps(data, indent=2))
-    (RESULTS / "deployment.md").write_text(render(data))
-    print((RESULTS / "deployment.md").read_text())
+    (RESULTS / f"{args.label}.md").write_text(render(data))
+    print((RESULTS / f"{args.label}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """A site's Flower ClientApp (``[tool.flwr.app.components] clientapp``).
 
-Thin entry point: the logic lives in :mod:`fedinfer.fl.client_app` and :mod:`fedinfer.fl.site`.
+Thin entry point: a forwarder that imports only Flower and hands every message to the site's
+long-lived worker (:mod:`fedinfer.deploy.forwarder`), which runs :mod:`fedinfer.fl.client_app`.
 Start a site with ``fedinfer site`` (see docs/deployment.md).
 """
 
-from fedinfer.deploy.apps import build_deploy_client_app
+from fedinfer.deploy.forwarder import build_forwarder_app
 
-app = build_deploy_client_app()
+app = build_forwarder_app()

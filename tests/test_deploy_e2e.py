@@ -125,8 +125,12 @@ def crashed(scenario: Scenario) -> Scenario:
 
 @pytest.fixture(scope="module")
 def resumed(crashed: Scenario) -> Scenario:
-    """``fedinfer coordinator --resume`` on the same working directory."""
-    crashed.deployment.start_coordinator(crashed.overrides, resume=True)
+    """``fedinfer coordinator --resume`` on the same working directory.
+
+    Kept alive after the federation ends: the tests of refused sites need its gateway up,
+    however fast the remaining round runs.
+    """
+    crashed.deployment.start_coordinator(crashed.overrides, resume=True, keep_alive=True)
     return crashed
 
 
@@ -217,7 +221,15 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
     deployment = resumed.deployment
     coordinator = deployment.coordinator
     assert coordinator is not None and coordinator.process is not None
-    assert coordinator.process.wait(timeout=800) == 0, coordinator.tail(20)
+    state_file = deployment.coordinator_dir / "coordinator.json"
+    wait_until(
+        lambda: str(json.loads(state_file.read_text()).get("status", "")).startswith("finished"),
+        timeout_s=800,
+        interval_s=0.5,
+        what="the resumed federation to finish",
+        alive=coordinator.check_alive,
+    )
+    assert json.loads(state_file.read_text())["status"] == "finished:completed"
     results = deployment.results()
     # Assert
     assert results["status"] == "completed"
@@ -235,6 +247,9 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
         assert manifest.privacy["secure_aggregation"] == ("secagg=on" in resumed.overrides)
         answer = deployment.ask_site(name, expect_version=version)
         assert answer["outputs"][0]["shape"] == [4, 10]
+        # Every message went through the forwarder to the site's long-lived worker
+        worker_log = (deployment.site_dir(name) / "logs" / "worker.log").read_text()
+        assert "train message" in worker_log and "query.deploy message" in worker_log
 
 
 def test_sites_spent_privacy_and_keep_ledger_and_models_across_a_restart(resumed: Scenario) -> None:

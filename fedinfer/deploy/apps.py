@@ -34,8 +34,9 @@ from fedinfer.config.schema import FedInferConfig
 from fedinfer.errors import ConfigError, FedInferError
 from fedinfer.fl.client_app import build_client_app, node_policy
 from fedinfer.fl.coordinator import ModelShape, run_coordinator
+from fedinfer.fl.grid import PollingGrid
 from fedinfer.fl.run_config import from_run_config
-from fedinfer.fl.site import deployment_resolver
+from fedinfer.fl.site import SiteEnv, deployment_resolver
 from fedinfer.privacy.noise import refuse_reproducible_noise
 from fedinfer.reporting.progress import RoundPrinter
 
@@ -180,6 +181,7 @@ def build_deploy_server_app() -> ServerApp:
         output_dir = Path(runtime.output_dir)
         cfg.output_dir = str(output_dir)
         shape = model_shape(cfg)
+        grid = PollingGrid(grid)  # Flower's Grid waits 3 s between pulls of replies
         wait_for_sites(grid, cfg)
         with open(runtime.rounds_log, "a") as rounds:
             printer = RoundPrinter(
@@ -208,10 +210,17 @@ def build_deploy_server_app() -> ServerApp:
     return app
 
 
-def build_deploy_client_app() -> ClientApp:
-    """Build a site's ClientApp: config from the run config, identity and data from node config."""
+def build_deploy_client_app(*, cache_site: bool = False) -> ClientApp:
+    """Build a site's ClientApp: config from the run config, identity and data from node config.
+
+    The site worker (:mod:`fedinfer.deploy.site_worker`) runs it with ``cache_site=True``: the
+    site's data is loaded once and reused while its file and the data config stay the same.
+    """
+    cache: dict[object, SiteEnv] | None = {} if cache_site else None
     return build_client_app(
         config_fn=config_of,
-        resolver_fn=lambda cfg: deployment_resolver(cfg, num_classes=model_shape(cfg).num_classes),
+        resolver_fn=lambda cfg: deployment_resolver(
+            cfg, num_classes=model_shape(cfg).num_classes, cache=cache
+        ),
         policy_fn=node_policy,
     )

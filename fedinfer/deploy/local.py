@@ -200,9 +200,13 @@ class LocalDeployment:
             save_policy(policy, self.site_dir(name) / POLICY_FILENAME, overwrite=True)
 
     def start_coordinator(
-        self, overrides: Sequence[str], *, resume: bool = False
+        self, overrides: Sequence[str], *, resume: bool = False, keep_alive: bool = False
     ) -> ManagedProcess:
-        """``fedinfer coordinator`` on loopback; waits until the sites' keys are registered."""
+        """``fedinfer coordinator`` on loopback; waits until the sites' keys are registered.
+
+        With ``keep_alive`` the SuperLink and gateway stay up after the federation ends
+        (``coordinator.json``'s ``status`` says when it has), until :meth:`stop`.
+        """
         argv = [
             sys.executable,
             "-m",
@@ -217,6 +221,7 @@ class LocalDeployment:
             "--port",
             str(self.port),
             *(["--resume"] if resume else []),
+            *(["--keep-alive"] if keep_alive else []),
             *overrides,
         ]
         log_file = self.workdir / "logs" / "coordinator.log"

@@ -2,9 +2,13 @@
 
 Processes (logs under ``<state-dir>/logs/``)::
 
-    fedinfer site           this supervisor; Ctrl-C / SIGTERM stops both children
+    fedinfer site           this supervisor; Ctrl-C / SIGTERM stops all children
+    ├── site worker         runs the ClientApp handlers (policy, ledger, training, secure
+    │                       aggregation) with data and libraries loaded once; listens on
+    │                       <state-dir>/clientapp.sock (0600, own uid only)
     ├── flower-supernode    TLS to the coordinator's gateway, authenticated by node.key;
-    │                       every message runs clients/app.py in a fresh `flwr-clientapp` process
+    │                       every message runs clients/app.py in a fresh `flwr-clientapp`
+    │                       process: a forwarder to the site worker (imports only Flower)
     └── fedinfer serve      KServe v2 server on the site's ModelStore; hot-swaps new versions
 
 State directory (everything the site knows; survives restarts)::
@@ -19,7 +23,8 @@ State directory (everything the site knows; survives restarts)::
       node-config.toml   what the ClientApp learns about this site (name, data, state, keys)
       site.json          pids and ports, for `fedinfer status`
       flwr/              the SuperNode's FLWR_HOME (unpacked app bundles)
-      logs/              supernode.log, serve.log
+      clientapp.sock     the site worker's socket (while the site runs)
+      logs/              worker.log, supernode.log, serve.log
 
 With ``--state-key FILE`` (a key from ``fedinfer keys init-site-key``, kept outside
 the state directory) the model store, the ledger and the audit log are encrypted
@@ -265,6 +270,7 @@ def run_site(opts: SiteOptions) -> int:
     layout.node_config.write_text(node_config_toml(opts))
     with signals_raise_shutdown():
         try:
+            _start_worker(opts, layout)
             _start_supernode(opts, layout)
             if opts.serve:
                 _start_server(opts, layout)
@@ -305,6 +311,35 @@ def _plaintext_state(layout: SiteLayout) -> list[Path]:
     if active_audit.is_file() and active_audit.read_bytes()[:1] == b"{":
         found.append(active_audit)
     return found
+
+
+def _start_worker(opts: SiteOptions, layout: SiteLayout) -> None:
+    """Start the site worker and wait for its socket: the ClientApp forwards every message there."""
+    from fedinfer.deploy.forwarder import SOCKET_NAME
+
+    socket_path = layout.root / SOCKET_NAME
+    socket_path.unlink(missing_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "fedinfer.deploy.site_worker",
+        "--state-dir",
+        str(layout.root),
+        "--node-config",
+        str(layout.node_config),
+    ]
+    # The state key's path in the environment, as the ClientApp processes had it: whatever
+    # opens by state directory alone (the privacy ledger) finds it there.
+    env = dict(os.environ, **({KEY_ENV_VAR: str(opts.state_key)} if opts.state_key else {}))
+    worker = ManagedProcess("worker", argv, log_file=layout.logs / "worker.log", env=env)
+    opts.processes.append(worker.start())
+    wait_until(
+        socket_path.exists,
+        timeout_s=120,
+        interval_s=0.1,
+        what=f"the site worker to listen (see {worker.log_file})",
+        alive=worker.check_alive,
+    )
 
 
 def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
@@ -393,9 +428,12 @@ def _supervise(opts: SiteOptions) -> int:
     not up yet, key not yet registered, untrusted certificate); the site keeps
     trying, every attempt's reason in its output, up to ``connect_attempts`` (0: forever).
     A SuperNode that stayed up for a while was connected: its attempts count afresh.
+    A site worker that dies after running for a while is restarted (its state is on disk;
+    messages in between get an error reply); one that dies soon after its start ends the site.
     """
     print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
     attempts, started = 1, time.monotonic()
+    worker_started = time.monotonic()
     while True:
         time.sleep(1.0)
         for proc in opts.processes:
@@ -408,6 +446,11 @@ def _supervise(opts: SiteOptions) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+            if proc.name == "worker" and time.monotonic() - worker_started > _CONNECTED_S:
+                print(f"site {opts.name}: restarting the site worker", flush=True)
+                proc.start()
+                worker_started = time.monotonic()
+                continue
             if proc.name != "supernode":
                 return 2
             attempts = 1 if time.monotonic() - started > _CONNECTED_S else attempts + 1

@@ -55,6 +55,9 @@ class RoundRecord:
     secagg: dict[str, Any] = field(default_factory=dict)
     aggregated: bool = False
     duration_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: ``train`` (the train exchange), ``aggregate`` (with secure
+    aggregation: its unmask exchange), ``evaluate`` (the evaluate exchange), ``central``."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form written to ``results.json``."""
@@ -163,9 +166,11 @@ def run_rounds(
             server_round, state.arrays, ConfigRecord(dict(train_config)), trainable
         )
         replies = _split_replies(grid.send_and_receive(messages, timeout=timeout), state, record)
+        stage = _stopwatch(record, "train", started)
         _record_site_metrics(replies, state, record)
         record.epsilon = dict(sorted(state.epsilon.items()))
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        stage = _stopwatch(record, "aggregate", stage)
         if arrays is not None:
             state.arrays, record.aggregated = arrays, True
         record.train = _floats(train_metrics)
@@ -175,12 +180,14 @@ def run_rounds(
         record.federated = _evaluate_sites(
             grid, strategy, state, server_round, min_sites=min_sites, timeout=timeout
         )
+        stage = _stopwatch(record, "evaluate", stage)
 
         # --- EVALUATION (coordinator) -----------------------------------------------------
         if evaluate_fn is not None:
             central = evaluate_fn(server_round, state.arrays) or {}
             record.accuracy, record.loss = central.get("accuracy"), central.get("loss")
             record.metrics = {k: v for k, v in central.items() if k != "loss"}
+            _stopwatch(record, "central", stage)
 
         record.duration_s = time.perf_counter() - started
         state.completed_round = server_round
@@ -192,6 +199,13 @@ def run_rounds(
             state.stop_reason = stop_reason
             break
     return state
+
+
+def _stopwatch(record: RoundRecord, name: str, since: float) -> float:
+    """Record the seconds since ``since`` as stage ``name``; return now."""
+    now = time.perf_counter()
+    record.timings[name] = now - since
+    return now
 
 
 def _evaluate_sites(

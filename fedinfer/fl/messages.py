@@ -43,3 +43,5 @@ class ErrorCodes:
     SIMULATED_DROPOUT = 4004
     MODEL_REJECTED = 4005
     POLICY_REFUSED = 4006
+    WORKER_UNREACHABLE = 4007
+    """The per-message ClientApp found no site worker to forward to (fedinfer.deploy.forwarder)."""

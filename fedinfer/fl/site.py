@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,8 +103,15 @@ def simulation_resolver(
     return resolve
 
 
-def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolver:
-    """Sites of a deployment: identity, data file and state directory from the node config."""
+def deployment_resolver(
+    cfg: FedInferConfig, *, num_classes: int, cache: dict[object, SiteEnv] | None = None
+) -> SiteResolver:
+    """Sites of a deployment: identity, data file and state directory from the node config.
+
+    With ``cache`` (a dict the caller keeps: the long-lived site worker) the site's data is
+    loaded once and reused while the node config, the data file (size and mtime) and the
+    config keys that shape the data stay the same.
+    """
 
     def resolve(context: Context) -> SiteEnv:
         node = context.node_config
@@ -113,25 +120,52 @@ def deployment_resolver(cfg: FedInferConfig, *, num_classes: int) -> SiteResolve
             raise ConfigError(
                 f"the SuperNode's --node-config lacks {missing}; start sites with `fedinfer site`"
             )
-        name = str(node.get(NodeConfigKeys.SITE_NAME, site_name(0)))
-        data = load_site_data(
-            str(node[NodeConfigKeys.DATA_PATH]),  # a file, a directory, or py:target
-            site_id=name,
-            label_column=cfg.dataset.label_column,
-            partition=cfg.partition,
-            seed=cfg.seed,
-            num_classes=num_classes,
-            task=cfg.task.kind,
+        if cache is None:
+            return _load_deployed_site(cfg, node, num_classes=num_classes)
+        spec = str(node[NodeConfigKeys.DATA_PATH])  # a file, a directory, or py:target
+        stamp = (0, 0) if spec.startswith("py:") else _data_stamp(Path(spec))
+        key = (
+            tuple(sorted((k, str(v)) for k, v in node.items())),
+            stamp,
+            (cfg.dataset.label_column, repr(cfg.partition), cfg.seed, num_classes, cfg.task.kind),
         )
-        key = node.get(NodeConfigKeys.COORDINATOR_PUBLIC_KEY)
-        state_dir = Path(str(node[NodeConfigKeys.STATE_DIR]))
-        state_key_file = node.get(NodeConfigKeys.STATE_KEY_FILE)
-        state_key = resolve_state_key(
-            Path(str(state_key_file)) if state_key_file else None, protects=[state_dir]
-        )
-        return SiteEnv(name, state_dir, data, Path(str(key)) if key else None, state_key)
+        if key not in cache:
+            cache.clear()
+            cache[key] = _load_deployed_site(cfg, node, num_classes=num_classes)
+        return cache[key]
 
     return resolve
+
+
+def _load_deployed_site(
+    cfg: FedInferConfig, node: Mapping[str, object], *, num_classes: int
+) -> SiteEnv:
+    name = str(node.get(NodeConfigKeys.SITE_NAME, site_name(0)))
+    data = load_site_data(
+        str(node[NodeConfigKeys.DATA_PATH]),  # a file, a directory, or py:target
+        site_id=name,
+        label_column=cfg.dataset.label_column,
+        partition=cfg.partition,
+        seed=cfg.seed,
+        num_classes=num_classes,
+        task=cfg.task.kind,
+    )
+    key = node.get(NodeConfigKeys.COORDINATOR_PUBLIC_KEY)
+    state_dir = Path(str(node[NodeConfigKeys.STATE_DIR]))
+    state_key_file = node.get(NodeConfigKeys.STATE_KEY_FILE)
+    state_key = resolve_state_key(
+        Path(str(state_key_file)) if state_key_file else None, protects=[state_dir]
+    )
+    return SiteEnv(name, state_dir, data, Path(str(key)) if key else None, state_key)
+
+
+def _data_stamp(path: Path) -> tuple[int, int]:
+    """Size and mtime of a data file, or of a directory and its direct entries."""
+    stat = path.stat()
+    if not path.is_dir():
+        return stat.st_size, stat.st_mtime_ns
+    newest = max((e.stat().st_mtime_ns for e in path.iterdir()), default=stat.st_mtime_ns)
+    return len(list(path.iterdir())), max(stat.st_mtime_ns, newest)
 
 
 @dataclass(frozen=True)
