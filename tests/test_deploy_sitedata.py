@@ -122,7 +122,11 @@ def deployment(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[LocalDeployment, list[str]]]:
     workdir = tmp_path_factory.mktemp("deploy") / "custom-lazy"
-    saved = {k: os.environ.get(k) for k in (ALLOW_ENV, DATA_ALLOW_ENV)}
+    saved = {k: os.environ.get(k) for k in (ALLOW_ENV, DATA_ALLOW_ENV, "PYTHONPATH")}
+    # The coordinator's ServerApp and the site workers import examples.images: the user's
+    # package must be on their path (PYTHONPATH, or installed), as docs/deployment.md says.
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, saved["PYTHONPATH"]]))
     os.environ[ALLOW_ENV] = ""  # prepare() allows the run's own model, as deploy local does
     os.environ[DATA_ALLOW_ENV] = DATA_FN  # site-01's operator allows its data function
     dep = LocalDeployment(
