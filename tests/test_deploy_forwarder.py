@@ -261,3 +261,15 @@ def test_the_worker_process_serves_until_sigterm_and_logs_each_message(state_dir
     assert "No query function registered with name 'echo'" in reply.error.reason
     assert "query.echo message" in log
     assert worker.returncode == 0 and not (state_dir / SOCKET_NAME).exists()
+
+
+def test_a_malformed_request_is_dropped_and_the_worker_keeps_serving(state_dir: Path) -> None:
+    calls: list[Context] = []
+    with serve_socket(SiteWorker(_echo_app(calls), node_config={}), state_dir):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(state_dir / SOCKET_NAME))
+            garbage = [b"fedinfer-clientapp/1", b"\xff" * 32, b"not a protobuf"]
+            sock.sendall(b"".join(len(f).to_bytes(8, "big") + f for f in garbage))
+            assert sock.recv(1 << 16) == b""  # closed without an answer
+        reply = forward(_message(), _context(state_dir))
+    assert not reply.has_error() and len(calls) == 1

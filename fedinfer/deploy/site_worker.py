@@ -40,7 +40,6 @@ from flwr.common.constant import ErrorCode
 
 from fedinfer.deploy.forwarder import (
     SOCKET_NAME,
-    ChannelError,
     decode_request,
     encode_reply,
     read_frames,
@@ -119,8 +118,8 @@ class _Connection(socketserver.BaseRequestHandler):
             return
         try:
             message, context = decode_request(read_frames(sock, 3))
-        except (ChannelError, OSError, ValueError) as exc:
-            logger.warning("refused a malformed request on the ClientApp channel: %s", exc)
+        except Exception as exc:  # channel errors, protobuf DecodeError, bad metadata
+            logger.warning("refused a malformed request on the ClientApp channel: %r", exc)
             return
         logger.info("%s message %s", message.metadata.message_type, message.metadata.message_id)
         reply, context = self.server.worker.handle(message, context)
