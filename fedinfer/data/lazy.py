@@ -100,7 +100,8 @@ class LazyDataset:
     Examples
     --------
     >>> data = open_folder(Path("images"))  # doctest: +SKIP
-    >>> x, y = data[0]  # a flat float32 tensor of input_dim values and an int64 label
+    >>> x, y = data[0]  # doctest: +SKIP
+    ... # a flat float32 tensor of input_dim values and its label (int64 class id here)
     """
 
     def __init__(
