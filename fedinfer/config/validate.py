@@ -115,11 +115,16 @@ def _check_task(cfg: FedInferConfig, problems: list[str]) -> None:
         problems.append(f"`task.threshold` must be in (0, 1) (got {task.threshold})")
     if task.kind == "regression" and task.partition_bins < 2:
         problems.append(f"`task.partition_bins` must be >= 2 (got {task.partition_bins})")
-    if task.kind == "multilabel" and cfg.dataset.name != "csv":
+    if task.kind == "multilabel" and cfg.dataset.name not in ("csv", "shards", "function"):
         problems.append(
             f"`task.kind`=multilabel needs 0/1 label vectors, which dataset={cfg.dataset.name} "
-            "does not have; use dataset=csv with an NPZ file holding a 2-D `y`, or a CSV/Parquet "
-            "file and dataset.label_column='a,b,c'"
+            "does not have; use dataset=csv or dataset=shards with NPZ holding a 2-D `y` (or "
+            "Parquet and dataset.label_column='a,b,c'), or dataset=function"
+        )
+    if task.kind == "regression" and cfg.dataset.name == "folder":
+        problems.append(
+            "`task.kind`=regression: dataset=folder carries one class per sample (its folder); "
+            "give the targets as NPZ/Parquet shards (dataset=shards) or dataset=function"
         )
 
 

@@ -17,7 +17,14 @@ import numpy as np
 
 from fedinfer.config.schema import DatasetConfig, FedInferConfig, PartitionConfig, TaskConfig
 from fedinfer.data.datasets import ArrayDataset, load_dataset, read_table
-from fedinfer.data.lazy import ConcatSource, LazyDataset, open_data_dir, open_folder, open_shards
+from fedinfer.data.lazy import (
+    ConcatSource,
+    LazyDataset,
+    check_folder_task,
+    open_data_dir,
+    open_folder,
+    open_shards,
+)
 from fedinfer.data.partition import partition_indices
 from fedinfer.errors import ConfigError, DataError
 
@@ -152,7 +159,7 @@ def _build_cached(
     task = task_cfg.kind
     site_files = _site_files(dataset_cfg)
     if dataset_cfg.name in LAZY_DATASETS:  # read from disk on access, never loaded here
-        return _lazy_federation(dataset_cfg, partition_cfg, num_sites, seed)
+        return _lazy_federation(dataset_cfg, partition_cfg, num_sites, seed, task_cfg)
     if site_files is not None:
         if len(site_files) != num_sites:
             raise ConfigError(
@@ -177,18 +184,31 @@ def _build_cached(
 
 
 def _lazy_federation(
-    cfg: DatasetConfig, partition_cfg: PartitionConfig, num_sites: int, seed: int
+    cfg: DatasetConfig,
+    partition_cfg: PartitionConfig,
+    num_sites: int,
+    seed: int,
+    task_cfg: TaskConfig,
 ) -> FederatedData:
-    """Sites of an on-disk dataset: index views of one folder / shard set, or function calls."""
+    """Sites of an on-disk dataset: index views of one folder / shard set, or function calls.
+
+    Labels are read for ``task.kind``; a label-aware partitioner splits their groups
+    (:func:`fedinfer.tasks.partition_labels`), as for in-memory data.
+    """
+    from fedinfer.tasks import partition_labels
+
+    task = task_cfg.kind
     if cfg.name == "function":
-        return _function_sites(cfg, num_sites)
+        return _function_sites(cfg, num_sites, task)
     if cfg.path is None:
         raise ConfigError(f"`dataset.path` is required for dataset={cfg.name}")
     if cfg.name == "folder":
+        check_folder_task(task, cfg.path)
         pooled = open_folder(Path(cfg.path))
     else:
-        pooled = open_shards(Path(cfg.path), label_column=cfg.label_column)
-    indices = partition_indices(pooled.y, num_sites=num_sites, cfg=partition_cfg, seed=seed)
+        pooled = open_shards(Path(cfg.path), label_column=cfg.label_column, task=task)
+    groups = partition_labels(pooled.y, task, bins=task_cfg.partition_bins)
+    indices = partition_indices(groups, num_sites=num_sites, cfg=partition_cfg, seed=seed)
     sites = [
         split_site(pooled.subset(idx), site_id=site_name(i), cfg=partition_cfg, seed=seed)
         for i, idx in enumerate(indices)
@@ -221,7 +241,7 @@ def _pool_tests(sites: list[SiteData]) -> SiteDataset:
     )
 
 
-def _function_sites(cfg: DatasetConfig, num_sites: int) -> FederatedData:
+def _function_sites(cfg: DatasetConfig, num_sites: int, task: str) -> FederatedData:
     """Each simulated site's splits from the user's function, called per site and split."""
     from fedinfer.data.function import load_function_split
 
@@ -231,8 +251,9 @@ def _function_sites(cfg: DatasetConfig, num_sites: int) -> FederatedData:
     for i in range(num_sites):
         splits = {
             split: load_function_split(
-                cfg._target_, site_id=site_name(i), split=split, num_classes=cfg.num_classes
-            )
+                cfg._target_, site_id=site_name(i), split=split, num_classes=cfg.num_classes,
+                task=task,
+            )  # fmt: skip
             for split in ("train", "val", "test")
         }
         sites.append(SiteData(site_name(i), **splits))
@@ -307,7 +328,9 @@ def load_site_data(
     ``spec`` is a CSV / Parquet / NPZ file (:func:`load_site_file`, read into memory, which
     also gets ``options``), a directory (class folders or NPZ/Parquet shards, read lazily), or
     ``py:my_pkg.data.load_site``, a data function the site's ``$FEDINFER_DATA_TARGETS``
-    allows, called for each split. On-disk data carries integer class labels.
+    allows, called for each split. Labels are read for ``options["task"]`` (``task.kind``):
+    class folders carry classes only; shards and data functions also carry regression
+    targets and 0/1 label vectors.
     """
     text = str(spec)
     if not text.startswith(DATA_FUNCTION_PREFIX) and not Path(text).is_dir():
@@ -315,13 +338,21 @@ def load_site_data(
             Path(text), site_id=site_id, label_column=label_column, partition=partition,
             seed=seed, num_classes=num_classes, **options,
         )  # fmt: skip
-    _check_class_labels(options.get("task", "multiclass"), text)
+    task = str(options.get("task", "multiclass"))
     if text.startswith(DATA_FUNCTION_PREFIX):
         return _site_function(
-            text[len(DATA_FUNCTION_PREFIX) :], site_id=site_id, num_classes=num_classes
-        )
-    table = open_data_dir(Path(text), label_column=label_column)
-    if num_classes is not None:
+            text[len(DATA_FUNCTION_PREFIX) :], site_id=site_id, num_classes=num_classes,
+            task=task,
+        )  # fmt: skip
+    table = open_data_dir(Path(text), label_column=label_column, task=task)
+    if num_classes is not None and task in ("multilabel", "regression"):
+        if table.num_classes != num_classes:
+            what = "labels" if task == "multilabel" else "targets"
+            raise ConfigError(
+                f"{text!r} has {table.num_classes} {what} per sample but the federation has "
+                f"`deployment.num_classes`={num_classes}"
+            )
+    elif num_classes is not None:
         if table.class_names is not None:
             raise DataError(
                 f"{text!r} names its classes {list(table.class_names[:5])}; in a deployment "
@@ -333,14 +364,6 @@ def load_site_data(
     return split_site(table, site_id=site_id, cfg=partition, seed=seed)
 
 
-def _check_class_labels(task: str, where: str) -> None:
-    if task not in ("multiclass", "binary"):
-        raise ConfigError(
-            f"`task.kind`={task}: on-disk data ({where}) carries one integer class per sample; "
-            "give multi-label or regression targets as a CSV / Parquet / NPZ file"
-        )
-
-
 def _check_classes(table: SiteDataset, num_classes: int, where: str) -> None:
     if len(table.y) and int(table.y.max()) >= num_classes:
         raise ConfigError(
@@ -349,14 +372,18 @@ def _check_classes(table: SiteDataset, num_classes: int, where: str) -> None:
         )
 
 
-def _site_function(target: str, *, site_id: str, num_classes: int | None) -> SiteData:
+def _site_function(
+    target: str, *, site_id: str, num_classes: int | None, task: str = "multiclass"
+) -> SiteData:
     from fedinfer.data.function import load_function_split
 
     splits = {
-        split: load_function_split(target, site_id=site_id, split=split, num_classes=num_classes)
+        split: load_function_split(
+            target, site_id=site_id, split=split, num_classes=num_classes, task=task
+        )
         for split in _SPLITS
     }
-    if num_classes is not None:
+    if num_classes is not None and task in ("multiclass", "binary"):
         for split, data in splits.items():
             _check_classes(data, num_classes, f"{target}({split})")
     if not len(splits["train"]):

@@ -3,9 +3,11 @@
 Contract: ``load_site(site_id: str, split: str) -> torch.utils.data.Dataset``, called with
 keywords, ``split`` one of ``train``, ``val``, ``test``. The dataset must be indexable
 (``__len__`` and ``__getitem__``; an ``IterableDataset`` cannot be Poisson-sampled) and
-``dataset[i]`` is ``(features, label)``: any array-like features of one shape, and an
-integer class label. Labels are taken from a ``targets`` or ``labels`` attribute when the
-dataset has one (torchvision's convention), else read once by iterating the dataset.
+``dataset[i]`` is ``(features, label)``: any array-like features of one shape, and the
+label of ``task.kind``: an integer class (multiclass, binary), a float target or vector of
+targets (regression), or a 0/1 label vector (multilabel). Labels are taken from a
+``targets`` or ``labels`` attribute when the dataset has one (torchvision's convention),
+else read once by iterating the dataset.
 
 A site imports the function only when its own allow-list names it:
 ``$FEDINFER_DATA_TARGETS``, comma-separated exact targets or ``package.prefix.*`` entries,
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedinfer.data.lazy import LazyDataset, labels_to_ids
+from fedinfer.data.lazy import LazyDataset, task_labels
 from fedinfer.errors import ConfigError, DataError
 
 __all__ = [
@@ -110,9 +112,16 @@ class TorchSource:
 
 
 def load_function_split(
-    target: str, *, site_id: str, split: str, num_classes: int | None = None
+    target: str,
+    *,
+    site_id: str,
+    split: str,
+    num_classes: int | None = None,
+    task: str = "multiclass",
 ) -> LazyDataset:
     """Call the allow-listed ``target`` for one site and split; wrap the result lazily.
+
+    Labels are read for ``task`` (:func:`fedinfer.data.lazy.task_labels`).
 
     Raises
     ------
@@ -135,18 +144,32 @@ def load_function_split(
             "(__len__ and __getitem__; an IterableDataset cannot be Poisson-sampled for DP)"
         )
     source = TorchSource(dataset, where=where)
-    labels = _labels(dataset, source, where)
-    ids, found, _ = labels_to_ids(labels, where=where) if len(labels) else (labels, 2, None)
-    classes = num_classes or getattr(dataset, "num_classes", None) or found
+    labels = _labels(dataset, source, where, classes=task in ("multiclass", "binary"))
+    if len(labels):
+        ids, found, _ = task_labels(labels, task, where=where)
+    else:
+        ids, found = labels, 2
+    if task in ("multiclass", "binary"):
+        classes = num_classes or getattr(dataset, "num_classes", None) or found
+    else:  # the width of the targets / label rows is the data's own
+        if num_classes is not None and len(labels) and found != num_classes:
+            raise DataError(
+                f"{where} has {found} {'labels' if task == 'multilabel' else 'targets'} per "
+                f"sample but the federation has {num_classes}"
+            )
+        classes = found if len(labels) else (num_classes or 1)
     return LazyDataset(source, np.arange(len(source)), ids, int(classes))
 
 
-def _labels(dataset: Any, source: TorchSource, where: str) -> np.ndarray:
+def _labels(dataset: Any, source: TorchSource, where: str, *, classes: bool) -> np.ndarray:
     for name in ("targets", "labels"):
         values = getattr(dataset, name, None)
         if values is not None and len(values) == len(dataset):
             return _as_array(values)
-    return np.asarray([_label(dataset[i][1]) for i in range(len(source))], dtype=np.int64)
+    if classes:
+        return np.asarray([_label(dataset[i][1]) for i in range(len(source))], dtype=np.int64)
+    rows = [_as_array(dataset[i][1]) for i in range(len(source))]
+    return np.stack(rows) if rows else np.empty((0,), dtype=np.float32)
 
 
 def _as_array(values: Any) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Data that does not fit in memory: samples read from disk one at a time, by index.
 
 A :class:`LazyDataset` holds only what partitioning and privacy accounting need in
-memory (its length and one integer label per sample) and reads the features of a
+memory (its length and the labels: one integer class per sample, a float32 regression
+target (or row of targets), or a uint8 0/1 multi-label row) and reads the features of a
 sample when it is asked for it, in the training process or in DataLoader workers
 (``dataset.num_workers``). It is an indexable ``torch.utils.data.Dataset``, so DP-SGD's
 Poisson sampler draws from it like from an in-memory one, and ``len(dataset)`` is exact,
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedinfer.errors import DataError
+from fedinfer.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,7 @@ __all__ = [
     "open_data_dir",
     "open_folder",
     "open_shards",
+    "task_labels",
     "worker_count",
 ]
 
@@ -85,9 +87,12 @@ class LazyDataset:
     indices : numpy.ndarray
         Positions in ``source`` (int64); a subset composes them, never copying data.
     y : numpy.ndarray
-        int64 label of each index (held in memory: 8 bytes a sample).
+        The label of each index, held in memory: int64 class ids ``(n,)`` (multiclass,
+        binary), float32 targets ``(n,)`` or ``(n, k)`` (regression) or uint8 0/1 rows
+        ``(n, k)`` (multilabel, 1 byte a label). A sample's label tensor is int64 for class
+        ids and float32 otherwise, as the in-memory :class:`ArrayDataset` holds them.
     num_classes : int
-        Number of classes of the federation.
+        Size of the label space (classes, labels or regression targets).
     class_names : tuple of str or None
         The class names behind the ids when the data named its classes (folders ``cat``,
         ``dog``), numbered in sorted order; None when the labels were integers.
@@ -95,7 +100,8 @@ class LazyDataset:
     Examples
     --------
     >>> data = open_folder(Path("images"))  # doctest: +SKIP
-    >>> x, y = data[0]  # a flat float32 tensor of input_dim values and an int64 label
+    >>> x, y = data[0]  # doctest: +SKIP
+    ... # a flat float32 tensor of input_dim values and its label (int64 class id here)
     """
 
     def __init__(
@@ -110,7 +116,7 @@ class LazyDataset:
         self.source = source
         self.class_names = class_names
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.y = np.asarray(y, dtype=np.int64)
+        self.y = _label_array(y)
         self.num_classes = int(num_classes)
         self.sample_shape = tuple(int(d) for d in source.sample_shape)
         if len(self.indices) != len(self.y):
@@ -123,7 +129,7 @@ class LazyDataset:
         import torch
 
         x = self.read(int(i)).reshape(-1)
-        return torch.from_numpy(x), torch.tensor(self.y[i], dtype=torch.int64)
+        return torch.from_numpy(x), torch.from_numpy(np.asarray(self._label_rows(self.y[i])))
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A whole batch at once (DataLoader's batched fetch): one gather per shard, not per row."""
@@ -133,8 +139,17 @@ class LazyDataset:
             return []
         at = np.asarray(positions, dtype=np.int64)
         x = torch.from_numpy(self.read_many(at).reshape(len(at), -1))
-        y = torch.from_numpy(self.y[at])
+        y = torch.from_numpy(self._label_rows(self.y[at]))
         return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+    def _label_rows(self, y: np.ndarray) -> np.ndarray:
+        """Labels as training takes them: class ids int64, targets and 0/1 rows float32."""
+        return np.asarray(y, dtype=np.int64 if self.is_class_ids else np.float32)
+
+    @property
+    def is_class_ids(self) -> bool:
+        """Whether the labels are one integer class per sample (multiclass, binary)."""
+        return bool(self.y.ndim == 1 and np.issubdtype(self.y.dtype, np.integer))
 
     def read(self, i: int) -> np.ndarray:
         """Sample ``i``'s features in their natural shape (a :class:`SampleSource` itself)."""
@@ -212,6 +227,40 @@ class LazyRows:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         rows = self._data.rows(0, len(self._data))
         return rows if dtype is None else rows.astype(dtype)
+
+
+def _label_array(y: np.ndarray) -> np.ndarray:
+    """Labels kept small: class ids int64, 0/1 label rows uint8, regression targets float32."""
+    y = np.asarray(y)
+    if y.ndim == 1 and (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+        return y.astype(np.int64, copy=False)
+    if y.dtype in (np.uint8, np.float32):
+        return y
+    return y.astype(np.float32)
+
+
+def task_labels(
+    labels: np.ndarray, task: str, *, where: str
+) -> tuple[np.ndarray, int, tuple[str, ...] | None]:
+    """Raw labels read for ``task.kind``: class ids, regression targets or 0/1 label rows.
+
+    Returns the labels as :class:`LazyDataset` keeps them, the size of the label space and
+    the class names (named classes only). The checks are :func:`fedinfer.tasks.prepare_labels`.
+    """
+    if task in ("multiclass", "binary"):  # class ids as before (binary checked by the task)
+        if labels.ndim != 1:
+            raise DataError(
+                f"{where}: labels have shape {list(labels.shape[1:])} per sample; "
+                f"task.kind={task} needs one class per sample (task=multilabel or "
+                "task=regression take 2-D labels)"
+            )
+        return labels_to_ids(labels, where=where)
+    from fedinfer.tasks import prepare_labels
+
+    if len(labels) == 0:
+        raise DataError(f"{where!r} holds no samples")
+    y, size = prepare_labels(labels, task, where=where)
+    return (y.astype(np.uint8) if task == "multilabel" else y), size, None
 
 
 def worker_count(requested: int) -> int:
@@ -504,11 +553,16 @@ def _read_parquet(path: Path, columns: list[str]) -> np.ndarray:
     return np.column_stack([table.column(c).to_numpy() for c in columns]).astype(np.float32)
 
 
-def open_shards(root: Path, *, label_column: str = "label") -> LazyDataset:
+def open_shards(
+    root: Path, *, label_column: str = "label", task: str = "multiclass"
+) -> LazyDataset:
     """Index a directory of NPZ or Parquet shards; reads labels and headers, not features.
 
     An NPZ shard holds ``x`` of shape ``(rows, *sample_shape)`` and ``y`` (or
-    ``label_column``); a Parquet shard holds numeric feature columns and ``label_column``.
+    ``label_column``); a Parquet shard holds numeric feature columns and ``label_column``
+    (``a,b,c`` names several: 0/1 labels for ``task=multilabel`` or several regression
+    targets). Labels are read for ``task`` (:func:`task_labels`): a 2-D NPZ ``y`` is a
+    multi-label matrix or several targets.
 
     Raises
     ------
@@ -529,11 +583,13 @@ def open_shards(root: Path, *, label_column: str = "label") -> LazyDataset:
     if len(kinds) > 1:
         raise DataError(f"{str(root)!r} mixes NPZ and Parquet shards; use one kind")
     if kinds.pop():
-        return _open_npz_shards(root, shards, label_column)
-    return _open_parquet_shards(root, shards, label_column)
+        return _open_npz_shards(root, shards, label_column, task)
+    return _open_parquet_shards(root, shards, label_column, task)
 
 
-def _open_npz_shards(root: Path, shards: list[Path], label_column: str) -> LazyDataset:
+def _open_npz_shards(
+    root: Path, shards: list[Path], label_column: str, task: str
+) -> LazyDataset:
     lengths, labels, shape, compressed = [], [], None, 0
     for path in shards:
         x_shape, y, packed = _npz_index(path, label_column)
@@ -549,7 +605,7 @@ def _open_npz_shards(root: Path, shards: list[Path], label_column: str) -> LazyD
         labels.append(y)
     assert shape is not None
     _warn_decoded(root, compressed, "compressed NPZ")
-    ids, num_classes, names = labels_to_ids(np.concatenate(labels), where=str(root))
+    ids, num_classes, names = task_labels(np.concatenate(labels), task, where=str(root))
     source = ShardSource(shards, lengths, shape, x_key="x")
     return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=names)
 
@@ -590,10 +646,13 @@ def _npz_index(path: Path, label_column: str) -> tuple[tuple[int, ...], np.ndarr
     return shape, np.asarray(y), packed
 
 
-def _open_parquet_shards(root: Path, shards: list[Path], label_column: str) -> LazyDataset:
+def _open_parquet_shards(
+    root: Path, shards: list[Path], label_column: str, task: str
+) -> LazyDataset:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    names = [c.strip() for c in label_column.split(",") if c.strip()] or [label_column]
     lengths, labels, columns = [], [], None
     for path in shards:
         try:
@@ -601,12 +660,13 @@ def _open_parquet_shards(root: Path, shards: list[Path], label_column: str) -> L
             rows = pq.ParquetFile(path).metadata.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"cannot read shard {str(path)!r}: {exc}") from None
-        if label_column not in schema.names:
+        missing = [c for c in names if c not in schema.names]
+        if missing:
             raise DataError(
-                f"`dataset.label_column` {label_column!r} is not a column of shard "
+                f"`dataset.label_column` {missing[0]!r} is not a column of shard "
                 f"{str(path)!r}; columns are {schema.names[:20]}"
             )
-        features = [n for n in schema.names if n != label_column]
+        features = [n for n in schema.names if n not in names]
         if columns is None:
             columns, first = features, path
         elif features != columns:
@@ -615,19 +675,41 @@ def _open_parquet_shards(root: Path, shards: list[Path], label_column: str) -> L
                 f"has {len(columns)}; every shard must have the same columns"
             )
         lengths.append(rows)
-        labels.append(pq.read_table(path, columns=[label_column]).column(0).to_numpy())
+        table = pq.read_table(path, columns=names)
+        labels.append(
+            table.column(0).to_numpy()
+            if len(names) == 1
+            else np.column_stack([table.column(c).to_numpy() for c in names])
+        )
     assert columns is not None
     _warn_decoded(root, len(shards), "Parquet")
-    ids, num_classes, names = labels_to_ids(np.concatenate(labels), where=str(root))
+    ids, num_classes, classes = task_labels(np.concatenate(labels), task, where=str(root))
     source = ShardSource(shards, lengths, (len(columns),), x_key="", columns=columns)
-    return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=names)
+    return LazyDataset(source, np.arange(len(source)), ids, num_classes, class_names=classes)
 
 
-def open_data_dir(root: Path, *, label_column: str = "label") -> LazyDataset:
-    """A site's data directory, whichever layout: class folders, or NPZ/Parquet shards."""
+def open_data_dir(
+    root: Path, *, label_column: str = "label", task: str = "multiclass"
+) -> LazyDataset:
+    """A site's data directory, whichever layout: class folders, or NPZ/Parquet shards.
+
+    Class folders carry one class per sample: ``task.kind`` multilabel or regression needs
+    shards (a one-line :class:`~fedinfer.errors.ConfigError` otherwise).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{str(root)!r} is not a directory")
     if any(p.suffix.lower() in SHARD_SUFFIXES for p in root.iterdir()):
-        return open_shards(root, label_column=label_column)
+        return open_shards(root, label_column=label_column, task=task)
+    check_folder_task(task, str(root))
     return open_folder(root)
+
+
+def check_folder_task(task: str, where: str) -> None:
+    """Class folders hold one class per sample: refuse ``task.kind`` multilabel / regression."""
+    if task not in ("multiclass", "binary"):
+        raise ConfigError(
+            f"`task.kind`={task}: class folders ({where}) carry one class per sample; give "
+            "multi-label or regression targets as NPZ/Parquet shards (dataset=shards) or a "
+            "data function"
+        )

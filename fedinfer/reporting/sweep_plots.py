@@ -1,4 +1,5 @@
-"""Sweep plots: accuracy per round, the privacy-utility frontier, and the spread over seeds.
+"""Sweep plots: accuracy (a regression's RMSE) per round, the privacy-utility frontier, and
+the spread over seeds.
 
 Each function writes one PNG and returns its path, or None when the sweep has
 nothing to draw for it (no evaluated round, no DP job, no swept seed).
@@ -19,6 +20,7 @@ __all__ = [
     "ACCURACY_PLOT",
     "PRIVACY_UTILITY_PLOT",
     "SEEDS_PLOT",
+    "headline_curves",
     "pareto_frontier",
     "plot_accuracy_by_round",
     "plot_privacy_utility",
@@ -53,19 +55,68 @@ def _legend(ax: Any, count: int) -> None:
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
+def headline_curves(
+    jobs: Sequence[JobResult],
+) -> tuple[str, list[tuple[JobResult, list[tuple[int, float]]]]]:
+    """The metric to plot by round and each job's ``(round, value)`` curve of it.
+
+    Global accuracy when a job has it; for a task without accuracy (regression) its
+    headline metric, the first of each round's ``metrics`` (``rmse``: see
+    :class:`fedinfer.tasks.TaskSpec`). Jobs of another metric (a sweep mixing tasks) are
+    left out of the curves.
+
+    Examples
+    --------
+    >>> job = JobResult("0", {}, "completed", rounds=[
+    ...     {"round": 1, "accuracy": None, "metrics": {"rmse": 0.9, "mae": 0.7}}])
+    >>> headline_curves([job])[0], headline_curves([job])[1][0][1]
+    ('rmse', [(1, 0.9)])
+    """
+    if any(job.accuracy_curve() for job in jobs):
+        curves = [(job, job.accuracy_curve()) for job in jobs]
+        return "accuracy", [(job, curve) for job, curve in curves if curve]
+    metric = next(
+        (name for job in jobs for r in job.rounds for name in (r.get("metrics") or {})), ""
+    )
+    curves = []
+    for job in jobs:
+        curve = [
+            (int(r["round"]), float(r["metrics"][metric]))
+            for r in job.rounds
+            if _finite((r.get("metrics") or {}).get(metric))
+        ]
+        if curve:
+            curves.append((job, curve))
+    return metric, curves
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
 def plot_accuracy_by_round(
     jobs: Sequence[JobResult], labels: Mapping[str, str], path: Path
 ) -> Path | None:
-    """One line of global accuracy against round per job."""
-    curves = [(job, job.accuracy_curve()) for job in jobs]
-    curves = [(job, curve) for job, curve in curves if curve]
+    """One line of global accuracy against round per job (of the headline metric, e.g.
+    ``rmse``, for a task without accuracy: :func:`headline_curves`)."""
+    metric, curves = headline_curves(jobs)
     if not curves:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for job, curve in curves:
         ax.plot(*zip(*curve, strict=True), marker="o", markersize=3, label=labels[job.job])
-    ax.set(xlabel="round", ylabel="global accuracy", title="Accuracy per round", ylim=(0, 1))
+    if metric == "accuracy":
+        ax.set(xlabel="round", ylabel="global accuracy", title="Accuracy per round", ylim=(0, 1))
+    else:
+        direction = "lower is better" if metric in ("rmse", "mae") else "higher is better"
+        ax.set(
+            xlabel="round",
+            ylabel=f"global {metric} ({direction})",
+            title=f"{metric.upper() if metric in ('rmse', 'mae') else metric} per round",
+        )
+        if metric in ("rmse", "mae"):
+            ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     _legend(ax, len(curves))
     return _save(fig, path)
