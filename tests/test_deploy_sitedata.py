@@ -174,3 +174,21 @@ def test_a_custom_model_trains_on_lazy_site_data_and_every_site_serves_it(
     assert f"py:{DATA_FN}" in logs["site-01"]
     manifest = json.loads((dep.coordinator_dir / "output" / "model" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [-1, 1, 8, 8]
+
+
+def test_a_regression_shard_directory_is_inspected_as_targets_not_refused(tmp_path: Path) -> None:
+    """The site learns the task only from the coordinator: float targets must not stop it."""
+    import numpy as np
+
+    from fedinfer.deploy.sitedata import inspect_site_data
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.savez(
+            tmp_path / f"shard-{i}.npz",
+            x=rng.random((20, 5), dtype=np.float32),
+            y=(rng.random(20) * 100).astype(np.float32),
+        )
+    info = inspect_site_data(tmp_path, site_id="site-00")
+    assert info.targets and info.num_samples == 40 and info.num_classes == 1
+    assert "1 target column(s)" in info.describe()

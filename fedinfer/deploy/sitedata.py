@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fedinfer.config.schema import FedInferConfig, PartitionConfig
-from fedinfer.data import load_dataset, load_site_data, partition_indices
+from fedinfer.data import SiteData, load_dataset, load_site_data, partition_indices
 from fedinfer.data.federated import DATA_FUNCTION_PREFIX, SiteDataset
 from fedinfer.data.lazy import LazyDataset
 from fedinfer.data.writers import write_folder, write_shards
@@ -71,13 +71,18 @@ class SiteDataInfo:
     sample_shape: tuple[int, ...]
     num_classes: int
     lazy: bool
+    targets: bool = False
+    """True when the labels are not class ids (regression values or label vectors)."""
 
     def describe(self) -> str:
         """One line for the site's log."""
         how = "read lazily" if self.lazy else "in memory"
+        labels = f"{self.num_classes} target column(s)" if self.targets else (
+            f"{self.num_classes} classes"
+        )
         return (
             f"{self.spec}: {self.num_samples} samples of shape {list(self.sample_shape)}, "
-            f"{self.num_classes} classes ({how})"
+            f"{labels} ({how})"
         )
 
 
@@ -111,10 +116,19 @@ def inspect_site_data(
             f"--data {spec} does not exist; give a CSV/Parquet/NPZ file, a data directory, "
             "or py:my_pkg.data.load_site"
         )
-    site = load_site_data(
-        spec, site_id=site_id, label_column=label_column,
-        partition=PartitionConfig(name="iid", val_fraction=0.0, test_fraction=0.0), seed=0,
-    )  # fmt: skip
+    # The site does not know the run's task before the coordinator asks (the ClientApp checks
+    # the labels against it then): labels that are not class ids are read as targets here.
+    targets = False
+    try:
+        site = _open_for_inspection(spec, site_id, label_column, task="multiclass")
+        named = isinstance(site.train, LazyDataset) and site.train.class_names is not None
+        if named and not _is_class_folder(spec):
+            raise DataError("labels are not class ids")  # float targets read as names
+    except DataError as first:
+        try:
+            site, targets = _open_for_inspection(spec, site_id, label_column, "regression"), True
+        except (ConfigError, DataError):
+            raise first from None
     parts: list[SiteDataset] = [site.train, site.val, site.test]
     train = site.train
     if isinstance(train, LazyDataset) and train.class_names is not None:
@@ -129,7 +143,22 @@ def inspect_site_data(
         sample_shape=tuple(train.sample_shape or (train.input_dim,)),
         num_classes=max(p.num_classes for p in parts),
         lazy=isinstance(train, LazyDataset),
+        targets=targets,
     )
+
+
+def _is_class_folder(spec: str) -> bool:
+    """A directory of class folders (``<dir>/<class>/<file>``) rather than shards."""
+    path = Path(spec)
+    return path.is_dir() and any(p.is_dir() for p in path.iterdir())
+
+
+def _open_for_inspection(spec: str, site_id: str, label_column: str, task: str) -> SiteData:
+    return load_site_data(
+        spec, site_id=site_id, label_column=label_column,
+        partition=PartitionConfig(name="iid", val_fraction=0.0, test_fraction=0.0), seed=0,
+        task=task,
+    )  # fmt: skip
 
 
 def sample_rows(spec: str | Path, n: int, *, label_column: str = "label") -> np.ndarray:
