@@ -366,3 +366,35 @@ def test_a_site_serves_the_signed_onnx_graph_without_importing_the_code(
     with pytest.raises(ModelIntegrityError, match="allow-list"):  # torch needs the code
         build_backend("torch", stored, manifest)
     assert not evil_module.exists()
+
+
+UNEXPORTABLE = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.lin = torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+
+    def forward(self, x):
+        y = self.lin(x.reshape(x.shape[0], -1))
+        return torch.from_numpy(y.detach().numpy() * 2)  # leaves the graph: no ONNX export
+'''
+
+
+def test_a_model_onnx_cannot_serve_is_refused_before_training_unless_torch_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedinfer.models.custom import preflight
+
+    (tmp_path / "unexportable_pkg.py").write_text(UNEXPORTABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(ALLOW_ENV, "unexportable_pkg.*")
+    base = ("model=custom", "model._target_=unexportable_pkg.Net", "privacy=none", "secagg=off")
+    with pytest.raises(
+        ConfigError, match=r"cannot be served as ONNX \(.+\); .*serving.allow_torch_fallback=true"
+    ):
+        preflight(tiny_config(*base), input_dim=40, num_classes=10)
+    # Allowed: published without a graph (sites serve it with torch), no error.
+    preflight(tiny_config(*base, "serving.allow_torch_fallback=true"), input_dim=40, num_classes=10)

@@ -247,6 +247,10 @@ class ServingConfig:
     """Keep the site servers running after the demo requests (until Ctrl-C)."""
     base_port: int = 0
     """First port of the site servers (0: pick free ports)."""
+    allow_torch_fallback: bool = False
+    """Publish a custom model whose ONNX export fails or disagrees with eager torch, without a
+    graph (sites then serve it with torch and need its target on ``$FEDINFER_MODEL_TARGETS``).
+    False: such a model is refused before training, naming the failed check."""
 
 
 @dataclass

@@ -235,6 +235,7 @@ def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
             "; ".join(replaced),
         )
     _check_output_shape(model, cfg, input_dim=input_dim, num_outputs=num_classes)
+    _check_export(model, cfg, input_dim=input_dim)
     if cfg.secagg.enabled:
         for name, value in model.state_dict().items():
             if not value.is_floating_point():
@@ -243,6 +244,28 @@ def preflight(cfg: FedInferConfig, *, input_dim: int, num_classes: int) -> None:
                     f"{str(value.dtype).removeprefix('torch.')} (a BatchNorm counter?); use "
                     "privacy=dpsgd privacy.fix_model=true, a model without it, or secagg=off"
                 )
+
+
+def _check_export(model: nn.Module, cfg: FedInferConfig, *, input_dim: int) -> None:
+    """Export the untrained model once: a model that cannot be served as ONNX is refused now."""
+    from fedinfer.errors import ServingError
+    from fedinfer.serving.backends import export_onnx
+
+    try:
+        export_onnx(model.eval(), input_shape=(input_dim,))
+    except ServingError as exc:
+        _refuse_or_warn(cfg, exc)
+
+
+def _refuse_or_warn(cfg: FedInferConfig, exc: Exception) -> None:
+    reason = " ".join(str(exc).split())
+    if not cfg.serving.allow_torch_fallback:
+        raise ConfigError(
+            f"`model._target_` {cfg.model._target_!r} cannot be served as ONNX ({reason}); make "
+            "its forward exportable by torch.onnx, or set serving.allow_torch_fallback=true "
+            "(sites then serve it with torch and need the target on $FEDINFER_MODEL_TARGETS)"
+        )
+    logger.warning("the model artifact carries no ONNX graph: %s", reason)
 
 
 def _check_output_shape(
@@ -288,8 +311,9 @@ def export_graph(
 
     Exported where the code already runs (the coordinator) and checked against eager torch,
     so sites can serve the signed graph without importing the code. None for built-in
-    models, and (with a warning) when export or the check fails: sites then need the
-    target on their allow-list to serve it with torch.
+    models. When export or the check fails: a ConfigError, unless
+    ``serving.allow_torch_fallback`` (then None with a warning: sites need the target on
+    their allow-list to serve it with torch).
     """
     if cfg.model.name != "custom":
         return None
@@ -308,5 +332,5 @@ def export_graph(
     try:
         return export_onnx(model.eval(), input_shape=(input_dim,))
     except ServingError as exc:
-        logger.warning("the model artifact carries no ONNX graph: %s", exc)
+        _refuse_or_warn(cfg, exc)
         return None
