@@ -93,3 +93,13 @@ def test_true_labels_are_the_site_files_first_labels(tmp_path: Path) -> None:
         expected = data["y"][:4].tolist()
     assert deployment.true_labels("site-01", 4) == expected
     assert deployment.true_labels("site-09", 4) is None  # no such file: the demo line has none
+
+
+def test_a_bad_data_layout_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = tmp_path / "deploy"
+    code = cli_main(["deploy", "local", "--workdir", str(workdir), "--data-layout", "tiff"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and "`--data-layout` 'tiff' is not one of npz, folder, png, shards" in err[0]
+    assert not workdir.exists()

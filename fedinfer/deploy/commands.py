@@ -304,6 +304,14 @@ def _add_deploy(subparsers: Any) -> None:
     )
     local.add_argument("--port", type=int, default=0, help="Fleet gateway port (0: free)")
     local.add_argument(
+        "--data-layout",
+        default="npz",
+        metavar="LAYOUT",
+        help="how each site's data is written: npz (one file, default), folder (class folders of "
+        ".npy), png (class folders of PNG images) or shards (NPZ shards); the last three are "
+        "read lazily",
+    )
+    local.add_argument(
         "--keep-alive", action="store_true", help="keep the sites serving until Ctrl-C"
     )
     local.add_argument(
@@ -327,6 +335,7 @@ def _deploy_local(ns: argparse.Namespace) -> int:
         port=ns.port,
         keep_alive=ns.keep_alive,
         encrypt_state=not ns.no_state_encryption,
+        data_layout=ns.data_layout,
     )
 
 

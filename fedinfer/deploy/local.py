@@ -339,13 +339,14 @@ def deploy_local(
     port: int = 0,
     keep_alive: bool = False,
     encrypt_state: bool = True,
+    data_layout: str = "npz",
 ) -> int:
     """Run :class:`LocalDeployment` end to end and print what every site's server answered.
 
     Raises :class:`~fedinfer.errors.ConfigError` for a bad option or config before
     anything is written.
     """
-    check_options(num_sites=num_sites, rounds=rounds, port=port)
+    check_options(num_sites=num_sites, rounds=rounds, port=port, data_layout=data_layout)
     deployment = LocalDeployment(
         workdir,
         num_sites=num_sites,
@@ -353,6 +354,7 @@ def deploy_local(
         overrides=overrides,
         port=port,
         encrypt_state=encrypt_state,
+        data_layout=data_layout,
     )
     with signals_raise_shutdown():
         try:
@@ -391,9 +393,13 @@ def deploy_local(
             deployment.stop()
 
 
-def check_options(*, num_sites: int, rounds: int, port: int) -> None:
+def check_options(*, num_sites: int, rounds: int, port: int, data_layout: str = "npz") -> None:
     """Refuse bad ``deploy local`` options, naming each (one ConfigError for all of them)."""
+    from fedinfer.deploy.sitedata import LAYOUTS
+
     problems = []
+    if data_layout not in LAYOUTS:
+        problems.append(f"`--data-layout` {data_layout!r} is not one of {', '.join(LAYOUTS)}")
     if num_sites < 2:
         problems.append(
             f"`--sites` must be >= 2 (got {num_sites}): secure aggregation and FedAvg need two"
