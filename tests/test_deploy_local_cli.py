@@ -103,3 +103,44 @@ def test_a_bad_data_layout_is_refused_before_anything_is_written(
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and "`--data-layout` 'tiff' is not one of npz, folder, png, shards" in err[0]
     assert not workdir.exists()
+
+
+def test_demo_line_of_a_regression_site_shows_values_and_true_targets() -> None:
+    line = demo_line(
+        {
+            "site": "site-00",
+            "url": "http://127.0.0.1:9",
+            "model_name": "mlp",
+            "model_version": "1",
+            "labels": [151.0, 75.5],
+            "outputs": [{"name": "values", "shape": [2, 1], "data": [140.04, 90.0]}],
+        }
+    )
+    assert line == (
+        "site-00: http://127.0.0.1:9 model mlp v1 predicts values [140.0, 90.0], "
+        "true values [151.0, 75.5]"
+    )
+
+
+@pytest.mark.slow
+def test_a_regression_federation_deploys_and_every_site_serves_values(tmp_path: Path) -> None:
+    """task=regression end to end over real processes: train under DP + secagg, publish, serve."""
+    import json
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_diabetes
+
+    csv = tmp_path / "diabetes.csv"
+    load_diabetes(as_frame=True).frame.rename(columns={"target": "label"}).to_csv(csv, index=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedinfer", "deploy", "local", "--workdir", str(tmp_path / "d"),
+         "--sites", "3", "--rounds", "1", "task=regression", "dataset=csv",
+         f"dataset.path={csv}", "model=mlp"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    served = [line for line in done.stdout.splitlines() if "predicts values" in line]
+    assert len(served) == 3 and all("true values" in line for line in served)
+    results = json.loads((tmp_path / "d" / "coordinator" / "output" / "results.json").read_text())
+    assert results["task"]["kind"] == "regression"

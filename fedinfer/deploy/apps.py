@@ -186,6 +186,7 @@ def build_deploy_server_app() -> ServerApp:
         with open(runtime.rounds_log, "a") as rounds:
             printer = RoundPrinter(
                 num_rounds=cfg.federation.rounds,
+                task=cfg.task.kind,
                 console=Console(file=rounds, highlight=False, soft_wrap=True, width=120),
             )
             result = run_coordinator(

@@ -316,13 +316,21 @@ class LocalDeployment:
         )
         return {"site": name, "url": url, "labels": self.true_labels(name, len(x)), **answer}
 
-    def true_labels(self, name: str, n: int) -> list[int] | None:
-        """The labels of ``name``'s first ``n`` samples (None when its data is not one NPZ)."""
+    def true_labels(self, name: str, n: int) -> list[int] | list[float] | None:
+        """The labels (or regression targets) of ``name``'s first ``n`` samples.
+
+        None when its data is not one NPZ, or its labels are vectors (multi-label).
+        """
         path = self.workdir / "data" / f"{name}.npz"
         if not path.is_file():
             return None
         with np.load(path, allow_pickle=False) as data:
-            return [int(v) for v in data["y"][:n]] if "y" in data.files else None
+            if "y" not in data.files or data["y"].ndim != 1:
+                return None
+            y = data["y"][:n]
+            if np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
+                return [float(v) for v in y]
+            return [int(v) for v in y]
 
     def stop(self) -> None:
         """SIGTERM every site, then the coordinator (each stops its own children)."""
@@ -428,13 +436,22 @@ def demo_line(answer: dict[str, Any]) -> str:
     ...            "outputs": [{"shape": [2, 2], "data": [0.1, 0.9, 0.3, 0.7]}]})
     'site-00: http://127.0.0.1:1 model mlp v2 predicts [1, 1], true labels [1, 0] (1 of 2 right)'
     """
-    output = answer["outputs"][0]
-    predicted = np.asarray(output["data"]).reshape(output["shape"]).argmax(axis=1).tolist()
-    line = (
+    outputs = {o.get("name"): o for o in answer["outputs"]}
+    head = (
         f"{answer['site']}: {answer['url']} model {answer['model_name']} "
-        f"v{answer['model_version']} predicts {predicted}"
+        f"v{answer['model_version']}"
     )
     labels = answer.get("labels")
+    if "values" in outputs:  # regression: the values next to the true targets
+        values = np.asarray(outputs["values"]["data"], dtype=float)
+        shown = [round(float(v), 1) for v in values.reshape(outputs["values"]["shape"])[:, 0]]
+        line = f"{head} predicts values {shown}"
+        if labels is None:
+            return line
+        return f"{line}, true values {[round(float(v), 1) for v in labels]}"
+    output = answer["outputs"][0]
+    predicted = np.asarray(output["data"]).reshape(output["shape"]).argmax(axis=1).tolist()
+    line = f"{head} predicts {predicted}"
     if labels is None:
         return line
     right = sum(p == t for p, t in zip(predicted, labels, strict=True))
