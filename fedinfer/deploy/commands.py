@@ -306,7 +306,6 @@ def _add_deploy(subparsers: Any) -> None:
     local.add_argument(
         "--data-layout",
         default="npz",
-        metavar="LAYOUT",
         help="how each site's data is written: npz (one file, default), folder (class folders of "
         ".npy), png (class folders of PNG images) or shards (NPZ shards); the last three are "
         "read lazily",
