@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import ssl
 import sys
 import time
@@ -169,7 +170,10 @@ def run_coordinator_service(opts: CoordinatorOptions) -> int:
             status = _follow(opts, layout, cli, run_id)
             outcome = status.removeprefix(f"{_FINISHED}:")  # Flower's "finished:completed"
             results = layout.output_dir / RESULTS_FILE
-            print(f"federation {outcome}; results in {results}", flush=True)
+            if status != f"{_FINISHED}:completed":
+                _explain_failure(cli, run_id, layout)
+            where = f"results in {results}" if results.exists() else "no results were written"
+            print(f"federation {outcome}; {where}", flush=True)
             if opts.keep_alive:
                 print("keeping the SuperLink up for the sites (Ctrl-C to stop)", flush=True)
                 _idle(opts)
@@ -353,6 +357,37 @@ def _follow(
                 _update_state(layout, status=status, finished=time.time())
                 return status
         time.sleep(1.0)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def serverapp_exception(log_text: str) -> str | None:
+    """The exception line of the last traceback in a ServerApp's log (``Type: message``)."""
+    lines = _ANSI.sub("", log_text).splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call")]
+    if not starts:
+        return None
+    for line in lines[starts[-1] + 1 :]:
+        if line and not line[0].isspace():
+            return line.strip()
+    return None
+
+
+def _explain_failure(cli: FlowerCli, run_id: int, layout: CoordinatorLayout) -> None:
+    """Print why the ServerApp failed and keep its whole log in ``logs/serverapp.log``."""
+    log_text = cli.run_log(run_id)
+    if not log_text:
+        print(f"the ServerApp's log is not available (`flwr log {run_id}`)", flush=True)
+        return
+    path = layout.logs / "serverapp.log"
+    path.write_text(_ANSI.sub("", log_text))
+    reason = serverapp_exception(log_text)
+    if reason:
+        kind, _, message = reason.partition(": ")
+        ours = kind.startswith("fedinfer.") and message  # our errors are written for the user
+        print(f"the ServerApp stopped: {message if ours else reason}", flush=True)
+    print(f"the ServerApp's log: {path}", flush=True)
 
 
 def _results_final(layout: CoordinatorLayout, *, since: float) -> bool:

@@ -196,6 +196,22 @@ class FlowerCli:
         """Ask the SuperLink to stop a run (its ServerApp is told to exit)."""
         self.call("stop", str(run_id), CONNECTION)
 
+    def run_log(self, run_id: int, *, timeout_s: float = 60.0) -> str:
+        """``flwr log RUN --show``: what the run's ServerApp printed ("" when unavailable)."""
+        argv = [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"]
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,  # noqa: S603
+                env=flower_env(self.flwr_home),
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
 
 def _last_json(stdout: str) -> dict[str, Any]:
     """Return the JSON object the CLI prints last (it may print other lines before it)."""
