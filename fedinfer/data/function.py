@@ -18,8 +18,6 @@ py:my_pkg.data.load_site``), never from the coordinator.
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 
 from fedinfer.data.lazy import LazyDataset, task_labels
 from fedinfer.errors import ConfigError, DataError
+from fedinfer.targets import DATA_TARGETS
 
 __all__ = [
     "DATA_ALLOW_ENV",
@@ -38,49 +37,22 @@ __all__ = [
     "load_function_split",
 ]
 
-DATA_ALLOW_ENV = "FEDINFER_DATA_TARGETS"
+DATA_ALLOW_ENV = DATA_TARGETS.env_var
 SPLITS = ("train", "val", "test")
-
-
-def _allowed() -> tuple[str, ...]:
-    raw = os.environ.get(DATA_ALLOW_ENV, "")
-    return tuple(entry.strip() for entry in raw.split(",") if entry.strip())
 
 
 def allow_data_target(target: str) -> None:
     """Add ``target`` to this process's allow-list (a simulation: its config is the sites')."""
-    current = _allowed()
-    if target not in current:
-        os.environ[DATA_ALLOW_ENV] = ",".join((*current, target))
+    DATA_TARGETS.allow(target)
 
 
 def check_data_target_allowed(target: str) -> None:
     """Raise :class:`ConfigError` unless ``$FEDINFER_DATA_TARGETS`` names ``target``."""
-    if not isinstance(target, str) or not target.replace(".", "").replace("_", "").isalnum():
-        raise ConfigError(f"`dataset._target_` {target!r} is not a dotted import path")
-    for entry in _allowed():
-        if entry == target or (entry.endswith(".*") and target.startswith(entry[:-1])):
-            return
-    raise ConfigError(
-        f"`dataset._target_` {target!r} is not on this site's allow-list; "
-        f"the site operator must set {DATA_ALLOW_ENV}={target} (or a 'package.*' prefix)"
-    )
+    DATA_TARGETS.check(target)
 
 
 def _import(target: str) -> Callable[..., Any]:
-    check_data_target_allowed(target)
-    module_name, _, attr = target.rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # ImportError, AttributeError, or the module's own errors
-        reason = " ".join(str(exc).split())
-        raise ConfigError(
-            f"`dataset._target_` {target!r} cannot be imported ({reason}); "
-            "put its package on PYTHONPATH or install it"
-        ) from None
-    if not callable(fn):
-        raise ConfigError(f"`dataset._target_` {target!r} is not a function")
-    return fn  # type: ignore[no-any-return]
+    return DATA_TARGETS.load(target)
 
 
 class TorchSource:

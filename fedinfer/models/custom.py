@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from fedinfer.config.schema import FedInferConfig, ModelConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
+from fedinfer.targets import MODEL_TARGETS
 
 __all__ = [
     "ALLOW_ENV",
@@ -44,14 +44,13 @@ __all__ = [
     "preflight",
 ]
 
-ALLOW_ENV = "FEDINFER_MODEL_TARGETS"
+ALLOW_ENV = MODEL_TARGETS.env_var
 logger = logging.getLogger(__name__)
 
 
 def allowed_targets() -> tuple[str, ...]:
     """The site's allow-list of importable model targets, from ``$FEDINFER_MODEL_TARGETS``."""
-    raw = os.environ.get(ALLOW_ENV, "")
-    return tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    return MODEL_TARGETS.entries()
 
 
 def allow_target(target: str) -> None:
@@ -60,25 +59,12 @@ def allow_target(target: str) -> None:
     Only for a run whose own config is the site's config (a simulation on one machine);
     a deployed site sets ``$FEDINFER_MODEL_TARGETS`` itself.
     """
-    current = allowed_targets()
-    if target not in current:
-        os.environ[ALLOW_ENV] = ",".join((*current, target))
+    MODEL_TARGETS.allow(target)
 
 
 def check_target_allowed(target: str) -> None:
-    """Raise :class:`ConfigError` unless the allow-list names ``target``.
-
-    An entry matches exactly, or ``pkg.mod.*`` matches every target under ``pkg.mod.``.
-    """
-    if not isinstance(target, str) or not target.replace(".", "").replace("_", "").isalnum():
-        raise ConfigError(f"`model._target_` {target!r} is not a dotted import path")
-    for entry in allowed_targets():
-        if entry == target or (entry.endswith(".*") and target.startswith(entry[:-1])):
-            return
-    raise ConfigError(
-        f"`model._target_` {target!r} is not on this site's allow-list; "
-        f"the site operator must set {ALLOW_ENV}={target} (or a 'package.*' prefix)"
-    )
+    """Raise :class:`ConfigError` unless the allow-list names ``target`` (:mod:`fedinfer.targets`)."""
+    MODEL_TARGETS.check(target)
 
 
 def input_shape_of(cfg: ModelConfig, input_dim: int) -> tuple[int, ...]:
@@ -126,23 +112,13 @@ def build_custom(cfg: ModelConfig, *, input_dim: int, num_classes: int) -> Shape
     target = cfg._target_
     if not target:
         raise ConfigError("`model._target_` is required for model=custom")
-    check_target_allowed(target)
+    MODEL_TARGETS.check(target)
     kwargs = dict(cfg.kwargs or {})
     _reject_nested_targets(kwargs, "model.kwargs")
     shape = input_shape_of(cfg, input_dim)
-    import importlib
-
+    factory = MODEL_TARGETS.load(target)
     from hydra.utils import instantiate
 
-    module_name, _, attr = target.rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # ImportError, AttributeError, or the module's own errors
-        reason = " ".join(str(exc).split())
-        raise ConfigError(
-            f"`model._target_` {target!r} cannot be imported ({reason}); "
-            "put its package on PYTHONPATH or install it"
-        ) from None
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
