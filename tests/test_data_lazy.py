@@ -443,3 +443,35 @@ def test_the_image_example_reads_png_class_folders(
     config = json.loads((out / "results.json").read_text())["config"]
     assert config["dataset"]["name"] == "folder" and config["model"]["input_shape"] == [1, 8, 8]
     assert summary["served_input_shape"] == [-1, 1, 8, 8] and summary["predict_rows"] == 200
+
+
+def test_the_site_worker_reloads_a_folder_when_a_file_inside_a_class_folder_changes(
+    npy_folder: Path, tmp_path: Path
+) -> None:
+    """The worker's data cache is keyed by the whole tree, not only the top directory."""
+    import os
+    import shutil
+
+    from flwr.app import Context, RecordDict
+
+    from fedinfer.fl.run_config import NodeConfigKeys
+    from fedinfer.fl.site import deployment_resolver
+
+    # Prepare: a private copy of the folder dataset, and a resolver with a cache
+    data = shutil.copytree(npy_folder, tmp_path / "digits")
+    cfg = load_config(["dataset=folder", f"dataset.path={data}", "model=logreg"])
+    node = {NodeConfigKeys.DATA_PATH: str(data), NodeConfigKeys.STATE_DIR: str(tmp_path),
+            NodeConfigKeys.SITE_NAME: "site-00"}  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    resolve = deployment_resolver(cfg, num_classes=10, cache={})
+    first = resolve(context)
+    assert resolve(context) is first  # unchanged data: served from the cache
+    # Execute: rewrite one sample two levels down (same size), with a later mtime
+    sample = next(p for p in sorted((data / "3").iterdir()) if p.suffix == ".npy")
+    stat = sample.stat()
+    np.save(sample, -np.load(sample))
+    os.utime(sample, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns))  # top dir untouched
+    second = resolve(context)
+    # Assert
+    assert second is not first

@@ -9,6 +9,7 @@ ClientApp runs in both.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def deployment_resolver(
         if cache is None:
             return _load_deployed_site(cfg, node, num_classes=num_classes)
         spec = str(node[NodeConfigKeys.DATA_PATH])  # a file, a directory, or py:target
-        stamp = (0, 0) if spec.startswith("py:") else _data_stamp(Path(spec))
+        stamp = (0, 0, 0) if spec.startswith("py:") else _data_stamp(Path(spec))
         key = (
             tuple(sorted((k, str(v)) for k, v in node.items())),
             stamp,
@@ -159,13 +160,27 @@ def _load_deployed_site(
     return SiteEnv(name, state_dir, data, Path(str(key)) if key else None, state_key)
 
 
-def _data_stamp(path: Path) -> tuple[int, int]:
-    """Size and mtime of a data file, or of a directory and its direct entries."""
+def _data_stamp(path: Path) -> tuple[int, int, int]:
+    """(entries, bytes, newest mtime) of a data file, or of a directory tree, in one walk.
+
+    A file added, removed, rewritten or touched anywhere under a data directory (a class
+    folder of an image dataset included) changes the stamp, so the worker reloads the data.
+    """
     stat = path.stat()
     if not path.is_dir():
-        return stat.st_size, stat.st_mtime_ns
-    newest = max((e.stat().st_mtime_ns for e in path.iterdir()), default=stat.st_mtime_ns)
-    return len(list(path.iterdir())), max(stat.st_mtime_ns, newest)
+        return 1, stat.st_size, stat.st_mtime_ns
+    entries, size, newest = 0, 0, stat.st_mtime_ns
+    pending = [str(path)]
+    while pending:
+        with os.scandir(pending.pop()) as scan:
+            for entry in scan:
+                info = entry.stat(follow_symlinks=True)
+                entries, newest = entries + 1, max(newest, info.st_mtime_ns)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    size += info.st_size
+    return entries, size, newest
 
 
 @dataclass(frozen=True)
