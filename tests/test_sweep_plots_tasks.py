@@ -72,3 +72,44 @@ def test_nothing_evaluated_draws_nothing(tmp_path: Path) -> None:
     job = _job("0", [{"round": 1, "accuracy": None, "metrics": {}}])
     assert plot_accuracy_by_round([job], {"0": "a"}, tmp_path / "p.png") is None
     assert not (tmp_path / "p.png").exists()
+
+
+def _dp_rounds(rmse: list[float], eps: list[float]) -> list[dict[str, Any]]:
+    rounds = _regression_rounds(rmse)
+    for r, e in zip(rounds, eps, strict=True):
+        r["epsilon"] = {"site-00": e}
+    return rounds
+
+
+def test_a_regression_sweeps_privacy_utility_plot_uses_rmse_and_a_lower_is_better_frontier(
+    tmp_path: Path, drawn: list[Any]
+) -> None:
+    from fedinfer.reporting.sweep_plots import plot_privacy_utility
+
+    # Prepare: two DP jobs (the cheaper one has the worse RMSE) and one without DP
+    jobs = [
+        JobResult("0", {}, "completed", rounds=_dp_rounds([0.9, 0.8], [1.0, 2.0])),
+        JobResult("1", {}, "completed", rounds=_dp_rounds([0.7, 0.5], [2.0, 4.0])),
+        JobResult("2", {}, "completed", rounds=_regression_rounds([0.4, 0.3])),
+    ]
+    # Execute
+    path = plot_privacy_utility(jobs, {"0": "a", "1": "b", "2": "c"}, tmp_path / "pu.png")
+    # Assert: end points are each job's last RMSE; the frontier improves downwards
+    assert path is not None
+    (ax,) = drawn[0].axes
+    lines = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
+    assert lines["frontier"] == [[2.0, 0.8], [4.0, 0.5], [4.0, 0.5]]
+    assert lines["no DP: c"][0][1] == 0.3
+    assert "rmse" in ax.get_ylabel() and ax.get_ylim()[1] >= 0.9
+
+
+def test_a_regression_sweeps_seed_spread_plots_rmse(tmp_path: Path, drawn: list[Any]) -> None:
+    from fedinfer.reporting.sweep_plots import plot_seed_spread
+
+    jobs = [_job("0", _regression_rounds([1.0, 0.6])), _job("1", _regression_rounds([2.0, 1.0]))]
+    path = plot_seed_spread(jobs, ["seed"], tmp_path / "s.png")
+    assert path is not None
+    ax_round, ax_final = drawn[0].axes
+    (mean,) = [line for line in ax_round.get_lines()]
+    assert mean.get_xydata().tolist() == [[1, 1.5], [2, 0.8]]
+    assert "rmse" in ax_round.get_ylabel() and "rmse" in ax_final.get_ylabel()

@@ -61,24 +61,35 @@ class JobResult:
 
     def accuracy_curve(self) -> list[tuple[int, float]]:
         """``(round, global accuracy)`` for every evaluated round."""
+        return self.metric_curve("accuracy")
+
+    def metric_curve(self, metric: str) -> list[tuple[int, float]]:
+        """``(round, value)`` of a global metric (``accuracy``, ``rmse`` ...) per round."""
         return [
-            (int(r["round"]), float(r["accuracy"]))
+            (int(r["round"]), float(value))
             for r in self.rounds
-            if _number(r.get("accuracy"))
+            if _number(value := _round_metric(r, metric))
         ]
 
-    def epsilon_curve(self) -> list[tuple[float, float]]:
-        """``(epsilon spent so far by the most-spent site, accuracy)`` per round, for DP runs."""
+    def epsilon_curve(self, metric: str = "accuracy") -> list[tuple[float, float]]:
+        """``(epsilon spent so far by the most-spent site, metric)`` per round, for DP runs."""
         curve, spent = [], 0.0
         for r in self.rounds:
             spent = max([spent, *(e for e in (r.get("epsilon") or {}).values() if _number(e))])
-            if spent > 0 and _number(r.get("accuracy")):
-                curve.append((spent, float(r["accuracy"])))
+            if spent > 0 and _number(value := _round_metric(r, metric)):
+                curve.append((spent, float(value)))
         return curve
 
     def rounds_to(self, target: float) -> int | None:
         """The first round whose global accuracy reached ``target`` (None: never)."""
         return next((rnd for rnd, acc in self.accuracy_curve() if acc >= target), None)
+
+
+def _round_metric(record: dict[str, Any], metric: str) -> Any:
+    """A round's global ``accuracy``, or another metric of its task (``metrics``)."""
+    if metric == "accuracy":
+        return record.get("accuracy")
+    return (record.get("metrics") or {}).get(metric)
 
 
 def _number(value: Any) -> bool:
