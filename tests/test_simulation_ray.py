@@ -176,3 +176,34 @@ def test_gpu_fractions_reach_the_site_actors(out_dir: Path) -> None:
     assert backend_config(cfg)["client_resources"]["num_gpus"] == 0.5
     result = run_simulation(cfg, output_dir=out_dir)
     assert result.results["status"] == "completed" and len(result.results["rounds"]) == 2
+
+
+def test_user_code_named_by_the_config_runs_on_an_existing_ray_cluster(
+    out_dir: Path, ray_tmpdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dataset=function and a state key on a cluster started before the run.
+
+    The head never saw the driver's environment: before the fix every site refused the run's
+    own data function (not on its allow-list) and would have kept its state in plaintext.
+    """
+    from fedinfer.crypto.at_rest import StateKey
+    from tests.at_rest_helpers import plaintext_hits
+
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
+    monkeypatch.delenv("FEDINFER_DATA_TARGETS", raising=False)
+    monkeypatch.delenv("FEDINFER_STATE_KEY_FILE", raising=False)
+    with ray_head(ray_tmpdir) as address:
+        key_file = ray_tmpdir / "keys" / "site.key"
+        StateKey.generate().save(key_file)
+        monkeypatch.setenv("FEDINFER_STATE_KEY_FILE", str(key_file))  # after the head started
+        cfg = tiny_config(
+            *RAY_SIM, f"simulation.ray_address={address}", "task=regression", "dataset=function",
+            "dataset._target_=tests.test_data_lazy_tasks.load_site", "privacy=dpsgd",
+        )  # fmt: skip
+        result = run_simulation(cfg, output_dir=out_dir)
+    assert result.results["status"] == "completed", result.results.get("stop_reason")
+    assert len(result.results["rounds"]) == 2
+    assert all(not r["failed"] and r["aggregated"] for r in result.results["rounds"])
+    ledgers = list((out_dir / "sites").rglob("ledger.json"))
+    assert len(ledgers) == 3, "every site kept a privacy ledger"
+    assert plaintext_hits(out_dir / "sites") == [], "the sites' state is sealed"

@@ -21,12 +21,13 @@ import torch
 from flwr.app import Context
 
 from fedinfer.config.schema import FedInferConfig
-from fedinfer.crypto.at_rest import StateKey, resolve_state_key
+from fedinfer.crypto.at_rest import KEY_ENV_VAR, StateKey, resolve_state_key
 from fedinfer.data import SiteData, build_federated_data, load_site_data, site_name
 from fedinfer.data.shared import open_site
 from fedinfer.errors import ConfigError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.models import build_model
+from fedinfer.targets import DATA_TARGETS, MODEL_TARGETS
 from fedinfer.tasks import num_outputs
 from fedinfer.training import (
     evaluate,
@@ -49,6 +50,7 @@ __all__ = [
     "local_evaluate",
     "local_train",
     "simulation_resolver",
+    "site_environment",
 ]
 
 
@@ -68,6 +70,13 @@ class SiteEnv:
 
 
 SiteResolver = Callable[[Context], SiteEnv]
+SITE_ENVIRONMENT = (MODEL_TARGETS.env_var, DATA_TARGETS.env_var, KEY_ENV_VAR)
+"""Environment variables a simulated site reads: the driver's values reach every actor."""
+
+
+def site_environment() -> dict[str, str]:
+    """This process's values of :data:`SITE_ENVIRONMENT` (call it in the driver)."""
+    return {k: os.environ[k] for k in SITE_ENVIRONMENT if os.environ.get(k)}
 
 
 def simulation_resolver(
@@ -76,6 +85,7 @@ def simulation_resolver(
     output_dir: Path,
     coordinator_public_key: Path | None,
     data_dir: Path | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> SiteResolver:
     """Sites of a simulation: partition ``i`` is ``site-0i`` with state in ``sites/<id>/``.
 
@@ -83,9 +93,15 @@ def simulation_resolver(
     then encrypts every simulated site's state (one key for all: they share a machine).
     With ``data_dir`` (written by :func:`fedinfer.data.shared.write_shared_sites`) a site maps
     its rows from those files instead of rebuilding the whole federation in each actor.
+
+    ``environment`` (:func:`site_environment`, captured in the driver) is set in whichever
+    process resolves a site: an actor on a Ray cluster started before the run never saw the
+    driver's environment, and would otherwise refuse the run's own model or data function, or
+    keep its state in plaintext.
     """
 
     def resolve(context: Context) -> SiteEnv:
+        os.environ.update(environment or {})
         index = int(context.node_config[NodeConfigKeys.PARTITION_ID])
         if data_dir is not None:
             data = open_site(data_dir, index)

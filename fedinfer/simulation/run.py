@@ -33,7 +33,7 @@ from fedinfer.errors import ConfigError, ModelIntegrityError, StateKeyError
 from fedinfer.fl.client_app import build_client_app
 from fedinfer.fl.coordinator import CoordinatorResult, ModelShape, run_coordinator
 from fedinfer.fl.grid import InProcessGrid
-from fedinfer.fl.site import simulation_resolver
+from fedinfer.fl.site import simulation_resolver, site_environment
 from fedinfer.models.custom import allow_target, preflight
 from fedinfer.reporting.progress import RoundPrinter
 from fedinfer.simulation.ray_backend import backend_config
@@ -148,10 +148,15 @@ def run_simulation(
     # Data read lazily from disk stays there: every actor indexes it (file names and labels).
     if cfg.simulation.runtime == "ray" and cfg.simulation.shared_data and not data.lazy:
         data_dir = write_shared_sites(data, output_dir / "site_data")  # mapped by every actor
+    environment = site_environment()  # the driver's allow-lists and state key, for every actor
     client_app = build_client_app(
         config_fn=lambda context: cfg,
         resolver_fn=lambda c: simulation_resolver(
-            c, output_dir=output_dir, coordinator_public_key=public_key, data_dir=data_dir
+            c,
+            output_dir=output_dir,
+            coordinator_public_key=public_key,
+            data_dir=data_dir,
+            environment=environment,
         ),
     )
     run_id = uuid.uuid4().hex[:12]
