@@ -29,7 +29,7 @@ from typing import Any
 from fedinfer.crypto.at_rest import StateKey, open_state, seal_state
 from fedinfer.errors import SecAggAbort
 from fedinfer.fsutil import atomic_write_bytes
-from fedinfer.secagg.keys import KEY_BYTES, new_identity
+from fedinfer.secagg.keys import KEY_BYTES, identity_public, new_identity
 from fedinfer.secagg.site import SiteSecAgg
 
 __all__ = ["RunStateStore", "open_site"]
@@ -143,6 +143,11 @@ class RunStateStore:
         if len(raw) != KEY_BYTES:
             raise SecAggAbort(f"{path} is not a secure-aggregation identity key")
         return raw
+
+    def identity_public(self) -> bytes:
+        """The raw Ed25519 public half of :meth:`identity` (created on first use): what the
+        site's peers list in their ``secagg_trusted_peers`` file."""
+        return identity_public(self.identity())
 
     def save(self, run_id: int, state: Mapping[str, Any]) -> Path:
         """Write ``state`` for ``run_id`` atomically and durably (sealed with a key)."""
