@@ -560,14 +560,16 @@ def _sybil_attack(
 
 
 def test_sybil_round_unmasks_one_site_without_trusted_peers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Attack: a round of one honest site and two Sybils. The site accepts it (every key is
-    endorsed), and the Sybils' shares of its self-mask seed unmask its update alone."""
+    endorsed), and the Sybils' shares of its self-mask seed unmask its update alone. This
+    is what a site without ``secagg_trusted_peers`` still risks; it says so once per run."""
     from fedinfer.secagg import quantization_bound
 
     # Execute: the site's policy names no trusted peers (the old default)
     reply, learned = _sybil_attack(tmp_path, monkeypatch)
+    assert "names no `secagg_trusted_peers`" in caplog.text
     # Assert: the coordinator learned the site's exact sample count and its update
     assert not reply.has_error(), reply.error.reason
     assert learned["weight"] == learned["true_weight"]
