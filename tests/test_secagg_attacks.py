@@ -33,6 +33,7 @@ from fedinfer.secagg import (
     UnmaskRequest,
     resolve_threshold,
 )
+from fedinfer.policy import load_peers
 from fedinfer.secagg.store import RunStateStore, open_site
 
 RUN = 42
@@ -442,6 +443,34 @@ def test_flower_round_with_a_dropout_runs_the_consistency_check(tmp_path: Path) 
     for site_dir in sorted((tmp_path / "sites").iterdir()):
         assert len(list((site_dir / "secagg").glob("run-*.json"))) == 1
         assert (site_dir / "secagg" / "identity.key").exists()
+    # the sites of a simulation trust exactly each other's identity keys: the check ran
+    peers = load_peers(tmp_path / "secagg_peers.toml")
+    assert peers == {
+        d.name: RunStateStore(d, key=None).identity_public()
+        for d in sorted((tmp_path / "sites").iterdir())
+    }
+    assert len(peers) == 4
+
+
+def test_simulated_sites_refuse_a_participant_missing_from_their_peers(tmp_path: Path) -> None:
+    """A peers file without one of the sites: the others refuse every round with it."""
+    from fedinfer.policy import save_peers
+    from fedinfer.simulation import run_simulation
+    from tests.conftest import tiny_config
+
+    # Prepare: the peers of sites 00-02 only (as if site-03 were the coordinator's own)
+    names = [f"site-0{i}" for i in range(3)]
+    peers = {n: RunStateStore(tmp_path / "sites" / n, key=None).identity_public() for n in names}
+    path = save_peers(peers, tmp_path / "three.toml")
+    cfg = tiny_config(
+        "privacy=none", "federation.rounds=1", f"site_policy.secagg_trusted_peers={path}"
+    )
+    # Execute
+    run_simulation(cfg, output_dir=tmp_path)
+    # Assert
+    first = json.loads((tmp_path / "results.json").read_text())["rounds"][0]
+    refused = json.dumps(first)
+    assert refused.count("policy secagg_trusted_peers") == 3, first
 
 
 # --- Sybil sites: participants of the coordinator's own making ------------------------------

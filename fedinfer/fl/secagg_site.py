@@ -6,12 +6,17 @@ keyed by the protocol run id the coordinator sends with every secure-aggregation
 message; Flower's ``Context.state`` lasts one Flower run only, so a resumed run or a
 restarted site would otherwise forget which rounds it already masked. The state is
 saved before a masked upload or a signature leaves the site.
+
+Whom a site masks with comes from its policy, never the coordinator: with
+``secagg_trusted_peers`` only participants endorsed by a listed identity key (the
+sites of a simulation list each other: :func:`simulation_peers`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -41,6 +46,7 @@ __all__ = [
     "secagg_setup",
     "secagg_train",
     "secagg_unmask",
+    "simulation_peers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +86,25 @@ def _options(policy: SitePolicy, store: RunStateStore) -> dict[str, Any]:
         "require_endorsed": True,
         "trusted_identities": trusted_identities(policy),
     }
+
+
+def simulation_peers(output_dir: Path, site_ids: list[str]) -> Path:
+    """Make every simulated site's identity key and list them all as one peers file.
+
+    The sites of one simulation run on one machine for one operator, so they trust each
+    other's keys, and the default path checks them (``site_policy.secagg_trusted_peers``)
+    as a deployment does. A site's key lives where its state does, ``sites/<id>/``, sealed
+    when ``$FEDINFER_STATE_KEY_FILE`` names a state key (as the sites' own state is).
+    """
+    from fedinfer.crypto.at_rest import resolve_state_key
+    from fedinfer.policy import PEERS_FILENAME, save_peers
+
+    peers = {}
+    for site_id in site_ids:
+        state_dir = output_dir / "sites" / site_id
+        key = resolve_state_key(None, protects=[state_dir])
+        peers[site_id] = RunStateStore(state_dir, key=key).identity_public()
+    return save_peers(peers, output_dir / PEERS_FILENAME)
 
 
 def _wire(msg: Message) -> dict[str, Any]:

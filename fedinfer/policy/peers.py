@@ -71,7 +71,7 @@ def peer_line(name: str, public: bytes) -> str:
 
     Examples
     --------
-    >>> peer_line("site-00", bytes(32))[:22]
+    >>> peer_line("site-00", bytes(32))[:21]
     'site-00 = "0000000000'
     """
     key = name if _BARE.fullmatch(name) else json.dumps(name)

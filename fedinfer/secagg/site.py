@@ -41,9 +41,13 @@ then learns the sum over that one survivor list and nothing else. When nobody dr
 the signatures travel with the uploads and the check costs no extra exchange; after a
 dropout it costs one (:meth:`SiteSecAgg.sign_survivors`). Run keys are endorsed by the
 site's long-lived identity key (``identity``), and ``require_endorsed`` refuses peers
-without an endorsement. Not covered: a coordinator that invents participants (Sybil
-sites) with identity keys of its own, unless ``trusted_identities`` lists the real peers;
-or one that starts a *new* run to have the same data masked again.
+without an endorsement. A coordinator that invents participants (Sybil sites) with
+identity keys of its own holds their shares and pairwise seeds, so a round of one real
+site and ``threshold`` Sybils unmasks that site's update: ``trusted_identities`` (the site
+policy's ``secagg_trusted_peers``) lists the real peers' identity keys, and a round with a
+participant not endorsed by one of them, or two participants showing the same one, is
+refused (:func:`untrusted_participants`). Not covered: a site without that list; or a
+coordinator that starts a *new* run to have the same data masked again.
 """
 
 from __future__ import annotations
