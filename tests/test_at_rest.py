@@ -546,3 +546,30 @@ def test_fedinfer_site_refuses_a_bad_key_before_starting_anything(
         # Assert
         assert code == 2 and len(err) == 2 and message in err[0], err
     assert not (state / "logs").exists() and not (state / "at-rest.json").exists()
+
+
+def test_encrypt_state_and_rekey_keep_the_secagg_identity_and_replay_guard(
+    tmp_path: Path,
+) -> None:
+    """The site's secure-aggregation identity (which its peers list) and its per-run replay
+    guard survive `keys encrypt-state` and `keys rekey`: sealed with the new key, same keys."""
+    from fedinfer.secagg.store import RunStateStore, open_site
+
+    # Prepare: a plaintext site that set up a run
+    state = tmp_path / "site"
+    plain = RunStateStore(state, key=None)
+    identity = plain.identity_public()
+    site, _ = open_site(plain, site_id=7, run_id=3)
+    plain.save(3, site.to_state())
+    old, new = StateKey.generate(), StateKey.generate()
+    # Execute
+    first = reseal_state_dir(state, old=None, new=old)
+    second = reseal_state_dir(state, old=old, new=new)
+    # Assert
+    assert first.secagg == second.secagg == 2
+    sealed = RunStateStore(state, key=new)
+    assert sealed.identity_public() == identity
+    assert sealed.load(3)["site_id"] == 7
+    for path in (state / "secagg").glob("*.json"):
+        assert is_sealed(path.read_bytes())
+    assert is_sealed((state / "secagg" / "identity.key").read_bytes())

@@ -144,3 +144,30 @@ def test_a_regression_federation_deploys_and_every_site_serves_values(tmp_path: 
     assert len(served) == 3 and all("true values" in line for line in served)
     results = json.loads((tmp_path / "d" / "coordinator" / "output" / "results.json").read_text())
     assert results["task"]["kind"] == "regression"
+
+
+def test_every_site_trusts_exactly_the_deployments_identity_keys(tmp_path: Path) -> None:
+    """`deploy local` makes each site's identity key (sealed with its state key) and lists all
+    of them as every site's trusted secure-aggregation peers, so the default run checks them."""
+    from fedinfer.crypto.at_rest import is_sealed
+    from fedinfer.policy import load_peers, load_policy, trusted_identities
+    from fedinfer.secagg.store import RunStateStore
+
+    # Execute
+    overrides = ["model=logreg", "dataset.num_samples=600"]
+    deployment = LocalDeployment(tmp_path / "d", num_sites=3, rounds=1, overrides=overrides)
+    deployment.prepare()
+    # Assert: made by prepare(), sealed, and listed in every site's peers file
+    for name in deployment.names:
+        assert is_sealed((deployment.site_dir(name) / "secagg" / "identity.key").read_bytes())
+    identities = {
+        name: RunStateStore(deployment.site_dir(name), key=deployment.state_key(name))
+        for name in deployment.names
+    }
+    expected = {name: store.identity_public() for name, store in identities.items()}
+    assert len(set(expected.values())) == 3
+    for name in deployment.names:
+        policy = load_policy(deployment.site_dir(name) / "site_policy.toml")
+        assert policy.secagg_trusted_peers is not None
+        assert load_peers(Path(policy.secagg_trusted_peers)) == expected
+        assert trusted_identities(policy) == set(expected.values())

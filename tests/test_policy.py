@@ -128,6 +128,96 @@ def test_site_with_bad_policy_file_is_a_one_line_error(tmp_path: Path) -> None:
     assert "`coordinator_key_fingerprint` pins" in done.stderr.strip().splitlines()[0]
 
 
+# --------------------------------------------------------------------------- trusted peers
+
+
+def test_peers_file_is_read_next_to_the_policy(tmp_path: Path) -> None:
+    """``secagg_trusted_peers`` names a file relative to the policy; its keys are trusted."""
+    from fedinfer.policy import load_peers, save_peers, trusted_identities
+
+    peers = {"a": b"\x01" * 32, "hospital b": b"\x02" * 32}
+    save_peers(peers, tmp_path / "site" / "secagg_peers.toml")
+    path = save_policy(
+        SitePolicy(secagg_trusted_peers="secagg_peers.toml"), tmp_path / "site" / "policy.toml"
+    )
+    policy = load_policy(path)
+    assert policy.secagg_trusted_peers == str(tmp_path / "site" / "secagg_peers.toml")
+    assert load_peers(Path(policy.secagg_trusted_peers)) == peers
+    assert trusted_identities(policy) == set(peers.values())
+    assert trusted_identities(SitePolicy()) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (None, "does not exist"),
+        ('a = "00"\n', "`a` must be a 32-byte key"),
+        ("a = 1\n", "`a` must be a 32-byte key"),
+        ("", "lists no peer"),
+        (f'a = "{"ab" * 32}"\nb = "{"AB" * 32}"\n', "`a` and `b` have the same key"),
+        ('a = "\n', "not valid TOML"),
+    ],
+    ids=["missing", "short", "not-a-string", "empty", "same-key-twice", "toml"],
+)
+def test_bad_peers_file_names_the_policy_key(tmp_path: Path, text: str | None, named: str) -> None:
+    """A bad peers file stops the policy from loading, naming ``secagg_trusted_peers``."""
+    if text is not None:
+        (tmp_path / "peers.toml").write_text(text)
+    (tmp_path / "site_policy.toml").write_text('secagg_trusted_peers = "peers.toml"\n')
+    with pytest.raises(ConfigError, match="`secagg_trusted_peers`") as caught:
+        load_policy(tmp_path / "site_policy.toml")
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_site_identity_prints_the_line_its_peers_trust(tmp_path: Path) -> None:
+    """`fedinfer site identity` creates the key once and prints a peers-file line for it."""
+    from fedinfer.crypto.at_rest import StateKey, is_sealed, mark_state_dir
+    from fedinfer.policy import load_peers
+    from fedinfer.secagg.store import RunStateStore
+
+    # Execute
+    first, again = (_cli("identity", str(tmp_path / "s"), "--name=hospital-a") for _ in "12")
+    # Assert
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout and first.stdout.startswith("hospital-a = ")
+    (tmp_path / "peers.toml").write_text(first.stdout)
+    public = RunStateStore(tmp_path / "s", key=None).identity_public()
+    assert load_peers(tmp_path / "peers.toml") == {"hospital-a": public}
+    assert "fingerprint" in first.stderr
+    # an encrypted state directory without its key: one line, and no new identity
+    key = StateKey.generate()
+    key.save(tmp_path / "k.key")
+    mark_state_dir(tmp_path / "enc", key)
+    refused = _cli("identity", str(tmp_path / "enc"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert not (tmp_path / "enc" / "secagg").exists()
+    sealed = _cli("identity", str(tmp_path / "enc"), f"--state-key={tmp_path / 'k.key'}")
+    assert sealed.returncode == 0, sealed.stderr
+    assert sealed.stdout.startswith("enc = ")
+    assert is_sealed((tmp_path / "enc" / "secagg" / "identity.key").read_bytes())
+
+
+def test_site_start_warns_when_the_policy_names_no_peers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedinfer site` says once, at start-up, that a policy without peers accepts Sybils."""
+    import argparse
+
+    from fedinfer.deploy.commands import _warn_without_peers
+    from fedinfer.policy import save_peers
+
+    save_policy(SitePolicy(), tmp_path / "site_policy.toml")
+    ns = argparse.Namespace(name="a", policy=None, state_dir=tmp_path)
+    _warn_without_peers(ns)
+    assert "warning" in capsys.readouterr().out
+    save_peers({"a": b"\x01" * 32}, tmp_path / "peers.toml")
+    save_policy(
+        SitePolicy(secagg_trusted_peers="peers.toml"), tmp_path / "site_policy.toml", overwrite=True
+    )
+    _warn_without_peers(ns)
+    assert capsys.readouterr().out == ""
+
+
 # --------------------------------------------------------------------------- the checks
 
 BASE = tiny_config()  # the default job (dpsgd, target epsilon 8, secure aggregation), tiny

@@ -33,6 +33,7 @@ from fedinfer.secagg import (
     UnmaskRequest,
     resolve_threshold,
 )
+from fedinfer.policy import load_peers
 from fedinfer.secagg.store import RunStateStore, open_site
 
 RUN = 42
@@ -442,3 +443,233 @@ def test_flower_round_with_a_dropout_runs_the_consistency_check(tmp_path: Path) 
     for site_dir in sorted((tmp_path / "sites").iterdir()):
         assert len(list((site_dir / "secagg").glob("run-*.json"))) == 1
         assert (site_dir / "secagg" / "identity.key").exists()
+    # the sites of a simulation trust exactly each other's identity keys: the check ran
+    peers = load_peers(tmp_path / "secagg_peers.toml")
+    assert peers == {
+        d.name: RunStateStore(d, key=None).identity_public()
+        for d in sorted((tmp_path / "sites").iterdir())
+    }
+    assert len(peers) == 4
+
+
+def test_simulated_sites_refuse_a_participant_missing_from_their_peers(tmp_path: Path) -> None:
+    """A peers file without one of the sites: the others refuse every round with it."""
+    from fedinfer.policy import save_peers
+    from fedinfer.simulation import run_simulation
+    from tests.conftest import tiny_config
+
+    # Prepare: the peers of sites 00-02 only (as if site-03 were the coordinator's own)
+    names = [f"site-0{i}" for i in range(3)]
+    peers = {n: RunStateStore(tmp_path / "sites" / n, key=None).identity_public() for n in names}
+    path = save_peers(peers, tmp_path / "three.toml")
+    cfg = tiny_config(
+        "privacy=none", "federation.rounds=1", f"site_policy.secagg_trusted_peers={path}"
+    )
+    # Execute
+    run_simulation(cfg, output_dir=tmp_path)
+    # Assert
+    first = json.loads((tmp_path / "results.json").read_text())["rounds"][0]
+    refused = json.dumps(first)
+    assert refused.count("policy secagg_trusted_peers") == 3, first
+
+
+# --- Sybil sites: participants of the coordinator's own making ------------------------------
+
+
+def _sybil_attack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str
+) -> tuple[Any, dict[str, Any]]:
+    """A coordinator runs a round of one honest site and two Sybils whose keys it holds.
+
+    Every Sybil carries keys endorsed by an identity key of the coordinator's own making,
+    so the round passes every check but trust in the identities. The honest site is a real
+    ClientApp (real training, its policy, its state directory) reached over an in-process
+    grid; the coordinator answers for the Sybils itself. Returns the site's reply to the
+    train message and what the coordinator learned: ``{"update", "weight", "true_update",
+    "true_weight"}`` when the round completed.
+    """
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import fedinfer.fl.secagg_site as secagg_site
+    from fedinfer.data import build_federated_data
+    from fedinfer.fl.client_app import build_client_app
+    from fedinfer.fl.grid import InProcessGrid
+    from fedinfer.fl.messages import Keys, MessageTypes
+    from fedinfer.fl.records import weights_to_arrays
+    from fedinfer.fl.secagg_codec import config_to_wire, wire_to_records
+    from fedinfer.fl.secagg_site import RUN_ID, UPLOAD_ARRAYS
+    from fedinfer.fl.site import simulation_resolver
+    from fedinfer.models import build_model
+    from fedinfer.secagg import SetupReply, flatten_arrays
+    from fedinfer.secagg.keys import new_identity
+    from fedinfer.tasks import num_outputs
+    from fedinfer.training import get_weights
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("privacy=none", "federation.num_sites=3", *overrides)
+    app = build_client_app(
+        config_fn=lambda context: cfg,
+        resolver_fn=lambda c: simulation_resolver(
+            c, output_dir=tmp_path, coordinator_public_key=None
+        ),
+    )
+    grid = InProcessGrid(app, num_nodes=cfg.federation.num_sites, run_id=1, seed=0)
+    victim = sorted(grid.get_node_ids())[0]
+
+    def ask(content: RecordDict, message_type: str) -> Message:
+        (reply,) = grid.send_and_receive([Message(content, victim, message_type)])
+        return reply
+
+    # set-up: the honest site's real, endorsed run keys
+    reply = ask(RecordDict({Keys.SECAGG: ConfigRecord({RUN_ID: RUN})}), MessageTypes.SECAGG_SETUP)
+    directory = {
+        victim: SetupReply.from_wire(config_to_wire(reply.content[Keys.SECAGG])).public_keys
+    }
+    # two Sybils, each with an identity key the coordinator made for it
+    sybils = {
+        i: SiteSecAgg.create(i, run_id=RUN, identity=new_identity(), require_endorsed=True)
+        for i in (victim + 1, victim + 2)
+    }
+    directory |= {i: wire(s.setup_reply()).public_keys for i, s in sybils.items()}
+    data = build_federated_data(cfg)
+    model = build_model(
+        cfg.model, input_dim=data.input_dim, num_classes=num_outputs(cfg.task.kind, 10)
+    )
+    global_weights = get_weights(model)
+    vector, _ = flatten_arrays(global_weights)
+    server = ServerSecAgg(
+        run_id=RUN,
+        server_round=1,
+        participants=directory,
+        threshold=2,  # the site's floor for 3 participants: more than half
+        dim=vector.size,
+        clip_range=cfg.secagg.clip_range,
+        bits=cfg.secagg.bits,
+    )
+    trained: dict[str, Any] = {}
+    real_train = secagg_site.local_train
+
+    def spy(**kwargs: Any) -> Any:  # records what the site really trained, changes nothing
+        trained["outcome"] = real_train(**kwargs)
+        trained["weight"] = len(kwargs["env"].data.train)
+        return trained["outcome"]
+
+    monkeypatch.setattr(secagg_site, "local_train", spy)
+    round_record, _ = wire_to_records(server.config.to_wire())
+    content = RecordDict(
+        {
+            Keys.ARRAYS: weights_to_arrays(global_weights),
+            Keys.CONFIG: ConfigRecord({Keys.SERVER_ROUND: 1, Keys.RUN_ID: "sybil"}),
+            Keys.SECAGG: round_record,
+        }
+    )
+    reply = ask(content, "train")
+    if reply.has_error():
+        return reply, {"trained": bool(trained)}
+    upload = MaskedUpload.from_wire(
+        config_to_wire(reply.content[Keys.SECAGG], reply.content[UPLOAD_ARRAYS])
+    )
+    server.receive_upload(upload)
+    for s in sybils.values():  # the Sybils "train" nothing
+        server.receive_upload(wire(s.mask_update(server.config, np.zeros(vector.size), weight=1)))
+    # exchange 2 among the Sybils alone: the honest site is never asked to reveal anything
+    for i, request in server.unmask_requests().items():
+        if i in sybils:
+            server.receive_unmask_reply(wire(sybils[i].unmask(wire(request))))
+    result = server.finalize()
+    new_vector, _ = flatten_arrays(trained["outcome"].weights)
+    weight = result.total_weight - len(sybils)  # the Sybils' weights are the coordinator's own
+    learned = {
+        "weight": weight,
+        "update": result.mean_update * result.total_weight / weight,
+        "true_weight": trained["weight"],
+        "true_update": new_vector - vector,
+    }
+    return reply, learned
+
+
+def test_sybil_round_unmasks_one_site_without_trusted_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack: a round of one honest site and two Sybils. The site accepts it (every key is
+    endorsed), and the Sybils' shares of its self-mask seed unmask its update alone. This
+    is what a site without ``secagg_trusted_peers`` still risks; it says so once per run."""
+    from fedinfer.secagg import quantization_bound
+
+    # Execute: the site's policy names no trusted peers (the old default)
+    reply, learned = _sybil_attack(tmp_path, monkeypatch)
+    assert "names no `secagg_trusted_peers`" in caplog.text
+    # Assert: the coordinator learned the site's exact sample count and its update
+    assert not reply.has_error(), reply.error.reason
+    assert learned["weight"] == learned["true_weight"]
+    bound = quantization_bound(1.0, 16)
+    assert np.abs(learned["true_update"]).max() > 10 * bound  # not a trivial update
+    np.testing.assert_allclose(
+        learned["update"], learned["true_update"], atol=2 * bound
+    )
+
+
+def test_sybil_round_is_refused_by_a_site_that_knows_its_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same attack on a site whose policy lists its real peers' identity keys: refused
+    by the policy, naming the key and the fix, before it trains or uploads anything."""
+    from fedinfer.data import site_name
+    from fedinfer.fl.messages import ErrorCodes
+    from fedinfer.policy.peers import save_peers
+
+    # Prepare: the three real sites' identity keys, as `fedinfer site identity` exports them
+    peers = {
+        site_name(i): RunStateStore(tmp_path / "sites" / site_name(i), key=None).identity_public()
+        for i in range(3)
+    }
+    path = save_peers(peers, tmp_path / "secagg_peers.toml")
+    # Execute
+    reply, learned = _sybil_attack(
+        tmp_path, monkeypatch, f"site_policy.secagg_trusted_peers={path}"
+    )
+    # Assert
+    assert reply.has_error() and learned == {"trained": False}
+    assert reply.error.code == ErrorCodes.POLICY_REFUSED
+    reason = reply.error.reason
+    assert reason.startswith("policy secagg_trusted_peers:"), reason
+    assert "2 participant(s)" in reason and "fedinfer site identity" in reason
+
+
+@pytest.mark.parametrize("case", ["copied identity", "one peer vouches twice", "honest"])
+def test_sybils_posing_as_trusted_peers_are_refused(tmp_path: Path, case: str) -> None:
+    """A Sybil that shows a listed identity key without its endorsement, or a colluding peer
+    that endorses a second participant, is refused like any stranger; real peers pass."""
+    from fedinfer.secagg import PublicKeys
+    from fedinfer.secagg.keys import new_identity
+    from fedinfer.secagg.site import untrusted_participants
+
+    # Prepare: three real sites that know each other's identity keys
+    sites = _endorsed_sites(tmp_path, 3)
+    ids = sorted(sites)
+    directory = {i: wire(s.setup_reply()).public_keys for i, s in sites.items()}
+    trusted = {k.identity for k in directory.values()}
+    sybil_id = max(ids) + 1
+    if case == "copied identity":  # a listed key, endorsed by the coordinator's own
+        own = SiteSecAgg.create(sybil_id, run_id=RUN, identity=new_identity()).public_keys
+        keys = PublicKeys(own.enc, own.mask, own.sign, directory[ids[1]].identity, own.endorsement)
+        directory[sybil_id] = keys
+    elif case == "one peer vouches twice":  # site ids[2] colludes with the coordinator
+        colluder = sites[ids[2]]._identity
+        directory[sybil_id] = SiteSecAgg.create(sybil_id, run_id=RUN, identity=colluder).public_keys
+    victim = SiteSecAgg.from_state(
+        sites[ids[0]].to_state(),
+        identity=sites[ids[0]]._identity,
+        require_endorsed=False,  # only the trusted list stands between the site and the Sybil
+        trusted_identities=trusted,
+    )
+    server = _round_for(directory)
+    # Execute / Assert
+    strangers = untrusted_participants(server.config, trusted, site_id=ids[0])
+    if case == "honest":
+        assert strangers == []
+        victim.mask_update(wire(server.config), np.zeros(DIM), weight=1)
+        return
+    assert sybil_id in strangers
+    with pytest.raises(SecAggAbort, match="does not trust"):
+        victim.mask_update(wire(server.config), np.zeros(DIM), weight=1)

@@ -102,7 +102,8 @@ def _rekey(ns: argparse.Namespace) -> int:
 def _print(report: Any, state_dir: Path, key_id: str) -> None:
     print(
         f"{state_dir}: encrypted with key id {key_id} ({report.models} model-store files, "
-        f"{report.ledger} ledger, {report.audit} audit files rewritten)"
+        f"{report.ledger} ledger, {report.audit} audit, {report.secagg} secure-aggregation "
+        "files rewritten)"
     )
     if report.removed:
         print(f"removed leftovers: {', '.join(report.removed)}")

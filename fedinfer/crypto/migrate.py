@@ -37,10 +37,13 @@ class ResealReport:
     audit: int
     removed: tuple[str, ...]
     """Leftovers deleted (staging debris of crashed publishes, stale temporary files)."""
+    secagg: int = 0
+    """Secure-aggregation files: the identity key (same key after) and per-run state."""
 
 
 def reseal_state_dir(state_dir: Path, *, old: StateKey | None, new: StateKey) -> ResealReport:
-    """Re-encrypt the model store, ledger and audit log of ``state_dir`` with ``new``.
+    """Re-encrypt the model store, ledger, audit log and secure-aggregation keys of
+    ``state_dir`` with ``new``.
 
     Parameters
     ----------
@@ -65,6 +68,7 @@ def reseal_state_dir(state_dir: Path, *, old: StateKey | None, new: StateKey) ->
     ...                  new=StateKey.load(Path("/etc/fedinfer/state.key")))  # doctest: +SKIP
     """
     from fedinfer.privacy.ledger import reseal_ledger
+    from fedinfer.secagg.store import RunStateStore
     from fedinfer.serving.audit import locked_audit_dir, reseal_audit
 
     state_dir = Path(state_dir)
@@ -81,6 +85,7 @@ def reseal_state_dir(state_dir: Path, *, old: StateKey | None, new: StateKey) ->
             ledger=int(reseal_ledger(state_dir, old=old, new=new)),
             audit=reseal_audit(audit_dir, old=old, new=new),
             removed=_remove_leftovers(state_dir),
+            secagg=RunStateStore(state_dir, key=old).reseal(old=old, new=new),
         )
         mark_state_dir(state_dir, new)
     return report

@@ -178,7 +178,7 @@ def _add_site(subparsers: Any) -> None:
         help="start a site: its SuperNode and its inference server (or: site init-policy DIR)",
         description="Start a site, or write its policy: `fedinfer site init-policy STATE_DIR`.",
     )
-    sub = p.add_subparsers(dest="site_command", metavar="[init-policy]")
+    sub = p.add_subparsers(dest="site_command", metavar="[init-policy|identity]")
     init = sub.add_parser(
         "init-policy",
         help="write the strict default site policy (site_policy.toml) into a state directory",
@@ -193,6 +193,27 @@ def _add_site(subparsers: Any) -> None:
         help="pin this model-signing public key (its fingerprint) in the policy",
     )
     init.set_defaults(func=_site_init_policy)
+    ident = sub.add_parser(
+        "identity",
+        help="print the site's secure-aggregation identity key as a line of its peers' "
+        "`secagg_trusted_peers` file (created once)",
+        description="Hand the printed line to every peer site's operator and compare the "
+        "fingerprint over another channel; each adds it to its peers file.",
+    )
+    ident.add_argument(
+        "state_dir", type=Path, metavar="STATE_DIR", help="the site's state directory"
+    )
+    ident.add_argument(
+        "--name", help="the site's name in the peers file (default: the state directory's name)"
+    )
+    ident.add_argument(
+        "--state-key",
+        type=Path,
+        metavar="FILE",
+        help="the key the site's state is encrypted with "
+        "(default: $FEDINFER_STATE_KEY_FILE, else plaintext)",
+    )
+    ident.set_defaults(func=_site_identity)
     # Required for starting a site, checked in _site: argparse would demand them of init-policy.
     p.add_argument("--name", help="the site's name (its node key was made for it)")
     p.add_argument(
@@ -259,6 +280,46 @@ def _site_init_policy(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _site_identity(ns: argparse.Namespace) -> int:
+    import sys
+
+    from fedinfer.crypto.at_rest import check_state_dir, resolve_state_key
+    from fedinfer.policy.peers import identity_fingerprint, peer_line
+    from fedinfer.secagg.store import RunStateStore
+
+    state_dir = Path(ns.state_dir)
+    key = resolve_state_key(ns.state_key, protects=[state_dir])
+    check_state_dir(state_dir, key)  # a wrong or missing key is one line, not a new identity
+    public = RunStateStore(state_dir, key=key).identity_public()
+    name = ns.name or state_dir.resolve().name
+    print(peer_line(name, public))
+    print(
+        f"site {name}: identity fingerprint {identity_fingerprint(public)}; add the line above "
+        "to each peer's `secagg_trusted_peers` file and read them the fingerprint",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _warn_without_peers(ns: argparse.Namespace) -> None:
+    """Say at start-up when the site's policy names no trusted peers (a warning on stdout:
+    stderr's first line stays the reason a site refuses to start)."""
+    from fedinfer.policy import POLICY_FILENAME, load_policy
+
+    try:  # run_site reports a missing or bad policy, with the rest of the checks
+        policy = load_policy(Path(ns.policy or Path(ns.state_dir) / POLICY_FILENAME))
+    except ConfigError:
+        return
+    if policy.secagg_trusted_peers is None:
+        print(
+            f"site {ns.name}: warning: the policy names no `secagg_trusted_peers`; in secure "
+            "aggregation the site accepts any participant with endorsed keys, even sites a "
+            "coordinator makes up (Sybils) to unmask one site's update. List the real sites' "
+            "`fedinfer site identity` lines in a peers file (docs/deployment.md)",
+            flush=True,
+        )
+
+
 def _site(ns: argparse.Namespace) -> int:
     from fedinfer.deploy.site import SiteOptions, run_site
 
@@ -267,6 +328,7 @@ def _site(ns: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"`fedinfer site` needs {', '.join(missing)}")
     public_key = ns.coordinator_public_key or Path(ns.key).parent / "coordinator.pub"
+    _warn_without_peers(ns)
     return run_site(
         SiteOptions(
             name=ns.name,

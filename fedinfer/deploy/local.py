@@ -9,7 +9,9 @@ for a prediction and checking that it answers with the newly published version.
 
 Every site gets a policy file (``sites/<site>/site_policy.toml``): the strict
 default relaxed just enough to accept this run's config, with the coordinator's
-signing key pinned; edit one and restart the site to see it refuse.
+signing key pinned and every site's identity key as its only trusted
+secure-aggregation peers (``sites/<site>/secagg_peers.toml``); edit one and
+restart the site to see it refuse.
 
 Every site's state is encrypted at rest by default, with its own key in
 ``keys/<site>.state.key`` (outside the state directories, as in a real
@@ -188,15 +190,31 @@ class LocalDeployment:
         ]
 
     def write_policies(self, cfg: FedInferConfig) -> None:
-        """One policy per site: strict, relaxed to accept ``cfg``, the coordinator's key pinned."""
+        """One policy per site: strict, relaxed to accept ``cfg``, the coordinator's key pinned,
+        and every site of the deployment as its only trusted secure-aggregation peers.
+
+        Each site's identity key is made here, in its state directory (sealed with its state
+        key), so that every site's peers file (``secagg_peers.toml``, next to its policy) can
+        list all of them before the first round: what operators of real sites exchange by
+        hand (``fedinfer site identity``).
+        """
+        import dataclasses
+
         from fedinfer.artifacts import key_fingerprint, load_public_key
-        from fedinfer.policy import policy_accepting, save_policy
+        from fedinfer.policy import PEERS_FILENAME, policy_accepting, save_peers, save_policy
+        from fedinfer.secagg.store import RunStateStore
 
         pinned = key_fingerprint(load_public_key(self.pki.signing_pub))
         policy = policy_accepting(
             cfg, num_sites=len(self.names), coordinator_key_fingerprint=pinned
         )
+        policy = dataclasses.replace(policy, secagg_trusted_peers=PEERS_FILENAME)
+        peers = {
+            name: RunStateStore(self.site_dir(name), key=self.state_key(name)).identity_public()
+            for name in self.names
+        }
         for name in self.names:
+            save_peers(peers, self.site_dir(name) / PEERS_FILENAME)
             save_policy(policy, self.site_dir(name) / POLICY_FILENAME, overwrite=True)
 
     def start_coordinator(

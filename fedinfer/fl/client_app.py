@@ -39,6 +39,7 @@ from fedinfer.policy import (
     POLICY_FILENAME,
     SitePolicy,
     check_evaluate,
+    check_secagg_peers,
     check_secagg_round,
     check_train,
     load_policy,
@@ -232,7 +233,11 @@ def build_client_app(
 
 
 def check_secagg_request(policy: SitePolicy, msg: Message) -> None:
-    """Check the round's secure-aggregation threshold and participants against the policy."""
+    """Check the round's secure-aggregation threshold and participants against the policy.
+
+    The participants must be the site's listed peers when its policy names them
+    (``secagg_trusted_peers``): no participant of the coordinator's own making.
+    """
     from fedinfer.fl.secagg_codec import config_to_wire
     from fedinfer.secagg import RoundConfig
 
@@ -242,6 +247,7 @@ def check_secagg_request(policy: SitePolicy, msg: Message) -> None:
     check_secagg_round(
         policy, threshold=round_config.threshold, participants=len(round_config.participants)
     )
+    check_secagg_peers(policy, round_config, site_id=msg.metadata.dst_node_id)
 
 
 def accept_artifact(env: SiteEnv, record: ConfigRecord, *, policy: SitePolicy | None = None) -> int:

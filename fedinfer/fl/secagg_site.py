@@ -6,11 +6,18 @@ keyed by the protocol run id the coordinator sends with every secure-aggregation
 message; Flower's ``Context.state`` lasts one Flower run only, so a resumed run or a
 restarted site would otherwise forget which rounds it already masked. The state is
 saved before a masked upload or a signature leaves the site.
+
+Whom a site masks with comes from its policy, never the coordinator: with
+``secagg_trusted_peers`` only participants endorsed by a listed identity key (the
+sites of a simulation list each other: :func:`simulation_peers`).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,11 +27,13 @@ from fedinfer.errors import FedInferError, SecAggAbort
 from fedinfer.fl.messages import ErrorCodes, Keys
 from fedinfer.fl.secagg_codec import config_to_wire, wire_to_records
 from fedinfer.fl.site import SiteEnv, local_train
-from fedinfer.policy import SitePolicy
+from fedinfer.policy import SitePolicy, trusted_identities
 from fedinfer.secagg import (
+    ConsistencyReply,
     ConsistencyRequest,
     RoundConfig,
     SiteSecAgg,
+    UnmaskReply,
     UnmaskRequest,
     flatten_arrays,
 )
@@ -37,8 +46,12 @@ __all__ = [
     "secagg_setup",
     "secagg_train",
     "secagg_unmask",
+    "simulation_peers",
 ]
 
+logger = logging.getLogger(__name__)
+
+_Request = TypeVar("_Request", ConsistencyRequest, UnmaskRequest)
 _FAULTS = "fedinfer-faults"
 UPLOAD_ARRAYS = "secagg-masked"
 RUN_ID = "run_id"
@@ -61,7 +74,8 @@ def _site_record(env: SiteEnv) -> ConfigRecord:
 
 
 def _options(policy: SitePolicy, store: RunStateStore) -> dict[str, Any]:
-    """The site's own settings for the protocol: its identity key and its policy's floors.
+    """The site's own settings for the protocol: its identity key, its policy's floors and
+    trusted peers.
 
     Never from the run config, which the coordinator writes.
     """
@@ -70,7 +84,27 @@ def _options(policy: SitePolicy, store: RunStateStore) -> dict[str, Any]:
         "min_participants": policy.secagg_min_participants,
         "identity": store.identity(),
         "require_endorsed": True,
+        "trusted_identities": trusted_identities(policy),
     }
+
+
+def simulation_peers(output_dir: Path, site_ids: list[str]) -> Path:
+    """Make every simulated site's identity key and list them all as one peers file.
+
+    The sites of one simulation run on one machine for one operator, so they trust each
+    other's keys, and the default path checks them (``site_policy.secagg_trusted_peers``)
+    as a deployment does. A site's key lives where its state does, ``sites/<id>/``, sealed
+    when ``$FEDINFER_STATE_KEY_FILE`` names a state key (as the sites' own state is).
+    """
+    from fedinfer.crypto.at_rest import resolve_state_key
+    from fedinfer.policy import PEERS_FILENAME, save_peers
+
+    peers = {}
+    for site_id in site_ids:
+        state_dir = output_dir / "sites" / site_id
+        key = resolve_state_key(None, protects=[state_dir])
+        peers[site_id] = RunStateStore(state_dir, key=key).identity_public()
+    return save_peers(peers, output_dir / PEERS_FILENAME)
 
 
 def _wire(msg: Message) -> dict[str, Any]:
@@ -108,6 +142,13 @@ def secagg_setup(
         )
         if created:
             store.save(run_id, site.to_state())
+    if created and policy.secagg_trusted_peers is None:  # once per run and site
+        logger.warning(
+            "site %s: its policy names no `secagg_trusted_peers`, so it accepts any participant "
+            "with endorsed keys, including sites a coordinator makes up (Sybils) to unmask one "
+            "site's update; list the real sites' `fedinfer site identity` lines in a peers file",
+            env.site_id,
+        )
     record, _ = wire_to_records(site.setup_reply().to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
 
@@ -173,12 +214,19 @@ def _dropping(context: Context, server_round: int) -> bool:
     )
 
 
-def secagg_consistency(
-    *, env: SiteEnv, msg: Message, context: Context, policy: SitePolicy
+def _answer(
+    *,
+    env: SiteEnv,
+    msg: Message,
+    context: Context,
+    policy: SitePolicy,
+    parse: Callable[[dict[str, Any]], _Request],
+    act: Callable[[SiteSecAgg, _Request], ConsistencyReply | UnmaskReply],
 ) -> RecordDict:
-    """Sign the survivor list of the pending round (only asked after a dropout)."""
+    """Answer a request about the pending round: ``act(site, parse(wire))`` under the run's
+    lock, the new state saved before the reply leaves."""
     wire = _wire(msg)
-    request = ConsistencyRequest.from_wire(wire)
+    request = parse(wire)
     if _dropping(context, request.server_round):
         raise SimulatedDropout(
             f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
@@ -187,27 +235,35 @@ def secagg_consistency(
     store = RunStateStore(env.state_dir, key=env.state_key)
     with store.locked(run_id):
         _, site = _load(policy, env, context, run_id)
-        reply = site.sign_survivors(request)
+        reply = act(site, request)
         store.save(run_id, site.to_state())
     record, _ = wire_to_records(reply.to_wire())
     return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
+
+
+def secagg_consistency(
+    *, env: SiteEnv, msg: Message, context: Context, policy: SitePolicy
+) -> RecordDict:
+    """Sign the survivor list of the pending round (only asked after a dropout)."""
+    return _answer(
+        env=env,
+        msg=msg,
+        context=context,
+        policy=policy,
+        parse=ConsistencyRequest.from_wire,
+        act=SiteSecAgg.sign_survivors,
+    )
 
 
 def secagg_unmask(
     *, env: SiteEnv, msg: Message, context: Context, policy: SitePolicy
 ) -> RecordDict:
     """Reveal shares of surviving sites' self-mask seeds and seeds shared with dropped sites."""
-    wire = _wire(msg)
-    request = UnmaskRequest.from_wire(wire)
-    if _dropping(context, request.server_round):
-        raise SimulatedDropout(
-            f"site {env.site_id} drops out (after_upload) as `faults.drop_stage` asks"
-        )
-    run_id = _protocol_run_id(wire)
-    store = RunStateStore(env.state_dir, key=env.state_key)
-    with store.locked(run_id):
-        _, site = _load(policy, env, context, run_id)
-        reply = site.unmask(request)
-        store.save(run_id, site.to_state())
-    record, _ = wire_to_records(reply.to_wire())
-    return RecordDict({Keys.SECAGG: record, Keys.SITE: _site_record(env)})
+    return _answer(
+        env=env,
+        msg=msg,
+        context=context,
+        policy=policy,
+        parse=UnmaskRequest.from_wire,
+        act=SiteSecAgg.unmask,
+    )

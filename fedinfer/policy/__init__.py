@@ -9,6 +9,7 @@ from __future__ import annotations
 from fedinfer.policy.check import (
     WITHHELD_WEIGHT,
     check_evaluate,
+    check_secagg_peers,
     check_secagg_round,
     check_train,
     policy_accepting,
@@ -16,6 +17,7 @@ from fedinfer.policy.check import (
     secagg_threshold_floor,
     site_config,
     site_delta,
+    trusted_identities,
 )
 from fedinfer.policy.io import (
     POLICY_FILENAME,
@@ -24,25 +26,32 @@ from fedinfer.policy.io import (
     save_policy,
     validate_policy,
 )
+from fedinfer.policy.peers import PEERS_FILENAME, identity_fingerprint, load_peers, save_peers
 from fedinfer.policy.schema import DP_METRICS, PRIVACY_MODES, TRAIN_METRICS, SitePolicy
 
 __all__ = [
     "DP_METRICS",
+    "PEERS_FILENAME",
     "POLICY_FILENAME",
     "PRIVACY_MODES",
     "TRAIN_METRICS",
     "WITHHELD_WEIGHT",
     "SitePolicy",
     "check_evaluate",
+    "check_secagg_peers",
     "check_secagg_round",
     "check_train",
+    "identity_fingerprint",
+    "load_peers",
     "load_policy",
     "policy_accepting",
     "policy_from_mapping",
     "release_metrics",
+    "save_peers",
     "save_policy",
     "secagg_threshold_floor",
     "site_config",
     "site_delta",
+    "trusted_identities",
     "validate_policy",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedinfer.errors import PolicyViolation
@@ -19,10 +20,12 @@ from fedinfer.policy.schema import PRIVACY_MODES, SitePolicy
 
 if TYPE_CHECKING:  # fedinfer.config.schema imports SitePolicy from this package
     from fedinfer.config.schema import FedInferConfig
+    from fedinfer.secagg.messages import RoundConfig
 
 __all__ = [
     "WITHHELD_WEIGHT",
     "check_evaluate",
+    "check_secagg_peers",
     "check_secagg_round",
     "check_train",
     "policy_accepting",
@@ -30,6 +33,7 @@ __all__ = [
     "secagg_threshold_floor",
     "site_config",
     "site_delta",
+    "trusted_identities",
 ]
 
 WITHHELD_WEIGHT = 1.0
@@ -192,6 +196,40 @@ def check_secagg_round(policy: SitePolicy, *, threshold: int, participants: int)
         raise _refuse(
             "secagg_min_threshold",
             f"threshold {threshold} of {participants} participants (floor: {floor})",
+        )
+
+
+def trusted_identities(policy: SitePolicy) -> frozenset[bytes] | None:
+    """The identity keys of the peers ``secagg_trusted_peers`` lists; None: no list."""
+    if policy.secagg_trusted_peers is None:
+        return None
+    from fedinfer.policy.peers import load_peers
+
+    return frozenset(load_peers(Path(policy.secagg_trusted_peers)).values())
+
+
+def check_secagg_peers(policy: SitePolicy, round_config: RoundConfig, *, site_id: int) -> None:
+    """Refuse a secure-aggregation round with a participant that is not a listed peer.
+
+    Every participant but the site itself (``site_id``) must present run keys endorsed, for
+    this run and its site id, by an identity key of ``secagg_trusted_peers``, each by a
+    different one (:func:`fedinfer.secagg.site.untrusted_participants`). Without a list the
+    round passes: the protocol then accepts any endorsed participant.
+    """
+    trusted = trusted_identities(policy)
+    if trusted is None:
+        return
+    from fedinfer.secagg.site import untrusted_participants
+
+    strangers = untrusted_participants(round_config, trusted, site_id=site_id)
+    if strangers:
+        raise _refuse(
+            "secagg_trusted_peers",
+            f"{len(strangers)} participant(s) of the round (node ids {strangers}) are not "
+            f"peers listed in {policy.secagg_trusted_peers} (an identity key not listed, used "
+            "twice, or without its endorsement): a coordinator could fill the round with "
+            "sites of its own; if a real site joined, its operator runs `fedinfer site "
+            "identity` and every site adds that line to the file",
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import tomli_w
 
 from fedinfer.errors import ConfigError
+from fedinfer.policy.peers import load_peers
 from fedinfer.policy.schema import PRIVACY_MODES, SitePolicy
 
 __all__ = [
@@ -57,7 +58,11 @@ def _typed(key: str, value: Any, source: str) -> Any:
 
 
 def validate_policy(policy: SitePolicy, *, source: str = "site policy") -> SitePolicy:
-    """Check every value's range; collect every problem, then raise once naming the keys."""
+    """Check every value's range; collect every problem, then raise once naming the keys.
+
+    A ``secagg_trusted_peers`` file is read and checked too (a relative path is relative
+    to the working directory here; :func:`load_policy` makes it relative to the policy).
+    """
     problems = []
     if policy.privacy_mode not in PRIVACY_MODES:
         problems.append(f"`privacy_mode` must be one of {', '.join(PRIVACY_MODES)}")
@@ -77,6 +82,11 @@ def validate_policy(policy: SitePolicy, *, source: str = "site policy") -> SiteP
         problems.append("`secagg_min_threshold` must be a fraction in [0, 1]")
     if policy.secagg_min_participants < 2:
         problems.append("`secagg_min_participants` must be >= 2")
+    if policy.secagg_trusted_peers is not None:
+        try:
+            load_peers(Path(policy.secagg_trusted_peers))
+        except ConfigError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return policy
@@ -118,13 +128,20 @@ def load_policy(path: Path) -> SitePolicy:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"site policy {path} is not valid TOML: {exc}") from None
+    peers = data.get("secagg_trusted_peers")
+    if isinstance(peers, str) and peers and not Path(peers).is_absolute():
+        data["secagg_trusted_peers"] = str(path.parent / peers)  # next to the policy
     return policy_from_mapping(data, source=f"site policy {path}")
 
 
 def save_policy(policy: SitePolicy, path: Path, *, overwrite: bool = False) -> Path:
     """Write ``policy`` as TOML (None values left out: absent means None), readable by the owner."""
     path = Path(path)
-    validate_policy(policy)
+    peers = policy.secagg_trusted_peers
+    if peers is not None and not Path(peers).is_absolute():  # as load_policy will read it
+        validate_policy(dataclasses.replace(policy, secagg_trusted_peers=str(path.parent / peers)))
+    else:
+        validate_policy(policy)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; edit it, or delete it to write a new default")
     path.parent.mkdir(parents=True, exist_ok=True)

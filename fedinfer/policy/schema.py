@@ -54,6 +54,12 @@ class SitePolicy:
     each unmask a sum). Also the floor the site's secure-aggregation code enforces."""
     secagg_min_participants: int = 3
     """Fewest participants of a secure-aggregation round (fewer: the sum reveals too much)."""
+    secagg_trusted_peers: str | None = None
+    """A peers file (TOML, site name -> identity public key; relative to the policy file)
+    naming the real sites of the federation (:mod:`fedinfer.policy.peers`): a
+    secure-aggregation round with any other participant is refused, so a coordinator cannot
+    add sites of its own making (Sybils). None: any participant whose keys are endorsed by
+    *some* identity key is accepted, and the site warns once per run."""
     allowed_metrics: list[str] = field(default_factory=lambda: ["epsilon"])
     """In DP mode, the only reply metrics that leave the site (the rest are withheld)."""
     allow_evaluation: bool = False

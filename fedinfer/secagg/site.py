@@ -41,15 +41,20 @@ then learns the sum over that one survivor list and nothing else. When nobody dr
 the signatures travel with the uploads and the check costs no extra exchange; after a
 dropout it costs one (:meth:`SiteSecAgg.sign_survivors`). Run keys are endorsed by the
 site's long-lived identity key (``identity``), and ``require_endorsed`` refuses peers
-without an endorsement. Not covered: a coordinator that invents participants (Sybil
-sites) with identity keys of its own, unless ``trusted_identities`` lists the real peers;
-or one that starts a *new* run to have the same data masked again.
+without an endorsement. A coordinator that invents participants (Sybil sites) with
+identity keys of its own holds their shares and pairwise seeds, so a round of one real
+site and ``threshold`` Sybils unmasks that site's update: ``trusted_identities`` (the site
+policy's ``secagg_trusted_peers``) lists the real peers' identity keys, and a round with a
+participant not endorsed by one of them, or two participants showing the same one, is
+refused (:func:`untrusted_participants`). Not covered: a site without that list; or a
+coordinator that starts a *new* run to have the same data masked again.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -86,7 +91,7 @@ from fedinfer.secagg.quantize import encode_contribution
 from fedinfer.secagg.seal import open_share, seal_share, share_associated_data
 from fedinfer.secagg.shamir import Share, split_secret
 
-__all__ = ["SiteSecAgg", "threshold_floor"]
+__all__ = ["SiteSecAgg", "threshold_floor", "untrusted_participants"]
 
 _PENDING = "pending."
 DEFAULT_MIN_THRESHOLD_FRACTION = 0.5
@@ -112,6 +117,38 @@ def threshold_floor(min_fraction: float, *, participants: int) -> int:
     (4, 2)
     """
     return max(2, participants // 2 + 1, math.ceil(min_fraction * participants - 1e-9))
+
+
+def untrusted_participants(
+    config: RoundConfig, trusted: Collection[bytes], *, site_id: int
+) -> list[int]:
+    """The participants, other than ``site_id``, that a site knowing its peers must refuse.
+
+    A participant passes when its run keys carry a valid endorsement, for this run and its
+    site id, by an identity key in ``trusted`` that no other participant also presents: a
+    coordinator can then add no participant of its own making (a Sybil), and a peer
+    colluding with it can vouch for one participant only.
+
+    Examples
+    --------
+    >>> from fedinfer.secagg.keys import new_identity
+    >>> a, b = (SiteSecAgg.create(i, run_id=1, identity=new_identity()) for i in (1, 2))
+    >>> config = RoundConfig(run_id=1, server_round=1, round_nonce=bytes(16), threshold=2,
+    ...     clip_range=1.0, bits=16, dim=1, participants={1: a.public_keys, 2: b.public_keys})
+    >>> untrusted_participants(config, {a.public_keys.identity}, site_id=1)
+    [2]
+    """
+    uses = Counter(keys.identity for keys in config.participants.values())
+    return [
+        i
+        for i, keys in sorted(config.participants.items())
+        if i != site_id
+        and (
+            keys.identity not in trusted
+            or uses[keys.identity] > 1
+            or not keys.endorsed(run_id=config.run_id, site_id=i)
+        )
+    ]
 
 
 class SiteSecAgg:
@@ -293,15 +330,13 @@ class SiteSecAgg:
                     "by an identity key"
                 )
         if self.trusted_identities is not None:
-            strangers = [
-                i
-                for i, keys in sorted(config.participants.items())
-                if keys.identity not in self.trusted_identities
-            ]
+            strangers = untrusted_participants(
+                config, self.trusted_identities, site_id=self.site_id
+            )
             if strangers:
                 raise SecAggAbort(
                     f"refusing the round: site(s) {strangers} have an identity key this site "
-                    "does not trust"
+                    "does not trust (or share one, or lack its endorsement)"
                 )
         if self.run_id is not None and config.run_id != self.run_id:
             raise SecAggAbort(

@@ -29,7 +29,7 @@ from typing import Any
 from fedinfer.crypto.at_rest import StateKey, open_state, seal_state
 from fedinfer.errors import SecAggAbort
 from fedinfer.fsutil import atomic_write_bytes
-from fedinfer.secagg.keys import KEY_BYTES, new_identity
+from fedinfer.secagg.keys import KEY_BYTES, identity_public, new_identity
 from fedinfer.secagg.site import SiteSecAgg
 
 __all__ = ["RunStateStore", "open_site"]
@@ -143,6 +143,37 @@ class RunStateStore:
         if len(raw) != KEY_BYTES:
             raise SecAggAbort(f"{path} is not a secure-aggregation identity key")
         return raw
+
+    def reseal(self, *, old: StateKey | None, new: StateKey) -> int:
+        """Re-encrypt the identity key and every run's state from ``old`` (None: plaintext)
+        to ``new``, in place (``fedinfer keys encrypt-state`` / ``rekey``).
+
+        Each file is replaced atomically, and one already sealed with ``new`` is left as is,
+        so running it again finishes an interrupted migration. The identity key stays the
+        same: the site's peers keep trusting it. Returns the number of files rewritten.
+        """
+        from fedinfer.crypto.at_rest import reseal_file
+
+        if not self.directory.is_dir():
+            return 0
+        rewritten = 0
+        identity = self.directory / "identity.key"
+        if identity.is_file():
+            rewritten += reseal_file(
+                identity, name="secagg/identity", old=old, new=new, tampered=SecAggAbort
+            )
+        for path in sorted(self.directory.glob("run-*.json")):
+            run_id = int(path.stem.removeprefix("run-"))
+            with self.locked(run_id):
+                rewritten += reseal_file(
+                    path, name=self._name(run_id), old=old, new=new, tampered=SecAggAbort
+                )
+        return rewritten
+
+    def identity_public(self) -> bytes:
+        """The raw Ed25519 public half of :meth:`identity` (created on first use): what the
+        site's peers list in their ``secagg_trusted_peers`` file."""
+        return identity_public(self.identity())
 
     def save(self, run_id: int, state: Mapping[str, Any]) -> Path:
         """Write ``state`` for ``run_id`` atomically and durably (sealed with a key)."""

@@ -143,6 +143,11 @@ def run_simulation(
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(output_dir)
+    if cfg.secagg.enabled and cfg.site_policy.secagg_trusted_peers is None:
+        from fedinfer.fl.secagg_site import simulation_peers
+
+        site_ids = [site.site_id for site in data.sites]  # each trusts exactly these keys
+        cfg.site_policy.secagg_trusted_peers = str(simulation_peers(output_dir, site_ids))
     signing_key, public_key = _coordinator_keys(output_dir)
     data_dir = None
     # Data read lazily from disk stays there: every actor indexes it (file names and labels).
