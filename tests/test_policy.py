@@ -488,6 +488,8 @@ class CountingGrid(InProcessGrid):
         for msg in messages:
             kind = msg.metadata.message_type
             self.sent[kind] = self.sent.get(kind, 0) + 1
+            if kind == "train" and Keys.EVALUATE in msg.content.config_records:
+                self.sent["train+evaluate"] = self.sent.get("train+evaluate", 0) + 1
         return super().push_messages(messages)
 
 
@@ -507,7 +509,10 @@ def test_strict_sites_accept_the_default_job_and_withhold_metrics(
         for metrics in record["sites"].values():
             assert set(metrics) == {"epsilon", "num-examples"} and metrics["num-examples"] == 1.0
         assert record["federated"] == {}, "evaluation is refused in DP mode by default"
-    assert grids[0].sent["evaluate"] == 4, "refused once, then not asked again"
+    # Round 1's evaluation rides on round 2's train messages; refused there, round 2's own
+    # evaluate exchange (the last round's) asks nobody.
+    assert grids[0].sent.get("evaluate", 0) == 0 and grids[0].sent["train"] == 8
+    assert grids[0].sent["train+evaluate"] == 4, "refused once, then not asked again"
 
 
 def test_every_site_refuses_a_lying_coordinator_on_ray(out_dir: Path) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
-from pathlib import Path
-
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -48,7 +48,13 @@ from fedinfer.policy import (
     validate_policy,
 )
 
-__all__ = ["PolicyFn", "build_client_app", "node_policy", "simulation_policy"]
+__all__ = [
+    "PolicyFn",
+    "build_client_app",
+    "evaluate_before_training",
+    "node_policy",
+    "simulation_policy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +152,11 @@ def build_client_app(
         config = msg.content.config_records[Keys.CONFIG]
         server_round = int(cast(int, config[Keys.SERVER_ROUND]))
         global_weights = arrays_to_weights(msg.content.array_records[Keys.ARRAYS])
+        evaluation = (
+            evaluate_before_training(request, env, policy, global_weights)
+            if Keys.EVALUATE in msg.content.config_records
+            else {}
+        )
         if cfg.secagg.enabled:
             from fedinfer.fl.secagg_site import secagg_train
 
@@ -162,7 +173,7 @@ def build_client_app(
                 k: float(cast(float, v)) for k, v in content.metric_records[Keys.METRICS].items()
             }
             content[Keys.METRICS] = MetricRecord(release_metrics(policy, cfg, metrics))
-            return content
+            return RecordDict({**content, **evaluation})
         outcome = local_train(
             cfg=cfg,
             env=env,
@@ -175,6 +186,7 @@ def build_client_app(
                 Keys.ARRAYS: weights_to_arrays(outcome.weights),
                 Keys.METRICS: MetricRecord(release_metrics(policy, cfg, dict(outcome.metrics))),
                 Keys.SITE: _site_record(env),
+                **evaluation,
             }
         )
 
@@ -230,6 +242,33 @@ def build_client_app(
         return unmask(env=env, msg=msg, context=context, policy=policy_fn(cfg, context))
 
     return app
+
+
+def evaluate_before_training(
+    request: FedInferConfig,
+    env: SiteEnv,
+    policy: SitePolicy,
+    global_weights: dict[str, np.ndarray],
+) -> dict[str, MetricRecord | ConfigRecord]:
+    """A train message's ride-along evaluation: the records the train reply adds.
+
+    The coordinator asks (``Keys.EVALUATE``) instead of sending an evaluate message
+    (:mod:`fedinfer.fl.loop`); the site checks the request against its policy exactly as an
+    evaluate message, and evaluates the model it is about to train on. A refusal (or an
+    evaluation that fails) does not stop the training: the reply carries
+    ``Keys.EVALUATION_REFUSED`` instead of ``Keys.EVALUATION``. The metrics are an evaluate
+    reply's, in the clear, beside the (possibly masked) update.
+    """
+    try:
+        check_evaluate(policy, request)
+        metrics = local_evaluate(cfg=request, env=env, global_weights=global_weights)
+    except FedInferError as exc:
+        policy_refused = isinstance(exc, PolicyViolation)
+        code = ErrorCodes.POLICY_REFUSED if policy_refused else ErrorCodes.SITE_ERROR
+        logger.warning("site %s did not evaluate: %s", env.site_id, exc)
+        refusal = {"code": code, "reason": f"{exc} (site {env.site_id})"[:500]}
+        return {Keys.EVALUATION_REFUSED: ConfigRecord(refusal)}
+    return {Keys.EVALUATION: MetricRecord(dict(metrics))}
 
 
 def check_secagg_request(policy: SitePolicy, msg: Message) -> None:

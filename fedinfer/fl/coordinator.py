@@ -153,7 +153,15 @@ def run_coordinator(
         writer.add_round(record.to_json(), elapsed_s=time.perf_counter() - started)
         save_checkpoint(output_dir, cfg=cfg, state=state, strategy=strategy, run_id=run_id)
         tracking.track_round(cfg, record.to_json(), step=record.round)
-        printer.line(record)
+        before = state.history[-2] if len(state.history) > 1 else None
+        late = before if before is not None and before.federated_via == "train" else None
+        printer.line(record, previous=late)
+
+    def on_federated(record: RoundRecord, state: FederationState) -> None:
+        # A finished round's federated metrics, a round late (fedinfer.fl.loop): results.json
+        # and MLflow now; the next round's checkpoint and progress line carry them.
+        writer.update_round(record.to_json())
+        tracking.track_round(cfg, {"federated": record.federated}, step=record.round)
 
     state = run_rounds(
         grid=grid,
@@ -167,6 +175,7 @@ def run_coordinator(
         if central_test is not None
         else None,
         on_round_end=on_round_end,
+        on_federated=on_federated,
     )
     if state.stop_reason:
         printer.message(f"[yellow]Federation ended early:[/] {state.stop_reason}")

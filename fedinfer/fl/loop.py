@@ -7,6 +7,32 @@ being sampled, a clean end when too few sites can train, and a
 hook after every round (results, progress, checkpoint). The strategy's own
 ``configure_*`` / ``aggregate_*`` methods are called exactly as ``start`` calls
 them, so every Flower strategy (and our secure-aggregation wrapper) plugs in.
+
+Evaluation rides on the train exchange
+--------------------------------------
+Each exchange with the sites costs a round trip (seconds of Flower polling in a
+deployment), so round ``r``'s federated evaluation does not get an exchange of its own
+when a round ``r + 1`` follows: round ``r + 1``'s train message already carries round
+``r``'s global model, and a site asked to (a ``Keys.EVALUATE`` record) evaluates that model
+on its test split *before* it trains, and returns the metrics in its train reply as a
+record of their own (``Keys.EVALUATION``, never mixed into the train metrics). The site
+checks the ride-along request against its policy exactly as an evaluate message
+(``allow_evaluation`` in DP mode); a site that refuses still trains and says so in the
+reply (``Keys.EVALUATION_REFUSED``), and is not asked again. The sites sampled for
+evaluation are Flower's ``configure_evaluate`` sample, drawn before round ``r + 1``'s train
+sample as the separate exchanges drew them; a sampled site that does not train this round
+(not sampled for it, or out of budget) gets a plain evaluate message in the same exchange.
+The replies are aggregated by ``aggregate_evaluate`` as before, so the numbers are those
+of the separate exchange. With secure aggregation the masked update is unchanged: the
+evaluation metrics travel beside it in the clear, exactly as in an evaluate reply.
+
+The last round, and a round after which the run stops (too few sites left, the
+strategy stopped), keep a separate evaluate exchange, so every round has its
+federated metrics. A round's record is finished (``on_round_end``: results,
+checkpoint, progress line) once, when the round ends; metrics that arrive a round
+later are filled into it (``federated_via="train"``) and reported through
+``on_federated`` (results.json and MLflow, no second checkpoint or progress line;
+the next round's checkpoint holds them, and its progress line shows them, marked).
 """
 
 from __future__ import annotations
@@ -18,7 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -33,6 +59,7 @@ _SITE_SUFFIX = re.compile(r"\(site ([\w.-]{1,64})\)$")
 """A refusal names its site at the end of the reason (an Error reply has no site record)."""
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
+RoundFn = Callable[["RoundRecord", "FederationState"], None]
 
 
 @dataclass
@@ -46,6 +73,11 @@ class RoundRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     """Every held-out metric of the task (:mod:`fedinfer.tasks`), e.g. rmse, mae, r2."""
     federated: dict[str, float] = field(default_factory=dict)
+    """The sites' sample-weighted evaluation of this round's global model."""
+    federated_via: str | None = None
+    """How ``federated`` came: ``"evaluate"`` (an evaluate exchange at the end of this round),
+    ``"train"`` (with the next round's train replies), ``"pending"`` (the next round's train
+    exchange will carry it), None (no evaluation: too few sites may evaluate)."""
     train: dict[str, float] = field(default_factory=dict)
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
@@ -56,8 +88,9 @@ class RoundRecord:
     aggregated: bool = False
     duration_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per stage: ``train`` (the train exchange), ``aggregate`` (with secure
-    aggregation: its unmask exchange), ``evaluate`` (the evaluate exchange), ``central``."""
+    """Seconds per stage: ``train`` (the train exchange, with the previous round's evaluation
+    riding on it), ``aggregate`` (with secure aggregation: its unmask exchange), ``evaluate``
+    (an evaluate exchange of its own: the last round's), ``central``."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form written to ``results.json``."""
@@ -121,7 +154,7 @@ def _record_site_metrics(
         if msg.has_error():
             continue
         site = site_of(msg, state.site_names)
-        metrics = dict(next(iter(msg.content.metric_records.values())))
+        metrics = dict(msg.content.metric_records[Keys.METRICS])
         record.sites[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         if "epsilon" in metrics:
             state.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
@@ -142,11 +175,15 @@ def run_rounds(
     timeout: float,
     train_config: ConfigRecord,
     evaluate_fn: EvaluateFn | None = None,
-    on_round_end: Callable[[RoundRecord, FederationState], None] | None = None,
+    on_round_end: RoundFn | None = None,
+    on_federated: RoundFn | None = None,
 ) -> FederationState:
     """Run rounds ``state.completed_round + 1 .. num_rounds``; stop early when too few can train.
 
-    Returns the final state; ``state.stop_reason`` says why it ended early, if it did.
+    ``on_round_end`` is called once per round, when it ends; ``on_federated`` when an already
+    finished round's federated metrics arrive (with the next round's train replies, see the
+    module docstring). Returns the final state; ``state.stop_reason`` says why it ended
+    early, if it did.
     """
     for server_round in range(state.completed_round + 1, num_rounds + 1):
         started = time.perf_counter()
@@ -161,12 +198,23 @@ def run_rounds(
             )
             break
 
-        # --- TRAINING (sites) -------------------------------------------------------------
-        messages = strategy.configure_train(
+        # --- TRAINING (sites), the previous round's evaluation riding along -----------------
+        previous = _pending(state)
+        evaluation = (
+            _evaluation_messages(grid, strategy, state, previous.round, min_sites=min_sites)
+            if previous is not None
+            else None
+        )
+        training = strategy.configure_train(
             server_round, state.arrays, ConfigRecord(dict(train_config)), trainable
         )
-        replies = _split_replies(grid.send_and_receive(messages, timeout=timeout), state, record)
+        train_replies, evaluate_replies = _train_exchange(
+            grid, list(training), evaluation or [], state, timeout=timeout
+        )
+        replies = _split_replies(train_replies, state, record)
         stage = _stopwatch(record, "train", started)
+        if previous is not None:
+            _finish_late(previous, strategy, state, evaluation, evaluate_replies, on_federated)
         _record_site_metrics(replies, state, record)
         record.epsilon = dict(sorted(state.epsilon.items()))
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -176,11 +224,12 @@ def run_rounds(
         record.train = _floats(train_metrics)
         record.secagg = dict(getattr(strategy, "last_round_info", {}) or {})
 
-        # --- EVALUATION (sites) -----------------------------------------------------------
-        record.federated = _evaluate_sites(
-            grid, strategy, state, server_round, min_sites=min_sites, timeout=timeout
-        )
-        stage = _stopwatch(record, "evaluate", stage)
+        # --- EVALUATION (sites): now if no round follows, else with the next train exchange ---
+        if _last_round(grid, strategy, state, server_round, num_rounds, min_sites=min_sites):
+            _evaluate_now(grid, strategy, state, record, min_sites=min_sites, timeout=timeout)
+            stage = _stopwatch(record, "evaluate", stage)
+        else:
+            record.federated_via = "pending"
 
         # --- EVALUATION (coordinator) -----------------------------------------------------
         if evaluate_fn is not None:
@@ -198,6 +247,7 @@ def run_rounds(
         if stop_reason:
             state.stop_reason = stop_reason
             break
+    _close_pending(grid, strategy, state, min_sites=min_sites, timeout=timeout, fn=on_federated)
     return state
 
 
@@ -208,31 +258,192 @@ def _stopwatch(record: RoundRecord, name: str, since: float) -> float:
     return now
 
 
-def _evaluate_sites(
+# --- federated evaluation ---------------------------------------------------------------------
+
+
+def _pending(state: FederationState) -> RoundRecord | None:
+    """The last round, if its federated evaluation still waits for a train exchange."""
+    last = state.history[-1] if state.history else None
+    return last if last is not None and last.federated_via == "pending" else None
+
+
+def _last_round(
     grid: Grid,
     strategy: Strategy,
     state: FederationState,
     server_round: int,
+    num_rounds: int,
     *,
     min_sites: int,
-    timeout: float,
-) -> dict[str, float]:
-    """Federated evaluation by the sites whose policy allows it; {} when too few do.
+) -> bool:
+    """Whether no train exchange follows this round (so its evaluation cannot ride on one)."""
+    if server_round >= num_rounds or getattr(strategy, "stop_reason", None):
+        return True
+    return len(list(ExcludingGrid(grid, state.exhausted_nodes).get_node_ids())) < min_sites
 
-    A site that refuses by policy (DP mode, ``allow_evaluation = false``) is not asked again,
-    and with fewer than ``min_sites`` left the exchange is skipped (Flower's sampling would
-    wait for them forever).
+
+def _evaluation_messages(
+    grid: Grid, strategy: Strategy, state: FederationState, server_round: int, *, min_sites: int
+) -> list[Message] | None:
+    """The strategy's evaluate messages for the current model, by the sites that may evaluate.
+
+    None when fewer than ``min_sites`` may: a site that refuses by policy (DP mode,
+    ``allow_evaluation = false``) is not asked again, and Flower's sampling would wait for
+    the missing ones forever.
     """
     evaluable = ExcludingGrid(grid, state.unevaluable_nodes)
     if len(list(evaluable.get_node_ids())) < min_sites:
-        return {}
-    messages = strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), evaluable)
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+        return None
+    return list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), evaluable))
+
+
+def _train_exchange(
+    grid: Grid,
+    training: list[Message],
+    evaluation: list[Message],
+    state: FederationState,
+    *,
+    timeout: float,
+) -> tuple[list[Message], list[Message]]:
+    """The train exchange with the evaluate requests riding along; returns both kinds of reply.
+
+    Each evaluate request goes in the train message to its site (a ``Keys.EVALUATE``
+    record), or as itself in the same exchange to a site that does not train. A request
+    that could not ride (its site trains on other weights than the current model) or whose
+    train reply is an error (the site refused to train, ran out of budget, failed) goes in
+    a second exchange, as the separate evaluate exchange would have asked it.
+    """
+    trains = {m.metadata.dst_node_id: m for m in training}
+    riding: dict[int, Message] = {}
+    alone: list[Message] = []
+    later: list[Message] = []
+    for request in evaluation:
+        node = request.metadata.dst_node_id
+        msg = trains.get(node)
+        if msg is None:
+            alone.append(request)
+        elif _same_arrays(msg.content.array_records.get(Keys.ARRAYS), state.arrays):
+            riding[node] = request
+            # Flower's strategies share one RecordDict between their messages: never mutate it.
+            config = ConfigRecord(dict(request.content.config_records.get(Keys.CONFIG, {})))
+            msg.content = RecordDict({**msg.content, Keys.EVALUATE: config})
+        else:
+            later.append(request)
+    train_replies, evaluate_replies = _exchange(grid, training + alone, state, timeout=timeout)
+    later += [
+        riding[r.metadata.src_node_id]
+        for r in train_replies
+        if r.has_error() and r.metadata.src_node_id in riding
+    ]
+    if later:
+        evaluate_replies += _exchange(grid, later, state, timeout=timeout)[1]
+    return train_replies, evaluate_replies
+
+
+def _same_arrays(sent: ArrayRecord | None, arrays: ArrayRecord) -> bool:
+    if sent is None or sent is arrays:
+        return sent is arrays
+    return list(sent) == list(arrays) and all(sent[k].data == arrays[k].data for k in arrays)
+
+
+def _exchange(
+    grid: Grid, messages: list[Message], state: FederationState, *, timeout: float
+) -> tuple[list[Message], list[Message]]:
+    """One exchange; returns its train replies and its evaluate replies.
+
+    Each train reply's ride-along evaluation is taken out of it (the strategy's
+    ``aggregate_train`` sees exactly what a site trained) and returned as an evaluate reply;
+    a site that refused it by policy is not asked again.
+    """
+    if not messages:
+        return [], []
+    train, evaluate = [], []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.metadata.message_type != MessageType.TRAIN:
+            evaluate.append(reply)
+            continue
+        train.append(reply)
+        if reply.has_error():
+            continue
+        metrics = reply.content.metric_records.get(Keys.EVALUATION)
+        refusal = reply.content.config_records.get(Keys.EVALUATION_REFUSED)
+        reply.content.pop(Keys.EVALUATION, None)
+        reply.content.pop(Keys.EVALUATION_REFUSED, None)
+        if metrics is not None:  # shaped like an evaluate reply for aggregate_evaluate
+            evaluate.append(Message(RecordDict({Keys.METRICS: metrics}), 0, MessageType.EVALUATE))
+        elif refusal is not None and refusal.get("code") == ErrorCodes.POLICY_REFUSED:
+            state.unevaluable_nodes.add(reply.metadata.src_node_id)
+    return train, evaluate
+
+
+def _aggregate_evaluation(
+    strategy: Strategy, state: FederationState, server_round: int, replies: list[Message]
+) -> dict[str, float]:
+    """``aggregate_evaluate`` over the answers; remember the sites that refused by policy."""
     for msg in replies:
         if msg.has_error() and msg.error.code == ErrorCodes.POLICY_REFUSED:
             state.unevaluable_nodes.add(msg.metadata.src_node_id)
     answered = [m for m in replies if not m.has_error()]
     return _floats(strategy.aggregate_evaluate(server_round, answered))
+
+
+def _evaluate_now(
+    grid: Grid,
+    strategy: Strategy,
+    state: FederationState,
+    record: RoundRecord,
+    *,
+    min_sites: int,
+    timeout: float,
+) -> None:
+    """An evaluate exchange of its own for ``record``'s round (the current model)."""
+    messages = _evaluation_messages(grid, strategy, state, record.round, min_sites=min_sites)
+    if messages is None:
+        record.federated, record.federated_via = {}, None
+        return
+    replies = _exchange(grid, messages, state, timeout=timeout)[1]
+    record.federated = _aggregate_evaluation(strategy, state, record.round, replies)
+    record.federated_via = "evaluate"
+
+
+def _finish_late(
+    record: RoundRecord,
+    strategy: Strategy,
+    state: FederationState,
+    evaluation: list[Message] | None,
+    replies: list[Message],
+    fn: RoundFn | None,
+) -> None:
+    """Fill in a finished round's federated metrics that came with this train exchange."""
+    if evaluation is None:
+        record.federated, record.federated_via = {}, None
+    else:
+        record.federated = _aggregate_evaluation(strategy, state, record.round, replies)
+        record.federated_via = "train"
+    if fn is not None:
+        fn(record, state)
+
+
+def _close_pending(
+    grid: Grid,
+    strategy: Strategy,
+    state: FederationState,
+    *,
+    min_sites: int,
+    timeout: float,
+    fn: RoundFn | None,
+) -> None:
+    """After the loop: a round still waiting for a train exchange gets an exchange of its own.
+
+    Only when a round that was to follow did not (a site vanished between rounds, or a
+    resumed run with fewer rounds); the metrics describe the same model either way.
+    """
+    record = _pending(state)
+    if record is None:
+        return
+    _evaluate_now(grid, strategy, state, record, min_sites=min_sites, timeout=timeout)
+    if fn is not None:
+        fn(record, state)
 
 
 def _refusal_summary(state: FederationState) -> str:

@@ -29,6 +29,13 @@ class Keys:
     SERVER_ROUND = "server-round"
     RUN_ID = "run-id"
     FAULT_DROP = "fault-drop"
+    EVALUATE = "evaluate"
+    """In a train message: also evaluate its model before training (the evaluate config)."""
+    EVALUATION = "evaluation"
+    """In a train reply: the site's evaluation of the model it was sent (an evaluate reply's
+    metrics), a record of its own beside the train metrics."""
+    EVALUATION_REFUSED = "evaluation-refused"
+    """In a train reply: the site did not evaluate (``code``, ``reason``), but trained."""
 
 
 class ErrorCodes:

@@ -41,16 +41,21 @@ class RoundPrinter:
         self.enabled = enabled
         self.started = time.perf_counter()
         self._header_done = False
+        self._legend_done = False
         self.console = _LoggedConsole(self.console)  # type: ignore[assignment]
 
-    def line(self, record: RoundRecord) -> None:
+    def line(self, record: RoundRecord, *, previous: RoundRecord | None = None) -> None:
         """Print one round.
 
         Each metric (``acc`` ...) is the coordinator's held-out value, or without one (a
-        deployment) the sites' sample-weighted evaluation, marked ``*``. There is no separate
-        federated column: in a simulation the held-out split is the union of the sites' test
-        splits, so the sample-weighted site accuracy equals ``acc`` exactly; in DP mode sites
-        refuse evaluation by default (their policy's ``allow_evaluation``).
+        deployment) the sites' sample-weighted evaluation of this round's model, marked ``*``,
+        else that of the previous round's model, marked ``^``: ``previous`` is the round whose
+        federated metrics came with this round's train replies (:mod:`fedinfer.fl.loop`; only
+        the last round has an evaluate exchange of its own). A one-line legend comes before
+        the first ``^``. There is no separate federated column: in a simulation the held-out
+        split is the union of the sites' test splits, so the sample-weighted site accuracy
+        equals ``acc`` exactly; in DP mode sites refuse evaluation by default (their
+        policy's ``allow_evaluation``).
         """
         if not self.enabled:
             return
@@ -61,7 +66,14 @@ class RoundPrinter:
                 "ok/refused/failed  round-s  elapsed-s[/]"
             )
             self._header_done = True
-        values = "".join(f"{self._value(record, m):<10}" for m in self.metrics)
+        cells = [self._value(record, m, previous) for m in self.metrics]
+        if not self._legend_done and any(c.endswith("^") for c in cells):
+            self.console.print(
+                "  (* the sites' evaluation of the round's model; ^ of the previous round's "
+                "model, sent back with this round's train replies)"
+            )
+            self._legend_done = True
+        values = "".join(f"{c:<10}" for c in cells)
         loss = f"{record.loss:.4f}" if record.loss is not None else "   -  "
         eps = max(record.epsilon.values(), default=None)
         eps_txt = f"{eps:7.3f}" if eps is not None else "     - "
@@ -73,15 +85,19 @@ class RoundPrinter:
         )
 
     @staticmethod
-    def _value(record: RoundRecord, name: str) -> str:
-        """The held-out value, else the sites' weighted evaluation marked ``*``, else ``-``."""
+    def _value(record: RoundRecord, name: str, previous: RoundRecord | None) -> str:
+        """The held-out value, else the sites' evaluation (``*`` this round's model, ``^`` the
+        previous round's), else ``-``."""
         central = record.metrics.get(name)
         if central is None and name == "accuracy":
             central = record.accuracy
         if central is not None:
             return f"{central:.4f} "
         fed = record.federated.get(f"eval-{name}")
-        return f"{fed:.4f}*" if fed is not None else "   -   "
+        if fed is not None:
+            return f"{fed:.4f}*"
+        late = previous.federated.get(f"eval-{name}") if previous is not None else None
+        return f"{late:.4f}^" if late is not None else "   -   "
 
     def message(self, text: str) -> None:
         """Print a status line."""

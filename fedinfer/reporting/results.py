@@ -83,6 +83,13 @@ class ResultsWriter:
         )
         self._save()
 
+    def update_round(self, record: dict[str, Any]) -> None:
+        """Replace the round of the same number (e.g. its federated metrics came later); persist."""
+        rounds = self.data["rounds"]
+        same = [i for i, r in enumerate(rounds) if r["round"] == record["round"]]
+        rounds[same[-1]] = record
+        self._save()
+
     def finish(self, *, status: str, **fields: Any) -> None:
         """Record the outcome (``completed``, ``stopped``, ``failed``) and persist."""
         self.data["status"] = status
