@@ -302,8 +302,10 @@ def _site_identity(ns: argparse.Namespace) -> int:
 
 
 def _warn_without_peers(ns: argparse.Namespace) -> None:
-    """Say at start-up when the site's policy names no trusted peers (a warning on stdout:
-    stderr's first line stays the reason a site refuses to start)."""
+    """Say at start-up when the site's policy names no trusted peers.
+
+    A warning on stdout: stderr's first line stays the reason a site refuses to start.
+    """
     from fedinfer.policy import POLICY_FILENAME, load_policy
 
     try:  # run_site reports a missing or bad policy, with the rest of the checks
