@@ -277,6 +277,11 @@ def _site_init_policy(ns: argparse.Namespace) -> int:
     print(f"wrote the strict default site policy {path}; edit it, then start the site")
     if pinned:
         print(f"coordinator signing key pinned: {pinned}")
+    print(
+        f"then: `fedinfer site identity {ns.state_dir} --name NAME` prints this site's line "
+        "for its peers; collect every site's line in a file and name it in "
+        "`secagg_trusted_peers` (docs/deployment.md)"
+    )
     return 0
 
 
