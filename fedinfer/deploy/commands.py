@@ -277,6 +277,11 @@ def _site_init_policy(ns: argparse.Namespace) -> int:
     print(f"wrote the strict default site policy {path}; edit it, then start the site")
     if pinned:
         print(f"coordinator signing key pinned: {pinned}")
+    print(
+        f"then: `fedinfer site identity {ns.state_dir} --name NAME` prints this site's line "
+        "for its peers; collect every site's line in a file and name it in "
+        "`secagg_trusted_peers` (docs/deployment.md)"
+    )
     return 0
 
 
@@ -302,8 +307,10 @@ def _site_identity(ns: argparse.Namespace) -> int:
 
 
 def _warn_without_peers(ns: argparse.Namespace) -> None:
-    """Say at start-up when the site's policy names no trusted peers (a warning on stdout:
-    stderr's first line stays the reason a site refuses to start)."""
+    """Say at start-up when the site's policy names no trusted peers.
+
+    A warning on stdout: stderr's first line stays the reason a site refuses to start.
+    """
     from fedinfer.policy import POLICY_FILENAME, load_policy
 
     try:  # run_site reports a missing or bad policy, with the rest of the checks

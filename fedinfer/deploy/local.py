@@ -190,13 +190,13 @@ class LocalDeployment:
         ]
 
     def write_policies(self, cfg: FedInferConfig) -> None:
-        """One policy per site: strict, relaxed to accept ``cfg``, the coordinator's key pinned,
-        and every site of the deployment as its only trusted secure-aggregation peers.
+        """One policy per site: strict, relaxed to accept ``cfg``, the coordinator's key pinned.
 
-        Each site's identity key is made here, in its state directory (sealed with its state
-        key), so that every site's peers file (``secagg_peers.toml``, next to its policy) can
-        list all of them before the first round: what operators of real sites exchange by
-        hand (``fedinfer site identity``).
+        Its trusted secure-aggregation peers are exactly the deployment's sites: each
+        site's identity key is made here, in its state directory (sealed with its state
+        key), so that every site's peers file (``secagg_peers.toml``, next to its policy)
+        lists all of them before the first round, as operators of real sites would by
+        exchanging ``fedinfer site identity`` lines.
         """
         import dataclasses
 

@@ -74,8 +74,7 @@ def _site_record(env: SiteEnv) -> ConfigRecord:
 
 
 def _options(policy: SitePolicy, store: RunStateStore) -> dict[str, Any]:
-    """The site's own settings for the protocol: its identity key, its policy's floors and
-    trusted peers.
+    """The site's own settings for the protocol: identity key, policy floors, trusted peers.
 
     Never from the run config, which the coordinator writes.
     """
@@ -223,8 +222,10 @@ def _answer(
     parse: Callable[[dict[str, Any]], _Request],
     act: Callable[[SiteSecAgg, _Request], ConsistencyReply | UnmaskReply],
 ) -> RecordDict:
-    """Answer a request about the pending round: ``act(site, parse(wire))`` under the run's
-    lock, the new state saved before the reply leaves."""
+    """Answer a request about the pending round with ``act(site, parse(wire))``.
+
+    Under the run's lock; the new state is saved before the reply leaves.
+    """
     wire = _wire(msg)
     request = parse(wire)
     if _dropping(context, request.server_round):

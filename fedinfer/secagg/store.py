@@ -145,12 +145,12 @@ class RunStateStore:
         return raw
 
     def reseal(self, *, old: StateKey | None, new: StateKey) -> int:
-        """Re-encrypt the identity key and every run's state from ``old`` (None: plaintext)
-        to ``new``, in place (``fedinfer keys encrypt-state`` / ``rekey``).
+        """Re-encrypt the identity key and every run's state from ``old`` to ``new``, in place.
 
-        Each file is replaced atomically, and one already sealed with ``new`` is left as is,
-        so running it again finishes an interrupted migration. The identity key stays the
-        same: the site's peers keep trusting it. Returns the number of files rewritten.
+        ``old`` None: plaintext (``fedinfer keys encrypt-state``; ``rekey`` otherwise).
+        Each file is replaced atomically, and one already sealed with ``new`` is left as
+        is, so running it again finishes an interrupted migration. The identity key stays
+        the same: the site's peers keep trusting it. Returns the number of files rewritten.
         """
         from fedinfer.crypto.at_rest import reseal_file
 
@@ -171,8 +171,10 @@ class RunStateStore:
         return rewritten
 
     def identity_public(self) -> bytes:
-        """The raw Ed25519 public half of :meth:`identity` (created on first use): what the
-        site's peers list in their ``secagg_trusted_peers`` file."""
+        """The raw Ed25519 public half of :meth:`identity` (created on first use).
+
+        What the site's peers list in their ``secagg_trusted_peers`` file.
+        """
         return identity_public(self.identity())
 
     def save(self, run_id: int, state: Mapping[str, Any]) -> Path:
