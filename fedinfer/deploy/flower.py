@@ -146,12 +146,11 @@ class FlowerCli:
         )
         return path
 
-    def call(self, *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Run ``flwr ARGS... --format json`` and return its JSON; raise on failure."""
-        argv = [flower_bin("flwr"), *args, "--format", "json"]
+    def _flwr(self, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+        """Run ``flwr ARGS...`` with this CLI's FLWR_HOME; raise if it does not answer in time."""
         try:
-            done = subprocess.run(
-                argv,
+            return subprocess.run(
+                [flower_bin("flwr"), *args],
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,  # noqa: S603
@@ -162,6 +161,10 @@ class FlowerCli:
             raise FedInferError(
                 f"`flwr {' '.join(args)}` did not answer within {timeout_s:.0f}s"
             ) from None
+
+    def call(self, *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Run ``flwr ARGS... --format json`` and return its JSON; raise on failure."""
+        done = self._flwr(*args, "--format", "json", timeout_s=timeout_s)
         payload = _last_json(done.stdout)
         if done.returncode != 0 or not payload.get("success", False):
             reason = (
@@ -198,17 +201,9 @@ class FlowerCli:
 
     def run_log(self, run_id: int, *, timeout_s: float = 60.0) -> str:
         """``flwr log RUN --show``: what the run's ServerApp printed ("" when unavailable)."""
-        argv = [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"]
         try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,  # noqa: S603
-                env=flower_env(self.flwr_home),
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
+            done = self._flwr("log", str(run_id), CONNECTION, "--show", timeout_s=timeout_s)
+        except FedInferError:
             return ""
         return done.stdout if done.returncode == 0 else ""
 
