@@ -35,3 +35,17 @@ def tiny_config(*overrides: str, base: Sequence[str] = TINY) -> FedInferConfig:
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture
+def example_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo what a shipped example's ``main`` changes in this process: the model allow-list,
+    ``PYTHONPATH`` and ``sys.path`` (each example allows and imports its own package)."""
+    import os
+    import sys
+
+    from fedinfer.models.custom import ALLOW_ENV
+
+    monkeypatch.setenv(ALLOW_ENV, "")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(sys, "path", list(sys.path))

@@ -422,18 +422,9 @@ def test_a_deployed_site_must_number_its_classes(tmp_path: Path) -> None:
                        partition=PartitionConfig(name="iid"), seed=0, num_classes=2)  # fmt: skip
 
 
-def test_the_image_example_reads_png_class_folders(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("example_sandbox")
+def test_the_image_example_reads_png_class_folders(tmp_path: Path) -> None:
     """``python examples/images/run.py --png``: the script writes the folders, sites read them."""
-    import os
-    import sys
-
-    from fedinfer.models.custom import ALLOW_ENV
-
-    monkeypatch.setenv(ALLOW_ENV, "")
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setattr(sys, "path", list(sys.path))
     from examples.images.run import main
 
     out = tmp_path / "run"

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from fedinfer.models.custom import ALLOW_ENV
 
-
-def test_images_example_trains_with_dp_secagg_serves_and_predicts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The example edits this process's allow-list, PYTHONPATH and sys.path; undo afterwards.
-    monkeypatch.setenv(ALLOW_ENV, "")
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setattr(sys, "path", list(sys.path))
+@pytest.mark.usefixtures("example_sandbox")
+def test_images_example_trains_with_dp_secagg_serves_and_predicts(tmp_path: Path) -> None:
     from examples.images.run import main
 
     out = tmp_path / "run"
@@ -40,13 +31,10 @@ def test_images_example_trains_with_dp_secagg_serves_and_predicts(
     assert manifest["model"]["_target_"] == "examples.images.net.DigitsCnn"
     assert manifest["model"]["num_parameters"] == summary["num_parameters"]
 
-
+@pytest.mark.usefixtures("example_sandbox")
 def test_regression_example_federates_with_dp_secagg_against_a_centralized_baseline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv(ALLOW_ENV, "")
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setattr(sys, "path", list(sys.path))
     from examples.regression.run import main
 
     out = tmp_path / "run"

@@ -8,7 +8,9 @@ bit-identical, so a coordinator that knows the config could replay a site's nois
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,19 +155,35 @@ def test_results_and_manifest_say_whether_the_run_is_dp(
 # --------------------------------------------------------------------------- issue 11.5: budget
 
 
+def _train_once(cfg: Any, env: Any, model: Any, *, after_step: Callable[[], None]) -> None:
+    """One round of DP-SGD at ``env``'s site (round 1 of run ``r``), ``after_step`` after each."""
+    import torch
+
+    from fedinfer.fl.site_privacy import private_train
+    from fedinfer.training import make_loader
+
+    private_train(
+        cfg=cfg,
+        env=env,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loader=make_loader(env.data.train, batch_size=32, shuffle=True, seed=1),
+        device=torch.device("cpu"),
+        after_step=after_step,
+        server_round=1,
+        run_id="r",
+    )
+
+
 def test_two_concurrent_trainings_cannot_both_pass_a_budget_only_one_fits(tmp_path: Path) -> None:
     """Two trainings of one site start together (the barrier holds both inside their first
     DP step). On the old code both passed the budget check before either charged, and the
     ledger ended over budget; now the second one's reservation is refused."""
     import threading
 
-    import torch
-
     from fedinfer.errors import PrivacyBudgetExceeded
-    from fedinfer.fl.site_privacy import private_train
     from fedinfer.models import build_model
     from fedinfer.privacy import PrivacyLedger
-    from fedinfer.training import make_loader
 
     cfg = _dp_config()
     env = _env(cfg, tmp_path / "site")
@@ -194,17 +212,7 @@ def test_two_concurrent_trainings_cannot_both_pass_a_budget_only_one_fits(tmp_pa
                 meet()
 
         try:
-            private_train(
-                cfg=cfg,
-                env=env,
-                model=model,
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                loader=make_loader(env.data.train, batch_size=32, shuffle=True, seed=1),
-                device=torch.device("cpu"),
-                after_step=after_step,
-                server_round=1,
-                run_id="r",
-            )
+            _train_once(cfg, env, model, after_step=after_step)
             outcomes.append("trained")
         except PrivacyBudgetExceeded:
             outcomes.append("refused")
@@ -233,25 +241,11 @@ def test_a_failed_training_releases_its_reservation(tmp_path: Path) -> None:
     def explode() -> None:
         raise Boom
 
-    import torch
-
-    from fedinfer.fl.site_privacy import private_train
     from fedinfer.models import build_model
-    from fedinfer.training import make_loader
 
     model = build_model(cfg.model, input_dim=env.data.input_dim, num_classes=10)
     with pytest.raises(Boom):
-        private_train(
-            cfg=cfg,
-            env=env,
-            model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            loader=make_loader(env.data.train, batch_size=32, shuffle=True, seed=1),
-            device=torch.device("cpu"),
-            after_step=explode,
-            server_round=1,
-            run_id="r",
-        )
+        _train_once(cfg, env, model, after_step=explode)
     ledger = PrivacyLedger.read(env.state_dir)
     assert not ledger.entries and not ledger.reservations
 
