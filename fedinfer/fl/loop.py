@@ -337,6 +337,10 @@ def _train_exchange(
     ]
     if later:
         evaluate_replies += _exchange(grid, later, state, timeout=timeout)[1]
+    # In the order the requests were made, as the separate exchange aggregated them (the
+    # weighted mean is a float sum: the order decides its last bit).
+    order = {m.metadata.dst_node_id: i for i, m in enumerate(evaluation)}
+    evaluate_replies.sort(key=lambda m: order.get(m.metadata.src_node_id, len(order)))
     return train_replies, evaluate_replies
 
 
@@ -369,8 +373,10 @@ def _exchange(
         refusal = reply.content.config_records.get(Keys.EVALUATION_REFUSED)
         reply.content.pop(Keys.EVALUATION, None)
         reply.content.pop(Keys.EVALUATION_REFUSED, None)
-        if metrics is not None:  # shaped like an evaluate reply for aggregate_evaluate
-            evaluate.append(Message(RecordDict({Keys.METRICS: metrics}), 0, MessageType.EVALUATE))
+        if metrics is not None:  # shaped like the site's evaluate reply, for aggregate_evaluate
+            answer = Message(RecordDict({Keys.METRICS: metrics}), 0, MessageType.EVALUATE)
+            answer.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+            evaluate.append(answer)
         elif refusal is not None and refusal.get("code") == ErrorCodes.POLICY_REFUSED:
             state.unevaluable_nodes.add(reply.metadata.src_node_id)
     return train, evaluate
