@@ -345,6 +345,7 @@ def test_the_round_table_marks_metrics_that_arrived_a_round_late() -> None:
 
 def test_late_metrics_rewrite_the_round_in_results_json(tmp_path: Path) -> None:
     from fedinfer.reporting.results import ResultsWriter
+    from fedinfer.reporting.tracking import round_metrics
 
     writer = ResultsWriter(tmp_path, cfg=tiny_config(), run_id="r")
     writer.add_round(RoundRecord(round=1, federated_via="pending").to_json(), elapsed_s=1.0)
@@ -355,6 +356,8 @@ def test_late_metrics_rewrite_the_round_in_results_json(tmp_path: Path) -> None:
     rounds = json.loads((tmp_path / "results.json").read_text())["rounds"]
     assert [r["federated_via"] for r in rounds] == ["train", "pending"]
     assert rounds[0]["federated"] == {"eval-loss": 0.5} and len(rounds) == 2
+    # MLflow gets just the late metrics, at the round's step (the coordinator's on_federated)
+    assert round_metrics({"federated": rounds[0]["federated"]}) == {"federated/eval-loss": 0.5}
 
 
 @pytest.mark.slow  # ~20-50 s: Ray start-up
