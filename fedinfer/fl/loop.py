@@ -21,9 +21,11 @@ checks the ride-along request against its policy exactly as an evaluate message
 reply (``Keys.EVALUATION_REFUSED``), and is not asked again. The sites sampled for
 evaluation are Flower's ``configure_evaluate`` sample, drawn before round ``r + 1``'s train
 sample as the separate exchanges drew them; a sampled site that does not train this round
-(not sampled for it, or out of budget) gets a plain evaluate message in the same exchange.
-The replies are aggregated by ``aggregate_evaluate`` as before, so the numbers are those
-of the separate exchange. With secure aggregation the masked update is unchanged: the
+(not sampled for it, or out of budget) gets a plain evaluate message in the same exchange,
+and a site whose train reply is an error (it refused to train, ran out of budget, failed)
+gets one in a second exchange, so no evaluation is lost with a training. The replies are
+aggregated by ``aggregate_evaluate`` in the order the sites were sampled, as before, so
+the numbers are those of the separate exchange. With secure aggregation the masked update is unchanged: the
 evaluation metrics travel beside it in the clear, exactly as in an evaluate reply.
 
 The last round, and a round after which the run stops (too few sites left, the
@@ -77,7 +79,7 @@ class RoundRecord:
     federated_via: str | None = None
     """How ``federated`` came: ``"evaluate"`` (an evaluate exchange at the end of this round),
     ``"train"`` (with the next round's train replies), ``"pending"`` (the next round's train
-    exchange will carry it), None (no evaluation: too few sites may evaluate)."""
+    exchange will carry it), None (no evaluation: too few sites may or did evaluate)."""
     train: dict[str, float] = field(default_factory=dict)
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
@@ -337,6 +339,10 @@ def _train_exchange(
     ]
     if later:
         evaluate_replies += _exchange(grid, later, state, timeout=timeout)[1]
+    # In the order the requests were made, as the separate exchange aggregated them (the
+    # weighted mean is a float sum: the order decides its last bit).
+    order = {m.metadata.dst_node_id: i for i, m in enumerate(evaluation)}
+    evaluate_replies.sort(key=lambda m: order.get(m.metadata.src_node_id, len(order)))
     return train_replies, evaluate_replies
 
 
@@ -369,8 +375,10 @@ def _exchange(
         refusal = reply.content.config_records.get(Keys.EVALUATION_REFUSED)
         reply.content.pop(Keys.EVALUATION, None)
         reply.content.pop(Keys.EVALUATION_REFUSED, None)
-        if metrics is not None:  # shaped like an evaluate reply for aggregate_evaluate
-            evaluate.append(Message(RecordDict({Keys.METRICS: metrics}), 0, MessageType.EVALUATE))
+        if metrics is not None:  # shaped like the site's evaluate reply, for aggregate_evaluate
+            answer = Message(RecordDict({Keys.METRICS: metrics}), 0, MessageType.EVALUATE)
+            answer.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+            evaluate.append(answer)
         elif refusal is not None and refusal.get("code") == ErrorCodes.POLICY_REFUSED:
             state.unevaluable_nodes.add(reply.metadata.src_node_id)
     return train, evaluate
@@ -403,7 +411,7 @@ def _evaluate_now(
         return
     replies = _exchange(grid, messages, state, timeout=timeout)[1]
     record.federated = _aggregate_evaluation(strategy, state, record.round, replies)
-    record.federated_via = "evaluate"
+    record.federated_via = "evaluate" if record.federated else None
 
 
 def _finish_late(
@@ -419,7 +427,7 @@ def _finish_late(
         record.federated, record.federated_via = {}, None
     else:
         record.federated = _aggregate_evaluation(strategy, state, record.round, replies)
-        record.federated_via = "train"
+        record.federated_via = "train" if record.federated else None
     if fn is not None:
         fn(record, state)
 
