@@ -233,6 +233,27 @@ def test_a_round_left_pending_gets_an_evaluate_exchange_at_the_end(tmp_path: Pat
     assert late[0].federated == pytest.approx(separate, rel=1e-12, abs=0)
 
 
+def test_a_resumed_run_gets_the_evaluation_its_crash_left_pending(tmp_path: Path) -> None:
+    """The coordinator dies while round 2 trains (round 1's evaluation riding along); the
+    checkpoint holds round 1 as pending, and the resumed run fills in the same numbers."""
+    from tests.test_checkpoint import CoordinatorCrash, _coordinate
+    from tests.test_checkpoint import tiny_config as logreg_config
+
+    # Prepare
+    cfg = logreg_config("privacy=none", "secagg=off", "federation.rounds=3")
+    straight = _coordinate(cfg, tmp_path / "straight")
+    with pytest.raises(CoordinatorCrash):
+        _coordinate(cfg, tmp_path / "crashed", crash_round=2)
+    saved = json.loads((tmp_path / "crashed" / "results.json").read_text())["rounds"]
+    assert [r["federated_via"] for r in saved] == ["pending"]
+    # Execute
+    resumed = _coordinate(cfg, tmp_path / "crashed", resume=True)
+    # Assert
+    rounds = resumed.results["rounds"]
+    assert [r["federated_via"] for r in rounds] == ["train", "train", "evaluate"]
+    assert [r["federated"] for r in rounds] == [r["federated"] for r in straight.results["rounds"]]
+
+
 # --------------------------------------------------------------------------- the site decides
 
 
