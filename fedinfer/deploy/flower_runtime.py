@@ -1,0 +1,183 @@
+"""The Flower 1.42 internals a site worker drives, in one place.
+
+A site's SuperNode runs with ``--isolation process``: it starts no ``flower-superexec`` and no
+``flwr-clientapp`` process; it queues each message from the coordinator as a ``flwr-clientapp``
+task on its Runtime API (HTTP on loopback) and waits for a reply. The site worker
+(:mod:`fedinfer.deploy.site_worker`) claims those tasks and runs the site's own ClientApp in
+process, doing what Flower's ``flwr-clientapp`` process does
+(``flwr/supernode/runtime/run_clientapp.py``) except installing and importing the app bundle.
+
+Claiming a task (``AcquireTask``) is signed with the site's SuperExec secret (HMAC, Flower's
+``SuperExecAuthHttpInterceptor``): without it a local user could claim the site's tasks, read
+the global model and answer for the site. Every other call carries the task's token, which only
+the claimant gets.
+
+These are Flower internals, not its public API: every name this module imports is checked by
+``tests/test_deploy_flower_runtime.py``, so an upgrade that moves one fails there, loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from flwr.common.config import get_fab_config
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+__all__ = [
+    "ACQUIRE_TASK",
+    "POLL_INTERVAL_S",
+    "SECRET_BYTES",
+    "SubStatus",
+    "Task",
+    "TaskHeartbeat",
+    "acquire_task",
+    "app_identity",
+    "pull_task_input",
+    "push_message",
+    "push_task_output",
+    "runtime_client",
+    "task_client",
+    "write_runtime_secret",
+]
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.05
+"""How often the worker asks its SuperNode for a task: a loopback call, cheap; 50 ms on average
+adds 25 ms to a message (Flower's own SuperExec polls every 1 s)."""
+ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+"""The Runtime API method the SuperNode authenticates with the SuperExec secret."""
+SECRET_BYTES = 32
+COMPONENT = "flwr-clientapp"  # what the worker announces itself as (Flower's version header)
+
+
+def write_runtime_secret(path: Path) -> Path:
+    """Write a fresh SuperExec secret (32 bytes from the OS CSPRNG) to ``path``, mode 0600.
+
+    Flower reads the file as raw bytes (``load_superexec_auth_secret``). The file is created
+    0600 before a byte is written and replaced atomically, so no one else ever reads it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(os.urandom(SECRET_BYTES))
+    os.replace(tmp, path)
+    return path
+
+
+def _client(address: str, interceptors: list[Any], *, retry: bool) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # loopback only (the SuperNode binds --host 127.0.0.1)
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=COMPONENT), *interceptors],
+        retry_invoker=make_simple_http_retry_invoker() if retry else None,
+    )
+
+
+@contextlib.contextmanager
+def runtime_client(address: str, *, secret: bytes) -> Iterator[RuntimeHttpClient]:
+    """A Runtime API client that signs ``AcquireTask`` with ``secret`` (no retries: the poll
+    loop is the retry)."""
+    auth = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK})
+    client = _client(address, [auth], retry=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def task_client(address: str, token: str) -> Iterator[RuntimeHttpClient]:
+    """A Runtime API client for one claimed task (its token on every call; Flower's retries)."""
+    client = _client(address, [RuntimeTokenHttpInterceptor(token)], retry=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def acquire_task(client: RuntimeHttpClient) -> tuple[str, Task] | None:
+    """Claim the oldest pending ClientApp task: ``(token, task)``, or None when there is none."""
+    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    if res.HasField("task") and res.token:
+        return res.token, res.task
+    return None
+
+
+class TaskHeartbeat:
+    """Flower's task heartbeat for one task, as a context manager.
+
+    Unlike ``flwr-clientapp``'s, a refused heartbeat (the SuperNode gave the task up) is
+    logged, not turned into SIGINT: the worker is long-lived and must survive its tasks.
+    """
+
+    def __init__(self, client: RuntimeHttpClient) -> None:
+        self._client = client
+        self._sender = HeartbeatSender(self._beat)
+
+    def _beat(self) -> bool:
+        try:
+            res = self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            logger.warning("task heartbeat refused: %s", err)
+            return True  # stop retrying; the push at the end will tell
+        if not res.success:
+            logger.warning("the SuperNode no longer holds this task (heartbeat refused)")
+        return True
+
+    def __enter__(self) -> TaskHeartbeat:
+        self._sender.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._sender.is_running:
+            self._sender.stop()
+
+
+def app_identity(fab: Fab) -> tuple[str, str]:
+    """The bundle's declared ``(publisher, clientapp component)``, read without running it.
+
+    Only ``pyproject.toml`` is read from the zip (Flower's own parser); nothing is installed,
+    unpacked or imported. An unreadable bundle gives ``("", "")``.
+    """
+    try:
+        config = get_fab_config(fab.content)
+    except (ValueError, KeyError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
+        logger.warning("the app bundle's pyproject.toml cannot be read: %r", exc)
+        return "", ""
+    app = config.get("tool", {}).get("flwr", {}).get("app", {})
+    return str(app.get("publisher", "")), str(app.get("components", {}).get("clientapp", ""))
+
