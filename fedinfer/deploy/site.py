@@ -65,6 +65,7 @@ from fedinfer.deploy.process import (
     wait_until,
 )
 from fedinfer.deploy.sitedata import data_spec, inspect_site_data
+from fedinfer.deploy.supernode import DEFAULT_IDLE_POLL_S, FLOWER_IDLE_SLEEP_S
 from fedinfer.errors import ConfigError, FedInferError, StateKeyError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.reporting.results import write_json_atomic
@@ -149,6 +150,9 @@ class SiteOptions:
         More ``fedinfer serve`` options (``--auth-tokens``, ``--tls-certfile`` ...).
     connect_attempts : int
         Give up after this many failed SuperNode starts in a row (default: 0, never).
+    supernode_idle_poll_s : float
+        How long the idle SuperNode waits before polling the coordinator again (default: 0.5;
+        3 runs Flower's ``flower-supernode`` unpatched; see :mod:`fedinfer.deploy.supernode`).
     state_key : Path or None
         The site's state key file: encrypt models, ledger and audit log at rest
         (default: None, ``$FEDINFER_STATE_KEY_FILE`` if set, else plaintext).
@@ -169,6 +173,7 @@ class SiteOptions:
     serve_port: int = 8080
     serve_args: list[str] = field(default_factory=list)
     connect_attempts: int = 0
+    supernode_idle_poll_s: float = DEFAULT_IDLE_POLL_S
     state_key: Path | None = None
     policy: Path | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -210,6 +215,11 @@ def _check(opts: SiteOptions) -> None:
     ]
     if not problems and Path(opts.node_key).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         problems.append(f"--key {opts.node_key} is readable by others; `chmod 600` it")
+    if not 0 < opts.supernode_idle_poll_s <= FLOWER_IDLE_SLEEP_S:
+        problems.append(
+            f"--supernode-idle-poll-s {opts.supernode_idle_poll_s} must be > 0 and <= "
+            f"{FLOWER_IDLE_SLEEP_S} (Flower's own wait); e.g. 0.5"
+        )
     if ":" not in opts.coordinator:
         problems.append(f"--coordinator {opts.coordinator!r} must be HOST:PORT")
     if opts.serve and not serving_available():
@@ -352,6 +362,11 @@ def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> str:
         node_config=layout.node_config,
         runtime_port=runtime_port,
         runtime_secret=layout.runtime_secret,
+        idle_poll_s=(
+            None
+            if opts.supernode_idle_poll_s == FLOWER_IDLE_SLEEP_S
+            else opts.supernode_idle_poll_s
+        ),
     )
     env = flower_env(layout.flwr_home)
     supernode = ManagedProcess("supernode", argv, log_file=layout.logs / "supernode.log", env=env)

@@ -1,0 +1,81 @@
+"""``python -m fedinfer.deploy.supernode``: Flower's own SuperNode, polling sooner when idle.
+
+Flower 1.42's SuperNode asks the SuperLink for a message, and when there is none sleeps 3 s
+(``time.sleep(3)`` in ``flwr/supernode/start_client_internal.py``) before asking again: a
+message from the coordinator waits 1.5 s on average before a site even sees it, in every
+exchange of every round. This launcher runs Flower's unchanged ``flower-supernode`` main with
+that one sleep shortened to ``--idle-poll-s`` (every other sleep and every option untouched);
+``tests/test_deploy_supernode.py`` fails if the patch point moves.
+
+    python -m fedinfer.deploy.supernode --idle-poll-s 0.5 -- <flower-supernode options>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+__all__ = ["DEFAULT_IDLE_POLL_S", "FLOWER_IDLE_SLEEP_S", "main", "patch_idle_sleep"]
+
+FLOWER_IDLE_SLEEP_S = 3
+"""What Flower 1.42's SuperNode sleeps after an empty poll of the SuperLink."""
+DEFAULT_IDLE_POLL_S = 0.5
+"""Our default (see BENCHMARKS.md, "Deployment"): one TLS request every 0.5 s per idle site."""
+
+
+class _IdleTime:
+    """The ``time`` module as ``start_client_internal`` sees it: one sleep shortened."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+
+    def sleep(self, seconds: float) -> None:  # noqa: D102
+        time.sleep(self.idle_s if seconds == FLOWER_IDLE_SLEEP_S else seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def patch_idle_sleep(idle_s: float) -> ModuleType:
+    """Make Flower's SuperNode loop sleep ``idle_s`` instead of 3 s when idle; returns the module.
+
+    Raises
+    ------
+    RuntimeError
+        Flower's module no longer looks as it did in 1.42 (the patch would do nothing).
+    """
+    import flwr.supernode.start_client_internal as loop
+
+    if getattr(loop, "time", None) is not time:
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer uses the `time` module: "
+            "run flower-supernode itself (fedinfer site --supernode-idle-poll-s 3)"
+        )
+    loop.time = _IdleTime(idle_s)  # type: ignore[assignment]
+    return loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``--idle-poll-s``, patch, and hand every other argument to ``flower-supernode``."""
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0], allow_abbrev=False
+    )
+    parser.add_argument("--idle-poll-s", type=float, default=DEFAULT_IDLE_POLL_S)
+    parser.add_argument("flower_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if not 0 < args.idle_poll_s <= FLOWER_IDLE_SLEEP_S:
+        parser.error(f"--idle-poll-s must be in (0, {FLOWER_IDLE_SLEEP_S}] (got {args.idle_poll_s})")
+    patch_idle_sleep(args.idle_poll_s)
+    from flwr.supernode.cli import flower_supernode
+
+    rest = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
