@@ -5,7 +5,8 @@ for a message, and sleeps before asking again: Flower waits 3 s, ``fedinfer site
 (``--supernode-idle-poll-s``, :mod:`fedinfer.deploy.supernode`). A message then waits half that on
 average before a site sees it. This starts a real SuperLink, the gateway and N idle SuperNodes
 (no federation running) and measures, per setting, the CPU seconds per second that the
-SuperLink, the gateway and the SuperNodes use together.
+SuperLink, the gateway and the SuperNodes use together; with ``--workers`` also each site's
+worker, which polls its own SuperNode's Runtime API (loopback) every ``POLL_INTERVAL_S``.
 
     python bench/supernode_idle_poll.py --sites 5 --window 20 --settings 3,1,0.5,0.25
 """
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured per setting")
     parser.add_argument("--settings", default="3,1,0.5,0.25")
+    parser.add_argument("--workers", action="store_true", help="also start each site's worker")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedinfer-idle-poll-"))
     deployment = LocalDeployment(
@@ -75,10 +77,14 @@ def main() -> None:
         for name in deployment.names:
             cli.register_node(pki.node_pub(name), name=name)
         print(f"{args.sites} idle SuperNodes; CPU s per s of SuperLink + gateway + SuperNodes")
-        print("| idle poll (s) | mean wait before a site sees a message (s) | CPU s / s |")
-        print("|---|---|---|")
+        print(
+            "| idle poll (s) | mean wait before a site sees a message (s) | CPU s / s |"
+            + (" of which site workers |" if args.workers else "")
+        )
+        print("|---|---|---|" + ("---|" if args.workers else ""))
         for setting in (float(s) for s in args.settings.split(",")):
             nodes = [_node(work, deployment, name, fleet_port, setting) for name in deployment.names]
+            workers = [_worker(work, n) for n in nodes] if args.workers else []
             wait_until(
                 lambda: sum(n.get("status") == "online" for n in cli.list_nodes()) == args.sites,
                 timeout_s=120,
@@ -86,13 +92,22 @@ def main() -> None:
                 what="every SuperNode online",
             )
             time.sleep(3.0)  # past start-up
+            if workers:
+                time.sleep(10.0)  # the workers' imports
             pids = [link.pid, gateway.pid, *(n.pid for n in nodes)]
+            wpids = [w.pid for w in workers]
             before, started = sum(cpu_s(p) for p in pids), time.monotonic()
+            wbefore = sum(cpu_s(p) for p in wpids)
             time.sleep(args.window)
-            used = sum(cpu_s(p) for p in pids) - before
-            print(f"| {setting:g} | {setting / 2:.2f} | {used / (time.monotonic() - started):.3f} |")
-            for node in nodes:
-                node.stop()
+            elapsed = time.monotonic() - started
+            wused = (sum(cpu_s(p) for p in wpids) - wbefore) / elapsed
+            used = (sum(cpu_s(p) for p in pids) - before) / elapsed + wused
+            print(
+                f"| {setting:g} | {setting / 2:.2f} | {used:.3f} |"
+                + (f" {wused:.3f} |" if workers else "")
+            )
+            for proc in (*workers, *nodes):
+                proc.stop()
             nodes = []
     finally:
         for proc in (*nodes, gateway, link):
@@ -105,6 +120,23 @@ def _up(cli: FlowerCli) -> bool:
     except Exception:  # noqa: BLE001 - not up yet
         return False
     return True
+
+
+def _worker(work: Path, node: ManagedProcess) -> ManagedProcess:
+    argv = node.argv
+    state = Path(argv[argv.index("--node-config") + 1]).parent
+    argv = [
+        sys.executable,
+        "-m",
+        "fedinfer.deploy.site_worker",
+        "--node-config",
+        str(state / "node-config.toml"),
+        "--runtime-api",
+        f"127.0.0.1:{argv[argv.index('--port') + 1]}",
+        "--secret-file",
+        str(state / "runtime.secret"),
+    ]
+    return ManagedProcess(f"worker-{state.name}", argv, log_file=state / "worker.log").start()
 
 
 def _node(
