@@ -19,10 +19,8 @@ These are Flower internals, not its public API: every name this module imports i
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,9 +173,9 @@ def app_identity(fab: Fab) -> tuple[str, str]:
     """
     try:
         config = get_fab_config(fab.content)
-    except (ValueError, KeyError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
+        app = config.get("tool", {}).get("flwr", {}).get("app", {})
+        return str(app.get("publisher", "")), str(app.get("components", {}).get("clientapp", ""))
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is not fedinfer's
         logger.warning("the app bundle's pyproject.toml cannot be read: %r", exc)
         return "", ""
-    app = config.get("tool", {}).get("flwr", {}).get("app", {})
-    return str(app.get("publisher", "")), str(app.get("components", {}).get("clientapp", ""))
 

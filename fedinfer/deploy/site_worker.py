@@ -179,9 +179,9 @@ def serve_tasks(
         while not stop.is_set():
             try:
                 claimed = fr.acquire_task(client)
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # not up yet, restarting, or refusing our secret
                 if time.monotonic() - last_complaint > _UNREACHABLE_LOG_EVERY_S:
-                    logger.info("waiting for the SuperNode at %s (%s)", address, exc)
+                    logger.warning("waiting for the SuperNode at %s (%s)", address, exc)
                     last_complaint = time.monotonic()
                 stop.wait(0.5)
                 continue
