@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from fedinfer.deploy.flower import FlowerCli, flower_env, superlink_argv, supernode_argv
-from fedinfer.deploy.flower_runtime import write_runtime_secret
+from fedinfer.deploy.supernode import write_runtime_secret
 from fedinfer.deploy.local import LocalDeployment
 from fedinfer.deploy.process import ManagedProcess, free_port, wait_until
 

@@ -23,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedinfer.deploy import flower_runtime as fr
 from fedinfer.deploy.bundle import COMPONENTS, PUBLISHER, write_app_bundle
 from fedinfer.deploy.flower import flower_bin
+from fedinfer.deploy.supernode import SECRET_BYTES, write_runtime_secret
 from fedinfer.deploy.site_worker import FOREIGN_APP, SiteWorker, foreign_app_reason
 from fedinfer.fl.messages import ErrorCodes
 from fedinfer.fl.run_config import NodeConfigKeys
@@ -146,10 +147,10 @@ def test_the_bundle_identity_is_read_from_the_real_fab_without_unpacking_it(
 
 def test_the_runtime_secret_is_fresh_random_and_0600(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o700)
-    path = fr.write_runtime_secret(tmp_path / "runtime.secret")
+    path = write_runtime_secret(tmp_path / "runtime.secret")
     first = path.read_bytes()
-    fr.write_runtime_secret(path)
-    assert len(first) == fr.SECRET_BYTES and path.read_bytes() != first
+    write_runtime_secret(path)
+    assert len(first) == SECRET_BYTES and path.read_bytes() != first
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runtime.secret"]
 

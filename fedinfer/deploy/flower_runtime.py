@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,7 +50,6 @@ from flwr.supernode.runtime.run_clientapp import (
 __all__ = [
     "ACQUIRE_TASK",
     "POLL_INTERVAL_S",
-    "SECRET_BYTES",
     "SubStatus",
     "Task",
     "TaskHeartbeat",
@@ -63,7 +60,6 @@ __all__ = [
     "push_task_output",
     "runtime_client",
     "task_client",
-    "write_runtime_secret",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,24 +69,7 @@ POLL_INTERVAL_S = 0.05
 adds 25 ms to a message (Flower's own SuperExec polls every 1 s)."""
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 """The Runtime API method the SuperNode authenticates with the SuperExec secret."""
-SECRET_BYTES = 32
 COMPONENT = "flwr-clientapp"  # what the worker announces itself as (Flower's version header)
-
-
-def write_runtime_secret(path: Path) -> Path:
-    """Write a fresh SuperExec secret (32 bytes from the OS CSPRNG) to ``path``, mode 0600.
-
-    Flower reads the file as raw bytes (``load_superexec_auth_secret``). The file is created
-    0600 before a byte is written and replaced atomically, so no one else ever reads it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(os.urandom(SECRET_BYTES))
-    os.replace(tmp, path)
-    return path
 
 
 def _client(address: str, interceptors: list[Any], *, retry: bool) -> RuntimeHttpClient:

@@ -65,7 +65,11 @@ from fedinfer.deploy.process import (
     wait_until,
 )
 from fedinfer.deploy.sitedata import data_spec, inspect_site_data
-from fedinfer.deploy.supernode import DEFAULT_IDLE_POLL_S, FLOWER_IDLE_SLEEP_S
+from fedinfer.deploy.supernode import (
+    DEFAULT_IDLE_POLL_S,
+    FLOWER_IDLE_SLEEP_S,
+    write_runtime_secret,
+)
 from fedinfer.errors import ConfigError, FedInferError, StateKeyError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.reporting.results import write_json_atomic
@@ -351,8 +355,6 @@ def _start_worker(opts: SiteOptions, layout: SiteLayout, runtime_api: str) -> No
 
 def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> str:
     """Start the SuperNode (no app code runs in it); returns its Runtime API address."""
-    from fedinfer.deploy.flower_runtime import write_runtime_secret
-
     write_runtime_secret(layout.runtime_secret)
     runtime_port = free_port()
     argv = supernode_argv(

@@ -13,17 +13,38 @@ that one sleep shortened to ``--idle-poll-s`` (every other sleep and every optio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["DEFAULT_IDLE_POLL_S", "FLOWER_IDLE_SLEEP_S", "main", "patch_idle_sleep"]
+from fedinfer.deploy.keyfiles import write_private
+
+__all__ = [
+    "DEFAULT_IDLE_POLL_S",
+    "FLOWER_IDLE_SLEEP_S",
+    "SECRET_BYTES",
+    "main",
+    "patch_idle_sleep",
+    "write_runtime_secret",
+]
 
 FLOWER_IDLE_SLEEP_S = 3
 """What Flower 1.42's SuperNode sleeps after an empty poll of the SuperLink."""
 DEFAULT_IDLE_POLL_S = 0.5
 """Our default (see BENCHMARKS.md, "Deployment"): one TLS request every 0.5 s per idle site."""
+SECRET_BYTES = 32
+
+
+def write_runtime_secret(path: Path) -> Path:
+    """Write a fresh SuperExec secret for ``--superexec-auth-secret-file``: 32 bytes, 0600.
+
+    The site worker signs its task claims with it (:mod:`fedinfer.deploy.flower_runtime`);
+    Flower reads the file as raw bytes. From the OS CSPRNG, new at every site start.
+    """
+    return write_private(Path(path), os.urandom(SECRET_BYTES), overwrite=True)
 
 
 class _IdleTime:
