@@ -147,8 +147,10 @@ def run_task(worker: SiteWorker, address: str, token: str) -> None:
         outcome: Outcome | None = None
         context: Context | None = None
         failure = "the site worker failed before the ClientApp ran (see its worker.log)"
+        claimed = time.perf_counter()
         try:
             message, context, _run, fab = fr.pull_task_input(client)
+            pulled = time.perf_counter()
             logger.info(
                 "%s message %s", message.metadata.message_type, message.metadata.message_id
             )
@@ -158,7 +160,15 @@ def run_task(worker: SiteWorker, address: str, token: str) -> None:
             else:
                 outcome = worker.handle(message, context)
             context, failure = outcome.context, outcome.failure or ""
+            handled = time.perf_counter()
             fr.push_message(client, outcome.reply, outcome.context)
+            logger.info(
+                "%s replied: pull %.2f s, handler %.2f s, push %.2f s",
+                message.metadata.message_type,
+                pulled - claimed,
+                handled - pulled,
+                time.perf_counter() - handled,
+            )
         except Exception:  # a broken task must not end the worker
             logger.error("task failed:\n%s", traceback.format_exc())
             failure = failure or "the site worker could not push its reply (see worker.log)"
