@@ -162,7 +162,26 @@ def test_flower_touchpoints_are_where_flower_1_42_has_them() -> None:
     from flwr.supernode.runtime import run_clientapp
 
     # The worker does what flwr-clientapp does, with Flower's own functions.
-    assert fr.pull_task_input is run_clientapp.pull_task_input
+    # Our pull_task_input is Flower's with a short back-off: the same calls, in the same order.
+    flower_pull = inspect.getsource(run_clientapp.pull_task_input)
+    ours = inspect.getsource(fr.pull_task_input)
+    calls = [
+        "client.PullTaskInput(PullTaskInputRequest())",
+        "TaskIdentity.task_id = res.task_id",
+        "TaskIdentity.node_id = res.context.node_id",
+        "context_from_proto(res.context)",
+        "client.PullMessages(",
+        "message_object_trees[0]",
+        "make_pull_object_fn_protobuf(client.PullObject, node,",
+        "client.ConfirmMessageReceived, node,",
+        "return_type=Message,",
+        'message.metadata.__dict__["_message_id"] = object_tree.object_id',
+    ]
+    assert [c in flower_pull for c in calls] == [True] * len(calls)
+    assert [c in ours for c in calls] == [True] * len(calls)
+    assert "initial_backoff" not in flower_pull  # Flower's default (1 s) is what we change
+    params = inspect.signature(fr.pull_and_inflate_object_from_tree).parameters
+    assert {"initial_backoff", "backoff_cap"} <= set(params)
     assert fr.push_message is run_clientapp.push_message
     assert fr.push_task_output is run_clientapp.push_task_output
     assert list(inspect.signature(fr.push_task_output).parameters) == [

@@ -26,6 +26,12 @@ def test_flower_1_42_still_sleeps_3_s_after_an_empty_poll_and_only_there() -> No
     other = inspect.getsource(loop).replace(source, "")
     assert f"time.sleep({supernode.FLOWER_IDLE_SLEEP_S})" not in other
     assert loop.time is time
+    # The reply checks: both in _push_messages, on the SuperNode's own state.
+    push = inspect.getsource(loop._push_messages)
+    assert push.count(f"time.sleep({supernode.FLOWER_REPLY_SLEEP_S})") == 2
+    assert other.count(f"time.sleep({supernode.FLOWER_REPLY_SLEEP_S})") == 2
+    assert "state.get_messages_legacy(is_reply=True)" in push
+    assert inspect.getsource(loop).count("time.sleep(") == 3
 
 
 def test_the_patch_shortens_that_sleep_and_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,9 +44,10 @@ def test_the_patch_shortens_that_sleep_and_no_other(monkeypatch: pytest.MonkeyPa
     # Execute
     patched = supernode.patch_idle_sleep(0.25)
     patched.time.sleep(3)
-    patched.time.sleep(0.5)  # waiting for a reply: untouched
+    patched.time.sleep(0.5)  # a look for the reply in its own state
+    patched.time.sleep(1.0)  # anything else: untouched
     # Assert
-    assert slept == [0.25, 0.5]
+    assert slept == [0.25, supernode.REPLY_POLL_S, 1.0]
     assert patched.time.monotonic is time.monotonic
 
 

@@ -10,7 +10,9 @@ process, doing what Flower's ``flwr-clientapp`` process does
 Claiming a task (``AcquireTask``) is signed with the site's SuperExec secret (HMAC, Flower's
 ``SuperExecAuthHttpInterceptor``): without it a local user could claim the site's tasks, read
 the global model and answer for the site. Every other call carries the task's token, which only
-the claimant gets.
+the claimant gets. The worker claims a task as soon as the SuperNode creates it, while the
+message may still be downloading: its objects are retried every few tens of milliseconds, not
+after Flower's 1-10 s back-off for fresh processes.
 
 These are Flower internals, not its public API: every name this module imports is checked by
 ``tests/test_deploy_flower_runtime.py``, so an upgrade that moves one fails there, loudly.
@@ -41,15 +43,26 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
+from flwr.app import Context, Message
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
 )
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 __all__ = [
     "ACQUIRE_TASK",
     "POLL_INTERVAL_S",
+    "PULL_BACKOFF_S",
     "SubStatus",
     "Task",
     "TaskHeartbeat",
@@ -64,6 +77,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+PULL_BACKOFF_S = (0.02, 0.2)
+"""First and longest wait between tries for a message object the SuperNode has not received
+yet. Flower's (1 s doubling to 10 s) suits a fresh process that started long after the message
+arrived; the worker claims a task within ``POLL_INTERVAL_S``, usually while the SuperNode is
+still downloading it, and on loopback a retry costs next to nothing."""
 POLL_INTERVAL_S = 0.05
 """How often the worker asks its SuperNode for a task: a loopback call, cheap; 50 ms on average
 adds 25 ms to a message (Flower's own SuperExec polls every 1 s)."""
@@ -142,6 +160,38 @@ class TaskHeartbeat:
     def __exit__(self, *_exc: object) -> None:
         if self._sender.is_running:
             self._sender.stop()
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """Pull a claimed task's message, context, run and app bundle from the SuperNode.
+
+    ``flwr-clientapp``'s ``pull_task_input`` step for step (``run_clientapp.py``; the pinning
+    test compares), with :data:`PULL_BACKOFF_S` for objects that are still on their way.
+    """
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run, fab = run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    object_tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        object_tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        initial_backoff=PULL_BACKOFF_S[0],
+        backoff_cap=PULL_BACKOFF_S[1],
+    )
+    # The deflated message does not carry its own id (its object id): set it, as Flower does.
+    message.metadata.__dict__["_message_id"] = object_tree.object_id
+    return message, context, run, fab
 
 
 def app_identity(fab: Fab) -> tuple[str, str]:
