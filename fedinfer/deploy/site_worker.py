@@ -198,7 +198,10 @@ def serve_tasks(
             if claimed is None:
                 stop.wait(fr.POLL_INTERVAL_S)
                 continue
-            run_task(worker, address, claimed[0])
+            try:
+                run_task(worker, address, claimed[0])
+            except Exception:  # reporting the task's end failed: the next task may not
+                logger.error("task end not reported:\n%s", traceback.format_exc())
 
 
 def deployment_worker(node_config: dict[str, Any]) -> SiteWorker:
