@@ -251,7 +251,8 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Where a steady deployment round goes (medians of rounds 2..R, seconds): the train "
         "exchange (push, every SuperNode's next poll, the site worker's claim (before: a "
-        "ClientApp process), the handler, the reply, the ServerApp's next pull), the aggregation (with secure aggregation its unmask "
+        "ClientApp process), the handler, the reply, the ServerApp's next pull), the "
+        "aggregation (with secure aggregation its unmask "
         "exchange), the evaluate exchange (none in steady DP rounds: the sites' policies refuse "
         "evaluation in DP mode, and are not asked again). Sites do not release their training "
         "time in DP mode, so one site's training is taken from the in-process simulation "

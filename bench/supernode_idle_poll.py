@@ -83,7 +83,9 @@ def main() -> None:
         )
         print("|---|---|---|" + ("---|" if args.workers else ""))
         for setting in (float(s) for s in args.settings.split(",")):
-            nodes = [_node(work, deployment, name, fleet_port, setting) for name in deployment.names]
+            nodes = [
+                _node(work, deployment, name, fleet_port, setting) for name in deployment.names
+            ]
             workers = [_worker(work, n) for n in nodes] if args.workers else []
             wait_until(
                 lambda: sum(n.get("status") == "online" for n in cli.list_nodes()) == args.sites,

@@ -1,4 +1,4 @@
-"""The SuperNode launcher: Flower's own main, with its 3 s idle sleep shortened (patch point pinned)."""
+"""The SuperNode launcher: Flower's own main with its idle sleep shortened (patch points pinned)."""
 
 from __future__ import annotations
 

@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if not 0 < args.idle_poll_s <= FLOWER_IDLE_SLEEP_S:
-        parser.error(f"--idle-poll-s must be in (0, {FLOWER_IDLE_SLEEP_S}] (got {args.idle_poll_s})")
+        parser.error(
+            f"--idle-poll-s must be in (0, {FLOWER_IDLE_SLEEP_S}] (got {args.idle_poll_s})"
+        )
     patch_idle_sleep(args.idle_poll_s)
     from flwr.supernode.cli import flower_supernode
 
