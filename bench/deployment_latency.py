@@ -4,15 +4,16 @@ The same config on three runtimes:
 
 - ``inprocess``: the simulation's sequential in-process grid (ClientApp objects called directly);
 - ``ray``: Flower's simulation runtime (the default of ``fedinfer simulate``);
-- ``deployment``: ``fedinfer deploy local`` (SuperLink + gateway + one SuperNode and one
-  inference server per site, TLS and node authentication; every message a new ClientApp process,
-  which forwards it to the site worker).
+- ``deployment``: ``fedinfer deploy local`` (SuperLink + gateway + one SuperNode, one site worker
+  and one inference server per site, TLS and node authentication; the site worker claims every
+  message from its SuperNode and runs the site's own ClientApp in process).
 
 Per round it reports the coordinator's ``duration_s`` and its stages (``timings`` in
 ``results.json``: the train exchange, aggregation with secure aggregation's unmask exchange, the
 evaluate exchange), for secagg off and on and 2 and 5 sites; with ``--baseline`` also the
-deployment of an older source tree, run right before this tree's for each config. Cold starts of the ClientApp process (Flower's imports alone, the
-in-process ClientApp, the forwarder) are measured separately in fresh processes.
+deployment of an older source tree, run right before this tree's for each config. Cold starts of
+a ClientApp process (Flower's imports alone, the in-process ClientApp), which older trees paid per
+message, are measured separately in fresh processes.
 
     python bench/deployment_latency.py --label deployment_after   # -> results/<label>.md
     # this tree next to an older one (a `git archive` of it), interleaved config by config:
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -46,11 +46,6 @@ CLIENTAPP_IMPORT = (
     "import flwr.supernode.cli.flwr_clientapp\n"
     "from fedinfer.deploy.apps import build_deploy_client_app\n"
     "build_deploy_client_app()"
-)
-FORWARDER_IMPORT = (
-    "import flwr.supernode.cli.flwr_clientapp\n"
-    "from fedinfer.deploy.forwarder import build_forwarder_app\n"
-    "build_forwarder_app()"
 )
 FIRST_CALLS = """
 import json, tempfile, time
@@ -180,7 +175,7 @@ def first_calls() -> list[float]:
 def measure(args: argparse.Namespace, secagg: str, sites: int, workdir: Path) -> dict[str, Any]:
     overrides = [*args.overrides, f"secagg={secagg}"]
     if secagg == "on" and sites < 3:  # below a site's default secure-aggregation floor of 3
-        overrides.append(f"secagg.site_min_participants={sites}")
+        overrides.append(f"site_policy.secagg_min_participants={sites}")
     sim = [f"federation.num_sites={sites}", f"federation.rounds={args.rounds}", *overrides]
     runs: dict[str, Any] = {"overrides": sim, "load": os.getloadavg()[0]}
     workdir = workdir / f"{secagg}-{sites}"
@@ -226,11 +221,6 @@ def render(data: dict[str, Any]) -> str:
         + ". Cold start of a fresh process (median of 5): "
         f"{cold['flower']:.1f} s for Flower's `flwr-clientapp` imports alone, "
         f"{cold['clientapp']:.1f} s importing the in-process ClientApp (torch, opacus, fedinfer)"
-        + (
-            f", {cold['forwarder']:.1f} s importing the forwarder ClientApp"
-            if "forwarder" in cold
-            else ""
-        )
         + ". In a fresh process the first `local_train` of a site (DP-SGD, 1 epoch) takes "
         f"{data['first_calls'][0]:.1f} s, the next ones {data['first_calls'][1]:.1f} s and "
         f"{data['first_calls'][2]:.1f} s.",
@@ -260,8 +250,9 @@ def render(data: dict[str, Any]) -> str:
     lines += [
         "",
         "Where a steady deployment round goes (medians of rounds 2..R, seconds): the train "
-        "exchange (push, every SuperNode's next poll, the ClientApp process, the handler, the "
-        "reply, the ServerApp's next pull), the aggregation (with secure aggregation its unmask "
+        "exchange (push, every SuperNode's next poll, the site worker's claim (before: a "
+        "ClientApp process), the handler, the reply, the ServerApp's next pull), the "
+        "aggregation (with secure aggregation its unmask "
         "exchange), the evaluate exchange (none in steady DP rounds: the sites' policies refuse "
         "evaluation in DP mode, and are not asked again). Sites do not release their training "
         "time in DP mode, so one site's training is taken from the in-process simulation "
@@ -350,8 +341,6 @@ def main() -> None:
             "flower": cold_start("import flwr.supernode.cli.flwr_clientapp"),
             "clientapp": cold_start(CLIENTAPP_IMPORT),
         }
-        if importlib.util.find_spec("fedinfer.deploy.forwarder") is not None:
-            cold["forwarder"] = cold_start(FORWARDER_IMPORT)
         data = {
             "label": args.label,
             "baseline": str(args.baseline) if args.baseline else None,

@@ -1,10 +1,12 @@
-"""A site's Flower ClientApp (``[tool.flwr.app.components] clientapp``).
+"""The app's Flower ClientApp (``[tool.flwr.app.components] clientapp``).
 
-Thin entry point: a forwarder that imports only Flower and hands every message to the site's
-long-lived worker (:mod:`fedinfer.deploy.forwarder`), which runs :mod:`fedinfer.fl.client_app`.
-Start a site with ``fedinfer site`` (see docs/deployment.md).
+Flower requires an app to name a ClientApp, so this file exists; fedinfer sites never run it.
+``fedinfer site`` runs its own, locally installed ClientApp in its site worker
+(:mod:`fedinfer.deploy.site_worker`) and never installs or imports the app bundle a coordinator
+ships: a coordinator cannot run code at a site. This is the same ClientApp, for Flower tools
+that load an app from this directory.
 """
 
-from fedinfer.deploy.forwarder import build_forwarder_app
+from fedinfer.deploy.apps import build_deploy_client_app
 
-app = build_forwarder_app()
+app = build_deploy_client_app()

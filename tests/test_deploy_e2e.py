@@ -1,8 +1,8 @@
 """A real deployment on loopback: SuperLink + 2 SuperNodes, TLS, node auth, DP, crash and resume.
 
 Every process is real (``fedinfer coordinator`` / ``fedinfer site`` as the CLI
-starts them, Flower's SuperLink, SuperNodes and per-message ClientApp
-processes, the Fleet gateway, the inference servers) and so is every fault: an
+starts them, Flower's SuperLink and SuperNodes, the site workers that run
+each site's own ClientApp, the Fleet gateway, the inference servers) and so is every fault: an
 unregistered node key, a site that does not trust the CA, and the coordinator
 killed with SIGKILL after round 1 and restarted with ``--resume``. One
 deployment serves all assertions, in order, because each start costs seconds.
@@ -247,9 +247,12 @@ def test_resumed_federation_completes_and_publishes_a_signed_model_everywhere(
         assert manifest.privacy["secure_aggregation"] == ("secagg=on" in resumed.overrides)
         answer = deployment.ask_site(name, expect_version=version)
         assert answer["outputs"][0]["shape"] == [4, 10]
-        # Every message went through the forwarder to the site's long-lived worker
-        worker_log = (deployment.site_dir(name) / "logs" / "worker.log").read_text()
+        # Every message ran in the site's long-lived worker; the SuperNode ran no app code
+        logs = deployment.site_dir(name) / "logs"
+        worker_log = (logs / "worker.log").read_text()
         assert "train message" in worker_log and "query.deploy message" in worker_log
+        assert not list((deployment.site_dir(name) / "flwr").glob("apps/*"))  # no FAB installed
+        assert "flower-superexec" not in (logs / "supernode.log").read_text()
 
 
 def test_sites_spent_privacy_and_keep_ledger_and_models_across_a_restart(resumed: Scenario) -> None:

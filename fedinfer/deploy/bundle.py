@@ -5,7 +5,10 @@ TOML has no ``None``; so instead of overriding the repository's defaults, the
 coordinator writes a small app directory whose ``[tool.flwr.app.config]`` *is*
 :func:`~fedinfer.fl.run_config.to_app_config` of the composed Hydra config.
 The bundle carries no logic: ``server/app.py`` and ``clients/app.py`` import
-fedinfer, which every site has installed itself.
+fedinfer. The coordinator's ServerApp runs ``server/app.py``; sites never run ``clients/app.py``
+(Flower requires the entry): their site worker runs the site's own installed ClientApp and
+reads only the bundle's declared publisher and ``clientapp`` component (:data:`PUBLISHER`,
+:data:`COMPONENTS`) and its run config, which each site checks against its policy.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ from fedinfer.deploy.apps import build_deploy_server_app
 
 app = build_deploy_server_app()
 '''
-CLIENT_ENTRY = '''"""A site's Flower ClientApp (``[tool.flwr.app.components] clientapp``).
+CLIENT_ENTRY = '''"""The app's Flower ClientApp (``[tool.flwr.app.components] clientapp``).
 
-Thin entry point: a forwarder that imports only Flower and hands every message to the site's
-long-lived worker (:mod:`fedinfer.deploy.forwarder`), which runs :mod:`fedinfer.fl.client_app`.
-Start a site with ``fedinfer site`` (see docs/deployment.md).
+Flower requires an app to name a ClientApp, so this file exists; fedinfer sites never run it.
+``fedinfer site`` runs its own, locally installed ClientApp in its site worker
+(:mod:`fedinfer.deploy.site_worker`) and never installs or imports the app bundle a coordinator
+ships: a coordinator cannot run code at a site. This is the same ClientApp, for Flower tools
+that load an app from this directory.
 """
 
-from fedinfer.deploy.forwarder import build_forwarder_app
+from fedinfer.deploy.apps import build_deploy_client_app
 
-app = build_forwarder_app()
+app = build_deploy_client_app()
 '''
 
 

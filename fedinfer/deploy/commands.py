@@ -254,6 +254,14 @@ def _add_site(subparsers: Any) -> None:
         help="give up after N failed connection attempts in a row (default: 0, never)",
     )
     p.add_argument(
+        "--supernode-idle-poll-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long an idle SuperNode waits before asking the coordinator again "
+        "(default: 0.5; Flower's own: 3)",
+    )
+    p.add_argument(
         "--state-key",
         type=Path,
         metavar="FILE",
@@ -350,6 +358,11 @@ def _site(ns: argparse.Namespace) -> int:
             serve_port=ns.serve_port,
             serve_args=ns.serve_arg,
             connect_attempts=ns.connect_attempts,
+            **(
+                {"supernode_idle_poll_s": ns.supernode_idle_poll_s}
+                if ns.supernode_idle_poll_s is not None
+                else {}
+            ),
             state_key=ns.state_key,
             policy=ns.policy,
         )

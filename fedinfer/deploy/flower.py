@@ -12,7 +12,10 @@ Facts of Flower 1.42 this module relies on (read from its source):
   (``flwr supernode register``), so the Control API must stay on loopback;
 - a SuperNode authenticates with ``--auth-supernode-private-key`` (EC key in
   OpenSSH format) and trusts ``--root-certificates``; ``--node-config`` takes a
-  TOML file; it runs every message's ClientApp in a fresh subprocess;
+  TOML file; by default it runs every message's ClientApp in a fresh subprocess (a
+  ``flower-superexec`` child installs the app bundle and imports its ClientApp); with
+  ``--isolation process`` it starts neither and leaves each message as a task on its
+  Runtime API, claimable only with ``--superexec-auth-secret-file``'s secret (how sites run);
 - without ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` each app process
   would try to install the app's dependencies (network); we always disable it;
 - ``FLWR_HOME`` holds the CLI's ``config.toml`` and the unpacked app bundles.
@@ -53,7 +56,7 @@ def flower_bin(name: str) -> str:
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return a Flower process's environment: its own FLWR_HOME, no installs, no phoning home."""
     env = dict(os.environ)
-    # Flower's SuperLink and SuperNode spawn `flower-superexec` by name: make this venv's
+    # Flower's SuperLink spawns `flower-superexec` by name: make this venv's
     # scripts findable even when the venv is not activated (CI, cron, systemd units).
     scripts = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")]) if env.get("PATH") else scripts
@@ -94,14 +97,35 @@ def superlink_argv(
 
 
 def supernode_argv(
-    *, superlink: str, ca_cert: Path, node_key: Path, node_config: Path, runtime_port: int
+    *,
+    superlink: str,
+    ca_cert: Path,
+    node_key: Path,
+    node_config: Path,
+    runtime_port: int,
+    runtime_secret: Path,
+    idle_poll_s: float | None = None,
 ) -> list[str]:
     """``flower-supernode`` connecting to ``superlink`` over TLS with node authentication.
 
-    ``runtime_port`` is the SuperNode's local API for its ClientApp processes (loopback).
+    ``--isolation process``: the SuperNode starts no ClientApp process; its Runtime API
+    (loopback, ``runtime_port``) holds each message as a task for the site worker, which alone
+    can claim it: claims are signed with the secret in ``runtime_secret``. With ``idle_poll_s``
+    Flower's SuperNode runs through :mod:`fedinfer.deploy.supernode`, which shortens its 3 s
+    sleep after an empty poll of the SuperLink.
     """
+    launcher = (
+        [flower_bin("flower-supernode")]
+        if idle_poll_s is None
+        else [sys.executable, "-m", "fedinfer.deploy.supernode", "--idle-poll-s", str(idle_poll_s)]
+        + ["--"]
+    )
     return [
-        flower_bin("flower-supernode"),
+        *launcher,
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(runtime_secret),
         "--superlink",
         superlink,
         "--root-certificates",

@@ -3,12 +3,14 @@
 Processes (logs under ``<state-dir>/logs/``)::
 
     fedinfer site           this supervisor; Ctrl-C / SIGTERM stops all children
-    ├── site worker         runs the ClientApp handlers (policy, ledger, training, secure
-    │                       aggregation) with data and libraries loaded once; listens on
-    │                       <state-dir>/clientapp.sock (0600, own uid only)
     ├── flower-supernode    TLS to the coordinator's gateway, authenticated by node.key;
-    │                       every message runs clients/app.py in a fresh `flwr-clientapp`
-    │                       process: a forwarder to the site worker (imports only Flower)
+    │                       `--isolation process`: it runs no app code, and holds each message
+    │                       as a task on its Runtime API (127.0.0.1 only) that only a holder
+    │                       of runtime.secret may claim
+    ├── site worker         claims those tasks and runs the site's OWN ClientApp on them
+    │                       (policy, ledger, training, secure aggregation) with data and
+    │                       libraries loaded once; the coordinator's app bundle is never
+    │                       installed or imported (fedinfer.deploy.site_worker)
     └── fedinfer serve      KServe v2 server on the site's ModelStore; hot-swaps new versions
 
 State directory (everything the site knows; survives restarts)::
@@ -22,8 +24,8 @@ State directory (everything the site knows; survives restarts)::
                          request of the coordinator is checked against it (fedinfer.policy)
       node-config.toml   what the ClientApp learns about this site (name, data, state, keys)
       site.json          pids and ports, for `fedinfer status`
-      flwr/              the SuperNode's FLWR_HOME (unpacked app bundles)
-      clientapp.sock     the site worker's socket (while the site runs)
+      flwr/              the SuperNode's FLWR_HOME
+      runtime.secret     signs the worker's task claims (0600; new at every start)
       logs/              worker.log, supernode.log, serve.log
 
 With ``--state-key FILE`` (a key from ``fedinfer keys init-site-key``, kept outside
@@ -63,6 +65,11 @@ from fedinfer.deploy.process import (
     wait_until,
 )
 from fedinfer.deploy.sitedata import data_spec, inspect_site_data
+from fedinfer.deploy.supernode import (
+    DEFAULT_IDLE_POLL_S,
+    FLOWER_IDLE_SLEEP_S,
+    write_runtime_secret,
+)
 from fedinfer.errors import ConfigError, FedInferError, StateKeyError
 from fedinfer.fl.run_config import NodeConfigKeys
 from fedinfer.reporting.results import write_json_atomic
@@ -111,6 +118,10 @@ class SiteLayout:
     def logs(self) -> Path:  # noqa: D102
         return self.root / "logs"
 
+    @property
+    def runtime_secret(self) -> Path:  # noqa: D102
+        return self.root / "runtime.secret"
+
     def read_state(self) -> dict[str, Any]:
         """``site.json``, or ``{}`` before the first start."""
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
@@ -143,6 +154,9 @@ class SiteOptions:
         More ``fedinfer serve`` options (``--auth-tokens``, ``--tls-certfile`` ...).
     connect_attempts : int
         Give up after this many failed SuperNode starts in a row (default: 0, never).
+    supernode_idle_poll_s : float
+        How long the idle SuperNode waits before polling the coordinator again (default: 0.5;
+        3 runs Flower's ``flower-supernode`` unpatched; see :mod:`fedinfer.deploy.supernode`).
     state_key : Path or None
         The site's state key file: encrypt models, ledger and audit log at rest
         (default: None, ``$FEDINFER_STATE_KEY_FILE`` if set, else plaintext).
@@ -163,6 +177,7 @@ class SiteOptions:
     serve_port: int = 8080
     serve_args: list[str] = field(default_factory=list)
     connect_attempts: int = 0
+    supernode_idle_poll_s: float = DEFAULT_IDLE_POLL_S
     state_key: Path | None = None
     policy: Path | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -204,6 +219,11 @@ def _check(opts: SiteOptions) -> None:
     ]
     if not problems and Path(opts.node_key).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         problems.append(f"--key {opts.node_key} is readable by others; `chmod 600` it")
+    if not 0 < opts.supernode_idle_poll_s <= FLOWER_IDLE_SLEEP_S:
+        problems.append(
+            f"--supernode-idle-poll-s {opts.supernode_idle_poll_s} must be > 0 and <= "
+            f"{FLOWER_IDLE_SLEEP_S} (Flower's own wait); e.g. 0.5"
+        )
     if ":" not in opts.coordinator:
         problems.append(f"--coordinator {opts.coordinator!r} must be HOST:PORT")
     if opts.serve and not serving_available():
@@ -270,8 +290,8 @@ def run_site(opts: SiteOptions) -> int:
     layout.node_config.write_text(node_config_toml(opts))
     with signals_raise_shutdown():
         try:
-            _start_worker(opts, layout)
-            _start_supernode(opts, layout)
+            runtime_api = _start_supernode(opts, layout)
+            _start_worker(opts, layout, runtime_api)
             if opts.serve:
                 _start_server(opts, layout)
             _write_state(opts, layout)
@@ -313,49 +333,47 @@ def _plaintext_state(layout: SiteLayout) -> list[Path]:
     return found
 
 
-def _start_worker(opts: SiteOptions, layout: SiteLayout) -> None:
-    """Start the site worker and wait for its socket: the ClientApp forwards every message there."""
-    from fedinfer.deploy.forwarder import SOCKET_NAME
-
-    socket_path = layout.root / SOCKET_NAME
-    socket_path.unlink(missing_ok=True)
+def _start_worker(opts: SiteOptions, layout: SiteLayout, runtime_api: str) -> None:
+    """Start the site worker: it claims the SuperNode's tasks and runs the site's ClientApp."""
     argv = [
         sys.executable,
         "-m",
         "fedinfer.deploy.site_worker",
-        "--state-dir",
-        str(layout.root),
         "--node-config",
         str(layout.node_config),
+        "--runtime-api",
+        runtime_api,
+        "--secret-file",
+        str(layout.runtime_secret),
     ]
-    # The state key's path in the environment, as the ClientApp processes had it: whatever
-    # opens by state directory alone (the privacy ledger) finds it there.
+    # The state key's path in the environment: whatever opens by state directory alone
+    # (the privacy ledger) finds it there.
     env = dict(os.environ, **({KEY_ENV_VAR: str(opts.state_key)} if opts.state_key else {}))
     worker = ManagedProcess("worker", argv, log_file=layout.logs / "worker.log", env=env)
     opts.processes.append(worker.start())
-    wait_until(
-        socket_path.exists,
-        timeout_s=120,
-        interval_s=0.1,
-        what=f"the site worker to listen (see {worker.log_file})",
-        alive=worker.check_alive,
-    )
 
 
-def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> None:
+def _start_supernode(opts: SiteOptions, layout: SiteLayout) -> str:
+    """Start the SuperNode (no app code runs in it); returns its Runtime API address."""
+    write_runtime_secret(layout.runtime_secret)
+    runtime_port = free_port()
     argv = supernode_argv(
         superlink=opts.coordinator,
         ca_cert=Path(opts.ca_cert).resolve(),
         node_key=Path(opts.node_key).resolve(),
         node_config=layout.node_config,
-        runtime_port=free_port(),
+        runtime_port=runtime_port,
+        runtime_secret=layout.runtime_secret,
+        idle_poll_s=(
+            None
+            if opts.supernode_idle_poll_s == FLOWER_IDLE_SLEEP_S
+            else opts.supernode_idle_poll_s
+        ),
     )
-    # The key's path also in the environment: whatever a ClientApp opens by state
-    # directory alone (the privacy ledger) finds it there.
-    extra = {KEY_ENV_VAR: str(opts.state_key)} if opts.state_key else {}
-    env = flower_env(layout.flwr_home, extra)
+    env = flower_env(layout.flwr_home)
     supernode = ManagedProcess("supernode", argv, log_file=layout.logs / "supernode.log", env=env)
     opts.processes.append(supernode.start())
+    return f"127.0.0.1:{runtime_port}"
 
 
 def _start_server(opts: SiteOptions, layout: SiteLayout) -> None:
@@ -429,7 +447,7 @@ def _supervise(opts: SiteOptions) -> int:
     trying, every attempt's reason in its output, up to ``connect_attempts`` (0: forever).
     A SuperNode that stayed up for a while was connected: its attempts count afresh.
     A site worker that dies after running for a while is restarted (its state is on disk;
-    messages in between get an error reply); one that dies soon after its start ends the site.
+    messages wait for it in the SuperNode); one that dies soon after its start ends the site.
     """
     print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
     attempts, started = 1, time.monotonic()

@@ -1,59 +1,70 @@
-"""The site worker: the long-lived process of ``fedinfer site`` that runs the ClientApp handlers.
+"""The site worker: the long-lived process of ``fedinfer site`` that runs the site's ClientApp.
 
-The per-message ``flwr-clientapp`` process only forwards (:mod:`fedinfer.deploy.forwarder`);
-this process, started once per site, imports torch, Opacus and fedinfer once, keeps the site's
-data loaded, and runs the same ClientApp as before (:func:`fedinfer.deploy.apps.
-build_deploy_client_app`): the site's policy checks, its privacy ledger and the secure
-aggregation replay guard run unchanged, and all their state stays in the state directory.
+The site's SuperNode runs in Flower's ``process`` isolation: it starts no ClientApp process of
+its own; every message from the coordinator waits on its Runtime API (loopback) as a task. This
+process, started once per site, claims those tasks (:mod:`fedinfer.deploy.flower_runtime`) and
+runs the site's *own* ClientApp on them (:func:`fedinfer.deploy.apps.build_deploy_client_app`,
+with torch, Opacus, fedinfer and the site's data loaded once): the site's policy checks, its
+privacy ledger and the secure aggregation replay guard run unchanged, and all their state stays
+in the state directory.
 
-Who may submit a message: a Unix socket ``<state-dir>/clientapp.sock`` created 0600 inside
-the 0700 state directory, and a peer whose uid (``SO_PEERCRED``) is this process's own. The
-node config the handlers see is the site's own ``node-config.toml``, never what a peer sends.
-Messages are handled one at a time, in arrival order, as the ClientApp processes of one
-SuperNode did in practice; the ledger and the replay guard were written for that.
+What the coordinator cannot do:
 
-    python -m fedinfer.deploy.site_worker --state-dir DIR --node-config DIR/node-config.toml
+- run code at the site. The app bundle it ships is never installed or imported; only its
+  run config is used, as a request checked against the site's policy. A bundle that does not
+  even declare fedinfer's ClientApp (publisher and ``clientapp`` component of
+  :mod:`fedinfer.deploy.bundle`) gets an ``Error`` reply saying so (and a line in worker.log).
+- choose the node config: the handlers see the site's own ``node-config.toml``.
+
+Who may claim a task: only a holder of ``<state-dir>/runtime.secret`` (0600 in the 0700 state
+directory, fresh from the OS CSPRNG at every site start), with which claims are signed.
+
+Every claimed task ends with a reply and a final status, as in ``flwr-clientapp``: a handler
+that raises gives an ``Error`` reply and status FAILED, so the coordinator never waits for a
+reply that will not come, and the worker carries on. Messages are handled one at a time, in
+arrival order; the ledger and the replay guard were written for that.
+
+    python -m fedinfer.deploy.site_worker --node-config DIR/node-config.toml \
+        --runtime-api 127.0.0.1:PORT --secret-file DIR/runtime.secret
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import signal
-import socket
-import socketserver
-import stat
-import struct
 import sys
 import threading
+import time
 import tomllib
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedinfer.deploy.forwarder import (
-    SOCKET_NAME,
-    decode_request,
-    encode_reply,
-    read_frames,
-    socket_address,
-    write_frames,
-)
-from fedinfer.errors import ConfigError
+from fedinfer.deploy import flower_runtime as fr
 
-__all__ = ["SiteWorker", "load_node_config", "main", "peer_uid", "serve_socket"]
+__all__ = [
+    "FOREIGN_APP",
+    "Outcome",
+    "SiteWorker",
+    "foreign_app_reason",
+    "load_node_config",
+    "main",
+    "serve_tasks",
+]
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]
-_UCRED = struct.Struct("3i")
+FOREIGN_APP = "this site runs only its own fedinfer ClientApp"
+_UNREACHABLE_LOG_EVERY_S = 30.0
 
 
 def load_node_config(path: Path) -> dict[str, Any]:
@@ -62,12 +73,34 @@ def load_node_config(path: Path) -> dict[str, Any]:
         return dict(tomllib.load(handle))
 
 
-def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end of a Unix socket (None where unsupported)."""
-    if not hasattr(socket, "SO_PEERCRED"):
+def foreign_app_reason(publisher: str, clientapp: str) -> str | None:
+    """Why a bundle declaring ``publisher`` / ``clientapp`` is refused (None: it is fedinfer's).
+
+    Declaring fedinfer's names earns nothing but the site's own ClientApp: the bundle's code
+    is never run either way. The check only makes a foreign federation fail loudly.
+    """
+    from fedinfer.deploy.bundle import COMPONENTS, PUBLISHER
+
+    if publisher == PUBLISHER and clientapp == COMPONENTS["clientapp"]:
         return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return int(_UCRED.unpack(creds)[1])
+    return (
+        f"{FOREIGN_APP}; the coordinator's app bundle declares publisher {publisher!r} and "
+        f"clientapp {clientapp!r}, not {PUBLISHER!r} and {COMPONENTS['clientapp']!r} "
+        "(start the federation with `fedinfer coordinator`); its code was not run"
+    )
+
+
+@dataclass
+class Outcome:
+    """One message's reply and the task's final status, as ``flwr-clientapp`` reports them."""
+
+    reply: Message
+    context: Context
+    failure: str | None = None
+
+    @property
+    def sub_status(self) -> str:  # noqa: D102
+        return fr.SubStatus.FAILED if self.failure else fr.SubStatus.COMPLETED
 
 
 class SiteWorker:
@@ -79,7 +112,7 @@ class SiteWorker:
         The handlers (default in :func:`main`: the deployment ClientApp, with the site's
         data cached across messages).
     node_config : dict
-        The site's node config; it replaces whatever node config a request carries.
+        The site's node config; it replaces whatever node config a task carries.
     """
 
     def __init__(self, app: Handler, *, node_config: dict[str, Any]) -> None:
@@ -87,81 +120,88 @@ class SiteWorker:
         self.node_config = node_config
         self._lock = threading.Lock()
 
-    def handle(self, message: Message, context: Context) -> tuple[Message, Context]:
-        """Run one message; a crash becomes an ``Error`` reply, as Flower's runtime does."""
+    def handle(self, message: Message, context: Context) -> Outcome:
+        """Run one message; a crash becomes an ``Error`` reply and a failure, as in Flower."""
         context.node_config = dict(self.node_config)
         with self._lock:
             try:
-                reply = self.app(message, context)
-            except Exception as exc:  # the node must not die with one message
+                return Outcome(self.app(message, context), context)
+            except Exception as exc:  # the worker must not die with one message
                 logger.error("the ClientApp raised:\n%s", traceback.format_exc())
                 reason = f"{type(exc)}:<'{exc}'>"
                 error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                reply = Message(error, reply_to=message)
-        return reply, context
+                return Outcome(Message(error, reply_to=message), context, reason)
+
+    def refuse(self, message: Message, context: Context, reason: str) -> Outcome:
+        """An ``Error`` reply that says why, without running anything."""
+        from fedinfer.fl.messages import ErrorCodes
+
+        logger.error("refused %s: %s", message.metadata.message_type, reason)
+        error = Error(code=ErrorCodes.POLICY_REFUSED, reason=reason)
+        return Outcome(Message(error, reply_to=message), context, reason)
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    worker: SiteWorker
-    allowed_uid: int
-
-
-class _Connection(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        uid = peer_uid(sock)
-        if uid is not None and uid != self.server.allowed_uid:
-            logger.warning("refused a ClientApp connection from uid %d", uid)
-            return
+def run_task(worker: SiteWorker, address: str, token: str) -> None:
+    """Pull one task's message, run it, push the reply and the final status (never raises)."""
+    with fr.task_client(address, token) as client, fr.TaskHeartbeat(client):
+        outcome: Outcome | None = None
+        context: Context | None = None
+        failure = "the site worker failed before the ClientApp ran (see its worker.log)"
+        claimed = time.perf_counter()
         try:
-            message, context = decode_request(read_frames(sock, 3))
-        except Exception as exc:  # channel errors, protobuf DecodeError, bad metadata
-            logger.warning("refused a malformed request on the ClientApp channel: %r", exc)
-            return
-        logger.info("%s message %s", message.metadata.message_type, message.metadata.message_id)
-        reply, context = self.server.worker.handle(message, context)
-        with contextlib.suppress(OSError):  # the forwarder died: Flower retries the message
-            write_frames(sock, *encode_reply(reply, context))
+            message, context, _run, fab = fr.pull_task_input(client)
+            pulled = time.perf_counter()
+            logger.info(
+                "%s message %s", message.metadata.message_type, message.metadata.message_id
+            )
+            reason = foreign_app_reason(*fr.app_identity(fab))
+            if reason is not None:
+                outcome = worker.refuse(message, context, reason)
+            else:
+                outcome = worker.handle(message, context)
+            context, failure = outcome.context, outcome.failure or ""
+            handled = time.perf_counter()
+            fr.push_message(client, outcome.reply, outcome.context)
+            logger.info(
+                "%s replied: pull %.2f s, handler %.2f s, push %.2f s",
+                message.metadata.message_type,
+                pulled - claimed,
+                handled - pulled,
+                time.perf_counter() - handled,
+            )
+        except Exception:  # a broken task must not end the worker
+            logger.error("task failed:\n%s", traceback.format_exc())
+            failure = failure or "the site worker could not push its reply (see worker.log)"
+        status = fr.SubStatus.FAILED if failure else fr.SubStatus.COMPLETED
+        fr.push_task_output(client=client, context=context, sub_status=status, details=failure)
 
 
-@contextlib.contextmanager
-def serve_socket(
-    worker: SiteWorker, state_dir: Path, *, allowed_uid: int | None = None
-) -> Iterator[socketserver.BaseServer]:
-    """Serve ``worker`` on ``<state_dir>/clientapp.sock`` (0600, directory 0700) in a thread.
+def serve_tasks(
+    worker: SiteWorker, *, address: str, secret: bytes, stop: threading.Event
+) -> None:
+    """Claim and run ClientApp tasks from the SuperNode at ``address`` until ``stop`` is set.
 
-    Only a peer with uid ``allowed_uid`` (default: this process's) is served.
-
-    Raises
-    ------
-    ConfigError
-        The state directory is readable or writable by others.
+    The SuperNode may not be up yet, or be restarting: the loop waits for it, and says so
+    in the log now and then.
     """
-    state_dir = Path(state_dir)
-    if state_dir.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"state directory {state_dir} is open to others; `chmod 700` it")
-    path = state_dir / SOCKET_NAME
-    path.unlink(missing_ok=True)  # a previous worker's socket; the directory is ours alone
-    previous = os.umask(0o177)  # the socket is born 0600: no window in which others may connect
-    try:
-        with socket_address(path) as address:
-            server = _Server(address, _Connection)
-    finally:
-        os.umask(previous)
-    os.chmod(path, 0o600)
-    server.worker = worker
-    server.allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
-    thread = threading.Thread(target=server.serve_forever, name="clientapp-channel", daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        path.unlink(missing_ok=True)
+    last_complaint = 0.0
+    with fr.runtime_client(address, secret=secret) as client:
+        while not stop.is_set():
+            try:
+                claimed = fr.acquire_task(client)
+            except httpx.HTTPError as exc:  # not up yet, restarting, or refusing our secret
+                if time.monotonic() - last_complaint > _UNREACHABLE_LOG_EVERY_S:
+                    logger.warning("waiting for the SuperNode at %s (%s)", address, exc)
+                    last_complaint = time.monotonic()
+                stop.wait(0.5)
+                continue
+            if claimed is None:
+                stop.wait(fr.POLL_INTERVAL_S)
+                continue
+            try:
+                run_task(worker, address, claimed[0])
+            except Exception:  # reporting the task's end failed: the next task may not
+                logger.error("task end not reported:\n%s", traceback.format_exc())
 
 
 def deployment_worker(node_config: dict[str, Any]) -> SiteWorker:
@@ -174,6 +214,7 @@ def deployment_worker(node_config: dict[str, Any]) -> SiteWorker:
 
 def _warm_imports() -> None:
     """Import what the handlers need now, not on the first message."""
+    import fedinfer.deploy.bundle  # noqa: F401
     import fedinfer.fl.secagg_site  # noqa: F401
     import fedinfer.fl.site_privacy  # noqa: F401
     import fedinfer.privacy.noise  # noqa: F401
@@ -182,22 +223,20 @@ def _warm_imports() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM / SIGINT."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--node-config", type=Path, required=True)
+    parser.add_argument("--runtime-api", required=True, help="HOST:PORT of the SuperNode")
+    parser.add_argument("--secret-file", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll (20 a second)
     worker = deployment_worker(load_node_config(args.node_config))
     _warm_imports()
+    secret = args.secret_file.read_bytes()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        with serve_socket(worker, args.state_dir):
-            logger.info("serving the ClientApp on %s", args.state_dir / SOCKET_NAME)
-            stop.wait()
-    except ConfigError as exc:
-        print(f"site worker: {exc}", file=sys.stderr)
-        return 2
+    logger.info("running the site's own ClientApp on tasks from %s", args.runtime_api)
+    serve_tasks(worker, address=args.runtime_api, secret=secret, stop=stop)
     return 0
 
 

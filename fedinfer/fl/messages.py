@@ -51,4 +51,4 @@ class ErrorCodes:
     MODEL_REJECTED = 4005
     POLICY_REFUSED = 4006
     WORKER_UNREACHABLE = 4007
-    """The per-message ClientApp found no site worker to forward to (fedinfer.deploy.forwarder)."""
+    """Reserved: the removed per-message forwarder found no site worker (no longer sent)."""
