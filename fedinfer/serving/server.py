@@ -17,7 +17,7 @@ import numpy as np
 from fedinfer.artifacts import ModelStore, load_public_key
 from fedinfer.crypto.at_rest import resolve_state_key
 from fedinfer.errors import ConfigError, DataError
-from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE
+from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, MAX_WORKERS
 from fedinfer.serving.app import AppLimits, InferenceApp
 from fedinfer.serving.audit import AuditLog, AuditPipe
 from fedinfer.serving.auth import LoginLimiter, RateLimiter, TokenFile
@@ -48,8 +48,6 @@ __all__ = [
     "uvicorn_config",
     "write_port_file",
 ]
-
-MAX_WORKERS = 64
 
 # TLS 1.2 with forward-secret AEAD suites only (TLS 1.3 suites are fixed by OpenSSL).
 TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
