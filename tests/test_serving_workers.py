@@ -43,11 +43,9 @@ def _children(pid: int) -> set[int]:
 
 
 def _gone(pid: int) -> bool:
-    """The process no longer runs (exited; a zombie awaiting its parent counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    """The process exited and its parent reaped it (a zombie leader's other threads may
+    still hold its sockets, so "Z" is not gone yet)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 def _wait(predicate, what: str, timeout_s: float = 60.0) -> None:

@@ -41,6 +41,8 @@ Metrics: see :mod:`fedinfer.serving.metrics`. Linux only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -79,6 +81,10 @@ _WORKER_ENV = "FEDINFER_SERVE_WORKER"
 _DEATHS_PER_MINUTE = 5
 _STOP_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
+_F_SETPIPE_SZ = 1031
+_AUDIT_PIPE_BYTES = 1 << 20
+_COALESCE_S = 0.005
+"""After reading audit lines, wait this long so the next read takes many batches at once."""
 
 logger = logging.getLogger("fedinfer.serving.workers")
 
@@ -106,6 +112,11 @@ def serve_workers(options: ServeOptions) -> None:
         A worker exited before it served, or kept dying.
     """
     options.validate()
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        force=True,
+        format="%(asctime)s %(levelname)s parent %(name)s: %(message)s",
+    )
     supervisor = _Supervisor(options)
     previous = {
         signum: signal.signal(signum, supervisor.request_stop)
@@ -151,6 +162,8 @@ class _Supervisor:
     def _spawn(self, index: int, deaths: list[float] | None = None) -> None:
         sock = bind(self.options.host, self.port, reuse_port=True)
         audit_r, audit_w = os.pipe()
+        with contextlib.suppress(OSError):  # room for bursts (Linux; the default is 64 KiB)
+            fcntl.fcntl(audit_w, _F_SETPIPE_SZ, _AUDIT_PIPE_BYTES)
         ready_r, ready_w = os.pipe()
         spec = {
             "index": index,
@@ -180,10 +193,13 @@ class _Supervisor:
 
     def _pump(self, timeout_s: float) -> None:
         """Move workers' audit lines to the log and note readiness, for up to ``timeout_s``."""
-        for key, _ in self.selector.select(timeout_s):
+        events = self.selector.select(timeout_s)
+        if events and not self.stopping:
+            time.sleep(_COALESCE_S)  # under load: one read per worker per few ms, not per batch
+        for key, _ in events:
             kind, worker = key.data
             try:
-                data = os.read(key.fd, 1 << 16)
+                data = os.read(key.fd, _AUDIT_PIPE_BYTES)
             except OSError:
                 data = b""
             if kind == "audit":
