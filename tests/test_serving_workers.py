@@ -48,6 +48,14 @@ def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie that no one reaps (an orphan in a container without an init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
 def _wait(predicate, what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -188,6 +196,9 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(tmp_path: P
             "the new worker to answer",
         )
         replacement = _children(parent) - first
+        workers = _children(parent)
+        os.kill(parent, signal.SIGKILL)  # a parent killed outright takes its workers along
+        _wait(lambda: all(_exited(pid) for pid in workers), "the workers to follow the parent")
     # Assert
     assert {r.status_code for r in during} == {200}
     assert len({r.headers["x-fedinfer-worker"] for r in during}) == 1  # the survivor only
@@ -220,3 +231,23 @@ def test_workers_out_of_range_is_exit_code_2(tmp_path: Path, capsys, workers: st
     code = main(["serve", "--model-store", str(tmp_path / "models"), "--workers", workers])
     err = capsys.readouterr().err
     assert code == 2 and "`--workers` must be in 1..64" in err
+
+
+def test_a_port_another_reuseport_listener_holds_is_refused(tmp_path: Path, capsys) -> None:
+    """Another process of this user listening with SO_REUSEPORT must not silently receive a
+    share of the site's connections: the server refuses the port instead of joining it."""
+    from fedinfer.serving.__main__ import main
+
+    # Prepare
+    store = publish_versions(tmp_path, generate_signing_key(), [1])
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        # Execute
+        code = main(["serve", "--model-store", str(store.root), "--workers", "2",
+                     "--port", str(port), "--backend", "torch"])  # fmt: skip
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot bind 127.0.0.1:{port}" in err and "--port" in err

@@ -135,7 +135,7 @@ class _Supervisor:
         audit_dir = options.resolved_audit_dir()
         key = resolve_state_key(options.state_key, protects=[options.model_store, audit_dir])
         self.audit = AuditLog(audit_dir, key=key)
-        self.reserved = bind(options.host, options.port, reuse_port=True)
+        self.reserved = _reserve_port(options.host, options.port)
         self.port: int = self.reserved.getsockname()[1]
         self.url = server_url(options, self.port)
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="fedinfer-metrics-"))
@@ -305,6 +305,19 @@ class _Supervisor:
         self.audit.close()
         self.reserved.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A SO_REUSEPORT socket bound to ``port`` (0: a free one) that no one else listens on.
+
+    Sockets of the same user that set SO_REUSEPORT may share a port, so a second server
+    (or any program of this user) already listening there would silently get a share of
+    the connections. A plain bind first fails if anything listens on the port.
+    """
+    probe = bind(host, port)  # ConfigError naming --port if the port is taken
+    port = probe.getsockname()[1]
+    probe.close()
+    return bind(host, port, reuse_port=True)
 
 
 # ------------------------------------------------------------------ options on the wire
