@@ -208,7 +208,7 @@ class _Supervisor:
                 worker.started = True
                 self._announce_once()
             else:
-                worker.ready_fd = self._close(worker.ready_fd)
+                self._close_pipe(worker, "ready")
 
     def _audit_bytes(self, worker: _Worker, data: bytes) -> None:
         if not data:  # the worker closed its end: it exited
@@ -219,7 +219,7 @@ class _Supervisor:
                     len(worker.partial),
                 )
             worker.partial = b""
-            worker.audit_fd = self._close(worker.audit_fd)
+            self._close_pipe(worker, "audit")
             return
         buffer = worker.partial + data
         cut = buffer.rfind(b"\n") + 1
@@ -227,11 +227,16 @@ class _Supervisor:
         if cut:
             self.audit.append_lines([line + b"\n" for line in buffer[: cut - 1].split(b"\n")])
 
-    def _close(self, fd: int | None) -> None:
+    def _close_pipe(self, worker: _Worker, kind: str) -> None:
+        """Stop reading the worker's ``audit`` or ``ready`` pipe."""
+        fd = worker.audit_fd if kind == "audit" else worker.ready_fd
         if fd is not None:
             self.selector.unregister(fd)
             os.close(fd)
-        return None
+        if kind == "audit":
+            worker.audit_fd = None
+        else:
+            worker.ready_fd = None
 
     def _announce_once(self) -> None:
         if self.announced or not all(w.started for w in self.workers.values()):
@@ -280,8 +285,10 @@ class _Supervisor:
         from prometheus_client.multiprocess import mark_process_dead
 
         while worker.audit_fd is not None:  # its write end is closed: reads end at EOF
-            self._audit_bytes(worker, os.read(worker.audit_fd, 1 << 16))
-        worker.ready_fd = self._close(worker.ready_fd)
+            self._audit_bytes(worker, os.read(worker.audit_fd, _AUDIT_PIPE_BYTES))
+        if worker.ready_fd is not None and os.read(worker.ready_fd, 1):  # dead: never blocks
+            worker.started = True
+        self._close_pipe(worker, "ready")
         mark_process_dead(worker.process.pid, str(self.metrics_dir))
         del self.workers[worker.index]
 
