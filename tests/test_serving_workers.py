@@ -251,3 +251,31 @@ def test_a_port_another_reuseport_listener_holds_is_refused(tmp_path: Path, caps
     # Assert
     err = capsys.readouterr().err
     assert code == 2 and f"cannot bind 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_the_simulation_serving_stage_passes_serving_workers(tmp_path: Path) -> None:
+    """`serving.workers=2`: the end-of-run demo server of a site runs two workers."""
+    from conftest import tiny_config
+    from rich.console import Console
+
+    from fedinfer.artifacts import save_public_key
+    from fedinfer.simulation.serve_demo import site_servers
+
+    # Prepare: a finished run's layout with one site holding a signed model
+    cfg = tiny_config("serving.workers=2", "serving.backend=torch")
+    key = generate_signing_key()
+    (tmp_path / "coordinator").mkdir()
+    save_public_key(key, tmp_path / "coordinator" / "signing.pub")
+    store = ModelStore(tmp_path / "sites" / "site-00" / "models")
+    artifact = make_artifact(tmp_path / "v1", key, name=cfg.model.name)
+    store.publish(artifact, public_key=key.public_key())
+    # Execute
+    with site_servers(cfg, output_dir=tmp_path, console=Console(quiet=True)) as answers:
+        workers = set()
+        for _ in range(40):  # a new connection each: SO_REUSEPORT spreads them
+            with httpx.Client(base_url=answers[0].url, trust_env=False) as client:
+                resp = client.post(f"/v2/models/{cfg.model.name}/infer", json=BODY)
+            workers.add(resp.headers.get("x-fedinfer-worker"))
+    # Assert
+    assert [a.site_id for a in answers] == ["site-00"] and answers[0].model_version == "1"
+    assert workers == {"0", "1"}
