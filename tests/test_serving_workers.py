@@ -279,3 +279,27 @@ def test_the_simulation_serving_stage_passes_serving_workers(tmp_path: Path) -> 
     # Assert
     assert [a.site_id for a in answers] == ["site-00"] and answers[0].model_version == "1"
     assert workers == {"0", "1"}
+
+
+def test_every_serve_option_reaches_the_workers_unchanged(tmp_path: Path) -> None:
+    """Workers get the parent's ServeOptions as JSON: every field must survive the trip."""
+    from fedinfer.serving.server import ServeOptions
+    from fedinfer.serving.workers import _options_from_json, _options_to_json
+
+    options = ServeOptions(
+        model_store=tmp_path / "models", port=0, tls_certfile=tmp_path / "c.pem",
+        tls_keyfile=tmp_path / "k.pem", auth_tokens=tmp_path / "t.json", rate_burst=3.0,
+        pin_versions=(3, 5), threads=None, workers=2, state_key=tmp_path / "site.key",
+    )  # fmt: skip
+    wire = json.loads(json.dumps(_options_to_json(options)))
+    assert _options_from_json(wire) == options
+
+
+def test_workers_above_one_need_linux(tmp_path: Path, monkeypatch) -> None:
+    from fedinfer.errors import ConfigError
+    from fedinfer.serving.server import ServeOptions
+
+    monkeypatch.setattr("sys.platform", "darwin")
+    with pytest.raises(ConfigError, match="`--workers` above 1 needs Linux"):
+        ServeOptions(model_store=tmp_path, workers=2).validate()
+    ServeOptions(model_store=tmp_path, workers=1).validate()  # one process: any platform
