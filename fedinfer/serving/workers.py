@@ -134,8 +134,12 @@ class _Supervisor:
         self.options = options
         audit_dir = options.resolved_audit_dir()
         key = resolve_state_key(options.state_key, protects=[options.model_store, audit_dir])
-        self.audit = AuditLog(audit_dir, key=key)
         self.reserved = _reserve_port(options.host, options.port)
+        try:
+            self.audit = AuditLog(audit_dir, key=key)  # the only writer: it holds the lock
+        except BaseException:
+            self.reserved.close()
+            raise
         self.port: int = self.reserved.getsockname()[1]
         self.url = server_url(options, self.port)
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="fedinfer-metrics-"))
