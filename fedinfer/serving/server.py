@@ -229,6 +229,7 @@ def serve(options: ServeOptions) -> None:
     if options.workers > 1:
         from fedinfer.serving.workers import serve_workers
 
+        _warn_if_exposed(options)
         serve_workers(options)
         return
     app = build_app(options)
