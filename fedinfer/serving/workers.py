@@ -112,12 +112,12 @@ def serve_workers(options: ServeOptions) -> None:
         A worker exited before it served, or kept dying.
     """
     options.validate()
+    supervisor = _Supervisor(options)  # binds and opens the log: a user error raises here
     logging.basicConfig(
         level=options.log_level.upper(),
         force=True,
         format="%(asctime)s %(levelname)s parent %(name)s: %(message)s",
     )
-    supervisor = _Supervisor(options)
     previous = {
         signum: signal.signal(signum, supervisor.request_stop)
         for signum in (signal.SIGTERM, signal.SIGINT)
