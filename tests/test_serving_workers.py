@@ -48,6 +48,13 @@ def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
+def _metrics_dir(worker: int) -> Path:
+    """The shared Prometheus directory, from a worker's environment."""
+    environ = Path(f"/proc/{worker}/environ").read_text().split("\0")
+    shared = next(v for v in environ if v.startswith("PROMETHEUS_MULTIPROC_DIR="))
+    return Path(shared.partition("=")[2])
+
+
 def _exited(pid: int) -> bool:
     """Gone, or a zombie that no one reaps (an orphan in a container without an init)."""
     try:
@@ -101,9 +108,7 @@ def test_two_workers_share_port_tls_tokens_audit_and_metrics(tmp_path: Path) -> 
     # Execute
     with server:
         pids = _children(server.pid or 0)
-        environ = Path(f"/proc/{min(pids)}/environ").read_text().split("\0")
-        shared = next(v for v in environ if v.startswith("PROMETHEUS_MULTIPROC_DIR="))
-        metrics_dir = Path(shared.partition("=")[2])
+        metrics_dir = _metrics_dir(min(pids))
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(call, ids))
         no_token = _infer_fresh(server.url, verify=trust)
@@ -197,12 +202,17 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(tmp_path: P
         )
         replacement = _children(parent) - first
         workers = _children(parent)
+        metrics_dir = _metrics_dir(min(workers))
         os.kill(parent, signal.SIGKILL)  # a parent killed outright takes its workers along
         _wait(lambda: all(_exited(pid) for pid in workers), "the workers to follow the parent")
+    # the next server removes the metrics directory the killed one left behind
+    _wait(lambda: _gone(parent), "the killed parent to be reaped")
+    with SiteServer(store.root, backend="torch", workers=2):
+        left_behind = metrics_dir.exists()
     # Assert
     assert {r.status_code for r in during} == {200}
     assert len({r.headers["x-fedinfer-worker"] for r in during}) == 1  # the survivor only
-    assert len(replacement) == 1 and victim not in replacement
+    assert len(replacement) == 1 and victim not in replacement and not left_behind
     assert "exited with code -9; starting a new one" in log.read_text()
     lines = (tmp_path / "audit" / "audit.jsonl").read_bytes().split(b"\n")
     assert all(isinstance(json.loads(line), dict) for line in lines[:-1])

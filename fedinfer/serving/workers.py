@@ -84,6 +84,7 @@ _PR_SET_PDEATHSIG = 1
 _F_SETPIPE_SZ = 1031
 _AUDIT_PIPE_BYTES = 1 << 20
 _COALESCE_S = 0.005
+_METRICS_PREFIX = "fedinfer-metrics-"
 """After reading audit lines, wait this long so the next read takes many batches at once."""
 
 logger = logging.getLogger("fedinfer.serving.workers")
@@ -142,7 +143,8 @@ class _Supervisor:
             raise
         self.port: int = self.reserved.getsockname()[1]
         self.url = server_url(options, self.port)
-        self.metrics_dir = Path(tempfile.mkdtemp(prefix="fedinfer-metrics-"))
+        _remove_stale_metrics_dirs()
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-"))
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
@@ -316,6 +318,20 @@ class _Supervisor:
         self.audit.close()
         self.reserved.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove this user's metrics directories whose server was killed (SIGKILL skips cleanup)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = path.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+        try:
+            if not pid.isdigit() or path.lstat().st_uid != os.getuid() or path.is_symlink():
+                continue
+            os.kill(int(pid), 0)  # still running: not stale
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # gone meanwhile, or another user's process of that pid: leave it
+            continue
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
