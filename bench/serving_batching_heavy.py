@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving_bench import _median_run, load_run, publish_trained  # noqa: E402
+from serving_bench import interleaved_medians, publish_trained, started  # noqa: E402
 
 from fedinfer.artifacts import generate_signing_key  # noqa: E402
 from fedinfer.config.schema import ModelConfig  # noqa: E402
@@ -92,28 +92,19 @@ def server_runs(stores: dict, *, backend: str, duration: float, reps: int) -> li
     """Batching on vs off at c=64, servers side by side, runs interleaved, medians."""
     results = []
     for name, store in stores.items():
-        servers = {
-            on: SiteServer(store.root, backend=backend, max_batch_size=64 if on else 1,
-                           log_file=store.root.parent / f"serve-{on}.log")
+        servers = [
+            SiteServer(store.root, backend=backend, max_batch_size=64 if on else 1,
+                       log_file=store.root.parent / f"serve-{on}.log")
             for on in (True, False)
-        }  # fmt: skip
-        for server in servers.values():
-            server.start()
-        try:
-            samples: dict[bool, list[dict]] = {True: [], False: []}
-            for _ in range(reps):
-                for on, server in servers.items():
-                    samples[on].append(
-                        load_run(server, store.manifest().name, CONCURRENCY, duration)
-                    )
-            for on in (True, False):
-                run = _median_run(samples[on])
-                run.update(model=name, backend=backend, batching=on)
-                results.append(run)
-                print(json.dumps(run), flush=True)
-        finally:
-            for server in servers.values():
-                server.stop()
+        ]  # fmt: skip
+        with started(servers):
+            medians = interleaved_medians(
+                servers, store.manifest().name, CONCURRENCY, duration, reps
+            )
+        for run, on in zip(medians, (True, False), strict=True):
+            run.update(model=name, backend=backend, batching=on)
+            results.append(run)
+            print(json.dumps(run), flush=True)
     return results
 
 

@@ -16,6 +16,7 @@ them as signed artifacts, then measures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serving_loadgen import tree_cpu_seconds  # noqa: E402
 
 from fedinfer.artifacts import (  # noqa: E402
     ModelStore,
@@ -175,8 +180,8 @@ def backend_table(stores: dict[str, ModelStore], x_test, y_test) -> list[dict[st
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of the server's process tree (``fedinfer serve --workers N``: all N)."""
+    return tree_cpu_seconds(pid)
 
 
 def served_ok(url: str) -> float:
@@ -223,15 +228,42 @@ def load_run(
     return result
 
 
+@contextlib.contextmanager
+def started(servers: Sequence[SiteServer]) -> Iterator[Sequence[SiteServer]]:
+    """Start every server (an idle one costs ~nothing); stop them all on the way out."""
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def interleaved_medians(
+    servers: Sequence[SiteServer],
+    model: str,
+    concurrency: int,
+    duration: float,
+    reps: int,
+    rows: int = 1,
+) -> list[dict]:
+    """Median of ``reps`` runs per server, the runs rotating through the servers.
+
+    Slow drift in a shared box's load then hits every server alike instead of
+    whichever happened to run last.
+    """
+    samples: list[list[dict]] = [[] for _ in servers]
+    for _ in range(reps):
+        for i, server in enumerate(servers):
+            samples[i].append(load_run(server, model, concurrency, duration, rows))
+    return [_median_run(s) for s in samples]
+
+
 def server_runs(
     stores: dict[str, ModelStore], duration: float, backends: list[str], reps: int
 ) -> list[dict]:
-    """Median of ``reps`` interleaved runs per configuration.
-
-    All servers of one model are up together (an idle one costs ~nothing) and the runs
-    rotate through them, so slow drift in the shared box's load hits every configuration
-    alike instead of whichever happened to run last.
-    """
+    """Median of ``reps`` interleaved runs per configuration (:func:`interleaved_medians`)."""
     results = []
     for model_name, store in stores.items():
         configs = [(b, on) for b in backends for on in (True, False) if on or b == DEFAULT_BACKEND]
@@ -244,33 +276,20 @@ def server_runs(
             )
             for b, on in configs
         ]
-        for server in servers:
-            server.start()
-        try:
+        model = store.manifest().name
+        with started(servers):
             for c in (1, 16, 64):
-                samples: dict[int, list[dict]] = {i: [] for i in range(len(servers))}
-                for _ in range(reps):
-                    for i, server in enumerate(servers):
-                        samples[i].append(load_run(server, store.manifest().name, c, duration))
-                for i, (backend, batching) in enumerate(configs):
-                    r = _median_run(samples[i])
+                medians = interleaved_medians(servers, model, c, duration, reps)
+                for r, (backend, batching) in zip(medians, configs, strict=True):
                     r.update(model=model_name, backend=backend, batching=batching)
                     results.append(r)
                     print(json.dumps(r), flush=True)
             # Requests of 64 rows each: how close the server gets to the bare forward pass
             # once per-request HTTP cost is spread over many rows.
-            big = _median_run(
-                [
-                    load_run(servers[0], store.manifest().name, 16, duration, rows=64)
-                    for _ in range(reps)
-                ]
-            )
+            (big,) = interleaved_medians(servers[:1], model, 16, duration, reps, rows=64)
             big.update(model=model_name, backend=configs[0][0], batching=True)
             results.append(big)
             print(json.dumps(big), flush=True)
-        finally:
-            for server in servers:
-                server.stop()
     return results
 
 

@@ -46,11 +46,11 @@ def serve_variant(variant: str, store: Path, port_file: Path) -> None:
     """Run one server variant in this process until SIGTERM."""
     import uvicorn
 
-    from fedinfer.serving.server import ServeOptions, _bind, build_app, uvicorn_config
+    from fedinfer.serving.server import ServeOptions, bind, build_app, uvicorn_config
 
     options = ServeOptions(model_store=store, port=0, log_level="warning")
     app = build_app(options)
-    sock = _bind("127.0.0.1", 0)
+    sock = bind("127.0.0.1", 0)
     config = uvicorn_config(app, options)
     if variant == "stock":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol

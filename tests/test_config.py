@@ -38,6 +38,7 @@ def test_default_config_is_the_main_job() -> None:
         (["secagg.bits=40"], "secagg.bits"),
         (["privacy=central"], "privacy.mode"),  # central DP + secagg is refused
         (["dataset=csv"], "dataset.path"),
+        (["serving.workers=0"], "serving.workers"),
     ],
     ids=[
         "no-sites",
@@ -50,6 +51,7 @@ def test_default_config_is_the_main_job() -> None:
         "bits",
         "central+secagg",
         "csv-without-path",
+        "serve-workers",
     ],
 )
 def test_bad_config_names_the_key(overrides: list[str], key: str) -> None:

@@ -523,18 +523,28 @@ def build_models(args: argparse.Namespace, work: Path) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------- runs
 def start_all(
-    model: dict, peers: list[Peer], work: Path, failures: dict[str, str], timeout_s: float
+    model: dict,
+    peers: list[Peer],
+    work: Path,
+    failures: dict[str, str],
+    timeout_s: float,
+    workers: tuple[int, ...] = (1,),
 ) -> list[Running]:
+    """Start fedinfer (once per ``workers`` count: ``fedinfer``, ``fedinfer-w2``, ...) and peers."""
     from fedinfer.serving.launch import SiteServer
 
     servers: list[Running] = []
-    ours = SiteServer(  # fedinfer's defaults: max DEFAULT_MAX_BATCH_SIZE rows per pass
-        model["store"].root,
-        backend="onnx",
-        log_file=work / "fedinfer.log",
-    )
-    ours.start()
-    servers.append(Running("fedinfer", "fedinfer", ours.pid or 0, ours.url, ours.stop))
+    for n in workers:
+        name = "fedinfer" if n == 1 else f"fedinfer-w{n}"
+        ours = SiteServer(  # fedinfer's defaults: max DEFAULT_MAX_BATCH_SIZE rows per pass
+            model["store"].root,
+            backend="onnx",
+            workers=n,
+            log_file=work / f"{name}.log",
+            audit_dir=work / f"{name}-audit",
+        )
+        ours.start()
+        servers.append(Running(name, "fedinfer", ours.pid or 0, ours.url, ours.stop))
     for peer in peers:
         if peer.name in failures:
             continue

@@ -243,6 +243,8 @@ class ServingConfig:
     """Most rows per forward pass of a site server (``fedinfer serve --max-batch-size``)."""
     max_queue_delay_ms: float = 0.0
     """Extra wait for a partial batch; 0 never delays an idle model."""
+    workers: int = 1
+    """Server processes per site sharing its port (``fedinfer serve --workers``; Linux)."""
     keep_alive: bool = False
     """Keep the site servers running after the demo requests (until Ctrl-C)."""
     base_port: int = 0

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from fedinfer.config.schema import FedInferConfig, PrivacyConfig
 from fedinfer.errors import ConfigError
+from fedinfer.serving import MAX_WORKERS
 
 __all__ = [
     "check_ray_address",
@@ -285,6 +286,10 @@ def _check_serving(cfg: FedInferConfig, problems: list[str]) -> None:
     _one_of(problems, "serving.backend", cfg.serving.backend, ("int8", "onnx", "torch"))
     _positive(problems, "serving.max_batch_size", cfg.serving.max_batch_size)
     _positive(problems, "serving.max_queue_delay_ms", cfg.serving.max_queue_delay_ms, strict=False)
+    if not 1 <= cfg.serving.workers <= MAX_WORKERS:
+        problems.append(
+            f"`serving.workers` must be in 1..{MAX_WORKERS} (got {cfg.serving.workers})"
+        )
 
 
 def check_ray_address(address: str | None) -> str | None:

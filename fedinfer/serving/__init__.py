@@ -16,4 +16,7 @@ DEFAULT_MAX_BATCH_SIZE = 4096
 peers that count their batch in requests do), while 1-row traffic batches whatever is queued;
 measured in bench/results/serving_peers.md. A batch only ever holds what is already queued."""
 
-__all__ = ["DEFAULT_BACKEND", "DEFAULT_MAX_BATCH_SIZE", "__version__"]
+MAX_WORKERS = 64
+"""Most ``fedinfer serve --workers`` (``serving.workers``); about one per core is what helps."""
+
+__all__ = ["DEFAULT_BACKEND", "DEFAULT_MAX_BATCH_SIZE", "MAX_WORKERS", "__version__"]

@@ -42,7 +42,7 @@ import numpy as np
 
 from fedinfer.errors import ConfigError, ModelIntegrityError
 from fedinfer.serving import DEFAULT_MAX_BATCH_SIZE
-from fedinfer.serving.audit import AuditLog
+from fedinfer.serving.audit import AuditLog, AuditPipe
 from fedinfer.serving.auth import ANONYMOUS, LoginLimiter, Principal, RateLimiter, TokenFile
 from fedinfer.serving.batcher import BatcherClosed, Overloaded
 from fedinfer.serving.metrics import ServingMetrics
@@ -143,8 +143,8 @@ class InferenceApp:
         Bearer tokens; None: every caller is ``anonymous``, who may infer but not administer.
     rate_limiter : RateLimiter or None
         Per-principal token buckets; None disables rate limiting.
-    audit : AuditLog or None
-        Where one line per request goes.
+    audit : AuditLog, AuditPipe or None
+        Where one line per request goes (``--workers N``: a pipe to the parent, which writes).
     limits : AppLimits
         Body size and timeout, rows per forward pass, NaN/inf policy.
     login_limiter : LoginLimiter or None
@@ -158,7 +158,7 @@ class InferenceApp:
         metrics: ServingMetrics,
         tokens: TokenFile | None = None,
         rate_limiter: RateLimiter | None = None,
-        audit: AuditLog | None = None,
+        audit: AuditLog | AuditPipe | None = None,
         limits: AppLimits | None = None,
         login_limiter: LoginLimiter | None = None,
     ) -> None:
@@ -171,6 +171,8 @@ class InferenceApp:
         self.login_limiter = login_limiter
         self.on_started: Callable[[], None] | None = None
         """Called once the lifespan startup loaded the model (``fedinfer serve`` prints)."""
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        """Sent with every response (``--workers N``: ``x-fedinfer-worker``)."""
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -199,7 +201,13 @@ class InferenceApp:
                 "unhandled error on %s %s (request %s)", ex.method, ex.path, ex.request_id
             )
             status, resp_headers, body = 500, [], _error_body("internal server error")
-        await _respond(send, status, resp_headers + ex.extra_headers, body, ex.request_id)
+        await _respond(
+            send,
+            status,
+            resp_headers + ex.extra_headers + self.response_headers,
+            body,
+            ex.request_id,
+        )
         self._record(ex, status, time.perf_counter() - started)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -21,6 +21,12 @@ shortened rotated file is detected too. What stays undetectable: dropping the
 newest lines of the active file, or the whole active file. A writer starts a
 fresh file (new ``file_id``, so a fresh sub-key and nonces) every time it opens
 the directory, and holds a lock: one server per audit directory.
+
+Under ``fedinfer serve --workers N`` the parent process is that one writer: each
+worker sends its records down its own pipe (:class:`AuditPipe`, one ``write`` per
+event-loop iteration) and the parent appends whole lines only, so the records of
+concurrent workers never interleave within a line, and the format, chain and
+rotation are those of a single server.
 """
 
 from __future__ import annotations
@@ -47,7 +53,14 @@ from fedinfer.crypto.at_rest import KEY_ENV_VAR, StateKey, is_sealed, sealed_key
 from fedinfer.errors import DataError, ServingError, StateKeyError
 from fedinfer.fsutil import atomic_write_bytes
 
-__all__ = ["AuditLog", "PrincipalUsage", "locked_audit_dir", "reseal_audit", "summarize_audit"]
+__all__ = [
+    "AuditLog",
+    "AuditPipe",
+    "PrincipalUsage",
+    "locked_audit_dir",
+    "reseal_audit",
+    "summarize_audit",
+]
 
 ACTIVE_NAME = "audit.jsonl"
 _HEADER_NAME = "audit-header"
@@ -150,7 +163,74 @@ def _complete_lines(path: Path) -> list[bytes]:
     return data.split(b"\n")[:-1]
 
 
-class AuditLog:
+class _LineBatcher:
+    """Records become JSON lines, written in one batch per event-loop iteration."""
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a dict of JSON scalars) as a line.
+
+        On an event loop, the lines of one loop iteration go out in a single ``write``
+        at the end of that iteration (one syscall per batch under load, not per
+        request); without a running loop the line is written at once.
+        """
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._append([line])
+            return
+        if not self._pending:
+            loop.call_soon(self.flush)
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        """Write the lines buffered in this event-loop iteration."""
+        lines, self._pending = self._pending, []
+        if lines and self._is_open():
+            self._append(lines)
+
+    def _is_open(self) -> bool:
+        raise NotImplementedError
+
+    def _append(self, lines: list[bytes]) -> None:
+        raise NotImplementedError
+
+
+class AuditPipe(_LineBatcher):
+    """The audit log of one ``fedinfer serve --workers N`` worker: lines go to the parent.
+
+    Parameters
+    ----------
+    fd : int
+        Write end of a pipe that only this worker writes; the parent reads it and
+        appends whole lines to the site's :class:`AuditLog` (a line cut short by the
+        worker's death is dropped there, never written).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def _is_open(self) -> bool:
+        return self._fd >= 0
+
+    def _append(self, lines: list[bytes]) -> None:
+        view = memoryview(b"".join(lines))
+        while view:  # a blocking pipe: a full one (the parent behind) holds this worker back
+            view = view[os.write(self._fd, view) :]
+
+    def close(self) -> None:
+        """Send what is buffered and close the pipe."""
+        self.flush()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class AuditLog(_LineBatcher):
     """Append-only, size-rotated JSON-lines audit log in ``directory``.
 
     Parameters
@@ -180,12 +260,12 @@ class AuditLog:
         max_files: int = 50,
         key: StateKey | None = None,
     ) -> None:
+        super().__init__()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_bytes = max_bytes
         self.max_files = max_files
         self.key = key
-        self._pending: list[bytes] = []
         self._sealed: _SealedFile | None = None
         self._lock_fd = self._lock() if key is not None else -1
         self._fd = self._open()
@@ -225,28 +305,13 @@ class AuditLog:
         sealed.lines = 1
         self._sealed = sealed
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record (a dict of JSON scalars) as a line.
-
-        On an event loop, the lines of one loop iteration go out in a single ``write``
-        at the end of that iteration (one syscall per batch under load, not per
-        request); without a running loop the line is written at once.
-        """
-        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._append([line])
-            return
-        if not self._pending:
-            loop.call_soon(self.flush)
-        self._pending.append(line)
-
-    def flush(self) -> None:
-        """Write the lines buffered in this event-loop iteration."""
-        lines, self._pending = self._pending, []
-        if lines and self._fd >= 0:
+    def append_lines(self, lines: list[bytes]) -> None:
+        """Append whole JSON lines (each ending in a newline) at once: a worker's batch."""
+        if lines and self._is_open():
             self._append(lines)
+
+    def _is_open(self) -> bool:
+        return self._fd >= 0
 
     def _append(self, lines: list[bytes]) -> None:
         data = self._encode(lines)

@@ -131,6 +131,15 @@ def _add_serve(subparsers: Any) -> None:
         help="seconds between checks of the store's CURRENT (default: 0.5)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes sharing the port (default: 1); a parent restarts one that "
+        "dies; rate and login limits count per worker (Linux; see the README's "
+        "'Several server processes')",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -277,6 +286,7 @@ def _serve(ns: argparse.Namespace) -> int:
         limit_concurrency=ns.limit_concurrency,
         max_pipeline=ns.max_pipeline,
         login_failures_per_min=ns.login_failures_per_min,
+        workers=ns.workers,
     )
     serve(options)
     return 0

@@ -35,6 +35,10 @@ class SiteServer:
         Dynamic batching limit (default: 64).
     max_queue_delay_ms : float
         See ``fedinfer serve --help`` (default: 0).
+    workers : int
+        Server processes on the port (``fedinfer serve --workers``; default: 1). With more
+        than one, :attr:`pid` is the supervising parent's and readiness means every
+        worker serves.
     auth_tokens, public_key, audit_dir, tls_certfile, tls_keyfile : Path or None
         Passed through as the matching ``fedinfer serve`` options.
     extra_args : list[str]
@@ -60,6 +64,7 @@ class SiteServer:
         backend: str | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_delay_ms: float = 0.0,
+        workers: int = 1,
         auth_tokens: Path | None = None,
         public_key: Path | None = None,
         audit_dir: Path | None = None,
@@ -84,6 +89,8 @@ class SiteServer:
             str(max_batch_size),
             "--max-queue-delay-ms",
             str(max_queue_delay_ms),
+            "--workers",
+            str(workers),
         ]
         for flag, value in [
             ("--backend", backend),

@@ -1,8 +1,21 @@
-"""Prometheus metrics of one server (own registry, so several apps can share a process)."""
+"""Prometheus metrics of one server (own registry, so several apps can share a process).
+
+Under ``fedinfer serve --workers N`` each worker process runs with
+``PROMETHEUS_MULTIPROC_DIR`` set (by the parent, before prometheus_client is imported):
+its values live in that directory's memory-mapped files and ``/metrics``, whichever
+worker answers it, sums every worker's counters and histograms (those of workers that
+died too, so counters never go back). ``fedinfer_queue_depth`` is the sum over live
+workers; ``fedinfer_model_version`` has one series per live worker (label ``pid``).
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 __all__ = ["ServingMetrics"]
 
@@ -42,10 +55,17 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "fedinfer_queue_depth", "Requests waiting for a forward pass.", registry=self.registry
+            "fedinfer_queue_depth",
+            "Requests waiting for a forward pass.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.model_version = Gauge(
-            "fedinfer_model_version", "Version currently served.", ["model"], registry=self.registry
+            "fedinfer_model_version",
+            "Version currently served.",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="liveall",
         )
         self.swaps = Counter(
             "fedinfer_model_swaps", "Hot swaps of the served version.", registry=self.registry
@@ -57,6 +77,11 @@ class ServingMetrics:
         )
 
         self._request_children: dict[tuple[str, int], Counter] = {}
+        self._exposed = self.registry
+        shared = os.environ.get(MULTIPROC_ENV)
+        if shared:  # one of several worker processes: expose the sum over all of them
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, path=shared)
 
     def count_request(self, endpoint: str, status: int) -> None:
         """Count one request (label children cached: this runs on every request)."""
@@ -72,5 +97,5 @@ class ServingMetrics:
         self.batch_latency.observe(seconds)
 
     def render(self) -> bytes:
-        """Text exposition format."""
-        return generate_latest(self.registry)
+        """Text exposition format (every worker's values summed, under ``--workers N``)."""
+        return generate_latest(self._exposed)

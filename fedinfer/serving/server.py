@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +17,9 @@ import numpy as np
 from fedinfer.artifacts import ModelStore, load_public_key
 from fedinfer.crypto.at_rest import resolve_state_key
 from fedinfer.errors import ConfigError, DataError
-from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE
+from fedinfer.serving import DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, MAX_WORKERS
 from fedinfer.serving.app import AppLimits, InferenceApp
-from fedinfer.serving.audit import AuditLog
+from fedinfer.serving.audit import AuditLog, AuditPipe
 from fedinfer.serving.auth import LoginLimiter, RateLimiter, TokenFile
 from fedinfer.serving.backends import BACKEND_NAMES
 from fedinfer.serving.metrics import ServingMetrics
@@ -34,12 +35,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BACKEND",
+    "MAX_WORKERS",
     "TLS_CIPHERS",
     "ServeOptions",
+    "announce",
+    "bind",
     "build_app",
+    "run_app",
     "serve",
+    "server_url",
     "tls_context",
     "uvicorn_config",
+    "write_port_file",
 ]
 
 # TLS 1.2 with forward-secret AEAD suites only (TLS 1.3 suites are fixed by OpenSSL).
@@ -87,6 +94,8 @@ class ServeOptions:
     keep_versions: int = 2
     pin_versions: tuple[int, ...] = ()
     login_failures_per_min: float = 10.0
+    workers: int = 1
+    """Server processes on the port (1: this process serves; N > 1: a parent supervises N)."""
 
     def resolved_audit_dir(self) -> Path:
         """``--audit-dir``, or ``<model-store>/../audit`` (the site state directory's)."""
@@ -119,6 +128,13 @@ class ServeOptions:
             raise ConfigError(f"`--keep-versions` must be >= 1 (got {self.keep_versions})")
         if self.login_failures_per_min <= 0:
             raise ConfigError("`--login-failures-per-min` must be > 0")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"`--workers` must be in 1..{MAX_WORKERS} (got {self.workers}); "
+                "about one per CPU core is the most that helps"
+            )
+        if self.workers > 1 and not sys.platform.startswith("linux"):
+            raise ConfigError("`--workers` above 1 needs Linux (SO_REUSEPORT); use --workers 1")
         self._check_exposure()
 
     def _check_exposure(self) -> None:
@@ -140,8 +156,11 @@ class ServeOptions:
             )
 
 
-def build_app(options: ServeOptions) -> InferenceApp:
-    """Assemble the ASGI app (nothing is loaded until its lifespan starts)."""
+def build_app(options: ServeOptions, *, audit: AuditPipe | None = None) -> InferenceApp:
+    """Assemble the ASGI app (nothing is loaded until its lifespan starts).
+
+    ``audit``: a ``--workers`` process's pipe to its parent instead of the audit directory.
+    """
     options.validate()
     metrics = ServingMetrics()
     public_key = load_public_key(options.public_key) if options.public_key else None
@@ -172,7 +191,7 @@ def build_app(options: ServeOptions) -> InferenceApp:
         metrics=metrics,
         tokens=TokenFile(options.auth_tokens) if options.auth_tokens else None,
         rate_limiter=RateLimiter(rate, options.rate_burst) if options.auth_tokens or rate else None,
-        audit=AuditLog(audit_dir, key=state_key),
+        audit=audit if audit is not None else AuditLog(audit_dir, key=state_key),
         limits=AppLimits(
             max_body_bytes=options.max_body_bytes,
             nonfinite=options.nonfinite,
@@ -202,27 +221,46 @@ def serve(options: ServeOptions) -> None:
 
     The socket is bound before the model loads, so ``--port 0`` works: the
     chosen port is written to ``--port-file`` (atomically) for launchers.
+    With ``options.workers > 1`` this process supervises that many server
+    processes (:mod:`fedinfer.serving.workers`).
     """
-    import uvicorn
-
     options.validate()
     _check_store_path(options.model_store)
+    if options.workers > 1:
+        from fedinfer.serving.workers import serve_workers
+
+        _warn_if_exposed(options)
+        serve_workers(options)
+        return
     app = build_app(options)
     _warn_if_exposed(options)
-    sock = _bind(options.host, options.port)
-    scheme = "https" if options.tls_certfile else "http"
-    url = f"{scheme}://{_url_host(options.host)}:{sock.getsockname()[1]}"
-    app.on_started = lambda: _announce(app, url, options)
+    sock = bind(options.host, options.port)
+    url = server_url(options, sock.getsockname()[1])
+    app.on_started = lambda: announce(app, url, options)
+    run_app(app, options, sock, port_file=options.port_file)
+
+
+def run_app(
+    app: InferenceApp,
+    options: ServeOptions,
+    sock: socket.socket,
+    *,
+    port_file: Path | None = None,
+    log_name: str = "%(name)s",
+) -> None:
+    """Serve ``app`` on the bound ``sock`` with uvicorn until SIGINT/SIGTERM (blocking)."""
+    import uvicorn
+
     config = uvicorn_config(app, options)
     server = uvicorn.Server(config)
     # after uvicorn.Config: its dictConfig drops handlers configured earlier
     logging.basicConfig(
         level=options.log_level.upper(),
         force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {log_name}: %(message)s",
     )
-    if options.port_file is not None:
-        _write_port_file(options.port_file, sock.getsockname()[1])
+    if port_file is not None:
+        write_port_file(port_file, sock.getsockname()[1])
     import torch
 
     if options.threads:
@@ -233,6 +271,12 @@ def serve(options: ServeOptions) -> None:
             "the server did not start (see the log above): check --model-store, "
             "--backend and --public-key"
         )
+
+
+def server_url(options: ServeOptions, port: int) -> str:
+    """``http(s)://host:port`` of a server bound to ``port``."""
+    scheme = "https" if options.tls_certfile else "http"
+    return f"{scheme}://{_url_host(options.host)}:{port}"
 
 
 def uvicorn_config(
@@ -326,13 +370,19 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _announce(app: InferenceApp, url: str, options: ServeOptions) -> None:
-    """Tell the user what is served where (stdout, one line each)."""
+def announce(
+    app: InferenceApp, url: str, options: ServeOptions, *, who: str = "fedinfer serve"
+) -> None:
+    """Tell the user what is served where (stdout, one line each).
+
+    A ``--workers`` process (``who`` names it) leaves the "listening" line to its parent.
+    """
     current = app.manager.current
-    print(f"fedinfer serve: listening on {url} (model store {options.model_store})", flush=True)
+    if options.workers == 1:
+        print(f"{who}: listening on {url} (model store {options.model_store})", flush=True)
     if current is None:
         print(
-            f"fedinfer serve: WARNING: {options.model_store} holds no model yet; the server is "
+            f"{who}: WARNING: {options.model_store} holds no model yet; the server is "
             f"live but answers 503 until a version is published there (checked every "
             f"{options.poll_interval_s:g} s)",
             flush=True,
@@ -340,16 +390,19 @@ def _announce(app: InferenceApp, url: str, options: ServeOptions) -> None:
         return
     name = current.manifest.name
     print(
-        f"fedinfer serve: serving model {name!r} version {current.version} "
+        f"{who}: serving model {name!r} version {current.version} "
         f"({app.manager.backend_name} backend): POST {url}/v2/models/{name}/infer",
         flush=True,
     )
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound (not yet listening) TCP socket; ``reuse_port``: SO_REUSEPORT (``--workers``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -361,7 +414,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _write_port_file(path: Path, port: int) -> None:
+def write_port_file(path: Path, port: int) -> None:
+    """Write ``port`` to ``path`` atomically (launchers poll for it)."""
     tmp = Path(f"{path}.tmp")
     tmp.write_text(str(port))
     os.replace(tmp, path)

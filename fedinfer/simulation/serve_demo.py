@@ -111,6 +111,7 @@ def site_servers(
             public_key=public_key,
             max_batch_size=cfg.serving.max_batch_size,
             max_queue_delay_ms=cfg.serving.max_queue_delay_ms,
+            workers=cfg.serving.workers,
             port=cfg.serving.base_port + len(servers) if cfg.serving.base_port else 0,
         )
     if not servers:
