@@ -548,6 +548,35 @@ def test_fedinfer_site_refuses_a_bad_key_before_starting_anything(
     assert not (state / "logs").exists() and not (state / "at-rest.json").exists()
 
 
+def test_fedinfer_site_refuses_plaintext_secure_aggregation_state_under_a_key(
+    tmp_path: Path, state_key, capsys
+) -> None:
+    """A site whose only plaintext state is its secure-aggregation identity and run files
+    (it took part in secagg rounds before encryption was on) is refused before it starts,
+    not in the middle of a round when the first sealed read fails."""
+    from fedinfer.secagg.store import RunStateStore, open_site
+
+    # Prepare
+    for name in ("data.npz", "ca.crt", "coordinator.pub", "node.key"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "node.key").chmod(0o600)
+    state = tmp_path / "state"
+    plain = RunStateStore(state, key=None)
+    plain.identity_public()
+    site, _ = open_site(plain, site_id=1, run_id=5)
+    plain.save(5, site.to_state())
+    argv = ["site", "--name", "a", "--data", str(tmp_path / "data.npz"), "--state-dir",
+            str(state), "--coordinator", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "node.key"), "--state-key", str(state_key.path)]  # fmt: skip
+    # Execute
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2, err
+    assert "identity.key" in err and "run-5.json" in err and "is plaintext" in err
+    assert not (state / "logs").exists()
+
+
 def test_encrypt_state_and_rekey_keep_the_secagg_identity_and_replay_guard(
     tmp_path: Path,
 ) -> None:

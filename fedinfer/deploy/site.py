@@ -325,7 +325,13 @@ def _state_key(opts: SiteOptions, layout: SiteLayout) -> StateKey | None:
 
 def _plaintext_state(layout: SiteLayout) -> list[Path]:
     """The parts of a state directory written in plaintext (before encryption was turned on)."""
-    candidates = [layout.root / "ledger.json", layout.models / "CURRENT"]
+    secagg = layout.root / "secagg"
+    candidates = [
+        layout.root / "ledger.json",
+        layout.models / "CURRENT",
+        secagg / "identity.key",
+        *sorted(secagg.glob("run-*.json")),
+    ]
     found = [p for p in candidates if p.is_file() and not is_sealed(p.read_bytes())]
     active_audit = layout.audit / "audit.jsonl"
     if active_audit.is_file() and active_audit.read_bytes()[:1] == b"{":
