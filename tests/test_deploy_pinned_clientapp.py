@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -243,3 +244,31 @@ def test_the_sites_own_secret_claims_tasks(site: Site) -> None:
     assert os.stat(layout.root).st_mode & 0o777 == 0o700
     with runtime_client(_runtime_api(site), secret=secret_file.read_bytes()) as client:
         assert acquire_task(client) is None
+
+
+def test_a_sigkilled_site_worker_is_restarted_and_answers_the_next_message(
+    site: Site, tmp_path: Path
+) -> None:
+    """Fault: the site worker (it runs the site's ClientApp) is killed with SIGKILL. The site
+    starts a new one at once, records its pid, and the next message is answered by it (here the
+    refusal of a foreign bundle, which only the worker sends)."""
+    layout = SiteLayout(site.deployment.site_dir(site.name))
+    killed = layout.read_state()["pids"]["worker"]
+    # Execute
+    os.kill(killed, signal.SIGKILL)
+
+    def restarted() -> bool:
+        return layout.read_state().get("pids", {}).get("worker") not in (None, killed)
+
+    wait_until(restarted, timeout_s=60, interval_s=0.2, what="a new site worker")
+    replies, marker = _run_evil_app(site, tmp_path, publisher="mallory")
+    # Assert
+    worker = layout.read_state()["pids"]["worker"]
+    assert Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[2] == (
+        b"fedinfer.deploy.site_worker"
+    )
+    assert len(replies) == 1 and "runs only its own fedinfer ClientApp" in replies[0]["error"]
+    assert not marker.exists()
+    site_log = site.deployment.sites[site.name].log_file.read_text()
+    assert "worker exited with code -9" in site_log and "restarting the site worker" in site_log
+    assert site.deployment.sites[site.name].poll() is None  # the site itself stayed up

@@ -86,6 +86,7 @@ __all__ = [
 
 _BACKOFF_S = 5.0
 _CONNECTED_S = 60.0
+_WORKER_QUICK_DEATHS = 3
 
 
 @dataclass(frozen=True)
@@ -452,12 +453,13 @@ def _supervise(opts: SiteOptions) -> int:
     not up yet, key not yet registered, untrusted certificate); the site keeps
     trying, every attempt's reason in its output, up to ``connect_attempts`` (0: forever).
     A SuperNode that stayed up for a while was connected: its attempts count afresh.
-    A site worker that dies after running for a while is restarted (its state is on disk;
-    messages wait for it in the SuperNode); one that dies soon after its start ends the site.
+    A site worker that dies is restarted (its state is on disk; messages wait for it in
+    the SuperNode), after 1, 2, 4 s when it dies again soon after a start; one that dies
+    that way ``_WORKER_QUICK_DEATHS`` times in a row ends the site (it cannot start).
     """
     print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
     attempts, started = 1, time.monotonic()
-    worker_started = time.monotonic()
+    worker_started, worker_deaths = time.monotonic(), 0
     while True:
         time.sleep(1.0)
         for proc in opts.processes:
@@ -470,10 +472,21 @@ def _supervise(opts: SiteOptions) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            if proc.name == "worker" and time.monotonic() - worker_started > _CONNECTED_S:
-                print(f"site {opts.name}: restarting the site worker", flush=True)
+            if proc.name == "worker":
+                ran_for = time.monotonic() - worker_started
+                worker_deaths = 1 if ran_for > _CONNECTED_S else worker_deaths + 1
+                if worker_deaths > _WORKER_QUICK_DEATHS:
+                    return 2
+                delay = 2.0 ** (worker_deaths - 1) if worker_deaths > 1 else 0.0
+                print(
+                    f"site {opts.name}: restarting the site worker"
+                    + (f" in {delay:.0f}s" if delay else ""),
+                    flush=True,
+                )
+                time.sleep(delay)
                 proc.start()
                 worker_started = time.monotonic()
+                _write_state(opts, SiteLayout(Path(opts.state_dir).resolve()))  # its new pid
                 continue
             if proc.name != "supernode":
                 return 2
