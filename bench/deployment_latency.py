@@ -147,10 +147,38 @@ def deploy(
         deployment.stop()
 
 
-def deploy_from(tree: Path | None, *args: Any) -> dict[str, Any]:
-    """:func:`deploy` with every process of the deployment running ``tree``'s code."""
+def deploy_from(
+    tree: Path, overrides: list[str], sites: int, rounds: int, workdir: Path
+) -> dict[str, Any]:
+    """:func:`deploy` with ``tree``'s code: every process of the deployment, and the set-up too.
+
+    The set-up (PKI, keys, site policies) runs in a child process importing ``tree``'s
+    fedinfer, so an older tree's sites get the policy files their own code writes (a policy
+    key added since would be refused by them).
+    """
+    request = {"overrides": overrides, "sites": sites, "rounds": rounds, "workdir": str(workdir)}
+    result = workdir / "baseline-result.json"
+    workdir.mkdir(parents=True, exist_ok=True)
     with code_from(tree):
-        return deploy(*args, tree=tree)
+        subprocess.run(
+            [sys.executable, __file__, "--deploy-in-child", json.dumps(request), str(result)],
+            check=True,
+            cwd=tempfile.gettempdir(),  # not a directory holding this tree's fedinfer/
+        )
+    answer: dict[str, Any] = json.loads(result.read_text())
+    return answer
+
+
+def _deploy_in_child(request_json: str, result: str) -> None:
+    request = json.loads(request_json)
+    runs = deploy(
+        request["overrides"],
+        request["sites"],
+        request["rounds"],
+        Path(request["workdir"]),
+        tree=Path(os.environ["PYTHONPATH"]),
+    )
+    Path(result).write_text(json.dumps(runs))
 
 
 def cold_start(code: str, repeats: int = 5) -> float:
@@ -298,6 +326,9 @@ def render(data: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--deploy-in-child"]:  # deploy_from's child: an older tree's code
+        _deploy_in_child(sys.argv[2], sys.argv[3])
+        return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sites", default="2,5", help="comma-separated federation sizes")
     parser.add_argument("--rounds", type=int, default=3)
