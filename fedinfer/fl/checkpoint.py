@@ -24,12 +24,14 @@ import dataclasses
 import json
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
@@ -37,7 +39,6 @@ from safetensors.numpy import save as st_save
 from fedinfer.config.schema import FedInferConfig
 from fedinfer.errors import ConfigError
 from fedinfer.fl.loop import FederationState, RoundRecord
-from fedinfer.fl.records import arrays_to_weights, weights_to_arrays
 from fedinfer.fl.run_config import to_run_config
 from fedinfer.fsutil import atomic_write_bytes
 
@@ -46,7 +47,7 @@ __all__ = ["CHECKPOINT_FILE", "Checkpoint", "checkpoint_path", "load_checkpoint"
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the global model's record stored packed, as it travels
 _META = "fedinfer-checkpoint"
 _ARRAY_STATE = ("m_t", "v_t", "momentum_vector")
 _SCALAR_STATE = ("clipping_norm",)
@@ -94,9 +95,11 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write the checkpoint after a completed round; returns its path."""
     tensors: dict[str, np.ndarray] = {}
-    weights = arrays_to_weights(state.arrays)
-    for name, value in weights.items():
-        tensors[f"arrays/{name}"] = np.ascontiguousarray(value)
+    # The global model's record as it is (packed, keys and dtypes kept): the strategy's
+    # state (FedAdam's m_t ...) is keyed by the same record keys.
+    record_keys = list(state.arrays.keys())
+    for i, array in enumerate(state.arrays.values()):
+        tensors[f"record/{i}"] = np.ascontiguousarray(array.numpy())
     layers = [_save_layer(i, layer, tensors) for i, layer in enumerate(_layers(strategy))]
     np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     tensors["rng/numpy"] = np.asarray(np_state[1], dtype=np.uint32)
@@ -108,7 +111,7 @@ def save_checkpoint(
         "site_names": {str(k): v for k, v in state.site_names.items()},
         "history": [r.to_json() for r in state.history],
         "stop_reason": state.stop_reason,
-        "array_keys": list(weights),
+        "array_record_keys": record_keys,
         "strategy": layers,
         "python_random": _jsonable_random_state(random.getstate()),
         "numpy_random": {
@@ -194,7 +197,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise ConfigError(
             f"{path} has checkpoint format {meta.get('format')}; "
-            f"this fedinfer reads {FORMAT_VERSION}"
+            f"this fedinfer reads {FORMAT_VERSION}: resume it with the fedinfer that wrote it, "
+            "or move it away to start afresh"
         )
     return meta
 
@@ -226,10 +230,18 @@ def _restore_layer(
         getattr(layer, attr).setstate(_random_state(state))
 
 
+def _global_arrays(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        OrderedDict(
+            (key, Array(tensors[f"record/{i}"])) for i, key in enumerate(meta["array_record_keys"])
+        )
+    )
+
+
 def _state_of(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> FederationState:
     known = {f.name for f in dataclasses.fields(RoundRecord)}
     return FederationState(
-        arrays=weights_to_arrays({k: tensors[f"arrays/{k}"] for k in meta["array_keys"]}),
+        arrays=_global_arrays(meta, tensors),
         completed_round=int(meta["completed_round"]),
         exhausted_nodes={int(n) for n in meta["exhausted_nodes"]},
         site_names={int(k): str(v) for k, v in meta["site_names"].items()},
