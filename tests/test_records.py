@@ -67,7 +67,10 @@ def test_fedavg_over_packed_records_equals_fedavg_per_layer() -> None:
     # Prepare
     rng = np.random.default_rng(0)
     sites = [
-        {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+        {
+            "w": rng.normal(size=(4, 3)).astype(np.float32),
+            "b": rng.normal(size=3).astype(np.float32),
+        }
         for _ in range(3)
     ]
     examples = [10.0, 30.0, 60.0]
