@@ -26,6 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from deployment_latency import run_federation  # bench/ is on sys.path: run as a script
+
 from fedinfer.deploy.local import LocalDeployment
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,12 +98,7 @@ def measure(sites: int, secagg: str, rounds: int, overrides: list[str]) -> dict[
     try:
         coordinator_overrides = deployment.prepare()
         sampler.start()
-        coordinator = deployment.start_coordinator(coordinator_overrides)
-        for name in deployment.names:
-            deployment.start_site(name)
-        assert coordinator.process is not None
-        if coordinator.process.wait(timeout=3600) != 0:
-            raise SystemExit(f"deployment failed: {coordinator.tail(20)}")
+        run_federation(deployment, coordinator_overrides)
         done.set()
         sampler.join()
         ends = round_ends(workdir)

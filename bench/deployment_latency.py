@@ -121,6 +121,16 @@ def code_from(tree: Path | None) -> Iterator[None]:
             os.environ["PYTHONPATH"] = previous
 
 
+def run_federation(deployment: LocalDeployment, coordinator_overrides: list[str]) -> None:
+    """Start the prepared deployment's coordinator and sites; return when the federation ends."""
+    coordinator = deployment.start_coordinator(coordinator_overrides)
+    for name in deployment.names:
+        deployment.start_site(name)
+    assert coordinator.process is not None
+    if coordinator.process.wait(timeout=3600) != 0:
+        raise SystemExit(f"deployment failed: {coordinator.tail(20)}")
+
+
 def deploy(
     overrides: list[str], sites: int, rounds: int, workdir: Path, *, tree: Path | None = None
 ) -> dict[str, Any]:
@@ -133,12 +143,7 @@ def deploy(
     try:
         coordinator_overrides = deployment.prepare()
         started = time.perf_counter()
-        coordinator = deployment.start_coordinator(coordinator_overrides)
-        for name in deployment.names:
-            deployment.start_site(name)
-        assert coordinator.process is not None
-        if coordinator.process.wait(timeout=3600) != 0:
-            raise SystemExit(f"deployment failed: {coordinator.tail(20)}")
+        run_federation(deployment, coordinator_overrides)
         version = deployment.results()["model_version"]
         for name in deployment.names:
             deployment.ask_site(name, expect_version=version)
