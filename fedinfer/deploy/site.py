@@ -453,9 +453,9 @@ def _supervise(opts: SiteOptions) -> int:
     not up yet, key not yet registered, untrusted certificate); the site keeps
     trying, every attempt's reason in its output, up to ``connect_attempts`` (0: forever).
     A SuperNode that stayed up for a while was connected: its attempts count afresh.
-    A site worker that dies is restarted (its state is on disk; messages wait for it in
-    the SuperNode), after 1, 2, 4 s when it dies again soon after a start; one that dies
-    that way ``_WORKER_QUICK_DEATHS`` times in a row ends the site (it cannot start).
+    A site worker that dies is restarted at once (its state is on disk; messages wait for
+    it in the SuperNode); when it dies again within ``_CONNECTED_S`` of a start, after 2 s,
+    then 4 s; the next such death (``_WORKER_QUICK_DEATHS`` restarts used up) ends the site.
     """
     print(f"site {opts.name}: SuperNode connecting to {opts.coordinator}", flush=True)
     attempts, started = 1, time.monotonic()

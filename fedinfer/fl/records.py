@@ -54,7 +54,7 @@ def arrays_to_weights(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     Raises
     ------
     ValueError
-        A packed record whose layout does not describe its array (sizes, dtype, places):
+        A packed record whose layout does not describe its array (sizes, places, names):
         what a corrupted or crafted message looks like.
     """
     keys = list(arrays.keys())
